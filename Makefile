@@ -1,0 +1,30 @@
+# The two front-door commands: `make demo` and `make test`. Both build a local virtual environment first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch is pinned to the release the CPU wheel on this machine provides; any torch the range in
+# pyproject.toml accepts works for users.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: test demo lint clean
+
+$(VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test,examples]"
+	touch $@
+
+test: $(VENV)/.ready
+	$(PY) -m ruff check peft_stoc tests examples benchmarks
+	$(PY) -m pytest -q tests
+
+demo: $(VENV)/.ready
+	$(PY) examples/demo.py
+
+lint: $(VENV)/.ready
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,177 @@
+"""Which base entries may be drawn, and through which modules each of them receives its input.
+
+A parameter is a *candidate* when a matched module owns it directly. Its *uses* are every module that owns it (a
+tied embedding is owned by the input embedding and the output head), each telling the tracker what value flows
+through the parameter's connections.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# PEFT wraps these heads in `ModulesToSaveWrapper` for the task types below; they are trained fully, not drawn from.
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
+
+
+class UseKind(Enum):
+    """What value flows through a parameter's connections, and along which weight dimension it varies."""
+
+    LINEAR_INPUT = "linear_input"  # nn.Linear (out x in): the input feature, along dim 1
+    CONV1D_INPUT = "conv1d_input"  # transformers Conv1D (in x out): the input feature, along dim 0
+    EMBEDDING_ROW = "embedding_row"  # nn.Embedding (vocab x dim): the one-hot token, along dim 0
+    NORM_GAIN = "norm_gain"  # LayerNorm / RMSNorm gain: the normalised input, along dim 0
+    CONSTANT = "constant"  # biases: the connection starts from a constant 1
+
+
+@dataclass(eq=False)
+class Use:
+    """One module through which a candidate parameter takes part in the forward pass."""
+
+    module: nn.Module
+    kind: UseKind
+
+    @property
+    def dim(self) -> int:
+        return 1 if self.kind is UseKind.LINEAR_INPUT else 0
+
+
+@dataclass(eq=False)
+class Candidate:
+    """A base parameter whose entries may be drawn."""
+
+    name: str
+    param: nn.Parameter
+    uses: list[Use] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    @property
+    def is_bias(self) -> bool:
+        return self.name == "bias" or self.name.endswith(".bias")
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    """RMSNorm modules of torch and transformers (LlamaRMSNorm, ...): no mean subtraction, a gain and an eps."""
+    return isinstance(module, getattr(nn, "RMSNorm", ())) or type(module).__name__.endswith("RMSNorm")
+
+
+def use_kind(module: nn.Module, param_name: str) -> UseKind | None:
+    """How `module.<param_name>` receives its input; None when the module type is not traced."""
+    if param_name == "bias":
+        return UseKind.CONSTANT
+    if param_name != "weight":
+        return None
+    if isinstance(module, nn.Linear):
+        return UseKind.LINEAR_INPUT
+    if isinstance(module, Conv1D):
+        return UseKind.CONV1D_INPUT
+    if isinstance(module, nn.Embedding):
+        return UseKind.EMBEDDING_ROW
+    if isinstance(module, nn.LayerNorm) or is_rms_norm(module):
+        return UseKind.NORM_GAIN
+    return None
+
+
+def _matches(patterns: list[str] | str | None, name: str) -> bool:
+    """PEFT's rule: a str is a regex over the whole name, a list entry equals the name or is its dotted suffix."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _trained_fully(model: nn.Module, config) -> list[str]:
+    """Names of modules whose parameters are trained whole (modules_to_save and PEFT's task heads)."""
+    names = list(config.modules_to_save or [])
+    names += TASK_HEADS.get(str(getattr(config.task_type, "value", config.task_type)), [])
+    found = []
+    for module_name, module in model.named_modules():
+        # PEFT's own test for modules_to_save is a plain suffix match; mirror it so both agree on the head.
+        if isinstance(module, AuxiliaryTrainingWrapper) or (module_name and any(module_name.endswith(n) for n in names)):
+            found.append(module_name)
+    return found
+
+
+def find_candidates(model: nn.Module, config) -> list[Candidate]:
+    """The candidate parameters of `model` under `config`, in `named_parameters()` order.
+
+    Raises `ValueError` when `target_modules` / `exclude_modules` leave no candidate.
+    """
+    excluded_prefixes = tuple(name + "." for name in _trained_fully(model, config))
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    selected: set[int] = set()
+    for module_name, module in model.named_modules():
+        if module_name.startswith(excluded_prefixes) or (module_name + ".").startswith(excluded_prefixes):
+            continue
+        targeted = config.target_modules is None or _matches(config.target_modules, module_name)
+        targeted = targeted and not _matches(config.exclude_modules, module_name)
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module_name, module, param_name))
+            if targeted:
+                selected.add(id(param))
+
+    candidates, untraced = [], set()
+    for name, param in model.named_parameters():
+        if id(param) not in selected:
+            continue
+        uses = []
+        for _, module, param_name in owners[id(param)]:
+            kind = use_kind(module, param_name)
+            if kind is None:
+                untraced.add(type(module).__name__)
+                kind = UseKind.CONSTANT
+            uses.append(Use(module, kind))
+        candidates.append(Candidate(name, param, uses))
+        selected.discard(id(param))
+
+    if untraced:
+        warnings.warn(
+            f"StocTuning does not trace the inputs of {sorted(untraced)}; their parameters get an activation "
+            "statistic of 1, so their importance is |weight * gradient|.",
+            stacklevel=3,
+        )
+    if not candidates:
+        raise ValueError(
+            f"No candidate parameters: target_modules={config.target_modules!r} and "
+            f"exclude_modules={config.exclude_modules!r} match no module that owns parameters outside "
+            f"modules_to_save. Check the module names with `model.named_modules()`."
+        )
+    return candidates
+
+
+def resolve_count(value, candidates: list[Candidate], name: str) -> int:
+    """Turn `k` / `max_changed` (int, fraction or 'bitfit') into a number of entries, validated against the model."""
+    total = sum(c.numel for c in candidates)
+    if value == "bitfit":
+        count = sum(c.numel for c in candidates if c.is_bias)
+        if count == 0:
+            raise ValueError("k='bitfit' needs bias parameters among the candidates, and this model has none.")
+    elif isinstance(value, float):
+        count = max(1, int(round(value * total)))
+    else:
+        count = int(value)
+    if name == "k" and count >= total:
+        raise ValueError(
+            f"k={value!r} resolves to {count} entries, but the model has only {total} candidate entries; "
+            "k must be smaller (use full fine-tuning to update everything)."
+        )
+    return count
+
+
+def total_entries(candidates: list[Candidate]) -> int:
+    return sum(c.numel for c in candidates)
+
+
+def dtype_of(candidates: list[Candidate]) -> torch.dtype:
+    return candidates[0].param.dtype

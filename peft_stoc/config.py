@@ -1,0 +1,155 @@
+"""`StocTuningConfig`: the one line a user changes to switch from LoRA to Stochastic Tuning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registry import STOC_PEFT_TYPE
+
+SELECTIONS = ("stochastic", "top", "random")
+ACTIVATION_STATS = ("mean", "abs_mean", "rms")
+UPDATE_RULES = ("masked_grad", "strict")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_count_or_fraction(name: str, value) -> None:
+    """`value` must be a positive int or a float fraction in (0, 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"`{name}` must be an int or a float in (0, 1), got the bool {value!r}.")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"`{name}` must be a positive number of entries, got {value}.")
+    elif isinstance(value, float):
+        if not 0.0 < value < 1.0:
+            raise ValueError(
+                f"A float `{name}` is a fraction of the candidate entries and must lie in (0, 1), got {value}. "
+                f"Pass an int for an absolute count."
+            )
+    else:
+        raise ValueError(f"`{name}` must be an int or a float in (0, 1), got {type(value).__name__} {value!r}.")
+
+
+@dataclass
+class StocTuningConfig(PeftConfig):
+    """Configuration of a [`StocTuningModel`].
+
+    At every optimizer step, Stochastic Tuning draws `k` entries of the whole model with probability proportional
+    to |activation * weight * gradient|^2 and updates only those. The base model trains in place; the adapter that
+    is saved holds only the entries that changed.
+
+    The paper's setting is `k="bitfit"`, `selection="stochastic"`, `activation_stat="mean"`, `mask_interval=1`,
+    `update_rule="masked_grad"`, with the task head in `modules_to_save` (the default for `SEQ_CLS`).
+    """
+
+    k: Union[int, float, str] = field(
+        default="bitfit",
+        metadata={
+            "help": (
+                "Entries drawn per optimizer step: an int count, a float in (0, 1) as a fraction of all candidate "
+                "entries, or 'bitfit' for the number of bias entries among the candidates (the paper's setting)."
+            )
+        },
+    )
+    selection: Literal["stochastic", "top", "random"] = field(
+        default="stochastic",
+        metadata={
+            "help": (
+                "'stochastic': draw without replacement with probability proportional to importance squared (paper). "
+                "'top': the k most important entries. 'random': k entries uniformly at random."
+            )
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the draws. Same seed, same data -> same masks."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Modules whose own parameters are candidates. None means every module of the base model. A list "
+                "matches a module whose name equals an entry or ends with '.' + entry; a str is a regex that must "
+                "match the whole module name."
+            )
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Modules whose parameters are never candidates; same matching rules as `target_modules`."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Modules trained fully and saved whole, e.g. a new classification head. PEFT adds the task head "
+                "for SEQ_CLS and TOKEN_CLS. Their parameters are not candidates."
+            )
+        },
+    )
+    activation_stat: Literal["mean", "abs_mean", "rms"] = field(
+        default="mean",
+        metadata={
+            "help": (
+                "How the value flowing through a connection is summarised over the tokens of a step: 'mean' (paper), "
+                "'abs_mean' or 'rms'."
+            )
+        },
+    )
+    mask_interval: int = field(
+        default=1,
+        metadata={"help": "Draw a new mask every N optimizer steps and reuse it in between (1 = the paper)."},
+    )
+    update_rule: Literal["masked_grad", "strict"] = field(
+        default="masked_grad",
+        metadata={
+            "help": (
+                "'masked_grad' (paper): gradients outside the draw are zeroed and the optimizer runs as is, so "
+                "momentum keeps moving entries drawn earlier; weight decay only touches drawn entries. 'strict': "
+                "only the entries drawn at this step change."
+            )
+        },
+    )
+    max_changed: Optional[Union[int, float]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Budget of distinct changed entries (int, or float fraction of candidates). Once reached, later draws "
+                "come only from entries that already changed. None means no budget."
+            )
+        },
+    )
+    save_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "dtype of the delta values written to the adapter file."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = STOC_PEFT_TYPE
+        if isinstance(self.k, str):
+            if self.k != "bitfit":
+                raise ValueError(f"`k` as a string must be 'bitfit', got {self.k!r}.")
+        else:
+            _check_count_or_fraction("k", self.k)
+        if self.max_changed is not None:
+            _check_count_or_fraction("max_changed", self.max_changed)
+        _check_choice("selection", self.selection, SELECTIONS)
+        _check_choice("activation_stat", self.activation_stat, ACTIVATION_STATS)
+        _check_choice("update_rule", self.update_rule, UPDATE_RULES)
+        _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
+        if isinstance(self.mask_interval, bool) or not isinstance(self.mask_interval, int) or self.mask_interval < 1:
+            raise ValueError(f"`mask_interval` must be an int >= 1, got {self.mask_interval!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"`seed` must be an int, got {self.seed!r}.")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value))
+            elif value is not None and not isinstance(value, (list, str)):
+                raise ValueError(f"`{name}` must be None, a list of module names or a regex string, got {value!r}.")
+        if self.modules_to_save is not None and not isinstance(self.modules_to_save, list):
+            self.modules_to_save = list(self.modules_to_save)
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown `{name}` {value!r}; choose one of {', '.join(repr(c) for c in choices)}.")

@@ -1,0 +1,46 @@
+"""`SparseDelta`: what a StocTuning adapter is — for each changed base tensor, sorted flat indices and the value
+added at each of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SparseDelta:
+    """Per base tensor name: `(indices, values)` with sorted, unique int64 flat indices and float values."""
+
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def num_changed(self) -> int:
+        return sum(index.numel() for index, _ in self.tensors.values())
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def scaled(self, weight: float) -> SparseDelta:
+        return SparseDelta({name: (index, values * weight) for name, (index, values) in self.tensors.items()})
+
+    @staticmethod
+    def weighted_sum(deltas: list[SparseDelta], weights: list[float]) -> SparseDelta:
+        """Σ wᵢ·δᵢ over the union of indices; entries that sum to exactly zero are dropped."""
+        if len(deltas) != len(weights):
+            raise ValueError(f"Got {len(deltas)} adapters but {len(weights)} weights.")
+        names: dict[str, None] = {}
+        for delta in deltas:
+            names.update(dict.fromkeys(delta.tensors))
+        combined = {}
+        for name in names:
+            parts = [(d.tensors[name], w) for d, w in zip(deltas, weights) if name in d.tensors]
+            index = torch.cat([idx for (idx, _), _ in parts])
+            values = torch.cat([vals.float() * w for (_, vals), w in parts])
+            union, inverse = torch.unique(index, sorted=True, return_inverse=True)
+            summed = torch.zeros(union.numel(), dtype=torch.float32, device=values.device)
+            summed.index_add_(0, inverse, values)
+            nonzero = summed != 0
+            if nonzero.any():
+                combined[name] = (union[nonzero], summed[nonzero])
+        return SparseDelta(combined)

@@ -1,0 +1,159 @@
+"""Adapter state held beside the base model: the adapters' sparse deltas and the original values of every entry
+that currently differs from the base.
+
+The base trains in place, so there are no per-layer wrappers. One `StocTuningLayer` (a PEFT `BaseTunerLayer`,
+which `get_model_status` and `disable_adapter` look for) lives on the tuner, outside the transformers model.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .delta import SparseDelta
+
+Params = dict[str, nn.Parameter]
+
+
+def _flat(param: torch.Tensor) -> torch.Tensor:
+    return param.detach().view(-1)
+
+
+class Patch:
+    """Original base values of the entries that currently differ from the base (memory ∝ changed entries)."""
+
+    def __init__(self):
+        self.index: dict[str, torch.Tensor] = {}  # sorted int64 flat indices per tensor
+        self.original: dict[str, torch.Tensor] = {}
+
+    @property
+    def count(self) -> int:
+        return sum(index.numel() for index in self.index.values())
+
+    def record(self, name: str, param: torch.Tensor, index: torch.Tensor) -> None:
+        """Remember the current values at `index` (sorted, unique) unless already remembered."""
+        old = self.index.get(name)
+        new = index if old is None else index[~torch.isin(index, old)]
+        if new.numel() == 0:
+            return
+        values = _flat(param)[new].clone()
+        if old is None:
+            self.index[name], self.original[name] = new.clone(), values
+            return
+        merged = torch.cat([old, new])
+        order = merged.argsort()
+        self.index[name] = merged[order]
+        self.original[name] = torch.cat([self.original[name], values])[order]
+
+    def restore(self, params: Params) -> None:
+        """Write the original values back (bit for bit) and forget them."""
+        with torch.no_grad():
+            for name, index in self.index.items():
+                flat = _flat(params[name])
+                flat[index.to(flat.device)] = self.original[name].to(flat.device)
+        self.index.clear()
+        self.original.clear()
+
+    def delta(self, params: Params) -> SparseDelta:
+        """current − original in float32 over the remembered entries, exact zeros dropped."""
+        tensors = {}
+        for name, index in self.index.items():
+            flat = _flat(params[name])
+            diff = flat[index.to(flat.device)].float() - self.original[name].to(flat.device).float()
+            nonzero = diff != 0
+            if nonzero.any():
+                tensors[name] = (index[nonzero.to(index.device)], diff[nonzero])
+        return SparseDelta(tensors)
+
+    def base_values(self, name: str, param: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Base values at `positions`, looking through any change currently applied."""
+        values = _flat(param)[positions].clone()
+        index = self.index.get(name)
+        if index is not None and index.numel():
+            positions = positions.to(index.device)
+            slot = torch.searchsorted(index, positions).clamp_max(index.numel() - 1)
+            hit = index[slot] == positions
+            values[hit.to(values.device)] = self.original[name][slot[hit]].to(values.device)
+        return values
+
+
+class AdapterSlot(nn.Module):
+    """One named adapter: its delta (empty until trained or loaded)."""
+
+    def __init__(self, delta: SparseDelta | None = None):
+        super().__init__()
+        self.delta = delta or SparseDelta()
+
+
+class StocTuningLayer(nn.Module, BaseTunerLayer):
+    """Holds every adapter's delta and applies/reverts them on the base parameters in place."""
+
+    adapter_layer_names = ("stoc_adapters",)
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.stoc_adapters = nn.ModuleDict()
+        self.patch = Patch()
+        self.applied: tuple[str, ...] = ()  # adapters whose deltas are in the base weights
+        self._hidden: dict[str, torch.Tensor] | None = None  # adapted values while adapters are disabled
+        self._active_adapter = "default"
+        self.merged_adapters = []
+        self._disable_adapters = False
+
+    # -- applying deltas ---------------------------------------------------------------------------------------
+    def apply(self, names: tuple[str, ...], params: Params) -> None:
+        """Make the weights `base + Σ delta(name)`; the base is restored first, so this is also a switch."""
+        self.restore(params)
+        deltas = [self.stoc_adapters[name].delta for name in names]
+        combined = deltas[0] if len(deltas) == 1 else SparseDelta.weighted_sum(deltas, [1.0] * len(deltas))
+        with torch.no_grad():
+            for name, (index, values) in combined.tensors.items():
+                param = params[name]
+                index = index.to(param.device)
+                self.patch.record(name, param, index)
+                flat = _flat(param)
+                flat[index] = (flat[index].float() + values.to(param.device).float()).to(param.dtype)
+        self.applied = tuple(names)
+
+    def restore(self, params: Params) -> None:
+        """Back to the base, bit for bit."""
+        if self._hidden is not None:
+            self._hidden = None
+        self.patch.restore(params)
+        self.applied = ()
+
+    def capture(self, name: str, params: Params) -> None:
+        """Store what training changed in place as adapter `name`'s delta (it must be the only one applied)."""
+        if self.applied == (name,) and self._hidden is None:
+            self.stoc_adapters[name].delta = self.patch.delta(params)
+
+    # -- disabling without forgetting --------------------------------------------------------------------------
+    def hide(self, params: Params) -> None:
+        """Show the base while keeping the adapted values aside, so `unhide` is bit-exact too."""
+        if self._hidden is not None:
+            return
+        hidden = {}
+        with torch.no_grad():
+            for name, index in self.patch.index.items():
+                flat = _flat(params[name])
+                hidden[name] = flat[index].clone()
+                flat[index] = self.patch.original[name]
+        self._hidden = hidden
+
+    def unhide(self, params: Params) -> None:
+        if self._hidden is None:
+            return
+        with torch.no_grad():
+            for name, values in self._hidden.items():
+                _flat(params[name])[self.patch.index[name]] = values
+        self._hidden = None
+
+    @property
+    def hidden(self) -> bool:
+        return self._hidden is not None
+
+    # -- BaseTunerLayer bookkeeping ----------------------------------------------------------------------------
+    def set_active(self, names: list[str], enabled: bool) -> None:
+        self._active_adapter = names[0] if len(names) == 1 else list(names)
+        self._disable_adapters = not enabled

@@ -1,0 +1,374 @@
+"""`StocTuningModel`: the PEFT tuner for Stochastic Tuning.
+
+The base model trains in place: no layers are wrapped and a forward costs what the plain model's does. The tuner
+decides which parameters are candidates, keeps every adapter as a sparse delta, applies exactly one of them (or a
+merged set) to the base, and runs a `StepEngine` while the active adapter is trainable.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
+from torch import nn
+
+from .candidates import Candidate, find_candidates, resolve_count
+from .delta import SparseDelta
+from .engine import StepEngine
+from .layer import AdapterSlot, StocTuningLayer
+
+INDEX_SUFFIX = ".stoc_indices"
+VALUES_SUFFIX = ".stoc_delta"
+MODEL_PREFIX = "base_model.model."
+
+
+class StocTuningModel(BaseTuner):
+    """Stochastic Tuning of a transformers model (Akbar-Tajari & Pilehvar).
+
+    Created by `peft.get_peft_model(model, StocTuningConfig(...))`; not meant to be built directly.
+    """
+
+    prefix: str = "stoc_"
+    tuner_layer_cls = StocTuningLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # -- injection ---------------------------------------------------------------------------------------------
+    def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        if "stoc_layer" not in self._modules:
+            self.stoc_layer = StocTuningLayer()
+            self._candidates: dict[str, list[Candidate]] = {}
+            self._counts: dict[str, tuple[int, Optional[int]]] = {}
+            self._engines: dict[str, StepEngine] = {}
+            self._trainable: dict[str, bool] = {}
+            self._dirty: set[str] = set()
+            self._requires_grad_before = {id(p): (p, p.requires_grad) for p in model.parameters()}
+
+    def _create_and_replace(self, *args, **kwargs) -> None:
+        raise NotImplementedError("StocTuning trains the base in place and replaces no module.")
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        self._pre_injection_hook(model, self.peft_config[adapter_name], adapter_name)
+        config = self.peft_config[adapter_name]
+        candidates = find_candidates(model, config)
+        k = resolve_count(config.k, candidates, "k")
+        max_changed = None if config.max_changed is None else resolve_count(config.max_changed, candidates, "max")
+        if max_changed is not None and max_changed < k:
+            raise ValueError(
+                f"max_changed={config.max_changed!r} resolves to {max_changed} entries, fewer than the {k} drawn "
+                "per step; raise max_changed or lower k."
+            )
+        self._candidates[adapter_name] = candidates
+        self._counts[adapter_name] = (k, max_changed)
+        self._trainable[adapter_name] = not config.inference_mode
+        self.stoc_layer.stoc_adapters[adapter_name] = AdapterSlot()
+        owners = {name.rpartition(".")[0] for name in (c.name for c in candidates)}
+        self.targeted_module_names.extend(sorted(owners - set(self.targeted_module_names)))
+        set_additional_trainable_modules(
+            model=model,
+            peft_config=config,
+            model_config=BaseTuner.get_model_config(self),
+            adapter_name=adapter_name,
+            activate_adapter=adapter_name in self.active_adapters,
+        )
+        self._sync()
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def _base_params(self) -> dict[str, nn.Parameter]:
+        return {c.name: c.param for candidates in self._candidates.values() for c in candidates}
+
+    def _wanted(self) -> tuple[str, ...]:
+        """The adapters whose deltas should be in the weights: the merged ones, else the active one."""
+        merged = tuple(self.stoc_layer.merged_adapters)
+        return merged or tuple(a for a in self.active_adapters if a in self.stoc_layer.stoc_adapters)
+
+    def _training_adapter(self) -> Optional[str]:
+        active = [a for a in self.active_adapters if a in self.stoc_layer.stoc_adapters]
+        layer = self.stoc_layer
+        if len(active) != 1 or layer.disable_adapters or not self._trainable.get(active[0], False):
+            return None
+        if layer.merged_adapters and tuple(layer.merged_adapters) != (active[0],):
+            return None
+        return active[0]
+
+    def _capture(self, name: str) -> None:
+        """Store adapter `name`'s in-place training as its delta, if it trained since it was applied."""
+        if name in self._dirty:
+            self.stoc_layer.unhide(self._base_params())
+            self.stoc_layer.capture(name, self._base_params())
+            self._dirty.discard(name)
+
+    def _sync(self) -> None:
+        """Bring weights, trainability and the step engine in line with the active/enabled/merged state."""
+        layer, params = self.stoc_layer, self._base_params()
+        training = self._training_adapter()
+        for name, engine in list(self._engines.items()):
+            if name != training:
+                if engine.stats.step:
+                    self._dirty.add(name)
+                engine.stop()
+                del self._engines[name]
+        wanted = self._wanted()
+        if wanted != layer.applied:
+            for name in layer.applied:
+                self._capture(name)
+            layer.apply(wanted, params) if wanted else layer.restore(params)
+        if layer.disable_adapters:
+            layer.hide(params)
+        else:
+            layer.unhide(params)
+        layer.set_active(self.active_adapters, enabled=not layer.disable_adapters)
+        self._set_requires_grad(training)
+        if training is not None and training not in self._engines:
+            k, max_changed = self._counts[training]
+            engine = StepEngine(self.model, self._candidates[training], self.peft_config[training], layer.patch, k,
+                                max_changed)
+            engine.start()
+            self._engines[training] = engine
+        for engine in self._engines.values():
+            engine.weights_changed_by_us()
+
+    def _set_requires_grad(self, training: Optional[str]) -> None:
+        trainable = {id(c.param) for c in self._candidates[training]} if training else set()
+        aux = {id(p) for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper) for p in m.parameters()}
+        for param in self.model.parameters():
+            if id(param) not in aux:
+                param.requires_grad_(id(param) in trainable)
+
+    def adapter_delta(self, adapter_name: str) -> SparseDelta:
+        """The delta of `adapter_name` right now (for the adapter being trained: what changed so far)."""
+        if adapter_name not in self.stoc_layer.stoc_adapters:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; adapters: {list(self.stoc_layer.stoc_adapters)}")
+        layer = self.stoc_layer
+        engine = self._engines.get(adapter_name)
+        if (engine is not None and engine.stats.step) or adapter_name in self._dirty:
+            if layer.applied == (adapter_name,):
+                was_hidden = layer.hidden
+                layer.unhide(self._base_params())
+                layer.capture(adapter_name, self._base_params())
+                if was_hidden:
+                    layer.hide(self._base_params())
+                self._dirty.discard(adapter_name)
+                if engine is not None:
+                    engine.weights_changed_by_us()
+        return layer.stoc_adapters[adapter_name].delta
+
+    def set_adapter_delta(self, adapter_name: str, delta: SparseDelta) -> None:
+        """Replace `adapter_name`'s delta (loading) and show it if the adapter is applied."""
+        layer = self.stoc_layer
+        if adapter_name in layer.applied:
+            layer.restore(self._base_params())  # its old values must not be mistaken for the base
+        layer.stoc_adapters[adapter_name].delta = delta
+        self._dirty.discard(adapter_name)
+        engine = self._engines.pop(adapter_name, None)
+        if engine is not None:
+            engine.stop()
+        self._sync()
+
+    # -- PEFT API ----------------------------------------------------------------------------------------------
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)  # modules_to_save wrappers
+        self.stoc_layer._disable_adapters = not enabled
+        self._sync()
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) != 1:
+            raise ValueError(
+                "StocTuning activates one adapter at a time. To use several together, combine them with "
+                "`add_weighted_adapter` or apply them with `merge_adapter(adapter_names=[...])`."
+            )
+        if names[0] not in self.stoc_layer.stoc_adapters:
+            raise ValueError(f"Adapter {names[0]!r} not found; adapters: {list(self.stoc_layer.stoc_adapters)}")
+        if self.stoc_layer.merged_adapters:
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+            self.stoc_layer.merged_adapters = []
+        super().set_adapter(names[0], inference_mode=inference_mode)  # modules_to_save wrappers
+        self._trainable[names[0]] = not inference_mode
+        self._sync()
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        super().set_requires_grad(names, requires_grad=requires_grad)
+        for name in names:
+            self._trainable[name] = requires_grad
+        self._sync()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        layer = self.stoc_layer
+        if adapter_name not in layer.stoc_adapters:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        if adapter_name in layer.merged_adapters:
+            raise ValueError(f"Cannot delete adapter(s) ['{adapter_name}'] while they are merged. Unmerge them first.")
+        if adapter_name in layer.applied:
+            engine = self._engines.pop(adapter_name, None)
+            if engine is not None:
+                engine.stop()
+            layer.restore(self._base_params())
+        del layer.stoc_adapters[adapter_name]
+        del self.peft_config[adapter_name]
+        for store in (self._candidates, self._counts, self._trainable):
+            store.pop(adapter_name, None)
+        self._dirty.discard(adapter_name)
+        remaining = list(layer.stoc_adapters)
+        if adapter_name in self.active_adapters:
+            self.active_adapter = remaining[:1]
+            if remaining:
+                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                              f"{remaining[0]}.")
+        for module in self.model.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                module.delete_adapter(adapter_name, new_active_adapters=self.active_adapters or None)
+        self._sync()
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        for name in names:
+            if name not in self.stoc_layer.stoc_adapters:
+                raise ValueError(f"Adapter {name!r} not found; adapters: {list(self.stoc_layer.stoc_adapters)}")
+            if safe_merge:
+                _check_finite(self.adapter_delta(name), name)
+        self.stoc_layer.merged_adapters = names
+        self._sync()
+
+    def unmerge_adapter(self) -> None:
+        if not self.stoc_layer.merged_adapters:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        self.stoc_layer.merged_adapters = []
+        self._sync()
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Add `adapter_name` = Σ weights[i] · delta(adapters[i]) (union of entries). It is not made active."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists.")
+        missing = [a for a in adapters if a not in self.stoc_layer.stoc_adapters]
+        if missing:
+            raise ValueError(f"Unknown adapters {missing}; adapters: {list(self.stoc_layer.stoc_adapters)}")
+        if not adapters:
+            raise ValueError("`adapters` must name at least one adapter.")
+        heads = {tuple(sorted(self.peft_config[a].modules_to_save or [])) for a in adapters}
+        if len(heads) > 1:
+            raise ValueError("Cannot combine adapters whose modules_to_save differ.")
+        combined = SparseDelta.weighted_sum([self.adapter_delta(a) for a in adapters], list(weights))
+        from copy import deepcopy
+
+        config = deepcopy(self.peft_config[adapters[0]])
+        config.inference_mode = True
+        self.peft_config[adapter_name] = config
+        self.inject_adapter(self.model, adapter_name)
+        self.stoc_layer.stoc_adapters[adapter_name].delta = combined
+        self._copy_modules_to_save(adapters[0], adapter_name)
+        self._sync()
+
+    def _copy_modules_to_save(self, source: str, target: str) -> None:
+        """The combined adapter keeps the task head of the first adapter."""
+        for module in self.model.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "modules_to_save"):
+                if source in module.modules_to_save and target in module.modules_to_save:
+                    module.modules_to_save[target].load_state_dict(module.modules_to_save[source].state_dict())
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        layer, params = self.stoc_layer, self._base_params()
+        if merge:
+            names = list(adapter_names) if adapter_names is not None else list(self._wanted())
+            if safe_merge:
+                for name in names:
+                    _check_finite(self.adapter_delta(name), name)
+            layer._disable_adapters = False
+            layer.merged_adapters = names
+            self._sync()
+        for engine in self._engines.values():
+            engine.stop()
+        self._engines.clear()
+        if not merge:
+            layer.restore(params)
+        layer.patch = type(layer.patch)()
+        layer.applied = ()
+        for param, requires_grad in self._requires_grad_before.values():
+            param.requires_grad_(requires_grad)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    # -- observability -----------------------------------------------------------------------------------------
+    def stoc_stats(self, adapter_name: Optional[str] = None) -> dict[str, float]:
+        """Figures of the adapter being trained: steps, entries drawn at the last step, distinct entries changed
+        so far, and density (changed / candidate entries)."""
+        name = adapter_name or self._training_adapter() or self.active_adapters[0]
+        engine = self._engines.get(name)
+        if engine is not None:
+            engine.stats.changed = engine.patch.count
+            return engine.stats.as_dict()
+        candidates = sum(c.numel for c in self._candidates[name])
+        changed = self.adapter_delta(name).num_changed
+        return {"step": 0, "drawn": 0, "changed": changed, "density": changed / candidates}
+
+    def stoc_engine(self) -> Optional[StepEngine]:
+        """The step engine of the adapter being trained, if any."""
+        name = self._training_adapter()
+        return self._engines.get(name) if name else None
+
+    def stoc_sync(self) -> None:
+        """Accept changes made to the base weights outside an optimizer step as the new starting point."""
+        for engine in self._engines.values():
+            engine.weights_changed_by_us()
+
+    # -- save / load hooks (called by PEFT's get/set_peft_model_state_dict) --------------------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        tuner = _tuner_of(model)
+        delta = tuner.adapter_delta(adapter_name)
+        dtype = getattr(torch, config.save_dtype)
+        out = {}
+        for name, (index, values) in delta.tensors.items():
+            numel = tuner._base_params()[name].numel()
+            out[MODEL_PREFIX + name + INDEX_SUFFIX] = index.to(torch.int32 if numel < 2**31 else torch.int64).cpu()
+            out[MODEL_PREFIX + name + VALUES_SUFFIX] = values.to(dtype).cpu()
+        return out
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        return key  # delta keys never contain the adapter name
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        tuner = _tuner_of(model)
+        ours = {k: v for k, v in state_dict.items() if k.endswith((INDEX_SUFFIX, VALUES_SUFFIX))}
+        rest = {k: v for k, v in state_dict.items() if k not in ours}
+        tuner.set_adapter_delta(adapter_name, _delta_from_tensors(ours))
+        return rest
+
+
+
+def _tuner_of(model) -> StocTuningModel:
+    tuner = getattr(model, "base_model", model)
+    if not isinstance(tuner, StocTuningModel):
+        raise TypeError(f"Expected a PeftModel with a StocTuning adapter, got {type(model).__name__}.")
+    return tuner
+
+
+def _delta_from_tensors(tensors: dict[str, torch.Tensor]) -> SparseDelta:
+    out = {}
+    for key, index in tensors.items():
+        if key.endswith(INDEX_SUFFIX):
+            name = key[: -len(INDEX_SUFFIX)].removeprefix(MODEL_PREFIX)
+            values = tensors[key[: -len(INDEX_SUFFIX)] + VALUES_SUFFIX]
+            out[name] = (index.long(), values.float())
+    return SparseDelta(out)
+
+
+def _check_finite(delta: SparseDelta, adapter_name: str) -> None:
+    for name, (_, values) in delta.tensors.items():
+        if not torch.isfinite(values).all():
+            raise ValueError(f"Adapter {adapter_name!r} has non-finite values in '{name}'; refusing to merge.")
