@@ -12,7 +12,6 @@ import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -98,7 +97,8 @@ def _trained_fully(model: nn.Module, config) -> list[str]:
     found = []
     for module_name, module in model.named_modules():
         # PEFT's own test for modules_to_save is a plain suffix match; mirror it so both agree on the head.
-        if isinstance(module, AuxiliaryTrainingWrapper) or (module_name and any(module_name.endswith(n) for n in names)):
+        wrapped = isinstance(module, AuxiliaryTrainingWrapper)
+        if wrapped or (module_name and any(module_name.endswith(n) for n in names)):
             found.append(module_name)
     return found
 
@@ -168,10 +168,3 @@ def resolve_count(value, candidates: list[Candidate], name: str) -> int:
         )
     return count
 
-
-def total_entries(candidates: list[Candidate]) -> int:
-    return sum(c.numel for c in candidates)
-
-
-def dtype_of(candidates: list[Candidate]) -> torch.dtype:
-    return candidates[0].param.dtype

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -44,7 +44,7 @@ class StocTuningConfig(PeftConfig):
     `update_rule="masked_grad"`, with the task head in `modules_to_save` (the default for `SEQ_CLS`).
     """
 
-    k: Union[int, float, str] = field(
+    k: int | float | str = field(
         default="bitfit",
         metadata={
             "help": (
@@ -63,7 +63,7 @@ class StocTuningConfig(PeftConfig):
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the draws. Same seed, same data -> same masks."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": (
@@ -73,11 +73,11 @@ class StocTuningConfig(PeftConfig):
             )
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Modules whose parameters are never candidates; same matching rules as `target_modules`."},
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={
             "help": (
@@ -109,7 +109,7 @@ class StocTuningConfig(PeftConfig):
             )
         },
     )
-    max_changed: Optional[Union[int, float]] = field(
+    max_changed: int | float | None = field(
         default=None,
         metadata={
             "help": (

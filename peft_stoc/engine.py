@@ -151,7 +151,6 @@ class StepEngine:
         self._owned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._generators: dict[torch.device, torch.Generator] = {}
         self._cycle_drawn = False
-        self._check_due = True
         self._root_handle = None
         self.reduce_statistics = None  # set for multi-process training: reduces μ sums across ranks
 
@@ -192,9 +191,7 @@ class StepEngine:
         if not (torch.is_grad_enabled() and module.training):
             return
         self._cycle_drawn = False
-        if self._check_due:
-            self.audit.verify(context=BYPASS_HINT)
-            self._check_due = False
+        self.audit.verify(context=BYPASS_HINT)
 
     # -- optimizer step ----------------------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -243,6 +240,7 @@ class StepEngine:
             mask_gradient(candidate.param, index)
         self.decay.apply(optimizer, self._drawn_by_id)
         self.stats.drawn = int(sum(d.numel() for d in drawn))
+        self.stats.step += 1
         self._cycle_drawn = True
 
     @torch.no_grad()
@@ -256,8 +254,5 @@ class StepEngine:
                 "whose gradient is zero, so StocTuning cannot confine it. Use SGD, Adam or AdamW from torch.optim."
             ),
         )
-        if self._cycle_drawn and not getattr(self, "_counted", False):
-            self.stats.step += 1
         self.stats.changed = self.patch.count
         self.tracker.reset()
-        self._check_due = True

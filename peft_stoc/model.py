@@ -8,7 +8,6 @@ merged set) to the base, and runs a `StepEngine` while the active adapter is tra
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 from peft.config import PeftConfig
@@ -41,7 +40,7 @@ class StocTuningModel(BaseTuner):
         if "stoc_layer" not in self._modules:
             self.stoc_layer = StocTuningLayer()
             self._candidates: dict[str, list[Candidate]] = {}
-            self._counts: dict[str, tuple[int, Optional[int]]] = {}
+            self._counts: dict[str, tuple[int, int | None]] = {}
             self._engines: dict[str, StepEngine] = {}
             self._trainable: dict[str, bool] = {}
             self._dirty: set[str] = set()
@@ -56,7 +55,7 @@ class StocTuningModel(BaseTuner):
         adapter_name: str,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
-        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self._pre_injection_hook(model, self.peft_config[adapter_name], adapter_name)
         config = self.peft_config[adapter_name]
@@ -92,7 +91,7 @@ class StocTuningModel(BaseTuner):
         merged = tuple(self.stoc_layer.merged_adapters)
         return merged or tuple(a for a in self.active_adapters if a in self.stoc_layer.stoc_adapters)
 
-    def _training_adapter(self) -> Optional[str]:
+    def _training_adapter(self) -> str | None:
         active = [a for a in self.active_adapters if a in self.stoc_layer.stoc_adapters]
         layer = self.stoc_layer
         if len(active) != 1 or layer.disable_adapters or not self._trainable.get(active[0], False):
@@ -138,7 +137,7 @@ class StocTuningModel(BaseTuner):
         for engine in self._engines.values():
             engine.weights_changed_by_us()
 
-    def _set_requires_grad(self, training: Optional[str]) -> None:
+    def _set_requires_grad(self, training: str | None) -> None:
         trainable = {id(c.param) for c in self._candidates[training]} if training else set()
         aux = {id(p) for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper) for p in m.parameters()}
         for param in self.model.parameters():
@@ -148,7 +147,8 @@ class StocTuningModel(BaseTuner):
     def adapter_delta(self, adapter_name: str) -> SparseDelta:
         """The delta of `adapter_name` right now (for the adapter being trained: what changed so far)."""
         if adapter_name not in self.stoc_layer.stoc_adapters:
-            raise ValueError(f"Adapter {adapter_name!r} does not exist; adapters: {list(self.stoc_layer.stoc_adapters)}")
+            known = list(self.stoc_layer.stoc_adapters)
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; adapters: {known}.")
         layer = self.stoc_layer
         engine = self._engines.get(adapter_name)
         if (engine is not None and engine.stats.step) or adapter_name in self._dirty:
@@ -191,7 +191,7 @@ class StocTuningModel(BaseTuner):
         if names[0] not in self.stoc_layer.stoc_adapters:
             raise ValueError(f"Adapter {names[0]!r} not found; adapters: {list(self.stoc_layer.stoc_adapters)}")
         if self.stoc_layer.merged_adapters:
-            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
             self.stoc_layer.merged_adapters = []
         super().set_adapter(names[0], inference_mode=inference_mode)  # modules_to_save wrappers
         self._trainable[names[0]] = not inference_mode
@@ -225,13 +225,13 @@ class StocTuningModel(BaseTuner):
             self.active_adapter = remaining[:1]
             if remaining:
                 warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                              f"{remaining[0]}.")
+                              f"{remaining[0]}.", stacklevel=2)
         for module in self.model.modules():
             if isinstance(module, AuxiliaryTrainingWrapper):
                 module.delete_adapter(adapter_name, new_active_adapters=self.active_adapters or None)
         self._sync()
 
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         for name in names:
             if name not in self.stoc_layer.stoc_adapters:
@@ -243,7 +243,7 @@ class StocTuningModel(BaseTuner):
 
     def unmerge_adapter(self) -> None:
         if not self.stoc_layer.merged_adapters:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         self.stoc_layer.merged_adapters = []
         self._sync()
@@ -302,7 +302,7 @@ class StocTuningModel(BaseTuner):
         )
 
     # -- observability -----------------------------------------------------------------------------------------
-    def stoc_stats(self, adapter_name: Optional[str] = None) -> dict[str, float]:
+    def stoc_stats(self, adapter_name: str | None = None) -> dict[str, float]:
         """Figures of the adapter being trained: steps, entries drawn at the last step, distinct entries changed
         so far, and density (changed / candidate entries)."""
         name = adapter_name or self._training_adapter() or self.active_adapters[0]
@@ -314,7 +314,7 @@ class StocTuningModel(BaseTuner):
         changed = self.adapter_delta(name).num_changed
         return {"step": 0, "drawn": 0, "changed": changed, "density": changed / candidates}
 
-    def stoc_engine(self) -> Optional[StepEngine]:
+    def stoc_engine(self) -> StepEngine | None:
         """The step engine of the adapter being trained, if any."""
         name = self._training_adapter()
         return self._engines.get(name) if name else None

@@ -104,8 +104,12 @@ def test_bitfit_k_counts_bias_entries_of_candidates():
 def test_target_and_exclude_modules_choose_candidates():
     model = get_peft_model(
         tiny_model("bert"),
-        StocTuningConfig(k=10, target_modules=["query", "value", "LayerNorm"], exclude_modules=["0.attention.self.value"],
-                         task_type="SEQ_CLS"),
+        StocTuningConfig(
+            k=10,
+            target_modules=["query", "value", "LayerNorm"],
+            exclude_modules=["0.attention.self.value"],
+            task_type="SEQ_CLS",
+        ),
     )
     names = set(model.base_model._base_params())
     assert "bert.encoder.layer.1.attention.self.value.weight" in names

@@ -1,0 +1,45 @@
+"""Trainer logging: StocTuning's per-step figures appear in `Trainer`'s logs without any user code."""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+LOG_PREFIX = "stoc/"
+
+
+def _tuner_of(model):
+    from .model import StocTuningModel
+
+    for candidate in (getattr(model, "base_model", None), getattr(getattr(model, "module", None), "base_model", None)):
+        if isinstance(candidate, StocTuningModel):
+            return candidate
+    return None
+
+
+class StocTuningCallback(TrainerCallback):
+    """Adds `stoc/drawn`, `stoc/changed` and `stoc/density` to every log of a Trainer training a StocTuning model.
+
+    It is registered among transformers' default callbacks when `peft_stoc` is imported, and does nothing for
+    other models.
+    """
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        tuner = _tuner_of(model)
+        if tuner is None or logs is None or "loss" not in logs:
+            return
+        figures = {LOG_PREFIX + key: value for key, value in tuner.stoc_stats().items() if key != "step"}
+        logs.update(figures)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(figures)
+
+
+def register_trainer_callback() -> None:
+    """Put `StocTuningCallback` among the callbacks every new Trainer starts with (idempotent)."""
+    import transformers.trainer as trainer_module
+
+    defaults = trainer_module.DEFAULT_CALLBACKS
+    if not any(getattr(cb, "__name__", None) == StocTuningCallback.__name__ for cb in defaults):
+        defaults.append(StocTuningCallback)
+    else:  # after a reload, point at the current class
+        defaults[:] = [StocTuningCallback if getattr(cb, "__name__", None) == StocTuningCallback.__name__ else cb
+                       for cb in defaults]

@@ -1,0 +1,155 @@
+"""The draw: exact distributions, zero-importance handling, budgets, large tensors, seeds."""
+
+import numpy as np
+import pytest
+import torch
+
+from peft_stoc.selection import Source, draw, importance
+
+
+def _sources(weights: list[torch.Tensor]) -> list[Source]:
+    """Sources whose importance equals `weights` (θ = w, g = 1, μ = 1)."""
+    return [Source(w.clone(), torch.ones_like(w), [(None, 0)]) for w in weights]
+
+
+def _flat_ids(drawn, sizes):
+    offsets = np.cumsum([0] + sizes[:-1])
+    return sorted(int(o + i) for o, idx in zip(offsets, drawn) for i in idx.tolist())
+
+
+def test_top_matches_brute_force_over_mu_theta_grad():
+    g = torch.Generator().manual_seed(1)
+    theta = [torch.randn(7, 5, generator=g), torch.randn(5, generator=g), torch.randn(11, 3, generator=g)]
+    grads = [torch.randn(t.shape, generator=g) for t in theta]
+    mus = [[(torch.rand(5, generator=g), 1)], [(None, 0)], [(torch.rand(11, generator=g), 0)]]
+    sources = [Source(t, gr, m) for t, gr, m in zip(theta, grads, mus)]
+    brute = torch.cat([
+        (theta[0] * grads[0] * mus[0][0][0][None, :]).abs().flatten(),
+        (theta[1] * grads[1]).abs().flatten(),
+        (theta[2] * grads[2] * mus[2][0][0][:, None]).abs().flatten(),
+    ])
+    k = 9
+    drawn = draw(sources, k, "top", torch.Generator().manual_seed(0), chunk_entries=4)
+    expected = sorted(torch.topk(brute, k).indices.tolist())
+    assert _flat_ids(drawn, [35, 5, 33]) == expected
+    for _s, d in zip(sources, drawn):
+        assert torch.equal(d, d.sort().values)
+        assert d.dtype == torch.int64
+
+
+def test_importance_sums_uses_of_a_tied_weight():
+    theta, grad = torch.randn(4, 3), torch.randn(4, 3)
+    rows, cols = torch.rand(4), torch.rand(3)
+    source = Source(theta, grad, [(rows, 0), (cols, 1)])
+    expected = (theta * grad * (rows[:, None] + cols[None, :])).abs().flatten()
+    assert torch.allclose(importance(source, 0, 4), expected)
+
+
+@pytest.mark.parametrize("chunk", [3, 1 << 20])
+def test_stochastic_matches_numpy_choice_without_replacement(chunk):
+    # Inclusion frequencies of successive sampling ∝ I² must match numpy.random.choice(replace=False, p=I²/ΣI²).
+    importance_values = torch.tensor([3.0, 1.0, 0.5, 2.0, 0.25, 1.5, 0.0, 0.75])
+    p = (importance_values**2 / (importance_values**2).sum()).numpy().astype(np.float64)
+    n, k, trials = len(p), 3, 6000
+    rng = np.random.default_rng(0)
+    reference = np.zeros(n)
+    for _ in range(trials):
+        reference[rng.choice(n, k, replace=False, p=p)] += 1
+    ours = np.zeros(n)
+    generator = torch.Generator().manual_seed(0)
+    sizes = [3, 5]
+    for _ in range(trials):
+        drawn = draw(_sources([importance_values[:3], importance_values[3:]]), k, "stochastic", generator,
+                     chunk_entries=chunk)
+        ours[_flat_ids(drawn, sizes)] += 1
+    reference, ours = reference / trials, ours / trials
+    assert ours[6] == 0  # zero importance is never drawn while enough entries have importance
+    # Standard error of a frequency is at most sqrt(.25/6000) ≈ 0.0065; allow ~5 of them for the difference.
+    assert np.abs(ours - reference).max() < 0.045, (ours, reference)
+
+
+def test_stochastic_first_draw_is_proportional_to_importance_squared():
+    values = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    p = values**2 / (values**2).sum()
+    counts = torch.zeros(4)
+    generator = torch.Generator().manual_seed(3)
+    trials = 8000
+    for _ in range(trials):
+        counts[draw(_sources([values]), 1, "stochastic", generator)[0]] += 1
+    assert torch.allclose(counts / trials, p, atol=0.02)
+
+
+def test_random_is_uniform():
+    counts = torch.zeros(10)
+    generator = torch.Generator().manual_seed(5)
+    trials = 5000
+    for _ in range(trials):
+        drawn = draw(_sources([torch.zeros(4), torch.ones(6)]), 3, "random", generator)
+        counts[_flat_ids(drawn, [4, 6])] += 1
+    assert torch.allclose(counts / trials, torch.full((10,), 0.3), atol=0.03)
+
+
+@pytest.mark.parametrize("method", ["stochastic", "top"])
+def test_zero_importance_fills_uniformly_when_too_few_are_nonzero(method):
+    values = torch.tensor([0.0, 5.0, 0.0, 0.0, 2.0, 0.0])
+    counts = torch.zeros(6)
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(3000):
+        drawn = draw(_sources([values]), 4, method, generator)[0]
+        assert drawn.numel() == 4 and drawn.unique().numel() == 4
+        counts[drawn] += 1
+    assert counts[1] == counts[4] == 3000  # every non-zero entry is drawn
+    assert torch.allclose(counts[[0, 2, 3, 5]] / 3000, torch.full((4,), 0.5), atol=0.05)
+
+
+def test_sources_without_gradient_are_skipped_but_filled_if_needed():
+    sources = [Source(torch.ones(3), None, [(None, 0)]), Source(torch.ones(2), torch.ones(2), [(None, 0)])]
+    drawn = draw(sources, 2, "top", torch.Generator().manual_seed(0))
+    assert drawn[0].numel() == 0 and drawn[1].tolist() == [0, 1]
+    drawn = draw(sources, 4, "top", torch.Generator().manual_seed(0))
+    assert drawn[0].numel() == 2 and drawn[1].tolist() == [0, 1]
+
+
+def test_budget_limits_new_entries_and_prefers_changed_ones():
+    values = torch.arange(1.0, 21.0)  # importance grows with the index
+    source = _sources([values])[0]
+    source.changed = torch.tensor([0, 1, 2, 3])
+    for method in ("top", "stochastic", "random"):
+        drawn = draw([source], 6, method, torch.Generator().manual_seed(0), max_new=2)[0]
+        new = drawn[~torch.isin(drawn, source.changed)]
+        assert drawn.numel() == 6 and new.numel() <= 2, method
+    top = draw([source], 6, "top", torch.Generator().manual_seed(0), max_new=2)[0]
+    assert top.tolist() == [0, 1, 2, 3, 18, 19]
+    exhausted = draw([source], 3, "top", torch.Generator().manual_seed(0), max_new=0)[0]
+    assert torch.isin(exhausted, source.changed).all()
+
+
+def test_same_seed_same_draw_different_seed_different_draw():
+    values = [torch.rand(50, 8, generator=torch.Generator().manual_seed(2)), torch.rand(30)]
+    a = draw(_sources(values), 20, "stochastic", torch.Generator().manual_seed(11))
+    b = draw(_sources(values), 20, "stochastic", torch.Generator().manual_seed(11))
+    c = draw(_sources(values), 20, "stochastic", torch.Generator().manual_seed(12))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_single_tensor_over_2_pow_24_entries():
+    n = (1 << 24) + 17
+    theta = torch.full((n,), 1e-5)
+    theta[n - 5:] = 1.0  # the heaviest entries sit past index 2^24
+    source = Source(theta, torch.ones(n), [(None, 0)])
+    drawn = draw([source], 5, "stochastic", torch.Generator().manual_seed(0))[0]
+    assert drawn.numel() == 5 and drawn.max() < n and drawn.unique().numel() == 5
+    assert (drawn >= (1 << 24)).sum() >= 4  # I² of the 5 heavy entries: 5; of all light ones: 1.7e-3
+
+
+def test_indices_past_2_pow_31_in_one_tensor_use_int64():
+    # An expanded (stride-0) tensor has more than 2^31 entries without the memory; importance grows with the row.
+    rows, cols = (1 << 11) + 1, 1 << 20
+    theta = torch.ones(1, 1).expand(rows, cols)
+    grad = torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, cols)
+    source = Source(theta, grad, [(None, 0)])
+    drawn = draw([source], 4, "top", torch.Generator().manual_seed(0), chunk_entries=1 << 22)[0]
+    assert drawn.dtype == torch.int64
+    assert (drawn >= (rows - 1) * cols).all() and drawn.max() < rows * cols
+    assert int(drawn.min()) >= 2**31
