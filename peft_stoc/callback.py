@@ -31,15 +31,3 @@ class StocTuningCallback(TrainerCallback):
         logs.update(figures)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(figures)
-
-
-def register_trainer_callback() -> None:
-    """Put `StocTuningCallback` among the callbacks every new Trainer starts with (idempotent)."""
-    import transformers.trainer as trainer_module
-
-    defaults = trainer_module.DEFAULT_CALLBACKS
-    if not any(getattr(cb, "__name__", None) == StocTuningCallback.__name__ for cb in defaults):
-        defaults.append(StocTuningCallback)
-    else:  # after a reload, point at the current class
-        defaults[:] = [StocTuningCallback if getattr(cb, "__name__", None) == StocTuningCallback.__name__ else cb
-                       for cb in defaults]

@@ -153,6 +153,10 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
     def hidden(self) -> bool:
         return self._hidden is not None
 
+    def patch_base_values(self, params: Params):
+        """A reader of base values at given positions that looks through the applied deltas."""
+        return lambda name, positions: self.patch.base_values(name, params[name], positions)
+
     # -- BaseTunerLayer bookkeeping ----------------------------------------------------------------------------
     def set_active(self, names: list[str], enabled: bool) -> None:
         self._active_adapter = names[0] if len(names) == 1 else list(names)

@@ -7,22 +7,21 @@ merged set) to the base, and runs a `StepEngine` while the active adapter is tra
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_additional_trainable_modules
 from torch import nn
 
+from . import adapter_file, fingerprint
 from .candidates import Candidate, find_candidates, resolve_count
 from .delta import SparseDelta
-from .engine import StepEngine
+from .engine import BYPASS_HINT, StepEngine
 from .layer import AdapterSlot, StocTuningLayer
-
-INDEX_SUFFIX = ".stoc_indices"
-VALUES_SUFFIX = ".stoc_delta"
-MODEL_PREFIX = "base_model.model."
+from .registry import register_trainer_callback
 
 
 class StocTuningModel(BaseTuner):
@@ -37,6 +36,7 @@ class StocTuningModel(BaseTuner):
 
     # -- injection ---------------------------------------------------------------------------------------------
     def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        register_trainer_callback()  # transformers' trainer may have finished importing only now
         if "stoc_layer" not in self._modules:
             self.stoc_layer = StocTuningLayer()
             self._candidates: dict[str, list[Candidate]] = {}
@@ -324,31 +324,84 @@ class StocTuningModel(BaseTuner):
         for engine in self._engines.values():
             engine.weights_changed_by_us()
 
+    # -- adapter files ---------------------------------------------------------------------------------------
+    def _adapter_params(self, adapter_name: str, config=None) -> dict[str, nn.Parameter]:
+        if config is None:
+            return {c.name: c.param for c in self._candidates[adapter_name]}
+        return {c.name: c.param for c in find_candidates(self.model, config)}
+
+    def verify_integrity(self) -> None:
+        """Raise if the base changed outside an intercepted optimizer step (an adapter saved now would be wrong)."""
+        for engine in self._engines.values():
+            engine.audit.verify(context=BYPASS_HINT)
+
+    def file_metadata(self, adapter_name: str) -> dict[str, str]:
+        """Header metadata of `adapter_name`'s file: format, counts and the base-model fingerprint."""
+        params = self._adapter_params(adapter_name)
+        delta = self.adapter_delta(adapter_name)
+        k, _ = self._counts[adapter_name]
+        counts = {
+            "changed": delta.num_changed,
+            "tensors": len(delta.tensors),
+            "candidates": sum(p.numel() for p in params.values()),
+            "k": k,
+        }
+        return {
+            adapter_file.META_FORMAT: adapter_file.FORMAT_VERSION,
+            adapter_file.META_COUNTS: json.dumps(counts),
+            adapter_file.META_FINGERPRINT: fingerprint.to_json(
+                fingerprint.compute(params, self.stoc_layer.patch_base_values(params))
+            ),
+        }
+
+    def check_file(self, file: adapter_file.AdapterFile, config, ignore_base_mismatch: bool = False) -> None:
+        """Validate everything in `file` against this model before any of it is applied."""
+        params = self._adapter_params("", config)
+        adapter_file.parse_delta(file.tensors, {n: p.numel() for n, p in params.items()}, source=file.path)
+        adapter_file.check_other_tensors(file.tensors, self._head_shapes(config), source=file.path)
+        recorded = file.fingerprint
+        if recorded is None:
+            raise adapter_file.AdapterFileError(f"{file.path} has no base-model fingerprint in its header.")
+        reason = fingerprint.mismatch(recorded, params, self.stoc_layer.patch_base_values(params))
+        if reason is not None and not ignore_base_mismatch:
+            raise adapter_file.AdapterFileError(
+                f"{file.path} was made for another base model: {reason}. Load it onto the base it was trained on "
+                f"(base_model_name_or_path={config.base_model_name_or_path!r}), or pass "
+                "`ignore_base_mismatch=True` to apply it anyway."
+            )
+
+    def _head_shapes(self, config) -> dict[str, torch.Size]:
+        """File keys and shapes of the modules_to_save tensors this model expects."""
+        wanted = list(config.modules_to_save or [])
+        shapes = {}
+        for name, module in self.model.named_modules():
+            # PEFT's own rule for modules_to_save is a plain suffix match.
+            if not name or not any(name.endswith(w) for w in wanted):
+                continue
+            source = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+            for key, value in source.state_dict().items():
+                shapes[f"{adapter_file.MODEL_PREFIX}{name}.{key}"] = value.shape
+        return shapes
+
     # -- save / load hooks (called by PEFT's get/set_peft_model_state_dict) --------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         tuner = _tuner_of(model)
-        delta = tuner.adapter_delta(adapter_name)
-        dtype = getattr(torch, config.save_dtype)
-        out = {}
-        for name, (index, values) in delta.tensors.items():
-            numel = tuner._base_params()[name].numel()
-            out[MODEL_PREFIX + name + INDEX_SUFFIX] = index.to(torch.int32 if numel < 2**31 else torch.int64).cpu()
-            out[MODEL_PREFIX + name + VALUES_SUFFIX] = values.to(dtype).cpu()
-        return out
+        numels = {name: p.numel() for name, p in tuner._adapter_params(adapter_name).items()}
+        return adapter_file.delta_tensors(tuner.adapter_delta(adapter_name), numels, getattr(torch, config.save_dtype))
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        return key  # delta keys never contain the adapter name
+        return key if adapter_file.is_delta_key(key) else super()._remove_adapter_name_from_key(key, adapter_name)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         tuner = _tuner_of(model)
-        ours = {k: v for k, v in state_dict.items() if k.endswith((INDEX_SUFFIX, VALUES_SUFFIX))}
+        ours = {k: v for k, v in state_dict.items() if adapter_file.is_delta_key(k)}
         rest = {k: v for k, v in state_dict.items() if k not in ours}
-        tuner.set_adapter_delta(adapter_name, _delta_from_tensors(ours))
+        numels = {name: p.numel() for name, p in tuner._adapter_params(adapter_name).items()}
+        tuner.set_adapter_delta(adapter_name, adapter_file.parse_delta(ours, numels))
         return rest
-
 
 
 def _tuner_of(model) -> StocTuningModel:
@@ -356,16 +409,6 @@ def _tuner_of(model) -> StocTuningModel:
     if not isinstance(tuner, StocTuningModel):
         raise TypeError(f"Expected a PeftModel with a StocTuning adapter, got {type(model).__name__}.")
     return tuner
-
-
-def _delta_from_tensors(tensors: dict[str, torch.Tensor]) -> SparseDelta:
-    out = {}
-    for key, index in tensors.items():
-        if key.endswith(INDEX_SUFFIX):
-            name = key[: -len(INDEX_SUFFIX)].removeprefix(MODEL_PREFIX)
-            values = tensors[key[: -len(INDEX_SUFFIX)] + VALUES_SUFFIX]
-            out[name] = (index.long(), values.float())
-    return SparseDelta(out)
 
 
 def _check_finite(delta: SparseDelta, adapter_name: str) -> None:

@@ -5,6 +5,8 @@ PEFT has no plugin entry point, so the method exists only in processes that impo
 
 from __future__ import annotations
 
+import sys
+
 from peft.utils import PeftType
 
 STOC_NAME = "stoc"
@@ -47,3 +49,22 @@ def register() -> None:
         PEFT_TYPE_TO_TUNER_MAPPING[STOC_PEFT_TYPE] = StocTuningModel
         return
     register_peft_method(name=STOC_NAME, config_cls=StocTuningConfig, model_cls=StocTuningModel, prefix="stoc_")
+
+
+def register_trainer_callback() -> None:
+    """Put `StocTuningCallback` among the callbacks every new transformers `Trainer` starts with (idempotent).
+
+    Does nothing while `transformers.trainer` is not imported or still initialising: it runs again when that
+    import finishes and whenever a StocTuning model is created, which is before any Trainer that trains one.
+    """
+    trainer = sys.modules.get("transformers.trainer")
+    if trainer is None or getattr(trainer.__spec__, "_initializing", False):
+        return
+    defaults = getattr(trainer, "DEFAULT_CALLBACKS", None)
+    if defaults is None:
+        return
+    from .callback import StocTuningCallback
+
+    # Compare by name: a reload of peft_stoc creates a new class that should replace the old one.
+    defaults[:] = [cb for cb in defaults if getattr(cb, "__name__", None) != StocTuningCallback.__name__]
+    defaults.append(StocTuningCallback)

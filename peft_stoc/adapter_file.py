@@ -1,0 +1,163 @@
+"""The adapter file: `adapter_model.safetensors` with sparse deltas, task-head tensors and a descriptive header.
+
+For each changed base tensor `<name>` the file holds `base_model.model.<name>.stoc_indices` (sorted flat indices,
+int32 below 2^31 entries, else int64) and `base_model.model.<name>.stoc_delta` (the value added at each index).
+The header metadata records the format version, counts and the base-model fingerprint.
+
+Everything read from a file is validated before any of it touches a model; errors name the offending tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .delta import SparseDelta
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+MODEL_PREFIX = "base_model.model."
+INDEX_SUFFIX = ".stoc_indices"
+VALUES_SUFFIX = ".stoc_delta"
+FORMAT_VERSION = "1"
+META_FORMAT = "peft_stoc_format"
+META_COUNTS = "peft_stoc_counts"
+META_FINGERPRINT = "peft_stoc_fingerprint"
+INDEX_DTYPES = (torch.int32, torch.int64)
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be used as it is."""
+
+
+@dataclass
+class AdapterFile:
+    path: str
+    metadata: dict[str, str]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def fingerprint(self) -> dict | None:
+        raw = self.metadata.get(META_FINGERPRINT)
+        return json.loads(raw) if raw else None
+
+    @property
+    def counts(self) -> dict:
+        return json.loads(self.metadata.get(META_COUNTS, "{}"))
+
+
+def delta_tensors(delta: SparseDelta, numels: dict[str, int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The file's tensors for `delta`."""
+    out = {}
+    for name, (index, values) in delta.tensors.items():
+        index_dtype = torch.int32 if numels[name] < 2**31 else torch.int64
+        out[MODEL_PREFIX + name + INDEX_SUFFIX] = index.to(device="cpu", dtype=index_dtype).contiguous()
+        out[MODEL_PREFIX + name + VALUES_SUFFIX] = values.to(device="cpu", dtype=dtype).contiguous()
+    return out
+
+
+def is_delta_key(key: str) -> bool:
+    return key.endswith((INDEX_SUFFIX, VALUES_SUFFIX))
+
+
+def add_metadata(path: str, metadata: dict[str, str]) -> None:
+    """Rewrite `path` with `metadata` in its header, atomically (a crash leaves the old or the new file)."""
+    tensors = read(path, require_format=False).tensors
+    merged = {"format": "pt", **metadata}
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".adapter-", suffix=".safetensors.tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=merged)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read(path: str, require_format: bool = True) -> AdapterFile:
+    """Read an adapter file; raise `AdapterFileError` for unreadable files and for files of another format."""
+    if not os.path.isfile(path):
+        raise AdapterFileError(f"No adapter file at {path}.")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise AdapterFileError(
+            f"{path} is not a readable safetensors file ({error}); it is probably truncated or corrupt. "
+            "Save the adapter again or download it anew."
+        ) from error
+    if require_format and metadata.get(META_FORMAT) != FORMAT_VERSION:
+        found = metadata.get(META_FORMAT)
+        raise AdapterFileError(
+            f"{path} is not a peft-stoc adapter file of format {FORMAT_VERSION} (its header says "
+            f"{META_FORMAT}={found!r}). Save it with `save_pretrained` of this peft-stoc version."
+        )
+    return AdapterFile(path, metadata, tensors)
+
+
+def parse_delta(
+    tensors: dict[str, torch.Tensor], numels: dict[str, int], source: str = "the adapter file"
+) -> SparseDelta:
+    """Validate the delta tensors against the base tensor sizes `numels` and build a `SparseDelta`."""
+    names = {}
+    for key in tensors:
+        if key.endswith(INDEX_SUFFIX):
+            names[key[: -len(INDEX_SUFFIX)]] = None
+        elif key.endswith(VALUES_SUFFIX):
+            names[key[: -len(VALUES_SUFFIX)]] = None
+    out = {}
+    for stem in names:
+        name = stem.removeprefix(MODEL_PREFIX)
+        index_key, values_key = stem + INDEX_SUFFIX, stem + VALUES_SUFFIX
+        for key in (index_key, values_key):
+            if key not in tensors:
+                raise AdapterFileError(f"Tensor '{key}' is missing from {source}: each changed tensor needs both.")
+        index, values = tensors[index_key], tensors[values_key]
+        if name not in numels:
+            raise AdapterFileError(
+                f"Tensor '{index_key}' refers to '{name}', which is not a candidate parameter of this base model."
+            )
+        if index.dtype not in INDEX_DTYPES or index.dim() != 1:
+            raise AdapterFileError(f"Tensor '{index_key}' must be a 1-D int32/int64 tensor, got {index.dtype} "
+                                   f"with shape {tuple(index.shape)}.")
+        if values.dtype not in VALUE_DTYPES or values.dim() != 1:
+            raise AdapterFileError(f"Tensor '{values_key}' must be a 1-D float tensor, got {values.dtype} "
+                                   f"with shape {tuple(values.shape)}.")
+        if index.numel() != values.numel():
+            raise AdapterFileError(f"Tensors '{index_key}' ({index.numel()}) and '{values_key}' ({values.numel()}) "
+                                   "differ in length.")
+        index = index.long()
+        if index.numel():
+            if int(index.min()) < 0 or int(index.max()) >= numels[name]:
+                raise AdapterFileError(f"Tensor '{index_key}' has indices outside [0, {numels[name]}) for '{name}'.")
+            if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+                raise AdapterFileError(f"Tensor '{index_key}' is not strictly increasing: indices must be sorted "
+                                       "and unique.")
+        if not bool(torch.isfinite(values).all()):
+            raise AdapterFileError(f"Tensor '{values_key}' contains NaN or infinite values.")
+        out[name] = (index, values.float())
+    return SparseDelta(out)
+
+
+def check_other_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: str) -> None:
+    """The non-delta tensors (task heads): exactly the `expected` keys, same shapes, finite values."""
+    others = {key: value for key, value in tensors.items() if not is_delta_key(key)}
+    for key, shape in expected.items():
+        if key not in others:
+            raise AdapterFileError(f"Tensor '{key}' (a modules_to_save weight) is missing from {source}.")
+        if tuple(others[key].shape) != tuple(shape):
+            raise AdapterFileError(f"Tensor '{key}' has shape {tuple(others[key].shape)}, the model expects "
+                                   f"{tuple(shape)}.")
+        if others[key].is_floating_point() and not bool(torch.isfinite(others[key]).all()):
+            raise AdapterFileError(f"Tensor '{key}' contains NaN or infinite values.")
+    unexpected = sorted(set(others) - set(expected))
+    if unexpected:
+        raise AdapterFileError(f"{source} holds tensors this model has no place for: {unexpected[:5]}.")

@@ -1,0 +1,83 @@
+"""Base-model fingerprint: tells whether an adapter file was made for the base it is being loaded onto.
+
+It records the candidate tensors' names, shapes and dtypes, and a fixed sample of base values (one entry per tensor
+at a position derived from its name, for up to `SAMPLE_TENSORS` tensors) with their checksum. A base loaded in
+another dtype (a float32 adapter onto a bfloat16 base) is compared by rounding the recorded values to that dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from collections.abc import Callable
+
+import torch
+
+SAMPLE_TENSORS = 64
+
+BaseValues = Callable[[str, torch.Tensor], torch.Tensor]  # (name, flat positions) -> base values there
+
+
+def _structure(shapes: dict[str, tuple[tuple[int, ...], str]]) -> str:
+    text = "\n".join(f"{name}:{list(shape)}" for name, (shape, _) in sorted(shapes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _sample_plan(shapes: dict[str, tuple[tuple[int, ...], str]]) -> list[tuple[str, int]]:
+    """(name, flat position) pairs: evenly spread tensors, a name-derived position in each."""
+    names = sorted(shapes)
+    step = max(1, len(names) // SAMPLE_TENSORS)
+    plan = []
+    for name in names[::step][:SAMPLE_TENSORS]:
+        numel = 1
+        for size in shapes[name][0]:
+            numel *= size
+        if numel:
+            plan.append((name, zlib.crc32(name.encode()) % numel))
+    return plan
+
+
+def _checksum(values: list[float]) -> str:
+    return hashlib.sha256(torch.tensor(values, dtype=torch.float32).numpy().tobytes()).hexdigest()
+
+
+def compute(params: dict[str, torch.Tensor], base_values: BaseValues) -> dict:
+    """The fingerprint of a base given its candidate tensors and a way to read base values."""
+    shapes = {name: (tuple(p.shape), str(p.dtype).removeprefix("torch.")) for name, p in params.items()}
+    values = []
+    for name, position in _sample_plan(shapes):
+        value = base_values(name, torch.tensor([position], device=params[name].device))
+        values.append(float(value.float().item()))
+    return {
+        "structure": _structure(shapes),
+        "dtypes": sorted({dtype for _, dtype in shapes.values()}),
+        "num_tensors": len(shapes),
+        "values": values,
+        "checksum": _checksum(values),
+    }
+
+
+def mismatch(recorded: dict, params: dict[str, torch.Tensor], base_values: BaseValues) -> str | None:
+    """Why `params` is not the base `recorded` was made for, or None when it is."""
+    current = compute(params, base_values)
+    if recorded.get("structure") != current["structure"]:
+        return (
+            f"its parameter names or shapes differ (the adapter's base had {recorded.get('num_tensors')} candidate "
+            f"tensors, this one has {current['num_tensors']} with other names or shapes)"
+        )
+    if recorded.get("checksum") == current["checksum"]:
+        return None
+    # Same structure, other values: acceptable only when they are the recorded values rounded to this dtype.
+    recorded_values = torch.tensor(recorded.get("values", []), dtype=torch.float32)
+    if recorded_values.numel() != len(current["values"]):
+        return "its sampled values differ"
+    plan = _sample_plan({n: (tuple(p.shape), "") for n, p in params.items()})
+    for (name, _), expected, actual in zip(plan, recorded_values, current["values"]):
+        if float(expected.to(params[name].dtype).float()) != actual:
+            return f"its values differ (e.g. in '{name}')"
+    return None
+
+
+def to_json(fingerprint: dict) -> str:
+    return json.dumps(fingerprint, separators=(",", ":"))

@@ -1,0 +1,127 @@
+"""Model card and Hub upload for StocTuning adapters."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+from . import adapter_file
+
+TAGS = ("peft", "peft-stoc", "stochastic-tuning", "sparse-delta")
+SECTION_START = "<!-- peft-stoc:start -->"
+SECTION_END = "<!-- peft-stoc:end -->"
+
+
+def _human_bytes(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def _adapter_rows(save_directory: str, peft_model, adapter_names: list[str]) -> list[str]:
+    rows = []
+    for name in adapter_names:
+        config = peft_model.peft_config[name]
+        folder = save_directory if name == "default" else os.path.join(save_directory, name)
+        path = os.path.join(folder, adapter_file.WEIGHTS_NAME)
+        counts = adapter_file.read(path).counts
+        changed, candidates = counts.get("changed", 0), counts.get("candidates", 0)
+        density = changed / candidates if candidates else 0.0
+        rows.append(
+            f"| {name} | {counts.get('k', '?'):,} (`k={config.k!r}`) | {config.selection} | {changed:,} of "
+            f"{candidates:,} ({density:.4%}) | {_human_bytes(os.path.getsize(path))} |"
+        )
+    return rows
+
+
+def _usage(peft_model, repo_or_path: str) -> str:
+    config = peft_model.active_peft_config
+    base = config.base_model_name_or_path or "<base model>"
+    auto = {
+        "SEQ_CLS": "AutoModelForSequenceClassification",
+        "TOKEN_CLS": "AutoModelForTokenClassification",
+        "CAUSAL_LM": "AutoModelForCausalLM",
+        "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    }.get(str(getattr(config.task_type, "value", config.task_type)), "AutoModel")
+    return (
+        "```python\n"
+        "import peft_stoc  # registers StocTuning with PEFT: needed before loading\n"
+        "from peft import PeftModel\n"
+        f"from transformers import {auto}\n\n"
+        f'base = {auto}.from_pretrained("{base}")\n'
+        f'model = PeftModel.from_pretrained(base, "{repo_or_path}")\n'
+        "merged = model.merge_and_unload()  # optional: a plain transformers model with the deltas in it\n"
+        "```\n"
+    )
+
+
+def write_model_card(save_directory: str, peft_model, adapter_names: list[str], repo_id: str | None = None,
+                     extra_tags: list[str] | None = None) -> None:
+    """Add StocTuning's metadata and section to the README.md that `save_pretrained` wrote (idempotent)."""
+    path = os.path.join(save_directory, "README.md")
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
+    card.data["library_name"] = "peft"
+    # PEFT tags "base_model:adapter:<name>"; a model built from a config has no name, and an empty tag helps nobody.
+    tags = [t for t in card.data.get("tags") or [] if not t.endswith(":")]
+    for tag in (*TAGS, *(extra_tags or [])):
+        if tag not in tags:
+            tags.append(tag)
+    card.data["tags"] = tags
+    base = peft_model.active_peft_config.base_model_name_or_path
+    if base:
+        card.data["base_model"] = base
+    elif not card.data.get("base_model"):
+        card.data.pop("base_model", None)
+    section = "\n".join([
+        SECTION_START,
+        "## StocTuning adapter",
+        "",
+        "A sparse-delta adapter trained with [peft-stoc](https://pypi.org/project/peft-stoc/) (Stochastic Tuning, "
+        "Akbar-Tajari & Pilehvar): at every optimizer step, k entries of the whole model were drawn with probability "
+        "∝ |activation · weight · gradient|² and only those were updated. The file stores the changed entries only "
+        "(indices and deltas, safetensors).",
+        "",
+        "| adapter | k per step | selection | changed entries | adapter size |",
+        "|---|---|---|---|---|",
+        *_adapter_rows(save_directory, peft_model, adapter_names),
+        "",
+        "### Usage",
+        "",
+        "`pip install peft-stoc`, then:",
+        "",
+        _usage(peft_model, repo_id or save_directory),
+        SECTION_END,
+    ])
+    text = card.text
+    if SECTION_START in text and SECTION_END in text:
+        before, rest = text.split(SECTION_START, 1)
+        after = rest.split(SECTION_END, 1)[1]
+        text = before + section + after
+    else:
+        text = section + "\n\n" + text
+    card.text = text
+    card.save(path)
+
+
+def push_to_hub(peft_model, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                private: bool | None = None, token: str | bool | None = None, revision: str | None = None,
+                create_pr: bool = False, tags: list[str] | None = None, **save_kwargs):
+    """Upload the adapter(s) with their model card to `repo_id`; returns the commit info."""
+    api = HfApi(token=token if isinstance(token, str) else None)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as folder:
+        peft_model.save_pretrained(folder, **save_kwargs)
+        names = save_kwargs.get("selected_adapters") or list(peft_model.peft_config)
+        write_model_card(folder, peft_model, names, repo_id=repo_id, extra_tags=tags)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or "Upload StocTuning adapter",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
