@@ -28,6 +28,7 @@ FORMAT_VERSION = "1"
 META_FORMAT = "peft_stoc_format"
 META_COUNTS = "peft_stoc_counts"
 META_FINGERPRINT = "peft_stoc_fingerprint"
+META_SHAPES = "peft_stoc_shapes"
 INDEX_DTYPES = (torch.int32, torch.int64)
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -50,6 +51,24 @@ class AdapterFile:
     @property
     def counts(self) -> dict:
         return json.loads(self.metadata.get(META_COUNTS, "{}"))
+
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        """Shapes of the base tensors this file changes."""
+        return json.loads(self.metadata.get(META_SHAPES, "{}"))
+
+    def numels(self) -> dict[str, int]:
+        out = {}
+        for name, shape in self.shapes.items():
+            numel = 1
+            for size in shape:
+                numel *= size
+            out[name] = numel
+        return out
+
+    def delta(self) -> SparseDelta:
+        """The validated delta, checked against the shapes recorded in the header."""
+        return parse_delta(self.tensors, self.numels(), source=self.path)
 
 
 def delta_tensors(delta: SparseDelta, numels: dict[str, int], dtype: torch.dtype) -> dict[str, torch.Tensor]:

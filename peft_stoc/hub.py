@@ -22,10 +22,9 @@ def _human_bytes(size: int) -> str:
     return f"{size:.1f} GB"
 
 
-def _adapter_rows(save_directory: str, peft_model, adapter_names: list[str]) -> list[str]:
+def _adapter_rows(save_directory: str, configs: dict) -> list[str]:
     rows = []
-    for name in adapter_names:
-        config = peft_model.peft_config[name]
+    for name, config in configs.items():
         folder = save_directory if name == "default" else os.path.join(save_directory, name)
         path = os.path.join(folder, adapter_file.WEIGHTS_NAME)
         counts = adapter_file.read(path).counts
@@ -38,8 +37,7 @@ def _adapter_rows(save_directory: str, peft_model, adapter_names: list[str]) -> 
     return rows
 
 
-def _usage(peft_model, repo_or_path: str) -> str:
-    config = peft_model.active_peft_config
+def _usage(config, repo_or_path: str) -> str:
     base = config.base_model_name_or_path or "<base model>"
     auto = {
         "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -59,9 +57,13 @@ def _usage(peft_model, repo_or_path: str) -> str:
     )
 
 
-def write_model_card(save_directory: str, peft_model, adapter_names: list[str], repo_id: str | None = None,
+def write_model_card(save_directory: str, configs: dict, repo_id: str | None = None,
                      extra_tags: list[str] | None = None) -> None:
-    """Add StocTuning's metadata and section to the README.md that `save_pretrained` wrote (idempotent)."""
+    """Add StocTuning's metadata and section to the README.md in `save_directory` (idempotent).
+
+    `configs` maps the saved adapters' names to their configs; the first one is the usage example's.
+    """
+    first = next(iter(configs.values()))
     path = os.path.join(save_directory, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
     card.data["library_name"] = "peft"
@@ -71,7 +73,7 @@ def write_model_card(save_directory: str, peft_model, adapter_names: list[str], 
         if tag not in tags:
             tags.append(tag)
     card.data["tags"] = tags
-    base = peft_model.active_peft_config.base_model_name_or_path
+    base = first.base_model_name_or_path
     if base:
         card.data["base_model"] = base
     elif not card.data.get("base_model"):
@@ -87,13 +89,13 @@ def write_model_card(save_directory: str, peft_model, adapter_names: list[str], 
         "",
         "| adapter | k per step | selection | changed entries | adapter size |",
         "|---|---|---|---|---|",
-        *_adapter_rows(save_directory, peft_model, adapter_names),
+        *_adapter_rows(save_directory, configs),
         "",
         "### Usage",
         "",
         "`pip install peft-stoc`, then:",
         "",
-        _usage(peft_model, repo_id or save_directory),
+        _usage(first, repo_id or save_directory),
         SECTION_END,
     ])
     text = card.text
@@ -116,7 +118,8 @@ def push_to_hub(peft_model, repo_id: str, *, commit_message: str | None = None, 
     with tempfile.TemporaryDirectory() as folder:
         peft_model.save_pretrained(folder, **save_kwargs)
         names = save_kwargs.get("selected_adapters") or list(peft_model.peft_config)
-        write_model_card(folder, peft_model, names, repo_id=repo_id, extra_tags=tags)
+        configs = {name: peft_model.peft_config[name] for name in names}
+        write_model_card(folder, configs, repo_id=repo_id, extra_tags=tags)
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,

@@ -13,6 +13,7 @@ import warnings
 import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_additional_trainable_modules
 from torch import nn
 
@@ -293,6 +294,11 @@ class StocTuningModel(BaseTuner):
         self._engines.clear()
         if not merge:
             layer.restore(params)
+            # `unload` hands back the base exactly as it was given: its original heads, not the trained copies.
+            for key, module in list(self.model.named_modules()):
+                if isinstance(module, ModulesToSaveWrapper):
+                    parent, _, child = _get_submodules(self.model, key)
+                    setattr(parent, child, module.original_module)
         layer.patch = type(layer.patch)()
         layer.applied = ()
         for param, requires_grad in self._requires_grad_before.values():
@@ -346,9 +352,11 @@ class StocTuningModel(BaseTuner):
             "candidates": sum(p.numel() for p in params.values()),
             "k": k,
         }
+        shapes = {name: list(params[name].shape) for name in delta.tensors}
         return {
             adapter_file.META_FORMAT: adapter_file.FORMAT_VERSION,
             adapter_file.META_COUNTS: json.dumps(counts),
+            adapter_file.META_SHAPES: json.dumps(shapes, separators=(",", ":")),
             adapter_file.META_FINGERPRINT: fingerprint.to_json(
                 fingerprint.compute(params, self.stoc_layer.patch_base_values(params))
             ),

@@ -56,7 +56,7 @@ def _wrap_save_pretrained(original):
         for name in names:
             folder = directory if name == "default" else os.path.join(directory, name)
             adapter_file.add_metadata(os.path.join(folder, adapter_file.WEIGHTS_NAME), tuner.file_metadata(name))
-        hub.write_model_card(directory, self, names)
+        hub.write_model_card(directory, {name: self.peft_config[name] for name in names})
 
     return save_pretrained
 

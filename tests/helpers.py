@@ -106,3 +106,32 @@ def changed_entries(peft_model, before: dict[str, torch.Tensor]) -> dict[str, to
 def drawn_entries(peft_model) -> dict[str, torch.Tensor]:
     engine = peft_model.base_model.stoc_engine()
     return {c.name: idx for c, idx in zip(engine.candidates, engine.last_draw) if idx.numel()}
+
+
+def train_stoc(arch="bert", task="SEQ_CLS", steps=3, seed=0, model_seed=0, lr=1e-2, base=None, **config):
+    """A StocTuning model trained for a few AdamW steps on random batches, returned in eval mode."""
+    import peft
+
+    config.setdefault("k", 40)
+    base = base if base is not None else tiny_model(arch, task, seed=model_seed)
+    model = peft.get_peft_model(base, peft_stoc.StocTuningConfig(task_type=task, seed=seed, **config))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(steps):
+        torch.manual_seed(1000 + step)
+        loss_of(model, batch(task, seed=step)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model
+
+
+def predict(model, task="SEQ_CLS", seed=99):
+    inputs = {k: v for k, v in batch(task, seed=seed).items() if k != "labels"}
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def state_of(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
