@@ -17,11 +17,11 @@ $(VENV)/.ready: pyproject.toml
 	touch $@
 
 test: $(VENV)/.ready
-	$(PY) -m ruff check peft_stoc tests examples benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 demo: $(VENV)/.ready
-	$(PY) examples/demo.py
+	$(PY) examples/quickstart.py
 
 lint: $(VENV)/.ready
 	$(PY) -m ruff check .

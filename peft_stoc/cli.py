@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import adapter_file
+from .config import StocTuningConfig, union_of_excludes, union_of_targets
 from .delta import SparseDelta
 from .hub import write_model_card
 
@@ -161,7 +162,9 @@ def compose(directories: list[str], weights: list[float], output: str) -> str:
     }
     os.makedirs(output, exist_ok=True)
     save_file(tensors, os.path.join(output, adapter_file.WEIGHTS_NAME), metadata=metadata)
-    config = dict(config, inference_mode=True)
+    configs = [StocTuningConfig.from_peft_type(**c) for c, _ in loaded]
+    config = dict(config, inference_mode=True, target_modules=union_of_targets(configs),
+                  exclude_modules=union_of_excludes(configs))
     with open(os.path.join(output, "adapter_config.json"), "w") as handle:
         json.dump(config, handle, indent=2, sort_keys=True)
     readme = os.path.join(directories[0], "README.md")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -153,3 +154,28 @@ class StocTuningConfig(PeftConfig):
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Unknown `{name}` {value!r}; choose one of {', '.join(repr(c) for c in choices)}.")
+
+
+def _as_regex(targets: list[str] | str) -> str:
+    """A regex over whole module names that matches what `targets` matches."""
+    if isinstance(targets, str):
+        return targets
+    return "|".join(rf"(?:.*\.)?{re.escape(name)}" for name in targets)
+
+
+def union_of_targets(configs: list[StocTuningConfig]) -> list[str] | str | None:
+    """`target_modules` matching every module that any of `configs` targets (None: all modules)."""
+    targets = [c.target_modules for c in configs]
+    if any(t is None for t in targets):
+        return None
+    if all(isinstance(t, list) for t in targets):
+        return sorted({name for t in targets for name in t})
+    return "|".join(f"(?:{_as_regex(t)})" for t in targets)
+
+
+def union_of_excludes(configs: list[StocTuningConfig]) -> list[str] | str | None:
+    """`exclude_modules` that excludes only what every one of `configs` excludes."""
+    excludes = [c.exclude_modules for c in configs]
+    if any(e is None for e in excludes) or len({str(e) for e in excludes}) > 1:
+        return None  # excluded by some adapter but possibly changed by another
+    return excludes[0]

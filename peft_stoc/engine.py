@@ -163,6 +163,10 @@ class StepEngine:
             self._root_handle = self.tracker.root.register_forward_pre_hook(self._on_forward)
         _ENGINES.add(self)
 
+    @property
+    def running(self) -> bool:
+        return self in _ENGINES
+
     def stop(self) -> None:
         self.tracker.detach()
         self.tracker.armed = False

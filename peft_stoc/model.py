@@ -7,6 +7,7 @@ merged set) to the base, and runs a `StepEngine` while the active adapter is tra
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from . import adapter_file, fingerprint
 from .candidates import Candidate, find_candidates, resolve_count
+from .config import union_of_excludes, union_of_targets
 from .delta import SparseDelta
 from .engine import BYPASS_HINT, StepEngine
 from .layer import AdapterSlot, StocTuningLayer
@@ -44,7 +46,7 @@ class StocTuningModel(BaseTuner):
             self._counts: dict[str, tuple[int, int | None]] = {}
             self._engines: dict[str, StepEngine] = {}
             self._trainable: dict[str, bool] = {}
-            self._dirty: set[str] = set()
+            self._captured_at: dict[str, int] = {}  # engine step at which each adapter's delta was stored
             self._requires_grad_before = {id(p): (p, p.requires_grad) for p in model.parameters()}
 
     def _create_and_replace(self, *args, **kwargs) -> None:
@@ -102,22 +104,31 @@ class StocTuningModel(BaseTuner):
         return active[0]
 
     def _capture(self, name: str) -> None:
-        """Store adapter `name`'s in-place training as its delta, if it trained since it was applied."""
-        if name in self._dirty:
-            self.stoc_layer.unhide(self._base_params())
-            self.stoc_layer.capture(name, self._base_params())
-            self._dirty.discard(name)
+        """Store what adapter `name` learned in place as its delta, if it trained since the last capture."""
+        engine, layer = self._engines.get(name), self.stoc_layer
+        if engine is None or engine.stats.step == self._captured_at.get(name, 0) or layer.applied != (name,):
+            return
+        params = self._base_params()
+        was_hidden = layer.hidden
+        layer.unhide(params)
+        layer.capture(name, params)
+        if was_hidden:
+            layer.hide(params)  # the same values as before: nothing the audit would notice
+        self._captured_at[name] = engine.stats.step
+
+    def _drop_engine(self, name: str) -> None:
+        engine = self._engines.pop(name, None)
+        if engine is not None:
+            engine.stop()
+        self._captured_at.pop(name, None)
 
     def _sync(self) -> None:
         """Bring weights, trainability and the step engine in line with the active/enabled/merged state."""
         layer, params = self.stoc_layer, self._base_params()
         training = self._training_adapter()
-        for name, engine in list(self._engines.items()):
-            if name != training:
-                if engine.stats.step:
-                    self._dirty.add(name)
-                engine.stop()
-                del self._engines[name]
+        for name, engine in self._engines.items():
+            if name != training and engine.running:
+                engine.stop()  # kept: its stats and random stream go on when the adapter trains again
         wanted = self._wanted()
         if wanted != layer.applied:
             for name in layer.applied:
@@ -129,13 +140,15 @@ class StocTuningModel(BaseTuner):
             layer.unhide(params)
         layer.set_active(self.active_adapters, enabled=not layer.disable_adapters)
         self._set_requires_grad(training)
-        if training is not None and training not in self._engines:
-            k, max_changed = self._counts[training]
-            engine = StepEngine(self.model, self._candidates[training], self.peft_config[training], layer.patch, k,
-                                max_changed)
-            engine.start()
-            self._engines[training] = engine
-        for engine in self._engines.values():
+        if training is not None:
+            engine = self._engines.get(training)
+            if engine is None:
+                k, max_changed = self._counts[training]
+                engine = StepEngine(self.model, self._candidates[training], self.peft_config[training], layer.patch,
+                                    k, max_changed)
+                self._engines[training] = engine
+            if not engine.running:
+                engine.start()
             engine.weights_changed_by_us()
 
     def _set_requires_grad(self, training: str | None) -> None:
@@ -150,19 +163,8 @@ class StocTuningModel(BaseTuner):
         if adapter_name not in self.stoc_layer.stoc_adapters:
             known = list(self.stoc_layer.stoc_adapters)
             raise ValueError(f"Adapter {adapter_name!r} does not exist; adapters: {known}.")
-        layer = self.stoc_layer
-        engine = self._engines.get(adapter_name)
-        if (engine is not None and engine.stats.step) or adapter_name in self._dirty:
-            if layer.applied == (adapter_name,):
-                was_hidden = layer.hidden
-                layer.unhide(self._base_params())
-                layer.capture(adapter_name, self._base_params())
-                if was_hidden:
-                    layer.hide(self._base_params())
-                self._dirty.discard(adapter_name)
-                if engine is not None:
-                    engine.weights_changed_by_us()
-        return layer.stoc_adapters[adapter_name].delta
+        self._capture(adapter_name)
+        return self.stoc_layer.stoc_adapters[adapter_name].delta
 
     def set_adapter_delta(self, adapter_name: str, delta: SparseDelta) -> None:
         """Replace `adapter_name`'s delta (loading) and show it if the adapter is applied."""
@@ -170,10 +172,7 @@ class StocTuningModel(BaseTuner):
         if adapter_name in layer.applied:
             layer.restore(self._base_params())  # its old values must not be mistaken for the base
         layer.stoc_adapters[adapter_name].delta = delta
-        self._dirty.discard(adapter_name)
-        engine = self._engines.pop(adapter_name, None)
-        if engine is not None:
-            engine.stop()
+        self._drop_engine(adapter_name)  # a loaded delta starts a fresh training history
         self._sync()
 
     # -- PEFT API ----------------------------------------------------------------------------------------------
@@ -211,16 +210,13 @@ class StocTuningModel(BaseTuner):
             raise ValueError(f"Adapter {adapter_name} does not exist")
         if adapter_name in layer.merged_adapters:
             raise ValueError(f"Cannot delete adapter(s) ['{adapter_name}'] while they are merged. Unmerge them first.")
+        self._drop_engine(adapter_name)
         if adapter_name in layer.applied:
-            engine = self._engines.pop(adapter_name, None)
-            if engine is not None:
-                engine.stop()
             layer.restore(self._base_params())
         del layer.stoc_adapters[adapter_name]
         del self.peft_config[adapter_name]
         for store in (self._candidates, self._counts, self._trainable):
             store.pop(adapter_name, None)
-        self._dirty.discard(adapter_name)
         remaining = list(layer.stoc_adapters)
         if adapter_name in self.active_adapters:
             self.active_adapter = remaining[:1]
@@ -262,10 +258,10 @@ class StocTuningModel(BaseTuner):
         if len(heads) > 1:
             raise ValueError("Cannot combine adapters whose modules_to_save differ.")
         combined = SparseDelta.weighted_sum([self.adapter_delta(a) for a in adapters], list(weights))
-        from copy import deepcopy
-
-        config = deepcopy(self.peft_config[adapters[0]])
+        config = copy.deepcopy(self.peft_config[adapters[0]])
         config.inference_mode = True
+        config.target_modules = union_of_targets([self.peft_config[a] for a in adapters])
+        config.exclude_modules = union_of_excludes([self.peft_config[a] for a in adapters])
         self.peft_config[adapter_name] = config
         self.inject_adapter(self.model, adapter_name)
         self.stoc_layer.stoc_adapters[adapter_name].delta = combined
@@ -309,25 +305,37 @@ class StocTuningModel(BaseTuner):
 
     # -- observability -----------------------------------------------------------------------------------------
     def stoc_stats(self, adapter_name: str | None = None) -> dict[str, float]:
-        """Figures of the adapter being trained: steps, entries drawn at the last step, distinct entries changed
-        so far, and density (changed / candidate entries)."""
+        """Figures of an adapter (default: the one being trained): optimizer steps, entries drawn at the last step,
+        distinct entries changed so far, density (changed / candidate entries), and the adapter file's payload in
+        bytes (indices and values of the changed entries plus the modules_to_save weights)."""
         name = adapter_name or self._training_adapter() or self.active_adapters[0]
         engine = self._engines.get(name)
         if engine is not None:
             engine.stats.changed = engine.patch.count
-            return engine.stats.as_dict()
-        candidates = sum(c.numel for c in self._candidates[name])
-        changed = self.adapter_delta(name).num_changed
-        return {"step": 0, "drawn": 0, "changed": changed, "density": changed / candidates}
+            stats = engine.stats.as_dict()
+        else:
+            candidates = sum(c.numel for c in self._candidates[name])
+            changed = self.adapter_delta(name).num_changed
+            stats = {"step": 0, "drawn": 0, "changed": changed, "density": changed / candidates}
+        value_bytes = torch.finfo(getattr(torch, self.peft_config[name].save_dtype)).bits // 8
+        head_bytes = sum(
+            p.numel() * p.element_size()
+            for m in self.model.modules()
+            if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save
+            for p in m.modules_to_save[name].parameters()
+        )
+        stats["adapter_bytes"] = stats["changed"] * (4 + value_bytes) + head_bytes
+        return stats
 
     def stoc_engine(self) -> StepEngine | None:
         """The step engine of the adapter being trained, if any."""
-        name = self._training_adapter()
-        return self._engines.get(name) if name else None
+        engine = self._engines.get(self._training_adapter() or "")
+        return engine if engine is not None and engine.running else None
 
     def stoc_sync(self) -> None:
         """Accept changes made to the base weights outside an optimizer step as the new starting point."""
-        for engine in self._engines.values():
+        engine = self.stoc_engine()
+        if engine is not None:
             engine.weights_changed_by_us()
 
     # -- adapter files ---------------------------------------------------------------------------------------
@@ -336,9 +344,17 @@ class StocTuningModel(BaseTuner):
             return {c.name: c.param for c in self._candidates[adapter_name]}
         return {c.name: c.param for c in find_candidates(self.model, config)}
 
+    def _fingerprint_params(self, config) -> dict[str, nn.Parameter]:
+        """Every base parameter outside the fully trained heads, whatever `target_modules` chose: adapters of one
+        base share a fingerprint."""
+        whole = copy.copy(config)
+        whole.target_modules = whole.exclude_modules = None
+        return {c.name: c.param for c in find_candidates(self.model, whole)}
+
     def verify_integrity(self) -> None:
         """Raise if the base changed outside an intercepted optimizer step (an adapter saved now would be wrong)."""
-        for engine in self._engines.values():
+        engine = self.stoc_engine()
+        if engine is not None:
             engine.audit.verify(context=BYPASS_HINT)
 
     def file_metadata(self, adapter_name: str) -> dict[str, str]:
@@ -357,26 +373,29 @@ class StocTuningModel(BaseTuner):
             adapter_file.META_FORMAT: adapter_file.FORMAT_VERSION,
             adapter_file.META_COUNTS: json.dumps(counts),
             adapter_file.META_SHAPES: json.dumps(shapes, separators=(",", ":")),
-            adapter_file.META_FINGERPRINT: fingerprint.to_json(
-                fingerprint.compute(params, self.stoc_layer.patch_base_values(params))
-            ),
+            adapter_file.META_FINGERPRINT: fingerprint.to_json(self._fingerprint(self.peft_config[adapter_name])),
         }
 
     def check_file(self, file: adapter_file.AdapterFile, config, ignore_base_mismatch: bool = False) -> None:
         """Validate everything in `file` against this model before any of it is applied."""
         params = self._adapter_params("", config)
-        adapter_file.parse_delta(file.tensors, {n: p.numel() for n, p in params.items()}, source=file.path)
-        adapter_file.check_other_tensors(file.tensors, self._head_shapes(config), source=file.path)
         recorded = file.fingerprint
         if recorded is None:
             raise adapter_file.AdapterFileError(f"{file.path} has no base-model fingerprint in its header.")
-        reason = fingerprint.mismatch(recorded, params, self.stoc_layer.patch_base_values(params))
+        whole = self._fingerprint_params(config)
+        reason = fingerprint.mismatch(recorded, whole, self.stoc_layer.patch_base_values(whole))
         if reason is not None and not ignore_base_mismatch:
             raise adapter_file.AdapterFileError(
                 f"{file.path} was made for another base model: {reason}. Load it onto the base it was trained on "
                 f"(base_model_name_or_path={config.base_model_name_or_path!r}), or pass "
                 "`ignore_base_mismatch=True` to apply it anyway."
             )
+        adapter_file.parse_delta(file.tensors, {n: p.numel() for n, p in params.items()}, source=file.path)
+        adapter_file.check_other_tensors(file.tensors, self._head_shapes(config), source=file.path)
+
+    def _fingerprint(self, config) -> dict:
+        whole = self._fingerprint_params(config)
+        return fingerprint.compute(whole, self.stoc_layer.patch_base_values(whole))
 
     def _head_shapes(self, config) -> dict[str, torch.Size]:
         """File keys and shapes of the modules_to_save tensors this model expects."""

@@ -47,6 +47,7 @@ def test_file_holds_only_changed_entries_and_the_head(tmp_path):
     head_bytes = sum(t.numel() * t.element_size() for t in head.values())
     header = struct.unpack("<Q", path.read_bytes()[:8])[0]
     assert os.path.getsize(path) == 8 + header + 8 * changed + head_bytes
+    assert model.stoc_stats()["adapter_bytes"] == 8 * changed + head_bytes
     assert header <= 4096 + 256 * len(file.tensors)  # a small header: names, offsets, format, fingerprint
     assert file.metadata[adapter_file.META_FORMAT] == "1"
     assert file.counts["changed"] == changed and file.fingerprint["num_tensors"] > 0

@@ -233,3 +233,27 @@ def test_bf16_autocast_training_step():
     changed, drawn = changed_entries(model, before), drawn_entries(model)
     assert sum(i.numel() for i in changed.values()) == 30
     assert all(torch.isin(i, drawn[k]).all() for k, i in changed.items())
+
+
+def test_reference_forward_with_disabled_adapter_keeps_training_state():
+    # DPO-style: a reference forward with the adapter disabled between training steps.
+    model = _model(k=20, seed=4)
+    model.train()
+    engine = model.base_model.stoc_engine()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    masks = []
+    for step in range(3):
+        with model.disable_adapter(), torch.no_grad():
+            model(**batch(seed=step))
+        torch.manual_seed(100 + step)  # same dropout as the reference run
+        _step(model, optimizer, batch(seed=step))
+        masks.append(drawn_entries(model))
+    assert model.base_model.stoc_engine() is engine and engine.stats.step == 3
+    reference = _model(k=20, seed=4)
+    reference.train()
+    ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    for step in range(3):
+        torch.manual_seed(100 + step)
+        _step(reference, ref_optimizer, batch(seed=step))
+        expected = drawn_entries(reference)
+        assert expected.keys() == masks[step].keys() and all(torch.equal(expected[k], masks[step][k]) for k in expected)
