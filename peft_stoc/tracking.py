@@ -34,11 +34,6 @@ class _Sum:
         self.tokens += float(tokens)
 
 
-def _in_backward() -> bool:
-    """True while autograd runs, e.g. when gradient checkpointing recomputes a forward: not new data."""
-    return torch._C._current_graph_task_id() != -1
-
-
 class ActivationTracker:
     """Forward hooks that accumulate μ for `candidates` while `armed`."""
 
@@ -49,6 +44,7 @@ class ActivationTracker:
         self.armed = False
         self._handles: list = []
         self._mask: torch.Tensor | None = None  # (batch, seq) weights of real tokens for the running forward
+        self._training_forward = False  # the running forward records gradients
         self._seen: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # per-forward cache by input tensor
         self._sums: dict[int, _Sum] = {}
         self._modules: dict[int, tuple[nn.Module, UseKind]] = {}
@@ -75,7 +71,9 @@ class ActivationTracker:
         self._seen.clear()
 
     def _active(self) -> bool:
-        return self.armed and torch.is_grad_enabled() and not _in_backward()
+        # Grad mode is read when the model's forward starts (`_capture_mask`): the hooks below run under no_grad, and
+        # a forward replayed by activation checkpointing during backward is outside the model's forward.
+        return self.armed and self._training_forward
 
     def _capture_mask(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
@@ -83,10 +81,12 @@ class ActivationTracker:
             mask = args[self._mask_position]
         # Only a (batch, seq) padding mask says which tokens are real; other shapes (4-D masks) are left alone.
         self._mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._training_forward = torch.is_grad_enabled()
         self._seen.clear()
 
     def _forget_forward(self, module, args, output):
         self._mask = None
+        self._training_forward = False
         self._seen.clear()
 
     def _hook_for(self, kind: UseKind):
@@ -128,10 +128,14 @@ class ActivationTracker:
             self._seen[key] = (values, total, tokens)
         self._sums.setdefault(id(module), _Sum()).add(total, tokens)
 
+    # The statistics are not part of the model's computation: no_grad keeps them out of the autograd graph (and
+    # out of what activation checkpointing records and replays).
+    @torch.no_grad()
     def _on_linear(self, module, args, output):
         if self._active() and args:
             self._accumulate(module, args[0])
 
+    @torch.no_grad()
     def _on_norm(self, module, args, output):
         if not (self._active() and args):
             return
@@ -144,6 +148,7 @@ class ActivationTracker:
             normalised = F.layer_norm(x.float(), module.normalized_shape, eps=module.eps)
         self._accumulate(module, normalised)
 
+    @torch.no_grad()
     def _on_embedding(self, module, args, output):
         if not (self._active() and args):
             return

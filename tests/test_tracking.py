@@ -10,8 +10,9 @@ from peft_stoc import StocTuningConfig
 from .helpers import batch, tiny_model
 
 
-def _tracked(arch="bert", task="SEQ_CLS", **config):
-    model = get_peft_model(tiny_model(arch, task), StocTuningConfig(k=20, task_type=task, **config))
+def _tracked(arch="bert", task="SEQ_CLS", model_kwargs=None, **config):
+    model = get_peft_model(tiny_model(arch, task, **(model_kwargs or {})),
+                           StocTuningConfig(k=20, task_type=task, **config))
     engine = model.base_model.stoc_engine()
     return model, engine
 
@@ -172,3 +173,22 @@ def test_no_tracking_without_grad_or_in_eval_loop():
         model(**batch())
     (mu, _), = _means(engine, "bert.embeddings.word_embeddings.weight")
     assert mu.sum() == 0
+
+
+def test_gradient_checkpointing_recompute_is_not_counted_twice():
+    results = []
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    for checkpointing in (False, True):
+        model, engine = _tracked(model_kwargs=no_dropout)
+        if checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # checkpointing only acts in training mode; without dropout both runs see the same values
+        model(**batch(pad_from=7)).loss.backward()
+        results.append(([s.tokens for s in engine.tracker.state()],
+                        {c.name: engine.tracker.means(c) for c in engine.candidates}))
+    (tokens, means), (tokens_ckpt, means_ckpt) = results
+    assert tokens == tokens_ckpt and sum(tokens) > 0  # the recomputed forward adds no tokens
+    for name, factors in means.items():
+        for (a, _), (b, _) in zip(factors, means_ckpt[name]):
+            if a is not None:
+                assert torch.allclose(a, b, atol=1e-6), name
