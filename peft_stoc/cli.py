@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from . import adapter_file
 from .config import StocTuningConfig, union_of_excludes, union_of_targets
 from .delta import SparseDelta
-from .hub import write_model_card
+from .hub import human_bytes, write_model_card
 
 TASK_AUTO_CLASSES = {
     "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -39,14 +39,6 @@ def _read_adapter(directory: str) -> tuple[dict, adapter_file.AdapterFile]:
     if config.get("peft_type") != "STOC":
         raise CliError(f"{directory} holds a {config.get('peft_type')} adapter, not a StocTuning (STOC) one.")
     return config, adapter_file.read(os.path.join(directory, adapter_file.WEIGHTS_NAME))
-
-
-def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1024
-    return f"{size:.2f} GB"
 
 
 def inspect_adapter(directory: str) -> dict:
@@ -84,7 +76,7 @@ def _print_inspection(report: dict) -> None:
     print(f"task         {report['task_type']}")
     print(f"k            {report['k']!r} -> {report['k_entries']} entries per step, selection={report['selection']}")
     print(f"changed      {report['changed']:,} of {report['candidates']:,} candidate entries ({density})")
-    print(f"file         {_human(report['file_bytes'])} (format {report['format']})")
+    print(f"file         {human_bytes(report['file_bytes'])} (format {report['format']})")
     fp = report["fingerprint"] or {}
     print(f"fingerprint  structure {str(fp.get('structure'))[:16]}…, values {str(fp.get('checksum'))[:16]}…, "
           f"{fp.get('num_tensors')} tensors, dtypes {fp.get('dtypes')}")

@@ -14,7 +14,8 @@ SECTION_START = "<!-- peft-stoc:start -->"
 SECTION_END = "<!-- peft-stoc:end -->"
 
 
-def _human_bytes(size: int) -> str:
+def human_bytes(size: float) -> str:
+    """`1536` -> `'1.5 KB'`."""
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -32,7 +33,7 @@ def _adapter_rows(save_directory: str, configs: dict) -> list[str]:
         density = changed / candidates if candidates else 0.0
         rows.append(
             f"| {name} | {counts.get('k', '?'):,} (`k={config.k!r}`) | {config.selection} | {changed:,} of "
-            f"{candidates:,} ({density:.4%}) | {_human_bytes(os.path.getsize(path))} |"
+            f"{candidates:,} ({density:.4%}) | {human_bytes(os.path.getsize(path))} |"
         )
     return rows
 
