@@ -194,7 +194,8 @@ class StepEngine:
 
     # -- forward -----------------------------------------------------------------------------------------------
     def _on_forward(self, module, args):
-        if not (torch.is_grad_enabled() and module.training):
+        # A forward with gradients starts a new step, also in eval mode (a model trained without dropout).
+        if not torch.is_grad_enabled():
             return
         self._cycle_drawn = False
         self._depth = 0
