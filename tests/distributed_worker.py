@@ -3,8 +3,8 @@
     torchrun --standalone --nproc_per_node 2 -m tests.distributed_worker OUT_DIR [SCENARIO ...]
 
 Each rank trains on its own rows of a shared data set. A scenario writes `OUT_DIR/<scenario>.rank<r>.safetensors`:
-the entries drawn at every step (`mask.<step>`, flat indices over all candidates in order) and every parameter of
-the trained model (`weight.<name>`); scenarios that must fail write `<scenario>.rank<r>.json` with the error.
+the entries drawn at every step (`mask.<step>`, flat indices over all candidates in order), the number of optimizer
+steps taken (`steps`) and every parameter of the trained model (`weight.<name>`); scenarios that must fail write `<scenario>.rank<r>.json` with the error.
 The model, data and loop are shared with the single-process reference that the test computes itself.
 """
 
@@ -76,14 +76,20 @@ def drawn_now(peft_model) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train(peft_model, forward_module, optimizer, rank: int, world: int, autocast: bool = False) -> list[torch.Tensor]:
-    """STEPS optimizer steps; returns the draw of each step."""
+def train(peft_model, forward_module, optimizer, rank: int, world: int, autocast: torch.dtype | None = None,
+          scaler: torch.amp.GradScaler | None = None) -> list[torch.Tensor]:
+    """STEPS optimizer steps (optionally under autocast to `autocast`, with a gradient scaler); returns the draws."""
     masks = []
     for step in range(STEPS):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             loss = forward_module(**local_batch(step, rank, world)).loss
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad()
         masks.append(drawn_now(peft_model))
     return masks
@@ -95,6 +101,7 @@ def adamw(model) -> torch.optim.AdamW:
 
 def record(path: Path, masks: list[torch.Tensor], peft_model) -> None:
     tensors = {f"mask.{step}": mask.contiguous() for step, mask in enumerate(masks)}
+    tensors["steps"] = torch.tensor(peft_model.stoc_stats()["step"])
     tensors.update({f"weight.{name}": value.detach().clone().contiguous()
                     for name, value in peft_model.state_dict().items()})
     save_file(tensors, str(path))
@@ -131,8 +138,29 @@ def scenario_bf16_autocast(rank: int, world: int, out: Path) -> None:
 
     model = make_model()
     wrapped = DistributedDataParallel(model)
-    masks = train(model, wrapped, adamw(wrapped), rank, world, autocast=True)
+    masks = train(model, wrapped, adamw(wrapped), rank, world, autocast=torch.bfloat16)
     record(out / f"bf16_autocast.rank{rank}.safetensors", masks, model)
+
+
+def scenario_fp16_scaler(rank: int, world: int, out: Path) -> None:
+    """DDP with fp16 autocast and a GradScaler, which unscales the gradients before the optimizer step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_model()
+    wrapped = DistributedDataParallel(model)
+    scaler = torch.amp.GradScaler("cpu")
+    masks = train(model, wrapped, adamw(wrapped), rank, world, autocast=torch.float16, scaler=scaler)
+    record(out / f"fp16_scaler.rank{rank}.safetensors", masks, model)
+
+
+def scenario_bf16_weights(rank: int, world: int, out: Path) -> None:
+    """DDP over a model whose weights are held in bf16."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_model().to(torch.bfloat16)
+    wrapped = DistributedDataParallel(model)
+    masks = train(model, wrapped, adamw(wrapped), rank, world)
+    record(out / f"bf16_weights.rank{rank}.safetensors", masks, model)
 
 
 def scenario_accelerate(rank: int, world: int, out: Path) -> None:
@@ -233,6 +261,8 @@ SCENARIOS = {
     "ddp": scenario_ddp,
     "zero1": scenario_zero1,
     "bf16_autocast": scenario_bf16_autocast,
+    "fp16_scaler": scenario_fp16_scaler,
+    "bf16_weights": scenario_bf16_weights,
     "accelerate": scenario_accelerate,
     "trainer": scenario_trainer,
     "no_ddp": scenario_no_ddp,

@@ -33,7 +33,8 @@ LAUNCH_TIMEOUT_S = 600
 # summed in another order, so weights agree up to float rounding. Measured here after 4 AdamW steps: at most 7.5e-9
 # (DDP, ZeroRedundancyOptimizer, accelerate) and 1.2e-7 (Trainer: one ulp of a LayerNorm gain near 1).
 WEIGHT_TOLERANCE = 1e-6
-TORCHRUN_SCENARIOS = ["sync", "ddp", "zero1", "bf16_autocast", "accelerate", "trainer", "no_ddp"]
+TORCHRUN_SCENARIOS = ["sync", "ddp", "zero1", "bf16_autocast", "fp16_scaler", "bf16_weights", "accelerate", "trainer",
+                      "no_ddp"]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 
 
@@ -85,6 +86,7 @@ def _weights(record: dict) -> dict[str, torch.Tensor]:
 
 def _assert_ranks_identical(rank0: dict, rank1: dict) -> None:
     assert rank0.keys() == rank1.keys()
+    assert int(rank0["steps"]) == int(rank1["steps"]) == worker.STEPS
     for step, (a, b) in enumerate(zip(_masks(rank0), _masks(rank1))):
         assert a.numel() == 40 and torch.equal(a, b), f"ranks drew different entries at step {step}"
     for name, value in _weights(rank0).items():
@@ -109,13 +111,14 @@ def single_process():
 
 
 # -- every rank draws the same entries -------------------------------------------------------------------------------
-@pytest.mark.parametrize("scenario", ["ddp", "zero1", "bf16_autocast", "accelerate", "trainer"])
+@pytest.mark.parametrize("scenario", ["ddp", "zero1", "bf16_autocast", "fp16_scaler", "bf16_weights", "accelerate",
+                                      "trainer"])
 def test_ranks_draw_identical_masks_and_end_with_identical_weights(torchrun_out, scenario):
     rank0, rank1 = _ranks(torchrun_out, scenario)
     _assert_ranks_identical(rank0, rank1)
     trained = _weights(rank0)
     untrained = worker.make_model().state_dict()
-    assert any(not torch.equal(trained[name], untrained[name]) for name in untrained)
+    assert any(not torch.equal(trained[name].float(), untrained[name]) for name in untrained)
 
 
 def test_accelerate_launch_draws_identical_masks(accelerate_out, single_process):
@@ -247,3 +250,15 @@ def test_whole_parameters_in_place_pass_the_check():
     check_supported(engine.tracker.root, engine.candidates)
     _train_step(model)
     assert model.stoc_stats()["step"] == 1
+
+
+def test_training_in_eval_mode_draws_at_every_step():
+    # Runs compared across process counts switch dropout off, e.g. with model.eval(): every step must still draw.
+    model = get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS"))
+    model.eval()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for seed in range(3):
+        model(**batch(seed=seed)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert model.base_model.stoc_engine().draws == 3 and model.stoc_stats()["step"] == 3
