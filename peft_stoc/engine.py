@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import distributed
 from .candidates import Candidate
 from .layer import Patch
 from .selection import Source, draw
@@ -151,11 +152,16 @@ class StepEngine:
         self._owned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._generators: dict[torch.device, torch.Generator] = {}
         self._cycle_drawn = False
+        self._depth = 0  # optimizer steps under way: a wrapper such as ZeroRedundancyOptimizer steps an inner one
         self._root_handle = None
-        self.reduce_statistics = None  # set for multi-process training: reduces μ sums across ranks
+        # Called with the tracker before each draw. None: `distributed.default_sync()` all-reduces μ's sums across
+        # ranks when torch.distributed runs with several processes (and checks the ranks drew alike).
+        self.reduce_statistics = None
+        self._setup_checked = False
 
     # -- life cycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
+        distributed.check_supported(self.tracker.root, self.candidates)
         _ensure_optimizer_hooks()
         self.tracker.attach()
         self.tracker.armed = True
@@ -192,10 +198,19 @@ class StepEngine:
 
     # -- forward -----------------------------------------------------------------------------------------------
     def _on_forward(self, module, args):
-        if not (torch.is_grad_enabled() and module.training):
+        # A forward with gradients starts a new step, also in eval mode (a model trained without dropout).
+        if not torch.is_grad_enabled():
             return
         self._cycle_drawn = False
+        self._depth = 0
+        self._check_setup()
         self.audit.verify(context=BYPASS_HINT)
+
+    def _check_setup(self) -> None:
+        """Refuse sharded engines (FSDP, DeepSpeed), which wrap the model after `get_peft_model`: once per engine."""
+        if not self._setup_checked:
+            distributed.check_supported(self.tracker.root, self.candidates)
+            self._setup_checked = True
 
     # -- optimizer step ----------------------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -206,8 +221,9 @@ class StepEngine:
         return generator
 
     def _draw(self) -> list[torch.Tensor]:
-        if self.reduce_statistics is not None:
-            self.reduce_statistics(self.tracker)
+        sync = self.reduce_statistics if self.reduce_statistics is not None else distributed.default_sync()
+        if sync is not None:
+            sync(self.tracker)
         budgeted = self.max_changed is not None
         sources = [
             Source(
@@ -220,14 +236,19 @@ class StepEngine:
         ]
         max_new = None if not budgeted else max(0, self.max_changed - self.patch.count)
         device = self.candidates[0].param.device
-        return draw(sources, self.k, self.config.selection, self._generator(device), max_new=max_new)
+        drawn = draw(sources, self.k, self.config.selection, self._generator(device), max_new=max_new)
+        if isinstance(sync, distributed.RankSync):
+            sync.check_draw(drawn)
+        return drawn
 
     @torch.no_grad()
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._depth += 1
         if self._cycle_drawn:
             # A second optimizer in the same step: gradients are already masked, only its decay needs confining.
             self.decay.apply(optimizer, self._drawn_by_id)
             return
+        self._check_setup()
         self.audit.verify(context=BYPASS_HINT)
         reuse = self.last_draw is not None and self.stats.step % self.config.mask_interval != 0
         drawn = self.last_draw if reuse else self._draw()
@@ -249,6 +270,9 @@ class StepEngine:
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth:
+            return  # an optimizer stepped inside another's step: finish when the outer one (and its broadcast) ends
         self.decay.restore()
         self.strict.restore()
         self.audit.verify(

@@ -1,0 +1,223 @@
+"""Identical draws on every rank of a data-parallel run, and a clear refusal of sharded engines.
+
+Under `DistributedDataParallel` (torchrun, `accelerate launch`, transformers `Trainer`) every rank holds the whole
+model but sees its own data. What a draw depends on then stands as follows:
+
+* gradients: DDP all-reduces (averages) them before the optimizer step, so every rank holds the same values;
+* parameters: DDP broadcasts rank 0's at construction and every rank applies the same confined step after that;
+* the generator: seeded from `config.seed`, advanced once per draw on every rank;
+* μ: each rank's forward hooks only summed its own tokens. `RankSync` all-reduces those running sums (totals and
+  token counts) before the draw, so every rank computes μ over the global batch, as a single process with the whole
+  batch would.
+
+With all inputs equal every rank draws the same entries. `RankSync.check_draw` confirms it after each draw with a
+24-byte fingerprint, so a rank that drew differently (for instance without DDP, gradients differ) stops training
+with an error on every rank instead of letting the weights drift apart.
+
+Sharded engines (FSDP, FSDP2 / `fully_shard`, DeepSpeed) give no rank the whole of a parameter and update weights
+through flattened copies the step engine never sees: `check_supported` refuses them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .candidates import Candidate, UseKind
+
+SUPPORTED = (
+    "StocTuning trains under data parallelism in which every rank holds the whole model: DistributedDataParallel "
+    "(plain, transformers Trainer under torchrun, `accelerate launch --multi_gpu`), optionally with torch's "
+    "ZeroRedundancyOptimizer. Its draw needs every candidate parameter whole on every rank."
+)
+
+# Fingerprint of a draw: a prime modulus below 2**31 and a multiplier, so every product fits in int64.
+_PRIME = 2_147_483_647
+_MULTIPLIER = 48_271
+
+
+class UnsupportedDistributedSetup(RuntimeError):
+    """Raised when the model is trained by an engine under which StocTuning cannot draw exactly."""
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Number of ranks in `group` (the default group if None); 1 when torch.distributed is not running."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def default_sync() -> RankSync | None:
+    """The synchronisation a draw needs right now: a `RankSync` over the default group, or None in one process."""
+    return RankSync() if world_size() > 1 else None
+
+
+def no_sync(tracker) -> None:
+    """Opt out of synchronisation, for ranks that each train their own model: assign it to the step engine's
+    `reduce_statistics` and every rank draws from its own statistics."""
+
+
+def bytes_per_draw(candidates: list[Candidate]) -> int:
+    """Bytes each rank contributes to the all-reduces of one synchronised draw (see `RankSync`)."""
+    sizes: dict[int, int] = {}
+    for candidate in candidates:
+        for use in candidate.uses:
+            if use.kind is not UseKind.CONSTANT:
+                sizes.setdefault(id(use.module), candidate.param.shape[use.dim])
+    modules, features = len(sizes), sum(sizes.values())
+    return 16 * modules + 4 * (features + modules) + 2 * 3 * 8
+
+
+class RankSync:
+    """All-reduces μ's running sums before a draw and checks after it that every rank drew the same entries.
+
+    Per draw it moves, in three all-reduces over `group`: a header of 16 bytes per tracked module (the length of
+    each running sum, so a rank that did not run a module still contributes zeros of the right size), the sums
+    themselves (4 bytes per input feature or vocabulary row of every tracked module, plus 4 per module for the
+    token count), and the 24-byte fingerprint of the draw (twice, to get the maximum and minimum over ranks).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        self.bytes_per_draw = 0  # payload of the latest draw's all-reduces, per rank
+
+    def __call__(self, tracker) -> None:
+        sums = tracker.state()
+        if not sums:
+            return
+        device = _device(tracker.candidates)
+        local = [-1 if s.total is None else s.total.numel() for s in sums]
+        missing = torch.iinfo(torch.int64).max
+        header = torch.tensor(local + [-(missing if n < 0 else n) for n in local], dtype=torch.int64, device=device)
+        dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group)
+        largest, smallest = header[: len(sums)].tolist(), [-v for v in header[len(sums):].tolist()]
+        for n_max, n_min in zip(largest, smallest):
+            if n_max >= 0 and n_min != n_max:
+                raise RuntimeError(
+                    "StocTuning: ranks tracked activation statistics of different sizes; every rank must train the "
+                    "same model under the same StocTuningConfig."
+                )
+        sizes = [max(n, 0) for n in largest]
+        payload = torch.zeros(sum(sizes) + len(sums), dtype=torch.float32, device=device)
+        offset = 0
+        for s, size in zip(sums, sizes):
+            if s.total is not None:
+                payload[offset : offset + size] = s.total.reshape(-1).to(device=device, dtype=torch.float32)
+            offset += size
+        payload[offset:] = torch.tensor([s.tokens for s in sums], dtype=torch.float32, device=device)
+        dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.group)
+        tokens = payload[offset:].tolist()
+        offset = 0
+        for s, size, present, count in zip(sums, sizes, largest, tokens):
+            if present >= 0:
+                target = s.total.device if s.total is not None else device
+                s.total = payload[offset : offset + size].to(target)
+            s.tokens = count
+            offset += size
+        self.bytes_per_draw = header.numel() * 8 + payload.numel() * 4 + 2 * 3 * 8
+
+    def check_draw(self, drawn: list[torch.Tensor]) -> None:
+        """Raise on every rank if any two ranks drew different entries."""
+        device = drawn[0].device if drawn else torch.device("cpu")
+        fingerprint = draw_fingerprint(drawn, device)
+        both = torch.cat([fingerprint, -fingerprint])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        if not torch.equal(both[:3], -both[3:]):
+            raise RuntimeError(
+                "StocTuning: ranks drew different entries at this step, so their weights would drift apart. Every "
+                "rank needs the same gradients (wrap the model in DistributedDataParallel, which `accelerate launch` "
+                "and Trainer under torchrun do), the same weights and the same StocTuningConfig.seed."
+            )
+
+
+def draw_fingerprint(drawn: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """[count, sum of indices, hash] of the drawn entries (per-tensor sorted flat indices), int64 on `device`."""
+    if not drawn:
+        return torch.zeros(3, dtype=torch.int64, device=device)
+    counts = torch.tensor([d.numel() for d in drawn], device=device)
+    index = torch.cat([d.to(device=device, dtype=torch.int64) for d in drawn])
+    tensor = torch.repeat_interleave(torch.arange(len(drawn), device=device), counts)
+    mixed = ((index % _PRIME) * _MULTIPLIER + tensor * 7919) % _PRIME
+    return torch.stack([counts.sum(), index.sum(), mixed.sum()])
+
+
+def _device(candidates: list[Candidate]) -> torch.device:
+    device = candidates[0].param.device if candidates else torch.device("cpu")
+    if device.type == "cpu" and dist.is_initialized() and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+# -- sharded engines -------------------------------------------------------------------------------------------------
+def check_supported(root: nn.Module, candidates: list[Candidate]) -> None:
+    """Raise `UnsupportedDistributedSetup` if `root` is trained by an engine that shards or copies its parameters."""
+    engine = _sharding_engine(root, candidates)
+    if engine is not None:
+        raise UnsupportedDistributedSetup(
+            f"StocTuning cannot train this model: {engine}. {SUPPORTED} Sharded engines (FSDP, FSDP2 `fully_shard`, "
+            "DeepSpeed ZeRO of any stage) are not supported: train with DDP instead (`accelerate launch --multi_gpu`, "
+            "or Trainer under torchrun without `fsdp=` / `deepspeed=`)."
+        )
+
+
+def _sharding_engine(root: nn.Module, candidates: list[Candidate]) -> str | None:
+    """A description of the sharding engine in use, or None when the parameters are whole and in place."""
+    found = _configured_engine()
+    if found is not None:
+        return found
+    for module in root.modules():
+        name = type(module).__name__
+        if name == "FullyShardedDataParallel" or any(c.__name__ == "FSDPModule" for c in type(module).__mro__):
+            return f"module {name} is sharded by FSDP"
+    dtensor = _dtensor_type()
+    for candidate in candidates:
+        for use in candidate.uses:
+            owned = list(use.module._parameters.values())
+            for param in (candidate.param, *owned):
+                if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
+                    return f"parameter '{candidate.name}' is partitioned by DeepSpeed ZeRO-3"
+                if dtensor is not None and isinstance(param, dtensor):
+                    return f"parameter '{candidate.name}' is a DTensor (FSDP2 `fully_shard` or tensor parallelism)"
+                if getattr(param, "_fsdp_flattened", False):
+                    return f"parameter '{candidate.name}' is flattened by FullyShardedDataParallel"
+            if not any(param is candidate.param for param in owned):
+                return (
+                    f"parameter '{candidate.name}' is no longer the one StocTuning was set up with (FSDP, FSDP2 or "
+                    "another wrapper replaced it after `get_peft_model`)"
+                )
+    return None
+
+
+def _configured_engine() -> str | None:
+    """The sharding engine accelerate (or Trainer, through it) or DeepSpeed itself was set up with, if any."""
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None:
+        try:
+            initialised = bool(deepspeed_comm.is_initialized())
+        except Exception:  # an older or partial DeepSpeed: no answer, no refusal
+            initialised = False
+        if initialised:
+            return "DeepSpeed is initialised (its ZeRO optimizers update flattened copies of the parameters)"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
+        return "accelerate is configured for DeepSpeed (ACCELERATE_USE_DEEPSPEED)"
+    state = sys.modules.get("accelerate.state")
+    if state is None:
+        return None
+    for holder in (getattr(state, "AcceleratorState", None), getattr(state, "PartialState", None)):
+        kind = getattr(holder, "_shared_state", {}).get("distributed_type")
+        name = getattr(kind, "value", kind)
+        if name in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):
+            return f"accelerate runs the model with {name}"
+    return None
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return None
+    return DTensor
