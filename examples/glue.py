@@ -328,8 +328,9 @@ def read_results(path: Path) -> list[dict]:
 
 def append_result(path: Path, config: RunConfig, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
     with open(path, "a") as f:
-        f.write(json.dumps({"key": config.key(), **result}) + "\n")
+        f.write(("\n" if cut else "") + json.dumps({"key": config.key(), **result}) + "\n")
 
 
 def run_grid(configs: list[RunConfig], results_path: Path, progress: bool = True, log=print) -> list[dict]:
