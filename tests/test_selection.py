@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from peft_stoc import selection
 from peft_stoc.selection import Source, draw, importance
 
 
@@ -153,3 +154,80 @@ def test_indices_past_2_pow_31_in_one_tensor_use_int64():
     assert drawn.dtype == torch.int64
     assert (drawn >= (rows - 1) * cols).all() and drawn.max() < rows * cols
     assert int(drawn.min()) >= 2**31
+
+
+def _model_like_sources(seed: int = 0) -> list[Source]:
+    """Sources shaped like a small model: an embedding with absent tokens, Linear weights, biases; heavy-tailed."""
+    g = torch.Generator().manual_seed(seed)
+
+    def heavy(*shape):
+        return torch.randn(*shape, generator=g) * torch.randn(*shape, generator=g).mul(1.5).exp()
+
+    vocab_mu = torch.zeros(300)
+    vocab_mu[torch.randperm(300, generator=g)[:40]] = torch.rand(40, generator=g)
+    return [
+        Source(torch.randn(300, 24, generator=g), heavy(300, 24), [(vocab_mu, 0)]),  # embedding rows
+        Source(torch.randn(96, 64, generator=g), heavy(96, 64), [(torch.rand(64, generator=g), 1)]),  # Linear
+        Source(torch.randn(96, generator=g), heavy(96), [(None, 0)]),  # bias
+        Source(torch.randn(64, 256, generator=g), heavy(64, 256), [(torch.rand(256, generator=g), 1)]),
+        Source(torch.randn(256, generator=g), heavy(256), [(torch.rand(256, generator=g), 0)]),  # norm gain
+    ]
+
+
+def _importance_of(sources: list[Source]) -> torch.Tensor:
+    return torch.cat([importance(s, 0, s.param.shape[0]) for s in sources])
+
+
+@pytest.mark.parametrize("chunk", [4096, 1 << 20])
+def test_fast_stochastic_matches_numpy_on_a_model_sized_problem(chunk, monkeypatch):
+    # Enough entries and chunks that the thinning pass does the work: τ from earlier chunks, blocks with λ ≥ 1,
+    # Poisson hits, skipped embedding rows. Inclusion frequencies must match numpy's successive sampling.
+    monkeypatch.setattr(selection, "SMALL_CHUNK_ENTRIES", 0)
+    sources = _model_like_sources()
+    sizes = [s.numel for s in sources]
+    weight = _importance_of(sources).double() ** 2
+    p = (weight / weight.sum()).numpy()
+    n, k, trials = len(p), 30, 2000
+    rng = np.random.default_rng(1)
+    reference = np.zeros(n)
+    for _ in range(trials):
+        reference[rng.choice(n, k, replace=False, p=p)] += 1
+    ours = np.zeros(n)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(trials):
+        drawn = draw(sources, k, "stochastic", generator, chunk_entries=chunk)
+        assert sum(d.numel() for d in drawn) == k
+        ours[_flat_ids(drawn, sizes)] += 1
+    reference, ours = reference / trials, ours / trials
+    assert ours[p == 0].sum() == 0
+    # Entries drawn often: each frequency within 5 standard errors of the difference.
+    frequent = reference >= 0.02
+    assert frequent.sum() >= 20
+    spread = np.sqrt((reference * (1 - reference) + ours * (1 - ours)) / trials)
+    assert np.all(np.abs(ours - reference)[frequent] <= 5 * spread[frequent]), (ours[frequent], reference[frequent])
+    # The long tail that only the Poisson thinning reaches: its share of the draw, per tensor and in all.
+    offsets = np.cumsum([0] + sizes)
+    for lo, hi in [(0, n)] + list(zip(offsets[:-1], offsets[1:])):
+        tail = slice(lo, hi)
+        mask = ~frequent[tail]
+        a, b = ours[tail][mask].sum(), reference[tail][mask].sum()
+        assert abs(a - b) <= 5 * np.sqrt((a + b) / trials) + 2 / trials, (lo, hi, a, b)
+
+
+def test_fast_and_dense_strategies_agree_on_top_and_random_support():
+    sources = _model_like_sources(3)
+    fast = draw(sources, 50, "top", torch.Generator().manual_seed(0), chunk_entries=2048)
+    dense = draw(sources, 50, "top", torch.Generator().manual_seed(0), chunk_entries=2048, strategy="dense")
+    assert all(torch.equal(a, b) for a, b in zip(fast, dense))
+    drawn = draw(sources, 500, "random", torch.Generator().manual_seed(0))
+    assert sum(d.numel() for d in drawn) == 500
+    assert all(d.unique().numel() == d.numel() and (d < s.numel).all() for d, s in zip(drawn, sources))
+
+
+def test_random_is_uniform_over_tensors_of_different_sizes():
+    sources = [Source(torch.zeros(3), None, [(None, 0)]), Source(torch.zeros(40, 5), None, [(None, 0)])]
+    counts = torch.zeros(203)
+    generator = torch.Generator().manual_seed(9)
+    for _ in range(3000):
+        counts[_flat_ids(draw(sources, 20, "random", generator), [3, 200])] += 1
+    assert torch.allclose(counts / 3000, torch.full((203,), 20 / 203), atol=0.03)
