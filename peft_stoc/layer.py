@@ -20,6 +20,13 @@ def _flat(param: torch.Tensor) -> torch.Tensor:
     return param.detach().view(-1)
 
 
+def _merge(old: torch.Tensor, new: torch.Tensor, at: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+    """`old` and `new` interleaved: `new` at positions `at` (marked in `taken`), `old` in order elsewhere."""
+    out = torch.empty(taken.numel(), dtype=old.dtype, device=old.device)
+    out.index_copy_(0, at, new)
+    return out.masked_scatter_(~taken, old)
+
+
 class Patch:
     """Original base values of the entries that currently differ from the base (memory ∝ changed entries)."""
 
@@ -34,17 +41,21 @@ class Patch:
     def record(self, name: str, param: torch.Tensor, index: torch.Tensor) -> None:
         """Remember the current values at `index` (sorted, unique) unless already remembered."""
         old = self.index.get(name)
-        new = index if old is None else index[~torch.isin(index, old)]
-        if new.numel() == 0:
+        if old is not None and old.numel():
+            # Both sorted: membership and merging by binary search, linear in the entries changed so far.
+            slot = torch.searchsorted(old, index)
+            known = old.index_select(0, slot.clamp(max=old.numel() - 1)) == index
+            index = index.masked_select(~known)
+        if index.numel() == 0:
             return
-        values = _flat(param)[new].clone()
-        if old is None:
-            self.index[name], self.original[name] = new.clone(), values
+        values = _flat(param).index_select(0, index)
+        if old is None or old.numel() == 0:
+            self.index[name], self.original[name] = index.clone(), values
             return
-        merged = torch.cat([old, new])
-        order = merged.argsort()
-        self.index[name] = merged[order]
-        self.original[name] = torch.cat([self.original[name], values])[order]
+        at = torch.searchsorted(old, index) + torch.arange(index.numel(), device=index.device)
+        taken = torch.zeros(old.numel() + index.numel(), dtype=torch.bool, device=index.device).index_fill_(0, at, True)
+        self.index[name] = _merge(old, index, at, taken)
+        self.original[name] = _merge(self.original[name], values, at, taken)
 
     def restore(self, params: Params) -> None:
         """Write the original values back (bit for bit) and forget them."""

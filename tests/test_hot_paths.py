@@ -1,0 +1,47 @@
+"""The per-step bookkeeping rewritten for speed keeps its results: recording originals, masking gradients."""
+
+import torch
+
+from peft_stoc.layer import Patch
+from peft_stoc.update import DecayRedirect, mask_gradient
+
+
+def test_patch_record_merges_new_entries_in_order_and_keeps_first_values():
+    generator = torch.Generator().manual_seed(0)
+    param = torch.randn(50, 40, generator=generator)
+    patch = Patch()
+    expected: dict[int, float] = {}
+    for _ in range(12):
+        index = torch.randperm(2000, generator=generator)[:150].sort().values
+        for i in index.tolist():
+            expected.setdefault(i, float(param.view(-1)[i]))
+        patch.record("w", param, index)
+        param.view(-1)[index] += 1.0  # later changes must not overwrite the remembered originals
+    keys = sorted(expected)
+    assert patch.index["w"].tolist() == keys
+    assert patch.original["w"].tolist() == [expected[i] for i in keys]
+
+
+def test_mask_gradient_keeps_only_drawn_entries():
+    param = torch.nn.Parameter(torch.randn(6, 5))
+    param.grad = torch.randn(6, 5)
+    before = param.grad.clone().view(-1)
+    drawn = torch.tensor([0, 7, 29])
+    mask_gradient(param, drawn)
+    expected = torch.zeros(30)
+    expected[drawn] = before[drawn]
+    assert torch.equal(param.grad.view(-1), expected)
+
+
+def test_decay_redirect_scales_only_drawn_entries():
+    param = torch.nn.Parameter(torch.ones(10))
+    param.grad = torch.zeros(10)
+    optimizer = torch.optim.AdamW([param], lr=0.5, weight_decay=0.2)
+    redirect = DecayRedirect()
+    redirect.apply(optimizer, {id(param): torch.tensor([2, 5])})
+    expected = torch.ones(10)
+    expected[[2, 5]] = 1 - 0.5 * 0.2
+    assert torch.allclose(param.detach(), expected)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0
+    redirect.restore()
+    assert optimizer.param_groups[0]["weight_decay"] == 0.2
