@@ -39,7 +39,8 @@ import torch
 
 from .tracking import MeanFactor
 
-CHUNK_ENTRIES = 1 << 20  # entries per chunk: bounds the temporary memory of a draw to a few MB
+CHUNK_ENTRIES = 1 << 20  # entries per chunk on a CPU: a chunk's buffer stays in cache
+DEVICE_CHUNK_ENTRIES = 1 << 24  # on accelerators: fewer, larger kernels and host synchronisations
 BLOCK_ENTRIES = 64  # entries per block: the first pass keeps each block's largest I and Σ I², then one Poisson count
 SMALL_CHUNK_ENTRIES = 8192  # below this, a key per entry costs less than the thinning pass's fixed work
 LOWER_BY = 16.0  # a round that ends with fewer than k keys above its threshold: the next one lowers it this much
@@ -682,7 +683,7 @@ def draw(
     method: str,
     generator: torch.Generator,
     max_new: int | None = None,
-    chunk_entries: int = CHUNK_ENTRIES,
+    chunk_entries: int | None = None,
     strategy: str = "fast",
 ) -> list[torch.Tensor]:
     """Draw k entries over all `sources`; returns the sorted flat indices drawn in each source.
@@ -693,6 +694,8 @@ def draw(
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}.")
     device = sources[0].param.device
+    if chunk_entries is None:
+        chunk_entries = CHUNK_ENTRIES if device.type == "cpu" else DEVICE_CHUNK_ENTRIES
     if max_new is not None or strategy == "dense":
         drawn = _draw_pass(sources, k, method, generator, max_new, chunk_entries)
     elif method == "random":

@@ -105,10 +105,12 @@ class ActivationTracker:
             return mask.reshape(-1).to(device=device)
         return None
 
-    def _accumulate(self, module: nn.Module, values: torch.Tensor) -> None:
-        """Add the per-feature sum of `values` (..., features) over real tokens to `module`'s running sum."""
+    def _accumulate(self, module: nn.Module, values: torch.Tensor, shared: bool = True) -> None:
+        """Add the per-feature sum of `values` (..., features) over real tokens to `module`'s running sum.
+
+        `shared`: `values` may be the input of other modules too (remember its sum for this forward)."""
         key = id(values)
-        cached = self._seen.get(key)
+        cached = self._seen.get(key) if shared else None
         if cached is not None and cached[0] is values:
             total, tokens = cached[1], cached[2]
         else:
@@ -124,8 +126,8 @@ class ActivationTracker:
             else:
                 weights = weights.to(flat.dtype)
                 total, tokens = (weights @ flat).float(), float(weights.sum())
-            # q, k and v projections read the same tensor: sum it once per forward.
-            self._seen[key] = (values, total, tokens)
+            if shared:  # q, k and v projections read the same tensor: sum it once per forward.
+                self._seen[key] = (values, total, tokens)
         self._sums.setdefault(id(module), _Sum()).add(total, tokens)
 
     # The statistics are not part of the model's computation: no_grad keeps them out of the autograd graph (and
@@ -146,7 +148,7 @@ class ActivationTracker:
             normalised = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
         else:
             normalised = F.layer_norm(x.float(), module.normalized_shape, eps=module.eps)
-        self._accumulate(module, normalised)
+        self._accumulate(module, normalised, shared=False)  # a fresh tensor: keeping it would hold memory
 
     @torch.no_grad()
     def _on_embedding(self, module, args, output):
