@@ -47,6 +47,17 @@ class Timers:
         return common.median([s.get(label, 0.0) for s in self.steps])
 
 
+def count(totals: dict, owner, name: str, label: str, amount) -> None:
+    """Add `amount(*args)` to totals[label] at every call of owner.name."""
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        totals[label] += amount(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, counted)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm", choices=sorted(common.MODELS))
@@ -79,6 +90,14 @@ def main() -> None:
     timers.wrap(engine.decay, "apply", "redirect weight decay")
     timers.wrap(engine.audit, "verify", "audit (3 per step)")
 
+    # Entries each phase of the draw touches, to turn times into nanoseconds and bytes per entry.
+    touched: dict[str, float] = defaultdict(float)
+    count(touched, selection._Thinning, "_block_stats", "first pass", lambda self, segments: segments[-1].start
+          + segments[-1].size)
+    count(touched, selection._Thinning, "_load_blocks", "second pass",
+          lambda self, segments, blocks, scale: blocks.numel() * selection.BLOCK_ENTRIES)
+    count(touched, selection._Thinning, "_offer", "keys", lambda self, segments, local, *rest, **named: local.numel())
+
     rows = defaultdict(list)
     for step in range(args.steps + 1):
         batch = batches[step % len(batches)]
@@ -103,6 +122,7 @@ def main() -> None:
             timers.next_step()
         else:
             timers.current.clear()
+            touched.clear()
 
     full_step = common.median(rows["full: step"])
     table = []
@@ -116,6 +136,8 @@ def main() -> None:
         value = timers.median(label)
         table.append([f"stoc engine: {label}", f"{value * 1e3:.0f}", f"{value / full_step:.3f}"])
     n = engine.stats.candidates
+    first = touched["first pass"] / args.steps
+    first_time = timers.median("draw: first pass (block statistics)")
     text = "\n".join([
         f"### Profile of one step: {description}, batch 16 × 128, AdamW",
         "",
@@ -123,6 +145,13 @@ def main() -> None:
         f"{n / 1e6:.1f}M candidate entries, k = {engine.k}.",
         "",
         common.table(["phase", "ms", "share of a full fine-tuning step"], table),
+        "",
+        f"Entries and bytes per draw: the first pass visits {first / 1e6:.1f}M of the {n / 1e6:.1f}M candidates "
+        f"(embedding rows of tokens absent from the batch are skipped) and reads θ and g, 8 bytes per entry in "
+        f"float32, then works on a 4-byte value per entry in a cache-sized buffer: {first_time / first * 1e9:.2f} ns "
+        f"per entry, {8 * first / first_time / 1e9:.1f} GB/s of θ and g. The second pass recomputes "
+        f"{touched['second pass'] / args.steps / 1e3:.0f}k entries (the blocks a Poisson point or an entry with "
+        f"λ ≥ 1 falls in); {touched['keys'] / args.steps / 1e3:.0f}k entries get a key (k = {engine.k}).",
     ])
     print(text)
     if not args.no_write:

@@ -42,6 +42,7 @@ from .tracking import MeanFactor
 CHUNK_ENTRIES = 1 << 20  # entries per chunk on a CPU: a chunk's buffer stays in cache
 DEVICE_CHUNK_ENTRIES = 1 << 24  # on accelerators: fewer, larger kernels and host synchronisations
 BLOCK_ENTRIES = 64  # entries per block: the first pass keeps each block's largest I and Σ I², then one Poisson count
+SPARSE_SECOND_PASS = 8  # blocks are gathered when they hold under 1/8 of a chunk's entries, else it is reloaded
 SMALL_CHUNK_ENTRIES = 8192  # below this, a key per entry costs less than the thinning pass's fixed work
 LOWER_BY = 16.0  # a round that ends with fewer than k keys above its threshold: the next one lowers it this much
 STRATEGIES = ("fast", "dense")
@@ -107,6 +108,11 @@ def importance(source: Source, start: int, stop: int) -> torch.Tensor:
 
 def importance_at(source: Source, index: torch.Tensor) -> torch.Tensor:
     """|μ ⊙ θ ⊙ g| at flat indices `index`, computed exactly as `importance` computes it."""
+    return _product_at(source, index, 1.0).abs_()
+
+
+def _product_at(source: Source, index: torch.Tensor, scale: float) -> torch.Tensor:
+    """θ ⊙ g ⊙ μ·scale at flat indices `index`, in float32, with the same operations as `_Segment.load`."""
     param = _rows(source.param.detach())
     row, col = index // param.shape[1], index % param.shape[1]
     value = _gather(param, index, row, col).float() * _gather(_rows(source.grad), index, row, col)
@@ -114,9 +120,10 @@ def importance_at(source: Source, index: torch.Tensor) -> torch.Tensor:
     for vector, dim in source.means:
         term = 1.0 if vector is None else vector.index_select(0, row if dim == 0 else col)
         mu = term if mu is None else mu + term
-    if mu is not None:
-        value = value * mu
-    return value.abs_()
+    factor = mu if scale == 1.0 else scale if mu is None else mu * scale
+    if factor is not None:
+        value = value * factor
+    return value
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
@@ -248,6 +255,15 @@ class _Segment:
         return self.start + slot.masked_select(inside) * per_row + (index % per_row).masked_select(inside)
 
 
+def _by_segment(segments: list[_Segment], local: torch.Tensor) -> list[tuple[_Segment, torch.Tensor | None]]:
+    """(segment, mask of the buffer positions `local` that fall in it) per segment hit; mask None: all of them."""
+    if len(segments) == 1:
+        return [(segments[0], None)]
+    starts = torch.tensor([s.start for s in segments], device=local.device)
+    which = torch.searchsorted(starts, local, right=True) - 1
+    return [(segments[i], which == i) for i in which.unique().tolist()]
+
+
 def _chunks(sources: list[Source], chunk_entries: int):
     """Lists of segments holding about `chunk_entries` entries: rows of a large tensor, or small tensors packed.
 
@@ -324,6 +340,22 @@ class _Thinning:
             segment.load(buffer[segment.start : segment.start + segment.size], scale)
         return buffer
 
+    def _load_blocks(self, segments: list[_Segment], blocks: torch.Tensor, scale: float) -> torch.Tensor:
+        """θ ⊙ g ⊙ μ·scale of some blocks of a chunk, (blocks, BLOCK_ENTRIES), zero past the chunk's end.
+
+        The same values as `_load` gives those blocks. When few blocks need a second look, gathering them costs a
+        fraction of recomputing the whole chunk (the second pass used to be most of a draw's time)."""
+        if blocks.numel() * BLOCK_ENTRIES * SPARSE_SECOND_PASS > segments[-1].start + segments[-1].size:
+            return self._load(segments, scale).view(-1, BLOCK_ENTRIES).index_select(0, blocks)
+        position = (blocks.unsqueeze(1) * BLOCK_ENTRIES + torch.arange(BLOCK_ENTRIES, device=blocks.device)).view(-1)
+        out = torch.zeros(position.shape, device=self._buffer.device)
+        valid = position < segments[-1].start + segments[-1].size
+        for segment, mask in _by_segment(segments, position):
+            mask = valid if mask is None else mask & valid
+            index = segment.flat_index(position.masked_select(mask))
+            out.masked_scatter_(mask, _product_at(segment.source, index, scale))
+        return out.view(-1, BLOCK_ENTRIES)
+
     def _block_stats(self, segments: list[_Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per block of `BLOCK_ENTRIES` entries of a chunk: the largest I, and Σ I²."""
         blocks = self._load(segments, 1.0).abs_().view(-1, BLOCK_ENTRIES)
@@ -386,14 +418,15 @@ class _Thinning:
                 blocks = (largest >= reach).nonzero().squeeze(1)
                 if blocks.numel() == 0:
                     continue
-            buffer = self._load(segments, 1.0).abs_()  # exactly `importance`
             if reach > 0:
-                part = buffer.view(-1, BLOCK_ENTRIES).index_select(0, blocks)
+                part = self._load_blocks(segments, blocks, 1.0).abs_()  # exactly `importance`
                 block, col = (part >= reach).nonzero().unbind(1)
                 local = blocks.index_select(0, block) * BLOCK_ENTRIES + col
+                keys = part.view(-1).index_select(0, block * BLOCK_ENTRIES + col)
             else:
+                buffer = self._load(segments, 1.0).abs_()
                 local = buffer.nonzero().squeeze(1)
-            keys = buffer.index_select(0, local)
+                keys = buffer.index_select(0, local)
             if local.numel() > self.k:
                 best = torch.topk(keys, self.k, sorted=False).indices
                 local, keys = local.index_select(0, best), keys.index_select(0, best)
@@ -457,7 +490,7 @@ class _Thinning:
         if hit.numel() == 0 and heavy.numel() == 0:
             return
         blocks = torch.cat([heavy, hit])
-        rate = self._load(segments, scale).view(-1, BLOCK_ENTRIES).index_select(0, blocks).square_()
+        rate = self._load_blocks(segments, blocks, scale).square_()
         counts = counts.index_select(0, hit)
         if heavy.numel():
             counts = torch.cat([self._sure(segments, heavy, rate[: heavy.numel()], math.inf), counts])
@@ -570,13 +603,7 @@ class _Thinning:
         (λ), on beating the threshold, E ≤ I²/previous + λ."""
         if local.numel() == 0:
             return
-        if len(segments) == 1:
-            groups = [(segments[0], None)]
-        else:
-            starts = torch.tensor([s.start for s in segments], device=local.device)
-            which = torch.searchsorted(starts, local, right=True) - 1
-            groups = [(segments[i], which == i) for i in which.unique().tolist()]
-        for segment, mask in groups:
+        for segment, mask in _by_segment(segments, local):
             position = local if mask is None else local.masked_select(mask)
             index = segment.flat_index(position)
             if keys is not None:
