@@ -83,7 +83,7 @@ def main() -> None:
     timers.wrap(engine, "_draw", "draw")
     timers.wrap(selection._Thinning, "_block_stats", "draw: first pass (block statistics)")
     timers.wrap(selection._Thinning, "_first_threshold", "draw: threshold from the statistics")
-    timers.wrap(selection._Thinning, "_visit", "draw: second pass (thinning)")
+    timers.wrap(selection._Thinning, "_visit", "draw: second pass (thinning; keys included)")
     timers.wrap(selection._Thinning, "_offer", "draw: keys of the entries that may win")
     timers.wrap(engine.patch, "record", "record original values")
     timers.wrap(engine_module, "mask_gradient", "mask gradients")
@@ -94,8 +94,8 @@ def main() -> None:
     touched: dict[str, float] = defaultdict(float)
     count(touched, selection._Thinning, "_block_stats", "first pass", lambda self, segments: segments[-1].start
           + segments[-1].size)
-    count(touched, selection._Thinning, "_load_blocks", "second pass",
-          lambda self, segments, blocks, scale: blocks.numel() * selection.BLOCK_ENTRIES)
+    count(touched, selection._Thinning, "_visit", "second pass",
+          lambda self, segments, *rest: segments[-1].start + segments[-1].size)
     count(touched, selection._Thinning, "_offer", "keys", lambda self, segments, local, *rest, **named: local.numel())
 
     rows = defaultdict(list)
@@ -131,8 +131,8 @@ def main() -> None:
     hooks = common.median(rows["stoc: forward"]) - common.median(rows["full: forward"])
     table.append(["stoc forward − full forward (μ hooks)", f"{hooks * 1e3:.0f}", f"{hooks / full_step:.3f}"])
     for label in ["draw", "draw: first pass (block statistics)", "draw: threshold from the statistics",
-                  "draw: second pass (thinning)", "draw: keys of the entries that may win", "record original values",
-                  "mask gradients", "redirect weight decay", "audit (3 per step)"]:
+                  "draw: second pass (thinning; keys included)", "draw: keys of the entries that may win",
+                  "record original values", "mask gradients", "redirect weight decay", "audit (3 per step)"]:
         value = timers.median(label)
         table.append([f"stoc engine: {label}", f"{value * 1e3:.0f}", f"{value / full_step:.3f}"])
     n = engine.stats.candidates
@@ -150,8 +150,9 @@ def main() -> None:
         f"(embedding rows of tokens absent from the batch are skipped) and reads θ and g, 8 bytes per entry in "
         f"float32, then works on a 4-byte value per entry in a cache-sized buffer: {first_time / first * 1e9:.2f} ns "
         f"per entry, {8 * first / first_time / 1e9:.1f} GB/s of θ and g. The second pass recomputes "
-        f"{touched['second pass'] / args.steps / 1e3:.0f}k entries (the blocks a Poisson point or an entry with "
-        f"λ ≥ 1 falls in); {touched['keys'] / args.steps / 1e3:.0f}k entries get a key (k = {engine.k}).",
+        f"the {touched['second pass'] / args.steps / 1e6:.1f}M entries of the chunks that have blocks with a "
+        f"Poisson point or an entry of λ ≥ 1 (4 bytes of λ per entry, then only those blocks are looked at); "
+        f"{touched['keys'] / args.steps / 1e3:.0f}k entries get a key (k = {engine.k}).",
     ])
     print(text)
     if not args.no_write:

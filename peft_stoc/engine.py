@@ -64,14 +64,13 @@ class Audit:
             .to(c.param.device)
             for c in candidates
         ]
-        self.values: list[torch.Tensor] | None = None
+        self.values: torch.Tensor | None = None
 
-    def _gather(self) -> list[torch.Tensor]:
-        out = []
-        for candidate, positions in zip(self.candidates, self.positions):
-            flat = candidate.param.detach().view(-1)
-            out.append(flat[positions.to(flat.device)].clone())
-        return out
+    def _gather(self) -> torch.Tensor:
+        """The audited values of all tensors in one vector: one comparison per check, whatever the model's size."""
+        parts = [c.param.detach().view(-1).index_select(0, p) for c, p in zip(self.candidates, self.positions)]
+        device = parts[0].device if parts else None
+        return torch.cat([part.to(device) for part in parts]) if parts else torch.empty(0)
 
     def refresh(self) -> None:
         self.values = self._gather()
@@ -86,16 +85,18 @@ class Audit:
             self.refresh()
             return
         current = self._gather()
-        for candidate, positions, before, now in zip(self.candidates, self.positions, self.values, current):
-            moved = before != now
-            moved &= ~(torch.isnan(before) & torch.isnan(now))
-            if not bool(moved.any()):
-                continue
-            if allowed is not None and candidate.name in allowed.index:
-                moved &= ~torch.isin(positions.to(moved.device), allowed.index[candidate.name].to(moved.device))
-                if not bool(moved.any()):
+        moved = (self.values != current) & ~(torch.isnan(self.values) & torch.isnan(current))
+        if bool(moved.any()):
+            sizes = [p.numel() for p in self.positions]
+            for candidate, positions, moved_here in zip(self.candidates, self.positions, moved.split(sizes)):
+                if not bool(moved_here.any()):
                     continue
-            raise RuntimeError(f"StocTuning: base parameter '{candidate.name}' changed {context}")
+                if allowed is not None and candidate.name in allowed.index:
+                    changed = allowed.index[candidate.name].to(positions.device)
+                    moved_here = moved_here & ~torch.isin(positions, changed).to(moved_here.device)
+                    if not bool(moved_here.any()):
+                        continue
+                raise RuntimeError(f"StocTuning: base parameter '{candidate.name}' changed {context}")
         self.values = current
 
 

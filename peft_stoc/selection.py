@@ -42,7 +42,6 @@ from .tracking import MeanFactor
 CHUNK_ENTRIES = 1 << 20  # entries per chunk on a CPU: a chunk's buffer stays in cache
 DEVICE_CHUNK_ENTRIES = 1 << 24  # on accelerators: fewer, larger kernels and host synchronisations
 BLOCK_ENTRIES = 64  # entries per block: the first pass keeps each block's largest I and Σ I², then one Poisson count
-SPARSE_SECOND_PASS = 8  # blocks are gathered when they hold under 1/8 of a chunk's entries, else it is reloaded
 SMALL_CHUNK_ENTRIES = 8192  # below this, a key per entry costs less than the thinning pass's fixed work
 LOWER_BY = 16.0  # a round that ends with fewer than k keys above its threshold: the next one lowers it this much
 STRATEGIES = ("fast", "dense")
@@ -106,33 +105,6 @@ def importance(source: Source, start: int, stop: int) -> torch.Tensor:
     return value.abs_().reshape(-1)
 
 
-def importance_at(source: Source, index: torch.Tensor) -> torch.Tensor:
-    """|μ ⊙ θ ⊙ g| at flat indices `index`, computed exactly as `importance` computes it."""
-    return _product_at(source, index, 1.0).abs_()
-
-
-def _product_at(source: Source, index: torch.Tensor, scale: float) -> torch.Tensor:
-    """θ ⊙ g ⊙ μ·scale at flat indices `index`, in float32, with the same operations as `_Segment.load`."""
-    param = _rows(source.param.detach())
-    row, col = index // param.shape[1], index % param.shape[1]
-    value = _gather(param, index, row, col).float() * _gather(_rows(source.grad), index, row, col)
-    mu = None
-    for vector, dim in source.means:
-        term = 1.0 if vector is None else vector.index_select(0, row if dim == 0 else col)
-        mu = term if mu is None else mu + term
-    factor = mu if scale == 1.0 else scale if mu is None else mu * scale
-    if factor is not None:
-        value = value * factor
-    return value
-
-
-def _gather(tensor: torch.Tensor, index: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """`tensor` (2-D) at flat `index` (= row, col). index_select: advanced indexing is slow on busy CPUs."""
-    if tensor.is_contiguous():
-        return tensor.view(-1).index_select(0, index)
-    return tensor[row, col]  # e.g. an expanded tensor, which has no flat view
-
-
 def _split_by_tensor(tensor: torch.Tensor, index: torch.Tensor, sources: list[Source]) -> list[torch.Tensor]:
     """Per source, the sorted flat indices whose tensor id is that source's position."""
     index, order = index.sort()
@@ -164,11 +136,11 @@ class _Pool:
             index = index[torch.topk(keys[index], self.size, sorted=False).indices]
         self._add(keys[index], torch.full_like(index, tensor_id), index + offset)
 
-    def offer(self, keys: torch.Tensor, tensor_id: int, index: torch.Tensor) -> None:
-        """Offer keys of the flat `index` entries of one tensor; merged in batches (see `flush`)."""
+    def offer(self, keys: torch.Tensor, tensor: torch.Tensor, index: torch.Tensor) -> None:
+        """Offer keys of entries (tensor ids, flat indices); merged in batches (see `flush`)."""
         if self.size == 0 or keys.numel() == 0:
             return
-        self._pending.append((keys, torch.full_like(index, tensor_id), index))
+        self._pending.append((keys, tensor, index))
         self._pending_count += keys.numel()
         # Merging costs a top-k over the pool: batch offers, at the price of a threshold that lags a little.
         if self._pending_count >= max(self.size // 4, 1024):
@@ -235,10 +207,14 @@ class _Segment:
         if factor is not None:
             value.mul_(factor)
 
+    @property
+    def per_row(self) -> int:
+        return _rows(self.source.param).shape[1]
+
     def flat_index(self, position: torch.Tensor) -> torch.Tensor:
         """Buffer positions inside this segment → flat indices in the tensor."""
         local = position - self.start
-        per_row = _rows(self.source.param).shape[1]
+        per_row = self.per_row
         if isinstance(self.rows, slice):
             return local + self.rows.start * per_row
         return self.rows.index_select(0, local // per_row) * per_row + local % per_row
@@ -255,13 +231,21 @@ class _Segment:
         return self.start + slot.masked_select(inside) * per_row + (index % per_row).masked_select(inside)
 
 
-def _by_segment(segments: list[_Segment], local: torch.Tensor) -> list[tuple[_Segment, torch.Tensor | None]]:
-    """(segment, mask of the buffer positions `local` that fall in it) per segment hit; mask None: all of them."""
+def _locate(segments: list[_Segment], local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffer positions of a chunk → (tensor ids, flat indices in those tensors), for all its segments at once."""
     if len(segments) == 1:
-        return [(segments[0], None)]
-    starts = torch.tensor([s.start for s in segments], device=local.device)
-    which = torch.searchsorted(starts, local, right=True) - 1
-    return [(segments[i], which == i) for i in which.unique().tolist()]
+        return torch.full_like(local, segments[0].tensor_id), segments[0].flat_index(local)
+    device = local.device
+    which = torch.searchsorted(torch.tensor([s.start for s in segments], device=device), local, right=True) - 1
+    tensor = torch.tensor([s.tensor_id for s in segments], device=device).index_select(0, which)
+    if all(isinstance(s.rows, slice) for s in segments):
+        shift = torch.tensor([s.rows.start * s.per_row - s.start for s in segments], device=device)
+        return tensor, local + shift.index_select(0, which)
+    flat = torch.empty_like(local)
+    for i in which.unique().tolist():
+        inside = which == i
+        flat.masked_scatter_(inside, segments[i].flat_index(local.masked_select(inside)))
+    return tensor, flat
 
 
 def _chunks(sources: list[Source], chunk_entries: int):
@@ -310,7 +294,7 @@ class _Thinning:
         self.pool = _Pool(k, device)
         self.chunk_entries = chunk_entries
         self._buffer = torch.empty(0, device=device)
-        self._keyed: list[tuple[int, torch.Tensor]] = []  # every (tensor, flat index) given a key so far
+        self._keyed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor ids, flat indices) given a key so far
         self.rounds = 0
 
     def run(self, sources: list[Source]) -> list[torch.Tensor]:
@@ -339,22 +323,6 @@ class _Thinning:
         for segment in segments:
             segment.load(buffer[segment.start : segment.start + segment.size], scale)
         return buffer
-
-    def _load_blocks(self, segments: list[_Segment], blocks: torch.Tensor, scale: float) -> torch.Tensor:
-        """θ ⊙ g ⊙ μ·scale of some blocks of a chunk, (blocks, BLOCK_ENTRIES), zero past the chunk's end.
-
-        The same values as `_load` gives those blocks. When few blocks need a second look, gathering them costs a
-        fraction of recomputing the whole chunk (the second pass used to be most of a draw's time)."""
-        if blocks.numel() * BLOCK_ENTRIES * SPARSE_SECOND_PASS > segments[-1].start + segments[-1].size:
-            return self._load(segments, scale).view(-1, BLOCK_ENTRIES).index_select(0, blocks)
-        position = (blocks.unsqueeze(1) * BLOCK_ENTRIES + torch.arange(BLOCK_ENTRIES, device=blocks.device)).view(-1)
-        out = torch.zeros(position.shape, device=self._buffer.device)
-        valid = position < segments[-1].start + segments[-1].size
-        for segment, mask in _by_segment(segments, position):
-            mask = valid if mask is None else mask & valid
-            index = segment.flat_index(position.masked_select(mask))
-            out.masked_scatter_(mask, _product_at(segment.source, index, scale))
-        return out.view(-1, BLOCK_ENTRIES)
 
     def _block_stats(self, segments: list[_Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per block of `BLOCK_ENTRIES` entries of a chunk: the largest I, and Σ I²."""
@@ -418,19 +386,19 @@ class _Thinning:
                 blocks = (largest >= reach).nonzero().squeeze(1)
                 if blocks.numel() == 0:
                     continue
+            buffer = self._load(segments, 1.0).abs_()  # exactly `importance`
             if reach > 0:
-                part = self._load_blocks(segments, blocks, 1.0).abs_()  # exactly `importance`
+                part = buffer.view(-1, BLOCK_ENTRIES).index_select(0, blocks)
                 block, col = (part >= reach).nonzero().unbind(1)
                 local = blocks.index_select(0, block) * BLOCK_ENTRIES + col
-                keys = part.view(-1).index_select(0, block * BLOCK_ENTRIES + col)
             else:
-                buffer = self._load(segments, 1.0).abs_()
                 local = buffer.nonzero().squeeze(1)
-                keys = buffer.index_select(0, local)
+            keys = buffer.index_select(0, local)
             if local.numel() > self.k:
                 best = torch.topk(keys, self.k, sorted=False).indices
                 local, keys = local.index_select(0, best), keys.index_select(0, best)
-            self._offer(segments, local, keys=keys)
+            tensor, index = _locate(segments, local)
+            self.pool.offer(keys, tensor, index)
 
     # -- stochastic ----------------------------------------------------------------------------------------------
     def _run_stochastic(self, chunks, stats) -> None:
@@ -454,10 +422,10 @@ class _Thinning:
             self.pool.flush()
 
     def _keyed_by_tensor(self) -> dict[int, torch.Tensor]:
-        keyed: dict[int, list[torch.Tensor]] = {}
-        for tensor_id, index in self._keyed:
-            keyed.setdefault(tensor_id, []).append(index)
-        return {t: torch.cat(parts) for t, parts in keyed.items()}
+        if not self._keyed:
+            return {}
+        tensor, index = (torch.cat(parts) for parts in zip(*self._keyed))
+        return {t: index.masked_select(tensor == t) for t in tensor.unique().tolist()}
 
     def _rate_scale(self, threshold: float, previous: float) -> float | None:
         """s with λ = (s·I)² = I²/x - I²/previous, x the larger of `threshold` and the pool's k-th key (as I²/E);
@@ -490,18 +458,19 @@ class _Thinning:
         if hit.numel() == 0 and heavy.numel() == 0:
             return
         blocks = torch.cat([heavy, hit])
-        rate = self._load_blocks(segments, blocks, scale).square_()
+        rate = self._load(segments, scale).view(-1, BLOCK_ENTRIES).index_select(0, blocks).square_()
         counts = counts.index_select(0, hit)
         if heavy.numel():
-            counts = torch.cat([self._sure(segments, heavy, rate[: heavy.numel()], math.inf), counts])
-        self._land(segments, blocks, rate, counts, math.inf)
+            counts = torch.cat([self._sure(segments, heavy, rate[: heavy.numel()], scale, math.inf), counts])
+        self._land(segments, blocks, rate, counts, scale, math.inf)
 
-    def _sure(self, segments, blocks: torch.Tensor, rate: torch.Tensor, previous: float) -> torch.Tensor:
-        """Entries with λ ≥ 1 in `blocks` (rows of `rate`) get a key directly and leave the thinning; returns the
-        Poisson counts of what is left of each block."""
+    def _sure(self, segments, blocks: torch.Tensor, rate: torch.Tensor, scale: float, previous: float) -> torch.Tensor:
+        """Entries with λ ≥ 1 in `blocks` (rows of `rate`, λ = (scale·I)²) get a key directly and leave the
+        thinning; returns the Poisson counts of what is left of each block."""
         sure = rate >= 1.0
         block, col = sure.nonzero().unbind(1)
-        self._offer(segments, blocks.index_select(0, block) * BLOCK_ENTRIES + col, previous=previous)
+        local = blocks.index_select(0, block) * BLOCK_ENTRIES + col
+        self._offer(segments, local, rate.masked_select(sure), scale=scale, previous=previous)
         rate.masked_fill_(sure, 0.0)
         return self._poisson(rate.sum(1, dtype=torch.float64))
 
@@ -517,7 +486,7 @@ class _Thinning:
             counts.index_add_(0, where, torch.ones_like(point)).masked_fill_(rates <= 0, 0.0)
         return counts
 
-    def _land(self, segments, blocks, rate: torch.Tensor, counts: torch.Tensor, previous: float) -> None:
+    def _land(self, segments, blocks, rate: torch.Tensor, counts: torch.Tensor, scale: float, previous: float) -> None:
         """Drop counts[i] points on block blocks[i], each on an entry with probability ∝ λ (rows of `rate`); every
         entry hit gets a key, conditioned on beating the threshold."""
         hit = counts.nonzero().squeeze(1)
@@ -538,7 +507,7 @@ class _Thinning:
         landed = lam > 0  # only a point rounded onto the end of its block can land on an entry with λ = 0
         slot, lam = slot.masked_select(landed), lam.masked_select(landed)
         local = blocks.index_select(0, slot // BLOCK_ENTRIES) * BLOCK_ENTRIES + slot % BLOCK_ENTRIES
-        self._offer(segments, local, rate=lam, previous=previous)
+        self._offer(segments, local, lam, scale=scale, hit=True, previous=previous)
 
     def _visit_dense(self, segments, threshold: float, previous: float, keyed) -> None:
         """λ of every entry of the chunk: before there is any threshold, in later rounds, and as a fallback."""
@@ -550,15 +519,17 @@ class _Thinning:
             # Keys for every entry: small chunks, and thresholds out of float32's range.
             buffer = self._load(segments, 1.0)
             self._exclude(segments, buffer, keyed)
-            return self._offer(segments, buffer.nonzero().squeeze(1), previous=previous)
+            local = buffer.nonzero().squeeze(1)
+            return self._offer(segments, local, buffer.index_select(0, local), previous=previous)
         buffer = self._load(segments, 1.0 if scale is None else scale)
         self._exclude(segments, buffer, keyed)
         if scale is None:
             # No threshold yet: the chunk's k largest I get keys directly and set one.
-            self._direct_top_k(segments, buffer, previous)
+            self._direct_top_k(segments, buffer, None, previous)
             scale = self._rate_scale(threshold, previous)
             if not scale:
-                return self._offer(segments, buffer.nonzero().squeeze(1), previous=previous)
+                local = buffer.nonzero().squeeze(1)
+                return self._offer(segments, local, buffer.index_select(0, local), previous=previous)
             buffer.mul_(scale)
         rate = buffer.square_().view(-1, BLOCK_ENTRIES)
         heavy = rate.amax(1) >= 1.0
@@ -567,26 +538,30 @@ class _Thinning:
             raise ValueError(NAN_MESSAGE)
         if expected > self.k:
             # The threshold is far below this chunk's keys: its k largest get keys directly, which raises it.
-            self._direct_top_k(segments, buffer, previous)
+            self._direct_top_k(segments, buffer, scale, previous)
             new_scale = self._rate_scale(threshold, previous)
             if not new_scale:
-                return self._offer(segments, buffer.nonzero().squeeze(1), previous=previous)
+                local = buffer.nonzero().squeeze(1)
+                return self._offer(segments, local, buffer.index_select(0, local), scale=scale, previous=previous)
             buffer.mul_((new_scale / scale) ** 2)
+            scale = new_scale
             heavy = rate.amax(1) >= 1.0
         heavy = heavy.nonzero().squeeze(1)
         counts = self._poisson(rate.sum(1, dtype=torch.float64).index_fill_(0, heavy, 0.0))
         if heavy.numel():
             part = rate.index_select(0, heavy)
-            counts.index_copy_(0, heavy, self._sure(segments, heavy, part, previous))
+            counts.index_copy_(0, heavy, self._sure(segments, heavy, part, scale, previous))
             rate.index_copy_(0, heavy, part)
-        self._land(segments, torch.arange(rate.shape[0], device=rate.device), rate, counts, previous)
+        self._land(segments, torch.arange(rate.shape[0], device=rate.device), rate, counts, scale, previous)
 
-    def _direct_top_k(self, segments, rate: torch.Tensor, previous: float) -> None:
-        """Keys for the chunk's k entries of largest rate; they leave the thinning."""
-        first = torch.topk(rate.abs(), min(self.k, rate.numel()), sorted=False).indices
-        first = first.masked_select(rate.index_select(0, first) != 0)
-        self._offer(segments, first, previous=previous)
-        rate.index_fill_(0, first, 0.0)
+    def _direct_top_k(self, segments, values: torch.Tensor, scale: float | None, previous: float) -> None:
+        """Keys for the chunk's k entries of largest `values` (I, or λ = (scale·I)²); they leave the thinning."""
+        first = torch.topk(values.abs(), min(self.k, values.numel()), sorted=False).indices
+        chosen = values.index_select(0, first)
+        nonzero = chosen != 0
+        first = first.masked_select(nonzero)
+        self._offer(segments, first, chosen.masked_select(nonzero), scale=scale, previous=previous)
+        values.index_fill_(0, first, 0.0)
 
     def _exclude(self, segments, buffer: torch.Tensor, keyed) -> None:
         """Zero the entries that already have a key (from an earlier round)."""
@@ -597,32 +572,31 @@ class _Thinning:
             if index is not None:
                 buffer.index_fill_(0, segment.positions(index), 0.0)
 
-    def _offer(self, segments, local: torch.Tensor, keys=None, rate=None, previous: float = math.inf) -> None:
-        """Offer buffer positions `local` to the pool: with their `keys` (top), or with the key log I - ½ log E,
-        E ~ Exp(1) conditioned on E > I²/previous (keys of earlier rounds were below `previous`) and, with `rate`
-        (λ), on beating the threshold, E ≤ I²/previous + λ."""
+    def _offer(self, segments, local: torch.Tensor, values: torch.Tensor, scale: float | None = None,
+               hit: bool = False, previous: float = math.inf) -> None:
+        """Offer buffer positions `local` to the pool with the key log I - ½ log E, E ~ Exp(1) conditioned on
+        E > I²/previous (keys of earlier rounds were below `previous`) and, for entries the thinning hit, on
+        beating the threshold: E ≤ I²/previous + λ. `values`: the entries' I (`scale` None) or λ = (scale·I)².
+
+        I comes from the chunk's buffer rather than from the parameters: one set of tensor operations for all the
+        tensors packed in a chunk (gathering them tensor by tensor cost a quarter of the step's overhead)."""
         if local.numel() == 0:
             return
-        for segment, mask in _by_segment(segments, local):
-            position = local if mask is None else local.masked_select(mask)
-            index = segment.flat_index(position)
-            if keys is not None:
-                part = keys if mask is None else keys.masked_select(mask)
-            else:
-                magnitude = importance_at(segment.source, index)
-                if rate is None:
-                    exp = torch.empty(index.shape, dtype=torch.float64, device=index.device)
-                    exp.exponential_(generator=self.generator)
-                else:
-                    # Inverse CDF of Exp(1) truncated to [0, λ].
-                    lam = (rate if mask is None else rate.masked_select(mask)).double()
-                    uniform = torch.rand(lam.shape, dtype=torch.float64, device=lam.device, generator=self.generator)
-                    exp = -torch.log1p(uniform * torch.expm1(-lam))
-                if previous < math.inf:
-                    exp += magnitude.double().square() / previous  # memorylessness of Exp(1)
-                part = magnitude.log_().sub_(exp.log_().mul_(0.5).to(magnitude.dtype))
-                self._keyed.append((segment.tensor_id, index))
-            self.pool.offer(part, segment.tensor_id, index)
+        magnitude = values.abs() if scale is None else values.sqrt().div_(scale)
+        if hit:
+            # Inverse CDF of Exp(1) truncated to [0, λ].
+            lam = values.double()
+            uniform = torch.rand(lam.shape, dtype=torch.float64, device=lam.device, generator=self.generator)
+            exp = -torch.log1p(uniform * torch.expm1(-lam))
+        else:
+            exp = torch.empty(local.shape, dtype=torch.float64, device=local.device)
+            exp.exponential_(generator=self.generator)
+        if previous < math.inf:
+            exp += magnitude.double().square() / previous  # memorylessness of Exp(1)
+        keys = magnitude.log_().sub_(exp.log_().mul_(0.5).to(magnitude.dtype))
+        tensor, index = _locate(segments, local)
+        self._keyed.append((tensor, index))
+        self.pool.offer(keys, tensor, index)
 
 
 def _draw_uniform(sources: list[Source], k: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -203,21 +203,15 @@ def _numpy_frequencies(k: int, trials: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "chunk, threshold_factor, second_pass",
-    [(4096, None, "gather"), (4096, None, "reload"), (1 << 20, None, None), (4096, 30.0, None), (4096, 1e-6, None)],
-    ids=["chunks-gathered", "chunks-reloaded", "one-chunk", "threshold-too-high", "threshold-too-low"],
+    "chunk, threshold_factor",
+    [(4096, None), (1 << 20, None), (4096, 30.0), (4096, 1e-6)],
+    ids=["chunks", "one-chunk", "threshold-too-high", "threshold-too-low"],
 )
-def test_fast_stochastic_matches_numpy_on_a_model_sized_problem(
-    chunk, threshold_factor, second_pass, monkeypatch, one_thread
-):
+def test_fast_stochastic_matches_numpy_on_a_model_sized_problem(chunk, threshold_factor, monkeypatch, one_thread):
     # Enough entries that the thinning does the work: a threshold from the block statistics, the pool raising it,
     # blocks with λ ≥ 1, Poisson hits, skipped embedding rows. A threshold too high forces later rounds (keys
-    # between two thresholds); one far too low forces the per-chunk fallback. The second pass either reloads
-    # whole chunks or gathers only the blocks hit (a chunk of two packed tensors and visited embedding rows
-    # included).
-    # Frequencies must match numpy's.
+    # between two thresholds); one far too low forces the per-chunk fallback. Frequencies must match numpy's.
     k, trials = 30, 1000
-    _force_second_pass(monkeypatch, second_pass)
     if threshold_factor is not None:
         estimate = selection._Thinning._first_threshold
         monkeypatch.setattr(selection._Thinning, "_first_threshold",
@@ -258,16 +252,8 @@ def test_fast_stochastic_matches_numpy_on_a_model_sized_problem(
         assert abs(a - b) <= 5 * np.sqrt((a + b) / trials) + 2 / trials, (lo, hi, a, b)
 
 
-def _force_second_pass(monkeypatch, how: str | None) -> None:
-    """Make the thinning's second pass always reload whole chunks, or always gather the blocks it needs."""
-    if how is not None:
-        monkeypatch.setattr(selection, "SPARSE_SECOND_PASS", 1 << 40 if how == "reload" else 0)
-
-
-@pytest.mark.parametrize("second_pass", ["reload", "gather"])
 @pytest.mark.parametrize("chunk", [2048, 1 << 20])
-def test_fast_and_dense_strategies_agree_on_top_and_random_support(chunk, second_pass, monkeypatch):
-    _force_second_pass(monkeypatch, second_pass)
+def test_fast_and_dense_strategies_agree_on_top_and_random_support(chunk):
     sources = _model_like_sources(3)
     fast = draw(sources, 50, "top", torch.Generator().manual_seed(0), chunk_entries=chunk)
     dense = draw(sources, 50, "top", torch.Generator().manual_seed(0), chunk_entries=chunk, strategy="dense")
@@ -316,17 +302,3 @@ def test_later_rounds_draw_the_keys_between_two_thresholds(monkeypatch, one_thre
         ours[draw(_sources([values]), k, "stochastic", generator)[0].numpy()] += 1
     assert np.mean(rounds) > 2.5  # most draws needed two or more rounds after the first
     assert np.abs(ours - reference).max() / trials < 0.04, (ours / trials, reference / trials)
-
-
-@pytest.mark.parametrize("method", ["stochastic", "top"])
-def test_gathered_second_pass_draws_what_a_reloaded_chunk_draws(method, monkeypatch):
-    # Gathering the blocks hit must compute the very values a reload of the chunk gives them: same generator,
-    # same draw, bit for bit.
-    results = {}
-    for how in ("reload", "gather"):
-        _force_second_pass(monkeypatch, how)
-        generator = torch.Generator().manual_seed(5)
-        results[how] = [draw(_model_like_sources(seed), 30, method, generator, chunk_entries=4096)
-                        for seed in range(6)]
-    for reloaded, gathered in zip(results["reload"], results["gather"]):
-        assert all(torch.equal(a, b) for a, b in zip(reloaded, gathered))
