@@ -181,7 +181,13 @@ def test_gradient_checkpointing_recompute_is_not_counted_twice():
     for checkpointing in (False, True):
         model, engine = _tracked(model_kwargs=no_dropout)
         if checkpointing:
-            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            inner = model.base_model.model
+            if hasattr(inner, "activation_checkpointing_enable"):  # the name since transformers 5
+                inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                assert inner.is_activation_checkpointing
+            else:
+                inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                assert inner.is_gradient_checkpointing
         model.train()  # checkpointing only acts in training mode; without dropout both runs see the same values
         model(**batch(pad_from=7)).loss.backward()
         results.append(([s.tokens for s in engine.tracker.state()],
