@@ -190,6 +190,20 @@ def _importance_of(sources: list[Source]) -> torch.Tensor:
     return torch.cat([importance(s, 0, s.param.shape[0]) for s in sources])
 
 
+def _record_rounds(monkeypatch) -> list[int]:
+    """The number of rounds of every fast draw made from now on in the test."""
+    rounds = []
+    original_run = selection._Thinning.run
+
+    def run(self, sources):
+        drawn = original_run(self, sources)
+        rounds.append(self.rounds)
+        return drawn
+
+    monkeypatch.setattr(selection._Thinning, "run", run)
+    return rounds
+
+
 @functools.cache
 def _numpy_frequencies(k: int, trials: int) -> np.ndarray:
     """Inclusion frequencies of numpy.random.choice(replace=False, p ∝ I²) on `_model_like_sources()`."""
@@ -222,15 +236,7 @@ def test_fast_stochastic_matches_numpy_on_a_model_sized_problem(chunk, threshold
     reference = _numpy_frequencies(k, trials)
     ours = np.zeros(len(reference))
     generator = torch.Generator().manual_seed(1)
-    rounds = []
-    original_run = selection._Thinning.run
-
-    def run(self, sources):
-        drawn = original_run(self, sources)
-        rounds.append(self.rounds)
-        return drawn
-
-    monkeypatch.setattr(selection._Thinning, "run", run)
+    rounds = _record_rounds(monkeypatch)
     for _ in range(trials):
         drawn = draw(sources, k, "stochastic", generator, chunk_entries=chunk)
         assert sum(d.numel() for d in drawn) == k
@@ -287,15 +293,7 @@ def test_later_rounds_draw_the_keys_between_two_thresholds(monkeypatch, one_thre
     monkeypatch.setattr(selection, "LOWER_BY", 1.5)
     monkeypatch.setattr(selection, "SMALL_CHUNK_ENTRIES", 0)  # thin even this tiny tensor
     monkeypatch.setattr(selection._Thinning, "_first_threshold", lambda self, *stats: 40.0)
-    rounds = []
-    original_run = selection._Thinning.run
-
-    def run(self, sources):
-        drawn = original_run(self, sources)
-        rounds.append(self.rounds)
-        return drawn
-
-    monkeypatch.setattr(selection._Thinning, "run", run)
+    rounds = _record_rounds(monkeypatch)
     ours = np.zeros(len(p))
     generator = torch.Generator().manual_seed(4)
     for _ in range(trials):
