@@ -31,11 +31,14 @@ MINILM_CONFIG = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=1
                      vocab_size=30522)
 
 
-def quiet() -> None:
+def quiet(threads: int | None = None) -> None:
+    """Silence library logs and warnings; `threads`: torch's thread count, when given."""
     transformers.logging.set_verbosity_error()
     import warnings
 
     warnings.filterwarnings("ignore")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def minilm(num_labels: int = 2) -> tuple[torch.nn.Module, str]:

@@ -65,9 +65,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    common.quiet()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.quiet(args.threads)
     torch.manual_seed(0)
     base, description = common.MODELS[args.model]()
     full = copy.deepcopy(base).train()

@@ -132,9 +132,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    common.quiet()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.quiet(args.threads)
     result = measure(args.model, args.k, args.device, args.repeats, args.numpy_repeats, args.step_repeats)
     text = report(result, "Selection (target 1)")
     print(text)

@@ -175,9 +175,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    common.quiet()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.quiet(args.threads)
     if args.memory_child:
         peak = peak_memory(args.memory_child, args.model, args.memory_steps, args.device)
         print(json.dumps({"peak_mib": peak}))

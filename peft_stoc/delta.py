@@ -21,9 +21,6 @@ class SparseDelta:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def scaled(self, weight: float) -> SparseDelta:
-        return SparseDelta({name: (index, values * weight) for name, (index, values) in self.tensors.items()})
-
     @staticmethod
     def weighted_sum(deltas: list[SparseDelta], weights: list[float]) -> SparseDelta:
         """Σ wᵢ·δᵢ over the union of indices; entries that sum to exactly zero are dropped."""

@@ -68,9 +68,11 @@ class Audit:
 
     def _gather(self) -> torch.Tensor:
         """The audited values of all tensors in one vector: one comparison per check, whatever the model's size."""
-        parts = [c.param.detach().view(-1).index_select(0, p) for c, p in zip(self.candidates, self.positions)]
-        device = parts[0].device if parts else None
-        return torch.cat([part.to(device) for part in parts]) if parts else torch.empty(0)
+        if not self.candidates:
+            return torch.empty(0)
+        device = self.candidates[0].param.device  # a model spread over devices is checked on the first one's
+        return torch.cat([c.param.detach().view(-1).index_select(0, p).to(device)
+                          for c, p in zip(self.candidates, self.positions)])
 
     def refresh(self) -> None:
         self.values = self._gather()

@@ -344,6 +344,10 @@ class StocTuningModel(BaseTuner):
             return {c.name: c.param for c in self._candidates[adapter_name]}
         return {c.name: c.param for c in find_candidates(self.model, config)}
 
+    def _adapter_numels(self, adapter_name: str, config=None) -> dict[str, int]:
+        """Entries per candidate tensor: what a delta's indices are checked against."""
+        return {name: p.numel() for name, p in self._adapter_params(adapter_name, config).items()}
+
     def _fingerprint_params(self, config) -> dict[str, nn.Parameter]:
         """Every base parameter outside the fully trained heads, whatever `target_modules` chose: adapters of one
         base share a fingerprint."""
@@ -378,7 +382,6 @@ class StocTuningModel(BaseTuner):
 
     def check_file(self, file: adapter_file.AdapterFile, config, ignore_base_mismatch: bool = False) -> None:
         """Validate everything in `file` against this model before any of it is applied."""
-        params = self._adapter_params("", config)
         recorded = file.fingerprint
         if recorded is None:
             raise adapter_file.AdapterFileError(f"{file.path} has no base-model fingerprint in its header.")
@@ -390,7 +393,7 @@ class StocTuningModel(BaseTuner):
                 f"(base_model_name_or_path={config.base_model_name_or_path!r}), or pass "
                 "`ignore_base_mismatch=True` to apply it anyway."
             )
-        adapter_file.parse_delta(file.tensors, {n: p.numel() for n, p in params.items()}, source=file.path)
+        adapter_file.parse_delta(file.tensors, self._adapter_numels("", config), source=file.path)
         adapter_file.check_other_tensors(file.tensors, self._head_shapes(config), source=file.path)
 
     def _fingerprint(self, config) -> dict:
@@ -414,8 +417,8 @@ class StocTuningModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         tuner = _tuner_of(model)
-        numels = {name: p.numel() for name, p in tuner._adapter_params(adapter_name).items()}
-        return adapter_file.delta_tensors(tuner.adapter_delta(adapter_name), numels, getattr(torch, config.save_dtype))
+        return adapter_file.delta_tensors(tuner.adapter_delta(adapter_name), tuner._adapter_numels(adapter_name),
+                                          getattr(torch, config.save_dtype))
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -426,8 +429,7 @@ class StocTuningModel(BaseTuner):
         tuner = _tuner_of(model)
         ours = {k: v for k, v in state_dict.items() if adapter_file.is_delta_key(k)}
         rest = {k: v for k, v in state_dict.items() if k not in ours}
-        numels = {name: p.numel() for name, p in tuner._adapter_params(adapter_name).items()}
-        tuner.set_adapter_delta(adapter_name, adapter_file.parse_delta(ours, numels))
+        tuner.set_adapter_delta(adapter_name, adapter_file.parse_delta(ours, tuner._adapter_numels(adapter_name)))
         return rest
 
 

@@ -221,7 +221,7 @@ class _Segment:
 
     def positions(self, index: torch.Tensor) -> torch.Tensor:
         """Flat indices of the tensor → buffer positions, for those inside this segment."""
-        per_row = _rows(self.source.param).shape[1]
+        per_row = self.per_row
         row = index // per_row
         if isinstance(self.rows, slice):
             inside = (row >= self.rows.start) & (row < self.rows.stop)
