@@ -2,6 +2,9 @@
 
 For each changed base tensor `<name>` the file holds `base_model.model.<name>.stoc_indices` (sorted flat indices,
 int32 below 2^31 entries, else int64) and `base_model.model.<name>.stoc_delta` (the value added at each index).
+Where no float32 delta reproduces a trained weight bit for bit (an entry that moved by more than its own size), the
+file also holds `<name>.stoc_exact_at` (positions among the tensor's entries, int32) and `<name>.stoc_exact` (their
+float64 deltas, with which the addition is exact).
 The header metadata records the format version, counts and the base-model fingerprint.
 
 Everything read from a file is validated before any of it touches a model; errors name the offending tensor.
@@ -24,6 +27,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 MODEL_PREFIX = "base_model.model."
 INDEX_SUFFIX = ".stoc_indices"
 VALUES_SUFFIX = ".stoc_delta"
+EXACT_AT_SUFFIX = ".stoc_exact_at"
+EXACT_SUFFIX = ".stoc_exact"
 FORMAT_VERSION = "1"
 META_FORMAT = "peft_stoc_format"
 META_COUNTS = "peft_stoc_counts"
@@ -76,13 +81,22 @@ def delta_tensors(delta: SparseDelta, numels: dict[str, int], dtype: torch.dtype
     out = {}
     for name, (index, values) in delta.tensors.items():
         index_dtype = torch.int32 if numels[name] < 2**31 else torch.int64
-        out[MODEL_PREFIX + name + INDEX_SUFFIX] = index.to(device="cpu", dtype=index_dtype).contiguous()
-        out[MODEL_PREFIX + name + VALUES_SUFFIX] = values.to(device="cpu", dtype=dtype).contiguous()
+        stem = MODEL_PREFIX + name
+        out[stem + INDEX_SUFFIX] = index.to(device="cpu", dtype=index_dtype).contiguous()
+        stored = values.to(device="cpu", dtype=dtype).contiguous()
+        out[stem + VALUES_SUFFIX] = stored
+        if values.dtype == torch.float64 and dtype == torch.float32:
+            # Entries float32 cannot carry exactly keep their float64 delta (a lower precision is a deliberate choice).
+            values = values.cpu()
+            exact_at = (stored.double() != values).nonzero().squeeze(1)
+            if exact_at.numel():
+                out[stem + EXACT_AT_SUFFIX] = exact_at.to(torch.int32 if values.numel() < 2**31 else torch.int64)
+                out[stem + EXACT_SUFFIX] = values.index_select(0, exact_at).contiguous()
     return out
 
 
 def is_delta_key(key: str) -> bool:
-    return key.endswith((INDEX_SUFFIX, VALUES_SUFFIX))
+    return key.endswith((INDEX_SUFFIX, VALUES_SUFFIX, EXACT_AT_SUFFIX, EXACT_SUFFIX))
 
 
 def add_metadata(path: str, metadata: dict[str, str]) -> None:
@@ -128,10 +142,9 @@ def parse_delta(
     """Validate the delta tensors against the base tensor sizes `numels` and build a `SparseDelta`."""
     names = {}
     for key in tensors:
-        if key.endswith(INDEX_SUFFIX):
-            names[key[: -len(INDEX_SUFFIX)]] = None
-        elif key.endswith(VALUES_SUFFIX):
-            names[key[: -len(VALUES_SUFFIX)]] = None
+        for suffix in (INDEX_SUFFIX, VALUES_SUFFIX, EXACT_AT_SUFFIX, EXACT_SUFFIX):
+            if key.endswith(suffix):
+                names[key[: -len(suffix)]] = None
     out = {}
     for stem in names:
         name = stem.removeprefix(MODEL_PREFIX)
@@ -162,8 +175,29 @@ def parse_delta(
                                        "and unique.")
         if not bool(torch.isfinite(values).all()):
             raise AdapterFileError(f"Tensor '{values_key}' contains NaN or infinite values.")
-        out[name] = (index, values.float())
+        out[name] = (index, _with_exact(tensors, stem, values.float(), source))
     return SparseDelta(out)
+
+
+def _with_exact(tensors: dict[str, torch.Tensor], stem: str, values: torch.Tensor, source: str) -> torch.Tensor:
+    """`values`, in float64 with the exact deltas put in, when the file has exact deltas for this tensor."""
+    at_key, exact_key = stem + EXACT_AT_SUFFIX, stem + EXACT_SUFFIX
+    if at_key not in tensors and exact_key not in tensors:
+        return values
+    for key in (at_key, exact_key):
+        if key not in tensors:
+            raise AdapterFileError(f"Tensor '{key}' is missing from {source}: exact deltas need positions and values.")
+    at, exact = tensors[at_key], tensors[exact_key]
+    if at.dtype not in INDEX_DTYPES or at.dim() != 1 or exact.dtype != torch.float64 or exact.shape != at.shape:
+        raise AdapterFileError(f"Tensors '{at_key}' and '{exact_key}' must be 1-D int positions and float64 values "
+                               "of the same length.")
+    at = at.long()
+    if at.numel() and (int(at.min()) < 0 or int(at.max()) >= values.numel()
+                       or (at.numel() > 1 and not bool((at[1:] > at[:-1]).all()))):
+        raise AdapterFileError(f"Tensor '{at_key}' must hold sorted, unique positions below {values.numel()}.")
+    if not bool(torch.isfinite(exact).all()):
+        raise AdapterFileError(f"Tensor '{exact_key}' contains NaN or infinite values.")
+    return values.double().index_copy_(0, at, exact)
 
 
 def check_other_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: str) -> None:

@@ -23,6 +23,19 @@ class StocTuningCallback(TrainerCallback):
     other models.
     """
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._set_driven(model, True)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._set_driven(model, False)
+
+    @staticmethod
+    def _set_driven(model, driven: bool) -> None:
+        """While a Trainer runs, its word on which micro-batch ends a step (accelerate's gradient state) is live."""
+        tuner = _tuner_of(model)
+        if tuner is not None:
+            tuner.set_driven_by_trainer(driven)
+
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
         tuner = _tuner_of(model)
         if tuner is None or logs is None or "loss" not in logs:

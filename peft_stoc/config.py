@@ -14,6 +14,7 @@ SELECTIONS = ("stochastic", "top", "random")
 ACTIVATION_STATS = ("mean", "abs_mean", "rms")
 UPDATE_RULES = ("masked_grad", "strict")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
+MEMORY_MODES = ("auto", "lean", "dense")
 
 
 def _check_count_or_fraction(name: str, value) -> None:
@@ -122,6 +123,18 @@ class StocTuningConfig(PeftConfig):
     save_dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "dtype of the delta values written to the adapter file."}
     )
+    memory: Literal["auto", "lean", "dense"] = field(
+        default="auto",
+        metadata={
+            "help": (
+                "'lean': candidate gradients are consumed during the backward and StocTuning applies the optimizer's "
+                "update to the entries that need it (state ∝ changed entries, float32 masters for bf16/fp16 "
+                "weights): peak memory close to LoRA's. Reproduces torch.optim SGD, Adam and AdamW; raises for "
+                "other optimizers. 'dense': dense gradients and the optimizer's own dense state, like full "
+                "fine-tuning. 'auto' (default): lean, falling back to dense with one warning for other optimizers."
+            )
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -137,6 +150,7 @@ class StocTuningConfig(PeftConfig):
         _check_choice("activation_stat", self.activation_stat, ACTIVATION_STATS)
         _check_choice("update_rule", self.update_rule, UPDATE_RULES)
         _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
+        _check_choice("memory", self.memory, MEMORY_MODES)
         if isinstance(self.mask_interval, bool) or not isinstance(self.mask_interval, int) or self.mask_interval < 1:
             raise ValueError(f"`mask_interval` must be an int >= 1, got {self.mask_interval!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -33,9 +33,11 @@ class SparseDelta:
         for name in names:
             parts = [(d.tensors[name], w) for d, w in zip(deltas, weights) if name in d.tensors]
             index = torch.cat([idx for (idx, _), _ in parts])
-            values = torch.cat([vals.float() * w for (_, vals), w in parts])
+            # float64 deltas (kept so where float32 cannot reproduce a trained weight) stay float64.
+            wide = torch.float64 if any(vals.dtype == torch.float64 for (_, vals), _ in parts) else torch.float32
+            values = torch.cat([vals.to(wide) * w for (_, vals), w in parts])
             union, inverse = torch.unique(index, sorted=True, return_inverse=True)
-            summed = torch.zeros(union.numel(), dtype=torch.float32, device=values.device)
+            summed = torch.zeros(union.numel(), dtype=wide, device=values.device)
             summed.index_add_(0, inverse, values)
             nonzero = summed != 0
             if nonzero.any():

@@ -13,16 +13,21 @@ instead of letting training run dense in silence.
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, sparse_optim
 from .candidates import Candidate
+from .consumed_grad import ConsumedGrad, accumulation_error
 from .layer import Patch
+from .lean import LeanStep, accelerate_syncs_gradients, state_bytes
 from .selection import Source, draw
+from .streaming import StreamingDraw
 from .tracking import ActivationTracker
 from .update import DecayRedirect, StrictGuard, mask_gradient
 
@@ -38,6 +43,8 @@ class StepStats:
     changed: int = 0  # distinct entries changed so far
     candidates: int = 0  # entries that may be drawn
     k: int = 0
+    grad_bytes: int = 0  # most bytes of candidate gradients held at once during the latest step
+    optimizer_state_bytes: int = 0  # optimizer state held for candidates after the latest step
 
     @property
     def density(self) -> float:
@@ -49,6 +56,8 @@ class StepStats:
             f"{prefix}drawn": self.drawn,
             f"{prefix}changed": self.changed,
             f"{prefix}density": self.density,
+            f"{prefix}grad_bytes": self.grad_bytes,
+            f"{prefix}optimizer_state_bytes": self.optimizer_state_bytes,
         }
 
 
@@ -135,10 +144,18 @@ BYPASS_HINT = (
 )
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The seed of draw number `step`: the draws of a run depend only on (seed, step), so a run resumed at any step
+    continues with the draws an uninterrupted run would make."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 class StepEngine:
     """Stochastic Tuning for one trainable adapter: tracking, drawing and confining every optimizer step."""
 
-    def __init__(self, root: nn.Module, candidates: list[Candidate], config, patch: Patch, k: int, max_changed):
+    def __init__(self, root: nn.Module, candidates: list[Candidate], config, patch: Patch, k: int, max_changed,
+                 state_key: str = "peft_stoc", step: int = 0):
         self.candidates = candidates
         self.config = config
         self.patch = patch
@@ -148,12 +165,11 @@ class StepEngine:
         self.audit = Audit(candidates)
         self.decay = DecayRedirect()
         self.strict = StrictGuard()
-        self.stats = StepStats(candidates=sum(c.numel for c in candidates), k=k, changed=patch.count)
+        self.stats = StepStats(step=step, candidates=sum(c.numel for c in candidates), k=k, changed=patch.count)
         self.last_draw: list[torch.Tensor] | None = None
         self.draws = 0  # number of fresh draws (a mask reused under mask_interval is not a fresh draw)
         self._ids = {id(c.param): i for i, c in enumerate(candidates)}
         self._owned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._generators: dict[torch.device, torch.Generator] = {}
         self._cycle_drawn = False
         self._depth = 0  # optimizer steps under way: a wrapper such as ZeroRedundancyOptimizer steps an inner one
         self._root_handle = None
@@ -161,6 +177,24 @@ class StepEngine:
         # ranks when torch.distributed runs with several processes (and checks the ranks drew alike).
         self.reduce_statistics = None
         self._setup_checked = False
+        # Memory-lean training (see lean.py); `memory="auto"` falls back to dense for optimizers it cannot emulate.
+        self.lean = LeanStep(candidates, state_key) if config.memory != "dense" else None
+        self.hold_gradients = False  # set by `stoc_accumulating()`: this backward is not the last of the step
+        self._backward_seen = False  # a backward ran since the latest step
+        self._forwards = 0  # forwards with gradients since the latest step
+        self._forwards_per_step = 1  # as seen at the latest step: the backward of the last of them ends a step
+        self._steps_here = 0  # optimizer steps this engine has seen
+        # accelerate's gradient state outlives the loop that set it (a notebook that ran a Trainer before a plain
+        # loop): its word counts while a Trainer runs, or once it has marked a micro-batch as not the last.
+        self.driven_by_trainer = False
+        self._accelerate_accumulates = False
+        self._pending = None  # (drawn, values, factors, kind, updated positions) of a lean step under way
+        self._state_key = state_key
+        self._grad_handles: list = []
+        self._sync = None
+        self._gradient_order: dict[int, None] = {}
+        self._given_draw: list[torch.Tensor] | None = None
+        self._sparse_states: dict | None = None  # the sparse optimizer state of the latest lean step
 
     # -- life cycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -170,6 +204,10 @@ class StepEngine:
         self.tracker.armed = True
         if self._root_handle is None:
             self._root_handle = self.tracker.root.register_forward_pre_hook(self._on_forward)
+        if not self._grad_handles:
+            for position, candidate in enumerate(self.candidates):
+                self._grad_handles.append(candidate.param.register_post_accumulate_grad_hook(
+                    lambda param, position=position: self._on_gradient(position, param)))
         _ENGINES.add(self)
 
     @property
@@ -182,6 +220,12 @@ class StepEngine:
         if self._root_handle is not None:
             self._root_handle.remove()
             self._root_handle = None
+        for handle in self._grad_handles:
+            handle.remove()
+        self._grad_handles.clear()
+        if self.lean is not None:
+            self.lean.clear_gradients()
+            self.lean.reset()
         _ENGINES.discard(self)
         self.decay.restore()
         self.strict.restore()
@@ -199,6 +243,10 @@ class StepEngine:
             self._owned[optimizer] = cached
         return cached[1]
 
+    @property
+    def lean_active(self) -> bool:
+        return self.lean is not None
+
     # -- forward -----------------------------------------------------------------------------------------------
     def _on_forward(self, module, args):
         # A forward with gradients starts a new step, also in eval mode (a model trained without dropout).
@@ -206,8 +254,32 @@ class StepEngine:
             return
         self._cycle_drawn = False
         self._depth = 0
+        self._pending = None
         self._check_setup()
         self.audit.verify(context=BYPASS_HINT)
+        if self._backward_seen:
+            self._after_backward_without_step()
+        self._forwards += 1
+
+    def _after_backward_without_step(self) -> None:
+        """A forward after a backward, with no optimizer step in between: gradient accumulation, or a step that
+        was abandoned (skipped by a gradient scaler, or its gradients set to None)."""
+        grads = [c.param.grad for c in self.candidates]
+        if any(isinstance(g, ConsumedGrad) and not g.zeroed for g in grads):
+            raise RuntimeError(accumulation_error())
+        if all(g is None or isinstance(g, ConsumedGrad) for g in grads):
+            # Abandoned: its statistics must not leak into the next draw.
+            self._abandon_step()
+
+    def _abandon_step(self) -> None:
+        self.tracker.reset()
+        if self.lean is not None:
+            self.lean.clear_gradients()
+            self.lean.reset()
+        self._pending = None
+        self._backward_seen = False
+        self._forwards = 0
+        self._gradient_order.clear()
 
     def _check_setup(self) -> None:
         """Refuse sharded engines (FSDP, DeepSpeed), which wrap the model after `get_peft_model`: once per engine."""
@@ -215,18 +287,62 @@ class StepEngine:
             distributed.check_supported(self.tracker.root, self.candidates)
             self._setup_checked = True
 
+    # -- backward (lean) ---------------------------------------------------------------------------------------
+    def _streams_now(self) -> bool:
+        """Whether the running backward ends the step, so its gradients can be consumed as they complete."""
+        if self.hold_gradients or distributed.world_size() > 1:
+            return False
+        synced = accelerate_syncs_gradients()
+        if synced is False:
+            self._accelerate_accumulates = True
+            return False
+        if synced and (self._accelerate_accumulates or self.driven_by_trainer):
+            return True  # the last micro-batch of a step, by the word of the loop that runs the micro-batches
+        if self._steps_here == 0 and self.config.memory == "auto":
+            # A plain loop gives no sign of gradient accumulation before its first step ends: that step keeps
+            # gradients dense (the draw is made at the step), and shows how many forwards a step takes.
+            return False
+        return self._forwards >= self._forwards_per_step
+
+    def _on_gradient(self, position: int, param: torch.Tensor) -> None:
+        if not self.tracker.armed:
+            return
+        self._backward_seen = True
+        # The order gradients complete in: a draw made at the step (first step, accumulation, DDP) visits the tensors
+        # in it too, so it consumes the random stream as a streamed draw would — one process and several ranks then
+        # draw the same entries.
+        self._gradient_order.setdefault(position, None)
+        if self.lean is not None and self._streams_now():
+            self.lean.consume(position, param, self.tracker.means(self.candidates[position]), self._new_stream)
+
     # -- optimizer step ----------------------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = torch.Generator(device=device).manual_seed(self.config.seed)
-            self._generators[device] = generator
-        return generator
+        return torch.Generator(device=device).manual_seed(step_seed(self.config.seed, self.stats.step))
 
-    def _draw(self) -> list[torch.Tensor]:
+    def _reuses_mask(self) -> bool:
+        return self.last_draw is not None and self.stats.step % self.config.mask_interval != 0
+
+    def _new_stream(self) -> StreamingDraw:
+        budgeted = self.max_changed is not None
+        device = self.candidates[0].param.device
+        return StreamingDraw(
+            [c.param for c in self.candidates],
+            self.k,
+            self.config.selection,
+            self._generator(device),
+            fixed=self.last_draw if self._reuses_mask() else None,
+            changed=[self.patch.index.get(c.name) for c in self.candidates] if budgeted else None,
+            max_new=max(0, self.max_changed - self.patch.count) if budgeted else None,
+        )
+
+    def _sync_statistics(self):
         sync = self.reduce_statistics if self.reduce_statistics is not None else distributed.default_sync()
         if sync is not None:
             sync(self.tracker)
+        return sync
+
+    def _draw(self) -> list[torch.Tensor]:
+        sync = self._sync_statistics()
         budgeted = self.max_changed is not None
         sources = [
             Source(
@@ -248,15 +364,118 @@ class StepEngine:
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._depth += 1
         if self._cycle_drawn:
-            # A second optimizer in the same step: gradients are already masked, only its decay needs confining.
-            self.decay.apply(optimizer, self._drawn_by_id)
+            if self._pending is not None:
+                self._release_gradients(optimizer)  # another optimizer holding other candidates
+            else:
+                # A second optimizer in the same step: gradients are already masked, only its decay needs confining.
+                self.decay.apply(optimizer, self._drawn_by_id)
             return
         self._check_setup()
         self.audit.verify(context=BYPASS_HINT)
-        reuse = self.last_draw is not None and self.stats.step % self.config.mask_interval != 0
-        drawn = self.last_draw if reuse else self._draw()
-        if not reuse:
+        kind = sparse_optim.kind_of(optimizer)
+        if self.lean is not None and kind is None:
+            self._leave_lean(optimizer)
+        if self._skipped_by_scaler(optimizer):
+            self._skip(optimizer, reason=None)
+            return
+        if self.lean is not None:
+            self._lean_step(optimizer, kind)
+        else:
+            self._dense_step(optimizer)
+
+    def _skipped_by_scaler(self, optimizer) -> bool:
+        """A fused optimizer stepped by GradScaler skips inside its kernel when an inf/NaN was found."""
+        found_inf = getattr(optimizer, "found_inf", None)
+        return isinstance(found_inf, torch.Tensor) and bool(found_inf.sum() > 0)
+
+    def _skip(self, optimizer, reason: str | None) -> None:
+        """Nothing changes in this step: no draw, no update, no step counted; μ starts afresh."""
+        if reason is not None:
+            warnings.warn(f"StocTuning: optimizer step {self.stats.step + 1} skipped: {reason}", stacklevel=4)
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+        for candidate in self.candidates:
+            candidate.param.grad = None
+        self._abandon_step()
+        self._cycle_drawn = True
+
+    def _leave_lean(self, optimizer) -> None:
+        """An optimizer whose arithmetic StocTuning does not reproduce: dense mode from now on (or refuse)."""
+        name = type(optimizer).__name__
+        if self.config.memory == "lean":
+            raise ValueError(
+                f"StocTuningConfig(memory='lean') reproduces the updates of torch.optim SGD, Adam and AdamW, not of "
+                f"{name}. Use one of those, or memory='dense' (or the default 'auto', which falls back to dense)."
+            )
+        warnings.warn(
+            f"StocTuning trains in memory='dense' mode with {name}: the memory-lean mode reproduces the updates of "
+            "torch.optim SGD, Adam and AdamW only, so this optimizer gets dense gradients and keeps its own state "
+            "for every candidate.",
+            stacklevel=4,
+        )
+        lean, self.lean = self.lean, None
+        if lean.stream is not None:  # gradients already consumed in this step: give them back, masked
+            drawn, values, factors = lean.finish(self._new_stream)
+            for candidate, index, value, factor in zip(self.candidates, drawn, values, factors):
+                if value is None:
+                    candidate.param.grad = None
+                    continue
+                grad = torch.zeros_like(candidate.param)
+                grad.view(-1).index_copy_(0, index, (value * factor).to(grad.dtype))
+                candidate.param.grad = grad
+            self._given_draw = drawn
+        lean.reset()
+
+    def _lean_step(self, optimizer, kind: str) -> None:
+        lean = self.lean
+        self._sync_statistics_for_lean()
+        lean.consume_dense(list(self._gradient_order), self.tracker.means, self._new_stream)
+        if lean.nonfinite:
+            names = ", ".join(lean.nonfinite[:3])
+            self._skip(optimizer, reason=f"the gradients of {names} are not finite (inf or NaN). No weight changed.")
+            return
+        drawn, values, factors = lean.finish(self._new_stream)
+        if isinstance(self._sync, distributed.RankSync):
+            self._sync.check_draw(drawn)
+        if not self._reuses_mask():
             self.draws += 1
+        self.last_draw = drawn
+        self.stats.drawn = int(sum(d.numel() for d in drawn))
+        self.stats.grad_bytes = lean.peak_grad_bytes
+        self._pending = (drawn, values, factors, kind, set())
+        self._release_gradients(optimizer)
+        self.stats.step += 1
+        self._cycle_drawn = True
+
+    def _release_gradients(self, optimizer) -> None:
+        """The candidates this optimizer holds leave its hands: StocTuning updates them after its step."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for candidate in self.candidates:
+            if id(candidate.param) in held:
+                candidate.param.grad = None
+
+    def _sync_statistics_for_lean(self) -> None:
+        # Under data parallelism nothing was streamed: μ is reduced across ranks before the draw, as in dense mode.
+        self._sync = self._sync_statistics() if self.lean.stream is None else None
+
+    def _lean_update(self, optimizer) -> None:
+        drawn, values, factors, kind, done = self._pending
+        kind = sparse_optim.kind_of(optimizer) or kind
+        strict = self.config.update_rule == "strict"
+        self.lean.update(optimizer, kind, strict, drawn, values, factors,
+                         lambda c, index: self.patch.record(c.name, c.param, index), done)
+        self._sparse_states = self.lean.states(optimizer)
+
+    def _dense_step(self, optimizer) -> None:
+        given, self._given_draw = self._given_draw, None
+        if given is not None:
+            drawn = given
+        else:
+            reuse = self._reuses_mask()
+            drawn = self.last_draw if reuse else self._draw()
+            if not reuse:
+                self.draws += 1
         self.last_draw = drawn
         self._drawn_by_id = {id(c.param): idx for c, idx in zip(self.candidates, drawn)}
         strict = self.config.update_rule == "strict"
@@ -268,6 +487,9 @@ class StepEngine:
             mask_gradient(candidate.param, index)
         self.decay.apply(optimizer, self._drawn_by_id)
         self.stats.drawn = int(sum(d.numel() for d in drawn))
+        self.stats.grad_bytes = sum(
+            c.param.grad.numel() * c.param.grad.element_size() for c in self.candidates if c.param.grad is not None
+        )
         self.stats.step += 1
         self._cycle_drawn = True
 
@@ -278,6 +500,8 @@ class StepEngine:
             return  # an optimizer stepped inside another's step: finish when the outer one (and its broadcast) ends
         self.decay.restore()
         self.strict.restore()
+        if self._pending is not None:
+            self._lean_update(optimizer)
         self.audit.verify(
             allowed=self.patch,
             context=(
@@ -286,4 +510,22 @@ class StepEngine:
             ),
         )
         self.stats.changed = self.patch.count
+        self.stats.optimizer_state_bytes = state_bytes(optimizer, self.candidates, self.state_key)
+        if self._forwards:
+            self._forwards_per_step = self._forwards
+        self._forwards = 0
+        self._steps_here += 1
+        self._backward_seen = False
+        if self.lean is not None:
+            self.lean.reset()
         self.tracker.reset()
+
+    @property
+    def state_key(self) -> str:
+        return self._state_key
+
+    def masters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Float32 master values of low-precision candidates, by name: (sorted flat indices, values). They outlive
+        the optimizer, so an adapter saved after training still gets the float32 deltas."""
+        states = self._sparse_states or {}
+        return {name: (s["index"], s["master"]) for name, s in states.items() if "master" in s and "index" in s}

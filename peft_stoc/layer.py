@@ -7,6 +7,8 @@ which `get_model_status` and `disable_adapter` look for) lives on the tuner, out
 
 from __future__ import annotations
 
+import math
+
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -66,12 +68,22 @@ class Patch:
         self.index.clear()
         self.original.clear()
 
-    def delta(self, params: Params) -> SparseDelta:
-        """current − original in float32 over the remembered entries, exact zeros dropped."""
+    def delta(self, params: Params, masters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> SparseDelta:
+        """current − original in float32 over the remembered entries, exact zeros dropped.
+
+        `masters`: float32 master values (sorted indices, values) of low-precision tensors, which hold what training
+        accumulated below the weights' resolution; where given they stand for the current values. Each delta is
+        chosen so that adding it to the original the way `StocTuningLayer.apply` does gives the current weight bit
+        for bit."""
         tensors = {}
         for name, index in self.index.items():
             flat = _flat(params[name])
-            diff = flat[index.to(flat.device)].float() - self.original[name].to(flat.device).float()
+            index_here = index.to(flat.device)
+            weights = flat.index_select(0, index_here)
+            current = weights.float()
+            if masters and name in masters:
+                current = _with_masters(current, index_here, *masters[name])
+            diff = exact_delta(self.original[name].to(flat.device), current, weights)
             nonzero = diff != 0
             if nonzero.any():
                 tensors[name] = (index[nonzero.to(index.device)], diff[nonzero])
@@ -87,6 +99,44 @@ class Patch:
             hit = index[slot] == positions
             values[hit.to(values.device)] = self.original[name][slot[hit]].to(values.device)
         return values
+
+
+def _with_masters(current: torch.Tensor, index: torch.Tensor, master_index: torch.Tensor, master: torch.Tensor):
+    """`current` (values at sorted `index`) with the master values where the masters have an entry."""
+    master_index, master = master_index.to(index.device), master.to(index.device)
+    if master_index.numel() == 0:
+        return current
+    slot = torch.searchsorted(master_index, index).clamp_(max=master_index.numel() - 1)
+    hit = master_index.index_select(0, slot) == index
+    return torch.where(hit, master.index_select(0, slot), current)
+
+
+def exact_delta(original: torch.Tensor, current: torch.Tensor, weights: torch.Tensor, tries: int = 4) -> torch.Tensor:
+    """d ≈ current − original such that `add_delta(original, d)` equals `weights` bit for bit.
+
+    current − original is rounded to float32, and adding it back can land one rounding step away from the trained
+    weight; moving d by one float32 step toward the target fixes that wherever a float32 d can reach it. Where none
+    can (an entry that moved by more than its own size), the tensor's deltas are kept in float64, in which the
+    difference of two float32 values is exact."""
+    base = original.float()
+    delta = current - base
+    for _ in range(tries):
+        landed = add_delta(original, delta)
+        off = landed != weights
+        if not bool(off.any()):
+            return delta
+        direction = torch.where(landed.float() < weights.float(), math.inf, -math.inf)
+        delta = torch.where(off, torch.nextafter(delta, direction), delta)
+    off = add_delta(original, delta) != weights
+    if bool(off.any()):
+        return torch.where(off, current.double() - original.double(), delta.double())
+    return delta
+
+
+def add_delta(values: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """`values` + `delta`, computed in float32 (float64 for float64 deltas) and rounded to `values`' dtype."""
+    wide = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    return (values.to(wide) + delta.to(device=values.device, dtype=wide)).to(values.dtype)
 
 
 class AdapterSlot(nn.Module):
@@ -124,7 +174,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
                 index = index.to(param.device)
                 self.patch.record(name, param, index)
                 flat = _flat(param)
-                flat[index] = (flat[index].float() + values.to(param.device).float()).to(param.dtype)
+                flat[index] = add_delta(flat[index], values)
         self.applied = tuple(names)
 
     def restore(self, params: Params) -> None:
@@ -134,10 +184,10 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         self.patch.restore(params)
         self.applied = ()
 
-    def capture(self, name: str, params: Params) -> None:
+    def capture(self, name: str, params: Params, masters=None) -> None:
         """Store what training changed in place as adapter `name`'s delta (it must be the only one applied)."""
         if self.applied == (name,) and self._hidden is None:
-            self.stoc_adapters[name].delta = self.patch.delta(params)
+            self.stoc_adapters[name].delta = self.patch.delta(params, masters)
 
     # -- disabling without forgetting --------------------------------------------------------------------------
     def hide(self, params: Params) -> None:

@@ -7,6 +7,7 @@ merged set) to the base, and runs a `StepEngine` while the active adapter is tra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import warnings
@@ -47,6 +48,7 @@ class StocTuningModel(BaseTuner):
             self._engines: dict[str, StepEngine] = {}
             self._trainable: dict[str, bool] = {}
             self._captured_at: dict[str, int] = {}  # engine step at which each adapter's delta was stored
+            self._steps_loaded: dict[str, int] = {}  # optimizer steps an adapter loaded from a file had taken
             self._requires_grad_before = {id(p): (p, p.requires_grad) for p in model.parameters()}
 
     def _create_and_replace(self, *args, **kwargs) -> None:
@@ -111,7 +113,7 @@ class StocTuningModel(BaseTuner):
         params = self._base_params()
         was_hidden = layer.hidden
         layer.unhide(params)
-        layer.capture(name, params)
+        layer.capture(name, params, engine.masters())
         if was_hidden:
             layer.hide(params)  # the same values as before: nothing the audit would notice
         self._captured_at[name] = engine.stats.step
@@ -145,8 +147,11 @@ class StocTuningModel(BaseTuner):
             if engine is None:
                 k, max_changed = self._counts[training]
                 engine = StepEngine(self.model, self._candidates[training], self.peft_config[training], layer.patch,
-                                    k, max_changed)
+                                    k, max_changed, state_key=f"peft_stoc.{training}",
+                                    step=self._steps_loaded.get(training, 0))
                 self._engines[training] = engine
+                self._captured_at[training] = engine.stats.step
+                engine.driven_by_trainer = getattr(self, "_driven_by_trainer", False)
             if not engine.running:
                 engine.start()
             engine.weights_changed_by_us()
@@ -316,7 +321,8 @@ class StocTuningModel(BaseTuner):
         else:
             candidates = sum(c.numel for c in self._candidates[name])
             changed = self.adapter_delta(name).num_changed
-            stats = {"step": 0, "drawn": 0, "changed": changed, "density": changed / candidates}
+            stats = {"step": self._steps_loaded.get(name, 0), "drawn": 0, "changed": changed,
+                     "density": changed / candidates, "grad_bytes": 0, "optimizer_state_bytes": 0}
         value_bytes = torch.finfo(getattr(torch, self.peft_config[name].save_dtype)).bits // 8
         head_bytes = sum(
             p.numel() * p.element_size()
@@ -331,6 +337,32 @@ class StocTuningModel(BaseTuner):
         """The step engine of the adapter being trained, if any."""
         engine = self._engines.get(self._training_adapter() or "")
         return engine if engine is not None and engine.running else None
+
+    @contextlib.contextmanager
+    def stoc_accumulating(self):
+        """Keep candidate gradients dense during the backwards inside: micro-batches that are not the last of an
+        optimizer step, in a plain loop that accumulates gradients from its very first step (Trainer, TRL,
+        accelerate's `accumulate()` and DDP are detected without it, and any loop from its second step on)."""
+        engine = self.stoc_engine()
+        if engine is None:
+            yield
+            return
+        engine.hold_gradients = True
+        try:
+            yield
+        finally:
+            engine.hold_gradients = False
+
+    def set_driven_by_trainer(self, driven: bool) -> None:
+        """Called by `StocTuningCallback` when a Trainer starts and ends training this model."""
+        self._driven_by_trainer = driven
+        for engine in self._engines.values():
+            engine.driven_by_trainer = driven
+
+    def note_loaded(self, adapter_name: str, counts: dict) -> None:
+        """Remember how many optimizer steps a loaded adapter had taken: its draws continue from there."""
+        step = counts.get("step", 0) if isinstance(counts, dict) else 0
+        self._steps_loaded[adapter_name] = step if isinstance(step, int) and step >= 0 else 0
 
     def stoc_sync(self) -> None:
         """Accept changes made to the base weights outside an optimizer step as the new starting point."""
@@ -371,6 +403,7 @@ class StocTuningModel(BaseTuner):
             "tensors": len(delta.tensors),
             "candidates": sum(p.numel() for p in params.values()),
             "k": k,
+            "step": self.stoc_stats(adapter_name)["step"],
         }
         shapes = {name: list(params[name].shape) for name in delta.tensors}
         return {

@@ -82,6 +82,7 @@ def _wrap_load_adapter(original):
         config = self.peft_config.get(adapter_name) or PeftConfig.from_pretrained(model_id, **hub_kwargs)
         file = adapter_file.read(_adapter_path(str(model_id), hub_kwargs))
         tuner.check_file(file, config, ignore_base_mismatch=ignore_base_mismatch)
+        tuner.note_loaded(adapter_name, file.counts)
         return original(self, model_id, adapter_name, *args, **kwargs)
 
     return load_adapter

@@ -105,42 +105,57 @@ def importance(source: Source, start: int, stop: int) -> torch.Tensor:
     return value.abs_().reshape(-1)
 
 
-def _split_by_tensor(tensor: torch.Tensor, index: torch.Tensor, sources: list[Source]) -> list[torch.Tensor]:
-    """Per source, the sorted flat indices whose tensor id is that source's position."""
+def _split_by_tensor(
+    tensor: torch.Tensor, index: torch.Tensor, sources: list, values: torch.Tensor | None = None
+) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per source, the sorted flat indices whose tensor id is that source's position (and the `values` carried
+    along with them, when given). `sources` only needs a length and, per entry, a `.param` for the device."""
     index, order = index.sort()
     tensor = tensor.index_select(0, order)
-    tensor, order = tensor.sort(stable=True)
-    index = index.index_select(0, order)
+    tensor, second = tensor.sort(stable=True)
+    index = index.index_select(0, second)
     counts = torch.bincount(tensor, minlength=len(sources)).tolist()
-    return [part.to(s.param.device) for part, s in zip(index.split(counts), sources)]
+    parts = [part.to(s.param.device) for part, s in zip(index.split(counts), sources)]
+    if values is None:
+        return parts
+    values = values.index_select(0, order).index_select(0, second)
+    return parts, list(values.split(counts))
 
 
 class _Pool:
-    """The best `size` keys seen so far, with the (tensor, flat index) each belongs to."""
+    """The best `size` keys seen so far, with the (tensor, flat index) each belongs to.
 
-    def __init__(self, size: int, device):
+    With `carry`, every key also carries a value (the gradient at its entry), so a draw made while gradients stream
+    past keeps what the update needs once they are freed."""
+
+    def __init__(self, size: int, device, carry: bool = False):
         self.size = size
         self.keys = torch.empty(0, device=device)
         self.tensor = torch.empty(0, dtype=torch.long, device=device)
         self.index = torch.empty(0, dtype=torch.long, device=device)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.values = torch.empty(0, device=device) if carry else None
+        self._pending: list[tuple] = []
         self._pending_count = 0
 
-    def offer_chunk(self, keys: torch.Tensor, tensor_id: int, offset: int) -> None:
-        """Offer one chunk's keys (-inf = not eligible); keys below the current threshold are dropped unsorted."""
+    def offer_chunk(self, keys: torch.Tensor, tensor_id: int, offset: int, values: torch.Tensor | None = None) -> None:
+        """Offer one chunk's keys (-inf = not eligible); keys below the current threshold are dropped unsorted.
+        `values`: the chunk's carried values, aligned with `keys` (pools that carry values)."""
         if self.size == 0:
             return
         floor = float(self.keys.min()) if self.keys.numel() >= self.size else float("-inf")
         index = (keys > floor).nonzero().squeeze(1)
         if index.numel() > self.size:
             index = index[torch.topk(keys[index], self.size, sorted=False).indices]
-        self._add(keys[index], torch.full_like(index, tensor_id), index + offset)
+        carried = None if values is None else values.index_select(0, index)
+        self._add(keys[index], torch.full_like(index, tensor_id), index + offset, carried)
 
-    def offer(self, keys: torch.Tensor, tensor: torch.Tensor, index: torch.Tensor) -> None:
+    def offer(
+        self, keys: torch.Tensor, tensor: torch.Tensor, index: torch.Tensor, values: torch.Tensor | None = None
+    ) -> None:
         """Offer keys of entries (tensor ids, flat indices); merged in batches (see `flush`)."""
         if self.size == 0 or keys.numel() == 0:
             return
-        self._pending.append((keys, tensor, index))
+        self._pending.append((keys, tensor, index) if values is None else (keys, tensor, index, values))
         self._pending_count += keys.numel()
         # Merging costs a top-k over the pool: batch offers, at the price of a threshold that lags a little.
         if self._pending_count >= max(self.size // 4, 1024):
@@ -148,10 +163,10 @@ class _Pool:
 
     def flush(self) -> None:
         if self._pending:
-            keys, tensor, index = (torch.cat(parts) for parts in zip(*self._pending))
+            parts = [torch.cat(column) for column in zip(*self._pending)]
             self._pending.clear()
             self._pending_count = 0
-            self._add(keys, tensor, index)
+            self._add(*parts)
 
     @property
     def full(self) -> bool:
@@ -163,24 +178,39 @@ class _Pool:
         """The smallest key kept once the pool is full (a lower bound of the final k-th key)."""
         return float(self.keys.min())
 
-    def _add(self, keys: torch.Tensor, tensor: torch.Tensor, index: torch.Tensor) -> None:
+    def _add(
+        self, keys: torch.Tensor, tensor: torch.Tensor, index: torch.Tensor, values: torch.Tensor | None = None
+    ) -> None:
         device = self.keys.device
         self.keys = torch.cat([self.keys, keys.to(device)])
         self.tensor = torch.cat([self.tensor, tensor.to(device)])
         self.index = torch.cat([self.index, index.to(device)])
+        if self.values is not None:
+            self.values = torch.cat([self.values, values.to(device=device, dtype=self.values.dtype)])
         if self.keys.numel() > self.size:
             self.keys, top = torch.topk(self.keys, self.size, sorted=False)
             self.tensor, self.index = self.tensor.index_select(0, top), self.index.index_select(0, top)
+            if self.values is not None:
+                self.values = self.values.index_select(0, top)
 
-    def merged_with(self, other: _Pool) -> _Pool:
-        merged = _Pool(self.size, self.keys.device)
+    def merged_with(self, other: _Pool, size: int | None = None) -> _Pool:
+        """One pool of the best `size` (default: this pool's size) keys of both."""
+        self.flush()
+        other.flush()
+        merged = _Pool(self.size if size is None else size, self.keys.device, carry=self.values is not None)
+        values = None if self.values is None else torch.cat([self.values, other.values])
         merged._add(torch.cat([self.keys, other.keys]), torch.cat([self.tensor, other.tensor]),
-                    torch.cat([self.index, other.index]))
+                    torch.cat([self.index, other.index]), values)
         return merged
 
-    def split(self, sources: list[Source]) -> list[torch.Tensor]:
+    def split(self, sources: list) -> list[torch.Tensor]:
         self.flush()
         return _split_by_tensor(self.tensor, self.index, sources)
+
+    def split_with_values(self, sources: list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per source: sorted flat indices and the values carried with them."""
+        self.flush()
+        return _split_by_tensor(self.tensor, self.index, sources, self.values)
 
 
 @dataclass
@@ -231,6 +261,17 @@ class _Segment:
         return self.start + slot.masked_select(inside) * per_row + (index % per_row).masked_select(inside)
 
 
+def gather_gradients(segments: list[_Segment], tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gradient values (float32) at (tensor ids, flat indices) of the tensors laid out in `segments`."""
+    if len(segments) == 1:
+        return segments[0].source.grad.reshape(-1).index_select(0, index).float()
+    out = torch.empty(index.shape, dtype=torch.float32, device=index.device)
+    for tensor_id, source in {s.tensor_id: s.source for s in segments}.items():
+        inside = tensor == tensor_id
+        out.masked_scatter_(inside, source.grad.reshape(-1).index_select(0, index.masked_select(inside)).float())
+    return out
+
+
 def _locate(segments: list[_Segment], local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Buffer positions of a chunk → (tensor ids, flat indices in those tensors), for all its segments at once."""
     if len(segments) == 1:
@@ -248,14 +289,15 @@ def _locate(segments: list[_Segment], local: torch.Tensor) -> tuple[torch.Tensor
     return tensor, flat
 
 
-def _chunks(sources: list[Source], chunk_entries: int):
+def _chunks(sources: list[Source], chunk_entries: int, ids: list[int] | None = None):
     """Lists of segments holding about `chunk_entries` entries: rows of a large tensor, or small tensors packed.
+    `ids`: the tensor id of each source (default: its position).
 
     Tensors without a gradient are left out, and so are embedding rows whose μ is 0 in every factor (tokens absent
     from the batch): their importance is 0.
     """
     chunk, filled = [], 0
-    for tensor_id, source in enumerate(sources):
+    for tensor_id, source in zip(range(len(sources)) if ids is None else ids, sources):
         if source.grad is None:
             continue
         for rows, size in _row_groups(source, chunk_entries):
@@ -287,11 +329,12 @@ def _row_groups(source: Source, chunk_entries: int):
 class _Thinning:
     """The fast exact draw (see the module docstring)."""
 
-    def __init__(self, k: int, method: str, generator: torch.Generator, device, chunk_entries: int):
+    def __init__(self, k: int, method: str, generator: torch.Generator, device, chunk_entries: int,
+                 carry: bool = False):
         self.k = k
         self.top = method == "top"
         self.generator = generator
-        self.pool = _Pool(k, device)
+        self.pool = _Pool(k, device, carry=carry)
         self.chunk_entries = chunk_entries
         self._buffer = torch.empty(0, device=device)
         self._keyed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor ids, flat indices) given a key so far
@@ -325,10 +368,17 @@ class _Thinning:
         return buffer
 
     def _block_stats(self, segments: list[_Segment]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per block of `BLOCK_ENTRIES` entries of a chunk: the largest I, and Σ I²."""
+        """Per block of `BLOCK_ENTRIES` entries of a chunk: the largest I, and Σ I² (float64).
+
+        I² leaves float32's range for I below ~1e-19 or above ~1e19: the sums are taken of (I / the chunk's largest I)²
+        and scaled back in float64, so the statistics are right at any magnitude."""
         blocks = self._load(segments, 1.0).abs_().view(-1, BLOCK_ENTRIES)
         largest = blocks.amax(1)
-        return largest, blocks.square_().sum(1)
+        peak = float(largest.max()) if largest.numel() else 0.0
+        if not 0.0 < peak < math.inf:
+            return largest, blocks.double().square_().sum(1)  # all zero, or non-finite (refused by the caller)
+        mass = blocks.div_(peak).square_().sum(1, dtype=torch.float64)
+        return largest, mass.mul_(peak * peak)
 
     def _first_threshold(self, largest: torch.Tensor, mass: torch.Tensor) -> float | None:
         """A threshold x on the keys I²/E that about 2k of them beat, from the block statistics alone.
@@ -393,12 +443,16 @@ class _Thinning:
                 local = blocks.index_select(0, block) * BLOCK_ENTRIES + col
             else:
                 local = buffer.nonzero().squeeze(1)
-            keys = buffer.index_select(0, local)
-            if local.numel() > self.k:
-                best = torch.topk(keys, self.k, sorted=False).indices
-                local, keys = local.index_select(0, best), keys.index_select(0, best)
-            tensor, index = _locate(segments, local)
-            self.pool.offer(keys, tensor, index)
+            self._offer_top(segments, buffer, local)
+
+    def _offer_top(self, segments, buffer: torch.Tensor, local: torch.Tensor) -> None:
+        """Offer the entries at buffer positions `local` with their importance as the key (at most k of them)."""
+        keys = buffer.index_select(0, local)
+        if local.numel() > self.k:
+            best = torch.topk(keys, self.k, sorted=False).indices
+            local, keys = local.index_select(0, best), keys.index_select(0, best)
+        tensor, index = _locate(segments, local)
+        self.pool.offer(keys, tensor, index, self._carried(segments, tensor, index))
 
     # -- stochastic ----------------------------------------------------------------------------------------------
     def _run_stochastic(self, chunks, stats) -> None:
@@ -596,7 +650,13 @@ class _Thinning:
         keys = magnitude.log_().sub_(exp.log_().mul_(0.5).to(magnitude.dtype))
         tensor, index = _locate(segments, local)
         self._keyed.append((tensor, index))
-        self.pool.offer(keys, tensor, index)
+        self.pool.offer(keys, tensor, index, self._carried(segments, tensor, index))
+
+    def _carried(self, segments, tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+        """The gradients at the offered entries, for a pool that carries them."""
+        if self.pool.values is None:
+            return None
+        return gather_gradients(segments, tensor, index)
 
 
 def _draw_uniform(sources: list[Source], k: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -39,14 +39,19 @@ def test_file_holds_only_changed_entries_and_the_head(tmp_path):
     assert 40 <= changed <= 160
     head = {k: v for k, v in file.tensors.items() if not adapter_file.is_delta_key(k)}
     assert head and all(k.startswith("base_model.model.classifier.") for k in head)  # never full base weights
+    exact = 0  # entries whose float32 delta cannot reproduce the trained weight: kept exactly in float64
     for key, tensor in file.tensors.items():
         if key.endswith(adapter_file.INDEX_SUFFIX):
             assert tensor.dtype == torch.int32 and torch.all(tensor[1:] > tensor[:-1])
         elif key.endswith(adapter_file.VALUES_SUFFIX):
             assert tensor.dtype == torch.float32
+        elif key.endswith(adapter_file.EXACT_SUFFIX):
+            assert tensor.dtype == torch.float64
+            exact += tensor.numel()
+    assert exact < changed / 4
     head_bytes = sum(t.numel() * t.element_size() for t in head.values())
     header = struct.unpack("<Q", path.read_bytes()[:8])[0]
-    assert os.path.getsize(path) == 8 + header + 8 * changed + head_bytes
+    assert os.path.getsize(path) == 8 + header + 8 * changed + 12 * exact + head_bytes
     assert model.stoc_stats()["adapter_bytes"] == 8 * changed + head_bytes
     assert header <= 4096 + 256 * len(file.tensors)  # a small header: names, offsets, format, fingerprint
     assert file.metadata[adapter_file.META_FORMAT] == "1"

@@ -1,0 +1,150 @@
+"""Memory-lean training: candidate gradients consumed during the backward, optimizer state only where it is needed.
+
+`LeanStep` does, for one step engine:
+
+* backward — a post-accumulate-grad hook per candidate feeds each complete gradient to the step's `StreamingDraw`
+  and replaces it with a `ConsumedGrad` (its norm and finiteness, for clipping and loss scaling), so gradients of
+  candidates never exist for the whole model at once. Gradients are left dense, and drawn from at the optimizer
+  step instead, when the backward is not the last one of the step (gradient accumulation: accelerate's gradient
+  state, `stoc_accumulating()`, or the number of forwards per step seen so far) and under data parallelism (DDP
+  reduces gradients in its own buckets after these hooks run);
+* optimizer step — the draw is finished, the drawn gradients are scaled by what clipping and unscaling applied, and
+  `sparse_optim` updates the candidates held by this optimizer; their gradients are then set to None, so the user's
+  optimizer keeps dense state only for the other parameters (task heads).
+
+The sparse state lives in the optimizer's own `state` under a string key, so `optimizer.state_dict()` and
+`load_state_dict()` — and with them Trainer and accelerate checkpoints — carry it without any hook.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from . import sparse_optim
+from .candidates import Candidate
+from .consumed_grad import ConsumedGrad, factor_of
+from .streaming import StreamingDraw
+
+
+def accelerate_syncs_gradients() -> bool | None:
+    """accelerate's (and Trainer's) word on whether the running backward ends an optimizer step; None if no
+    accelerate gradient state exists in this process."""
+    state = sys.modules.get("accelerate.state")
+    gradient_state = getattr(state, "GradientState", None)
+    shared = getattr(gradient_state, "_shared_state", None)
+    if not shared:
+        return None
+    return bool(shared.get("sync_gradients", True))
+
+
+def _bytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None or isinstance(tensor, ConsumedGrad) else tensor.numel() * tensor.element_size()
+
+
+class LeanStep:
+    """Gradient streaming and the sparse optimizer for the candidates of one adapter."""
+
+    def __init__(self, candidates: list[Candidate], state_key: str):
+        self.candidates = candidates
+        self.state_key = state_key
+        self.stream: StreamingDraw | None = None
+        self.nonfinite: list[str] = []  # candidates whose gradient was not finite in this step
+        self.peak_grad_bytes = 0  # most bytes of candidate gradients held at once in the latest step
+
+    # -- one step --------------------------------------------------------------------------------------------------
+    def consume(self, position: int, param: torch.Tensor, means, make_stream) -> None:
+        """Feed a complete gradient to the step's draw and free it."""
+        grad = param.grad
+        if grad is None or isinstance(grad, ConsumedGrad):
+            return
+        if self.stream is None:
+            self.stream = make_stream()
+        norm = torch.linalg.vector_norm(grad)
+        finite = bool(torch.isfinite(norm))
+        # This gradient, plus the small ones waiting in the stream for their pack.
+        self.peak_grad_bytes = max(self.peak_grad_bytes, _bytes(grad) + self.stream.pending_bytes())
+        if finite:
+            self.stream.add(position, grad, means)
+        else:
+            self.nonfinite.append(self.candidates[position].name)
+        param.grad = ConsumedGrad(grad, norm, finite)
+
+    def consume_dense(self, order: list[int], means_of, make_stream) -> None:
+        """At the optimizer step: the candidates whose gradient is still dense join the draw, in `order` (the order
+        their gradients completed in; the others after them)."""
+        held = sum(_bytes(c.param.grad) for c in self.candidates)
+        self.peak_grad_bytes = max(self.peak_grad_bytes, held)
+        seen = set(order)
+        for position in order + [p for p in range(len(self.candidates)) if p not in seen]:
+            candidate = self.candidates[position]
+            grad = candidate.param.grad
+            if grad is None or isinstance(grad, ConsumedGrad):
+                continue
+            if self.stream is None:
+                self.stream = make_stream()
+            if not bool(torch.isfinite(torch.linalg.vector_norm(grad))):
+                self.nonfinite.append(candidate.name)
+                continue
+            self.stream.add(position, grad, means_of(candidate))
+
+    def finish(self, make_stream):
+        """Drawn indices, gradient values (None: no gradient this step) and clip/unscale factors, per candidate."""
+        stream = self.stream if self.stream is not None else make_stream()
+        drawn, values = stream.finish()
+        factors = [factor_of(c.param.grad) for c in self.candidates]
+        return drawn, values, factors
+
+    def reset(self) -> None:
+        """Forget the step (after it ran, or when it was abandoned)."""
+        self.stream = None
+        self.nonfinite = []
+
+    def clear_gradients(self) -> None:
+        """Drop the consumed-gradient placeholders of an abandoned step."""
+        for candidate in self.candidates:
+            if isinstance(candidate.param.grad, ConsumedGrad):
+                candidate.param.grad = None
+
+    # -- the update --------------------------------------------------------------------------------------------
+    def states(self, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+        """This adapter's sparse optimizer state per candidate name, kept in `optimizer.state`."""
+        holder = optimizer.state[self.state_key]
+        return holder.setdefault("tensors", {})
+
+    def update(self, optimizer, kind: str, strict: bool, drawn, values, factors, record, done: set[int]) -> None:
+        """Apply the step to the candidates this optimizer holds (and that have not been updated in this step)."""
+        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        states = self.states(optimizer)
+        scale = getattr(optimizer, "grad_scale", None)  # a fused optimizer stepped by GradScaler unscales itself
+        for position, candidate in enumerate(self.candidates):
+            group = groups.get(id(candidate.param))
+            if group is None or position in done:
+                continue
+            done.add(position)
+            if values[position] is None:
+                candidate.param.grad = None
+                continue  # no gradient in this step: torch's optimizers skip such a parameter entirely
+            grad = values[position] * factors[position]
+            if scale is not None:
+                grad = grad / scale
+            if drawn[position].numel():
+                record(candidate, drawn[position])
+            state = states.setdefault(candidate.name, {})
+            sparse_optim.sparse_step(candidate.param, state, drawn[position], grad, group, kind, strict)
+            candidate.param.grad = None
+
+
+def state_bytes(optimizer: torch.optim.Optimizer | None, candidates: list[Candidate], state_key: str) -> int:
+    """Bytes of optimizer state held for `candidates`: the sparse state plus any dense state of the optimizer."""
+    if optimizer is None:
+        return 0
+    total = 0
+    sparse = optimizer.state.get(state_key, {}).get("tensors", {}) if state_key in optimizer.state else {}
+    total += sparse_optim.state_bytes(sparse)
+    for candidate in candidates:
+        for value in optimizer.state.get(candidate.param, {}).values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total

@@ -1,0 +1,207 @@
+"""The exact global draw of one optimizer step, fed one gradient at a time while the backward runs.
+
+In memory-lean training a candidate's gradient is freed as soon as it is complete. `StreamingDraw` takes each tensor
+as it arrives and keeps only a pool of the best k keys seen so far, each with the gradient value at its entry. The
+result is the draw `selection.draw` makes over all tensors at once — the same distribution for ``stochastic`` and
+``random``, the same entries for ``top``:
+
+* stochastic: the thinning of `selection` against the pool's running k-th key. An entry whose key cannot beat it now
+  can never be drawn, because the k-th key only grows; only entries that can get a key.
+* top: entries below the pool's k-th importance are skipped.
+* random, or a mask reused under `mask_interval`: the entries are fixed before any gradient arrives; the stream only
+  picks up their gradient values.
+* under a budget (`max_new`): a key for every entry, in a pool of already-changed entries and one of new entries, as
+  the dense reference does.
+* fewer than k entries of non-zero importance in the whole model: the dense draw fills the rest uniformly from the
+  zero-importance entries. A uniform reservoir of those is kept until the stream has seen k non-zero entries, so the
+  fill can be drawn from it.
+
+Tensors below `PACK_BELOW` entries (biases, norms) wait and are processed packed together, as the dense draw does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .selection import (
+    CHUNK_ENTRIES,
+    DEVICE_CHUNK_ENTRIES,
+    Source,
+    _chunk_keys,
+    _chunks,
+    _draw_uniform,
+    _membership,
+    _Pool,
+    _Thinning,
+    importance,
+    row_chunks,
+)
+
+PACK_BELOW = 1 << 16
+
+
+class StreamingDraw:
+    """One step's draw over the tensors `params` (tensor ids are positions in this list), fed by `add`."""
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        k: int,
+        method: str,
+        generator: torch.Generator,
+        fixed: list[torch.Tensor] | None = None,
+        changed: list[torch.Tensor | None] | None = None,
+        max_new: int | None = None,
+        chunk_entries: int | None = None,
+    ):
+        self.sources = [Source(p, None, []) for p in params]
+        self.k = k
+        self.method = method
+        self.generator = generator
+        self.device = params[0].device
+        self.chunk_entries = chunk_entries or (CHUNK_ENTRIES if self.device.type == "cpu" else DEVICE_CHUNK_ENTRIES)
+        self.changed = changed if max_new is not None else None
+        self.max_new = max_new
+        if fixed is None and method == "random" and max_new is None:
+            fixed = _draw_uniform(self.sources, k, generator)
+        self.fixed = fixed
+        self.received: set[int] = set()
+        self._values: list[torch.Tensor | None] = [None] * len(params)
+        self._small: list[tuple[int, Source]] = []
+        self._small_entries = 0
+        self._thinning = _Thinning(k, method, generator, self.device, self.chunk_entries, carry=True)
+        budget = min(k, max(0, max_new)) if max_new is not None else 0
+        self._old, self._new = _Pool(k, self.device, carry=True), _Pool(budget, self.device, carry=True)
+        # Reservoirs of zero-importance entries (already changed / new, when under a budget) for the fill.
+        needs_fill = fixed is None and method != "random"
+        self._fill = [_Pool(k, self.device, carry=True), _Pool(k, self.device, carry=True)] if needs_fill else None
+        self._nonzero = 0
+
+    # -- feeding ---------------------------------------------------------------------------------------------------
+    def add(self, tensor_id: int, grad: torch.Tensor, means: list) -> None:
+        """Take the complete gradient of tensor `tensor_id` (μ factors `means`); it may be freed afterwards, except
+        that a small tensor's gradient is kept until its pack is processed."""
+        source = Source(self.sources[tensor_id].param, grad, means,
+                        self.changed[tensor_id] if self.changed is not None else None)
+        self.received.add(tensor_id)
+        if self.fixed is not None:
+            index = self.fixed[tensor_id].to(grad.device)
+            self._values[tensor_id] = grad.reshape(-1).index_select(0, index).float()
+            return
+        if self._fill is not None:
+            self._feed_fill(tensor_id, source)
+        if self.max_new is not None:
+            self._feed_budgeted(tensor_id, source)
+        elif source.numel < PACK_BELOW:
+            self._small.append((tensor_id, source))
+            self._small_entries += source.numel
+            if self._small_entries >= self.chunk_entries:
+                self._flush_small()
+        else:
+            self._visit([source], [tensor_id])
+
+    def pending_bytes(self) -> int:
+        """Bytes of the small gradients kept until their pack is processed."""
+        return sum(s.grad.numel() * s.grad.element_size() for _, s in self._small)
+
+    def _flush_small(self) -> None:
+        if self._small:
+            ids, sources = zip(*self._small)
+            self._small.clear()
+            self._small_entries = 0
+            self._visit(list(sources), list(ids))
+
+    def _visit(self, sources: list[Source], ids: list[int]) -> None:
+        thinning = self._thinning
+        for segments in _chunks(sources, self.chunk_entries, ids):
+            if self.method == "top":
+                buffer = thinning._load(segments, 1.0).abs_()
+                reach = thinning.pool.threshold() if thinning.pool.full else 0.0
+                local = (buffer > reach).nonzero().squeeze(1)
+                thinning._offer_top(segments, buffer, local)
+            else:
+                thinning._visit_dense(segments, 0.0, math.inf, None)
+
+    def _feed_budgeted(self, tensor_id: int, source: Source) -> None:
+        """A key for every entry; changed and new entries compete in separate pools (see `selection._draw_pass`)."""
+        per_row = source.numel // max(1, source.param.shape[0]) if source.param.dim() else 1
+        flat_grad = source.grad.reshape(-1)
+        for start, stop in row_chunks(source.param.shape, self.chunk_entries):
+            offset = start * per_row
+            keys = _chunk_keys(source, start, stop, self.method, self.generator)
+            values = flat_grad[offset : offset + keys.numel()].float()
+            is_old = _membership(source.changed, offset, keys.numel(), keys.device)
+            self._old.offer_chunk(keys.masked_fill(~is_old, -math.inf), tensor_id, offset, values)
+            self._new.offer_chunk(keys.masked_fill_(is_old, -math.inf), tensor_id, offset, values)
+
+    def _feed_fill(self, tensor_id: int, source: Source | None) -> None:
+        """Uniform keys for the zero-importance entries of a tensor, while the fill may still be needed."""
+        param = self.sources[tensor_id].param
+        per_row = param.numel() // max(1, param.shape[0]) if param.dim() else 1
+        changed = self.changed[tensor_id] if self.changed is not None else None
+        for start, stop in row_chunks(param.shape, self.chunk_entries):
+            offset = start * per_row
+            if source is None:  # a tensor without a gradient: every entry has zero importance
+                size = (stop - start) * per_row
+                weight = torch.zeros(size, device=param.device)
+                values = weight
+            else:
+                weight = importance(source, start, stop)
+                values = source.grad.reshape(-1)[offset : offset + weight.numel()].float()
+            zero = weight == 0
+            self._nonzero += weight.numel() - int(zero.sum())
+            keys = torch.rand(weight.shape, device=weight.device, generator=self.generator)
+            keys.masked_fill_(~zero, -math.inf)
+            is_old = _membership(changed, offset, keys.numel(), keys.device)
+            self._fill[0].offer_chunk(keys.masked_fill(~is_old, -math.inf), tensor_id, offset, values)
+            self._fill[1].offer_chunk(keys.masked_fill_(is_old, -math.inf), tensor_id, offset, values)
+        if self._nonzero >= self.k:
+            self._fill = None  # k entries of non-zero importance exist: no fill can be needed
+
+    # -- result ----------------------------------------------------------------------------------------------------
+    def finish(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Per tensor: the sorted flat indices drawn and the gradient values there (None: no gradient arrived)."""
+        if self.fixed is not None:
+            empty = torch.empty(0, device=self.device)
+            values = [v if v is not None else (None if i not in self.received else empty)
+                      for i, v in enumerate(self._values)]
+            return [f.to(self.sources[i].param.device) for i, f in enumerate(self.fixed)], values
+        self._flush_small()
+        if self.max_new is not None:
+            pool = self._old.merged_with(self._new, size=self.k)
+        else:
+            pool = self._thinning.pool
+        index, values = pool.split_with_values(self.sources)
+        count = sum(i.numel() for i in index)
+        if count < self.k and self._fill is not None:
+            index, values = self._with_fill(index, values, count)
+        values = [v if i in self.received else None for i, v in enumerate(values)]
+        return index, values
+
+    def _with_fill(self, index, values, count):
+        """Add k - count entries drawn uniformly from the zero-importance entries (tensors without a gradient too)."""
+        for tensor_id in range(len(self.sources)):
+            if tensor_id not in self.received and self._fill is not None:
+                self._feed_fill(tensor_id, None)
+        missing = self.k - count
+        old, new = self._fill if self._fill is not None else (_Pool(0, self.device, True),) * 2
+        room = missing
+        if self.max_new is not None:
+            drawn_new = sum(
+                int((~torch.isin(i, c.to(i.device))).sum()) if c is not None else i.numel()
+                for i, c in zip(index, self.changed)
+            )
+            room = min(missing, max(0, self.max_new - drawn_new))
+        limited = _Pool(room, self.device, carry=True)
+        new.flush()
+        limited._add(new.keys, new.tensor, new.index, new.values)
+        extra_index, extra_values = old.merged_with(limited, size=missing).split_with_values(self.sources)
+        merged_index, merged_values = [], []
+        for a, av, b, bv in zip(index, values, extra_index, extra_values):
+            both = torch.cat([a, b])
+            order = both.argsort()
+            merged_index.append(both.index_select(0, order))
+            merged_values.append(torch.cat([av.to(both.device), bv.to(both.device)]).index_select(0, order))
+        return merged_index, merged_values
