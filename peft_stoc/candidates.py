@@ -8,7 +8,6 @@ through the parameter's connections.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -36,6 +35,8 @@ class Use:
 
     module: nn.Module
     kind: UseKind
+    module_name: str = ""
+    traced: bool = True  # False: a module type whose inputs are not followed (its parameters get μ = 1)
 
     @property
     def dim(self) -> int:
@@ -60,8 +61,14 @@ class Candidate:
 
 
 def is_rms_norm(module: nn.Module) -> bool:
-    """RMSNorm modules of torch and transformers (LlamaRMSNorm, ...): no mean subtraction, a gain and an eps."""
-    return isinstance(module, getattr(nn, "RMSNorm", ())) or type(module).__name__.endswith("RMSNorm")
+    """RMSNorm modules of torch and transformers (LlamaRMSNorm, ...): no mean subtraction, a gain and an eps.
+
+    T5's family names its RMS norm `T5LayerNorm`: a "LayerNorm" with a `variance_epsilon` and no bias is one."""
+    if isinstance(module, getattr(nn, "RMSNorm", ())) or type(module).__name__.endswith("RMSNorm"):
+        return True
+    name = type(module).__name__
+    return (name.endswith("LayerNorm") and not isinstance(module, nn.LayerNorm) and hasattr(module, "variance_epsilon")
+            and getattr(module, "bias", None) is None)
 
 
 def use_kind(module: nn.Module, param_name: str) -> UseKind | None:
@@ -121,26 +128,18 @@ def find_candidates(model: nn.Module, config) -> list[Candidate]:
             if targeted:
                 selected.add(id(param))
 
-    candidates, untraced = [], set()
+    candidates = []
     for name, param in model.named_parameters():
         if id(param) not in selected:
             continue
         uses = []
-        for _, module, param_name in owners[id(param)]:
+        for module_name, module, param_name in owners[id(param)]:
             kind = use_kind(module, param_name)
-            if kind is None:
-                untraced.add(type(module).__name__)
-                kind = UseKind.CONSTANT
-            uses.append(Use(module, kind))
+            # Untraced module types count as a constant input; the tracker warns about them once per model.
+            uses.append(Use(module, kind or UseKind.CONSTANT, module_name, traced=kind is not None))
         candidates.append(Candidate(name, param, uses))
         selected.discard(id(param))
 
-    if untraced:
-        warnings.warn(
-            f"StocTuning does not trace the inputs of {sorted(untraced)}; their parameters get an activation "
-            "statistic of 1, so their importance is |weight * gradient|.",
-            stacklevel=3,
-        )
     if not candidates:
         raise ValueError(
             f"No candidate parameters: target_modules={config.target_modules!r} and "

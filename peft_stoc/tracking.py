@@ -3,20 +3,36 @@
 Forward hooks sum, per module, the value entering each connection over the real (non-padding) tokens of every
 micro-batch; `means()` turns the sums into μ when the optimizer steps, and `reset()` starts the next step. μ is
 kept per input feature (or per vocabulary row), never at a weight's full size.
+
+Which tokens are real comes from the padding mask of the *token scope* a module runs in: the model itself and every
+sub-model that takes token inputs (an encoder, a decoder) with its own `attention_mask`. An encoder's output keeps
+its encoder's mask wherever it is read (cross-attention inside a decoder). A mask is only applied to values laid
+out as (batch, seq) or (seq, batch); anything else counts all its rows.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import sys
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .candidates import Candidate, UseKind, is_rms_norm
 
 # A factor of μ: a vector along one weight dimension, or None for the constant 1.
 MeanFactor = tuple[torch.Tensor | None, int]
+
+# Arguments that make a module a token scope: it takes model inputs, and its `attention_mask` describes them.
+TOKEN_INPUTS = ("input_ids", "inputs_embeds", "input_features", "input_values", "pixel_values")
+
+# Token layouts of a value's leading dimensions relative to the (batch, seq) mask.
+BATCH_FIRST, SEQ_FIRST, UNALIGNED = "batch_first", "seq_first", "unaligned"
 
 
 class _Sum:
@@ -34,6 +50,56 @@ class _Sum:
         self.tokens += float(tokens)
 
 
+class _RowGathers(TorchFunctionMode):
+    """Records which rows of `weight` torch functions gather while one embedding module runs.
+
+    Embedding subclasses compute their indices inside `forward` (OPT and BART add an offset to positions they derive
+    from a mask or a shape; Whisper slices the table), so the module's arguments do not say which rows it read.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+        self.rows: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rows = _gathered_rows(func, args, kwargs, self.weight)
+        if rows is not None:
+            self.rows.append(rows.detach())
+        return func(*args, **kwargs)
+
+
+def _gathered_rows(func, args, kwargs, weight: torch.Tensor) -> torch.Tensor | None:
+    """Row indices of `weight` that the call `func(*args, **kwargs)` gathers, or None if it gathers none."""
+    if func is F.embedding:
+        table = args[1] if len(args) > 1 else kwargs.get("weight")
+        return args[0] if table is weight and args else None
+    if func in (torch.Tensor.index_select, torch.index_select) and args and args[0] is weight:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        index = args[2] if len(args) > 2 else kwargs.get("index")
+        return index if dim == 0 else None
+    if func is torch.Tensor.__getitem__ and args and args[0] is weight:
+        return _rows_of_index(args[1], weight.shape[0], weight.device)
+    return None
+
+
+def _rows_of_index(index, rows: int, device) -> torch.Tensor | None:
+    """Rows selected by `weight[index]`, shaped like the lookup's leading dimensions; None for other indexing."""
+    if isinstance(index, tuple):
+        whole = all(part is Ellipsis or part == slice(None) for part in index[1:])
+        return _rows_of_index(index[0], rows, device) if index and whole else None
+    if isinstance(index, slice):
+        return torch.arange(*index.indices(rows), device=device)
+    if isinstance(index, int):
+        return torch.tensor(index % rows, device=device)
+    if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+        return index.nonzero().squeeze(-1) if index.dim() == 1 else None
+    if isinstance(index, torch.Tensor) and not index.is_floating_point():
+        return index.remainder(rows)
+    return None
+
+
 class ActivationTracker:
     """Forward hooks that accumulate μ for `candidates` while `armed`."""
 
@@ -43,51 +109,72 @@ class ActivationTracker:
         self.stat = stat
         self.armed = False
         self._handles: list = []
-        self._mask: torch.Tensor | None = None  # (batch, seq) weights of real tokens for the running forward
         self._training_forward = False  # the running forward records gradients
-        self._seen: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # per-forward cache by input tensor
+        self._scopes: list[torch.Tensor | None] = []  # (batch, seq) masks of the token scopes entered (None: unknown)
+        self._scope_outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # a scope output -> its mask
+        self._seen: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}  # per-forward cache by input tensor
+        self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}  # per-forward: mask -> weights
         self._sums: dict[int, _Sum] = {}
+        self._layouts: dict[int, set[str]] = {}  # layouts each module's inputs had whenever they were unambiguous
+        self._recorders: dict[int, _RowGathers] = {}  # embedding modules running under a row recorder
+        self._untraced: set[int] = set()  # embedding modules that ran this step without a row gather we can follow
+        self._forwards = 0  # training forwards this step
+        self._bypassed_now: set[int] | None = None  # parameters used around their modules (found at the first means())
         self._modules: dict[int, tuple[nn.Module, UseKind]] = {}
         for candidate in candidates:
             for use in candidate.uses:
                 if use.kind is not UseKind.CONSTANT:
                     self._modules[id(use.module)] = (use.module, use.kind)
-        self._mask_position = _positional_index(root, "attention_mask")
+        self._scope_arguments = _scope_arguments(root)
+        _warn_once(root, _untraced_types(candidates), UNTRACED_TYPES)
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def attach(self) -> None:
         if self._handles:
             return
-        self._handles.append(self.root.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
-        self._handles.append(self.root.register_forward_hook(self._forget_forward, always_call=True))
+        self._handles.append(self.root.register_forward_pre_hook(self._on_root_start, with_kwargs=True))
+        self._handles.append(self.root.register_forward_hook(self._on_root_end, always_call=True))
+        for module in self._scope_arguments:
+            if module is not self.root:
+                self._handles.append(module.register_forward_pre_hook(self._enter_scope, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._leave_scope, always_call=True))
         for module, kind in self._modules.values():
-            self._handles.append(module.register_forward_hook(self._hook_for(kind)))
+            if kind is UseKind.EMBEDDING_ROW and type(module).forward is not nn.Embedding.forward:
+                self._handles.append(module.register_forward_pre_hook(self._start_recording))
+                self._handles.append(module.register_forward_hook(self._on_recorded_embedding, always_call=True))
+            else:
+                self._handles.append(module.register_forward_hook(self._hook_for(kind), with_kwargs=True))
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._mask = None
-        self._seen.clear()
+        self._forget_forward()
 
     def _active(self) -> bool:
-        # Grad mode is read when the model's forward starts (`_capture_mask`): the hooks below run under no_grad, and
-        # a forward replayed by activation checkpointing during backward is outside the model's forward.
+        # Grad mode is read when the model's forward starts (`_on_root_start`): the hooks below run under no_grad,
+        # and a forward replayed by activation checkpointing during backward is outside the model's forward.
         return self.armed and self._training_forward
 
-    def _capture_mask(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and self._mask_position is not None and len(args) > self._mask_position:
-            mask = args[self._mask_position]
-        # Only a (batch, seq) padding mask says which tokens are real; other shapes (4-D masks) are left alone.
-        self._mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    def _on_root_start(self, module, args, kwargs):
+        self._forget_forward()
+        self._bypassed_now = None
         self._training_forward = torch.is_grad_enabled()
-        self._seen.clear()
+        self._forwards += self._active()
+        self._enter_scope(module, args, kwargs)
 
-    def _forget_forward(self, module, args, output):
-        self._mask = None
+    def _on_root_end(self, module, args, output):
+        self._forget_forward()
+
+    def _forget_forward(self) -> None:
         self._training_forward = False
+        self._scopes.clear()
+        self._scope_outputs.clear()
         self._seen.clear()
+        self._weights.clear()
+        for recorder in self._recorders.values():
+            recorder.__exit__(None, None, None)
+        self._recorders.clear()
 
     def _hook_for(self, kind: UseKind):
         if kind is UseKind.EMBEDDING_ROW:
@@ -96,27 +183,77 @@ class ActivationTracker:
             return self._on_norm
         return self._on_linear
 
-    def _token_weights(self, leading_shape: torch.Size, device) -> torch.Tensor | None:
-        """Flat weights (1 real, 0 padding) for tokens laid out as `leading_shape`, or None if all are real."""
-        mask = self._mask
+    # -- token scopes --------------------------------------------------------------------------------------------
+    def _enter_scope(self, module, args, kwargs):
+        arguments = self._scope_arguments.get(module)
+        mask = arguments.find(arguments.mask, args, kwargs) if arguments else None
+        # Only a (batch, seq) padding mask says which tokens are real; other shapes (4-D masks) are left alone.
+        if isinstance(mask, torch.Tensor):
+            mask = mask.detach() if mask.dim() == 2 else None
+        elif arguments:
+            # No mask: every token is real. Its shape still tells how often rows gathered once per position count.
+            tokens = next((t for t in (arguments.find(name, args, kwargs) for name in arguments.tokens)
+                           if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
+            mask = None if tokens is None else torch.ones(tokens.shape[:2], device=tokens.device)
+        self._scopes.append(mask)
+
+    def _leave_scope(self, module, args, output):
+        if not self._scopes:
+            return
+        mask = self._scopes.pop()
+        hidden = _first_tensor(output)
+        if hidden is not None and hidden.dim() > 2 and (mask is None or hidden.shape[:2] == mask.shape):
+            # An encoder's output read elsewhere (cross-attention keys and values) keeps the encoder's padding.
+            self._scope_outputs[id(hidden)] = (hidden, mask)
+
+    def _mask_for(self, values: torch.Tensor) -> torch.Tensor | None:
+        known = self._scope_outputs.get(id(values))
+        if known is not None and known[0] is values:
+            return known[1]
+        return self._scopes[-1] if self._scopes else None
+
+    def _layout(self, module: nn.Module, shape: torch.Size, mask: torch.Tensor, broadcast: bool) -> str:
+        """How `shape` (a value's token dimensions) lines up with `mask`; learnt per module from unambiguous shapes."""
+        batch, seq = mask.shape
+        fits = [layout for layout, target in ((BATCH_FIRST, (batch, seq)), (SEQ_FIRST, (seq, batch)))
+                if _fits(shape, target, broadcast)]
+        if (len(fits) == 1 and batch != seq) or not fits:
+            found = fits[0] if fits else UNALIGNED
+            self._layouts.setdefault(id(module), set()).add(found)
+            return found
+        # (batch, seq) and (seq, batch) look alike: trust only a layout this module always had.
+        seen = self._layouts.get(id(module), set())
+        return next(iter(seen)) if len(seen) == 1 else UNALIGNED
+
+    def _token_weights(self, module: nn.Module, shape: torch.Size, mask: torch.Tensor | None, dtype, device,
+                       broadcast: bool = False) -> tuple[torch.Tensor, float] | None:
+        """Weights (1 real, 0 padding) for tokens laid out as `shape` and their sum, or None to count every token.
+
+        The weights have the mask's layout, (batch, seq) or (seq, batch), for `shape` to be expanded to."""
         if mask is None:
             return None
-        if tuple(leading_shape) == tuple(mask.shape) or leading_shape.numel() == mask.numel():
-            return mask.reshape(-1).to(device=device)
-        return None
+        layout = self._layout(module, shape, mask, broadcast)
+        if layout == UNALIGNED:
+            return None
+        key = (id(mask), layout, dtype, device)
+        found = self._weights.get(key)
+        if found is None or found[0] is not mask:  # once per mask and layout in a forward: the sum synchronises
+            weights = (mask if layout == BATCH_FIRST else mask.t()).to(device=device, dtype=dtype)
+            found = self._weights[key] = (mask, weights, float(weights.sum()))
+        return found[1:]
 
+    # -- statistics ----------------------------------------------------------------------------------------------
     def _accumulate(self, module: nn.Module, values: torch.Tensor, shared: bool = True) -> None:
         """Add the per-feature sum of `values` (..., features) over real tokens to `module`'s running sum.
 
         `shared`: `values` may be the input of other modules too (remember its sum for this forward)."""
-        key = id(values)
+        weights = self._token_weights(module, values.shape[:-1], self._mask_for(values), values.dtype, values.device)
+        key = (id(values), None if weights is None else id(weights[0]))
         cached = self._seen.get(key) if shared else None
         if cached is not None and cached[0] is values:
             total, tokens = cached[1], cached[2]
         else:
-            features = values.shape[-1]
-            flat = values.reshape(-1, features)
-            weights = self._token_weights(values.shape[:-1], values.device)
+            flat = values.reshape(-1, values.shape[-1])
             if self.stat == "abs_mean":
                 flat = flat.abs()
             elif self.stat == "rms":
@@ -124,24 +261,38 @@ class ActivationTracker:
             if weights is None:
                 total, tokens = flat.sum(0, dtype=torch.float32), float(flat.shape[0])
             else:
-                weights = weights.to(flat.dtype)
-                total, tokens = (weights @ flat).float(), float(weights.sum())
+                total, tokens = (weights[0].reshape(-1) @ flat).float(), weights[1]
             if shared:  # q, k and v projections read the same tensor: sum it once per forward.
                 self._seen[key] = (values, total, tokens)
         self._sums.setdefault(id(module), _Sum()).add(total, tokens)
 
+    def _count_rows(self, module: nn.Module, rows: torch.Tensor) -> None:
+        """Add how many real tokens gathered each row of `module`'s table."""
+        rows = rows.to(torch.long)
+        found = self._token_weights(module, rows.shape, self._mask_for(rows), torch.float32, rows.device,
+                                    broadcast=True)
+        if found is None:
+            flat, weights, tokens = rows.reshape(-1), None, float(rows.numel())
+        else:
+            # Rows gathered once for every sequence (positions of shape (1, seq)) stand for each row of the batch.
+            weights, tokens = found
+            flat, weights = rows.expand(weights.shape).reshape(-1), weights.reshape(-1)
+        counts = torch.bincount(flat, weights=weights, minlength=module.num_embeddings).float()
+        self._sums.setdefault(id(module), _Sum()).add(counts, tokens)
+
     # The statistics are not part of the model's computation: no_grad keeps them out of the autograd graph (and
     # out of what activation checkpointing records and replays).
     @torch.no_grad()
-    def _on_linear(self, module, args, output):
-        if self._active() and args:
-            self._accumulate(module, args[0])
+    def _on_linear(self, module, args, kwargs, output):
+        values = args[0] if args else kwargs.get("input")
+        if self._active() and isinstance(values, torch.Tensor):
+            self._accumulate(module, values)
 
     @torch.no_grad()
-    def _on_norm(self, module, args, output):
-        if not (self._active() and args):
+    def _on_norm(self, module, args, kwargs, output):
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if not (self._active() and isinstance(x, torch.Tensor)):
             return
-        x = args[0]
         if is_rms_norm(module):
             eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None) or torch.finfo(x.dtype).eps
             xf = x.float()
@@ -151,26 +302,31 @@ class ActivationTracker:
         self._accumulate(module, normalised, shared=False)  # a fresh tensor: keeping it would hold memory
 
     @torch.no_grad()
-    def _on_embedding(self, module, args, output):
-        if not (self._active() and args):
+    def _on_embedding(self, module, args, kwargs, output):
+        # nn.Embedding.forward passes its argument to F.embedding unchanged: it is exactly the rows gathered.
+        ids = args[0] if args else kwargs.get("input")
+        if self._active() and isinstance(ids, torch.Tensor):
+            self._count_rows(module, ids)
+
+    def _start_recording(self, module, args):
+        if self._active() and id(module) not in self._recorders:
+            recorder = _RowGathers(module.weight)
+            recorder.__enter__()
+            self._recorders[id(module)] = recorder
+
+    @torch.no_grad()
+    def _on_recorded_embedding(self, module, args, output):
+        recorder = self._recorders.pop(id(module), None)
+        if recorder is None:
             return
-        ids = args[0]
-        weights = None
-        if self._mask is not None:
-            mask = self._mask.to(ids.device)
-            if ids.shape != mask.shape and ids.dim() == mask.dim():
-                try:  # position ids of shape (1, seq) stand for every row of the batch
-                    ids = ids.expand(mask.shape)
-                except RuntimeError:
-                    mask = None
-            weights = mask.reshape(-1).float() if mask is not None and ids.shape == mask.shape else None
-        flat = ids.reshape(-1)
-        counts = torch.bincount(flat, weights=weights, minlength=module.num_embeddings).float()
-        tokens = float(weights.sum()) if weights is not None else float(flat.numel())
-        self._sums.setdefault(id(module), _Sum()).add(counts, tokens)
+        recorder.__exit__(None, None, None)
+        if not recorder.rows:
+            self._untraced.add(id(module))
+        for rows in recorder.rows:
+            self._count_rows(module, rows)
 
     # -- results -----------------------------------------------------------------------------------------------
-    def _mean(self, module: nn.Module, kind: UseKind, size: int, device) -> torch.Tensor:
+    def _mean(self, module: nn.Module, size: int, device) -> torch.Tensor:
         acc = self._sums.get(id(module))
         if acc is None or acc.total is None or acc.tokens == 0:
             return torch.zeros(size, device=device)
@@ -180,15 +336,44 @@ class ActivationTracker:
             mean = mean.clamp_min(0).sqrt()
         return mean
 
+    def _bypassed(self, candidate: Candidate) -> bool:
+        """The parameter got a gradient this step, yet none of the modules we trace ran: it was used around them."""
+        traced = [use for use in candidate.uses if use.kind is not UseKind.CONSTANT]
+        if not traced or not self._forwards:
+            return False
+        if any((acc := self._sums.get(id(use.module))) is not None and acc.total is not None for use in traced):
+            return False
+        if any(id(use.module) in self._untraced for use in traced):
+            return False
+        grad = candidate.param.grad
+        return grad is not None and bool(grad.any())
+
+    def _fallbacks(self) -> set[int]:
+        """Parameters (by id) used around their modules this step; one warning names them and the embedding modules
+        whose lookups could not be followed."""
+        if self._bypassed_now is None:
+            bypassed = [c for c in self.candidates if self._bypassed(c)]
+            self._bypassed_now = {id(c.param) for c in bypassed}
+            names = {_describe(use.module_name, use.module) for c in bypassed for use in c.uses
+                     if use.kind is not UseKind.CONSTANT}
+            names |= {_describe(name, module) for name, module in self.root.named_modules()
+                      if id(module) in self._untraced}
+            _warn_once(self.root, names, UNTRACED_USES)
+        return self._bypassed_now
+
     def means(self, candidate: Candidate) -> list[MeanFactor]:
-        """μ of `candidate` as factors to broadcast and add: [(vector, dim), ...], (None, 0) meaning 1."""
+        """μ of `candidate` as factors to broadcast and add: [(vector, dim), ...], (None, 0) meaning 1.
+
+        A parameter whose use could not be followed gets μ = 1 (importance |weight * gradient|), with one warning."""
+        if id(candidate.param) in self._fallbacks():
+            return [(None, 0)]
         factors: list[MeanFactor] = []
         param = candidate.param
         for use in candidate.uses:
-            if use.kind is UseKind.CONSTANT:
+            if use.kind is UseKind.CONSTANT or id(use.module) in self._untraced:
                 factors.append((None, 0))
             else:
-                factors.append((self._mean(use.module, use.kind, param.shape[use.dim], param.device), use.dim))
+                factors.append((self._mean(use.module, param.shape[use.dim], param.device), use.dim))
         return factors
 
     def state(self) -> list[_Sum]:
@@ -197,12 +382,107 @@ class ActivationTracker:
 
     def reset(self) -> None:
         self._sums.clear()
+        self._untraced.clear()
+        self._bypassed_now = None
+        self._forwards = 0
 
 
-def _positional_index(module: nn.Module, name: str) -> int | None:
-    """Position of argument `name` in `module.forward`, to find it when passed positionally."""
+def _fits(shape: torch.Size, target: tuple[int, int], broadcast: bool) -> bool:
+    """`shape` is `target`, or (with `broadcast`) expands to it along dimensions of size 1 or missing ones."""
+    if not broadcast:
+        return tuple(shape) == target
+    if len(shape) > 2:
+        return False
+    padded = (1,) * (2 - len(shape)) + tuple(shape)
+    return all(have in (1, want) for have, want in zip(padded, target)) and len(shape) > 0
+
+
+def _first_tensor(output) -> torch.Tensor | None:
+    """The first tensor of a module's output (a tensor, a tuple, or a transformers ModelOutput)."""
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    if isinstance(output, (tuple, list)):
+        output = output[0] if output else None
+    return output if isinstance(output, torch.Tensor) else None
+
+
+def _forward_parameters(module: nn.Module) -> list[str]:
     try:
-        params = list(inspect.signature(module.forward).parameters)
+        return list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
-        return None
-    return params.index(name) if name in params else None
+        return []
+
+
+class _ScopeArguments:
+    """Where a token scope's forward receives its padding mask and its token inputs."""
+
+    def __init__(self, parameters: list[str], mask: str | None, tokens: tuple[str, ...]):
+        self.positions = {name: i for i, name in enumerate(parameters)}
+        self.mask = mask
+        self.tokens = tokens
+
+    def find(self, name: str | None, args: tuple, kwargs: dict):
+        if name is None:
+            return None
+        if name in kwargs:
+            return kwargs[name]
+        position = self.positions.get(name)
+        return args[position] if position is not None and position < len(args) else None
+
+
+def _scope_arguments(root: nn.Module) -> dict[nn.Module, _ScopeArguments]:
+    """The token scopes of `root` (itself included), with where each receives its mask and token inputs.
+
+    An encoder-decoder wrapper's own computations (the LM head) run on decoder tokens: its mask is the decoder's."""
+    scopes: dict[nn.Module, _ScopeArguments] = {}
+    for module in root.modules():
+        params = _forward_parameters(module)
+        if "decoder_input_ids" in params or "decoder_attention_mask" in params:
+            scopes[module] = _ScopeArguments(params, "decoder_attention_mask",
+                                             ("decoder_input_ids", "decoder_inputs_embeds"))
+        elif "attention_mask" in params and any(arg in params for arg in TOKEN_INPUTS):
+            scopes[module] = _ScopeArguments(params, "attention_mask", ("input_ids", "inputs_embeds"))
+        elif module is root:
+            scopes[module] = _ScopeArguments(params, None, ("input_ids", "inputs_embeds"))
+    return scopes
+
+
+def _describe(name: str, module: nn.Module) -> str:
+    return f"{name} ({type(module).__name__})"
+
+
+def _untraced_types(candidates: list[Candidate]) -> set[str]:
+    return {_describe(use.module_name, use.module) for c in candidates for use in c.uses if not use.traced}
+
+
+UNTRACED_TYPES = (
+    "StocTuning does not trace the inputs of {names}; their parameters get an activation statistic of 1, so their "
+    "importance is |weight * gradient|."
+)
+UNTRACED_USES = (
+    "StocTuning could not follow how {names} used their parameters in the forward pass (used without calling the "
+    "module, or gathered rows in a way it does not recognise); their parameters get an activation statistic of 1, "
+    "so their importance is |weight * gradient|."
+)
+
+_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> module names already warned about
+
+
+def _warn_once(model: nn.Module, names: set[str], message: str) -> None:
+    """Warn about `names` once per model, pointing at the user's line rather than into PEFT or transformers."""
+    warned = _WARNED.setdefault(model, set())
+    new = sorted(set(names) - warned)
+    if new:
+        warned.update(new)
+        warnings.warn(message.format(names=", ".join(new)), stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside this package, PEFT, transformers, torch and accelerate."""
+    internal = tuple(os.path.dirname(module.__file__) + os.sep for name, module in list(sys.modules.items())
+                     if name in ("peft_stoc", "peft", "transformers", "torch", "accelerate", "trl")
+                     and getattr(module, "__file__", None))
+    frame, level = sys._getframe(2), 2  # level 1 is `_warn_once`, the function calling warnings.warn
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level

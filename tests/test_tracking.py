@@ -1,11 +1,16 @@
 """Activation statistics μ: what each kind of parameter sees, padding, accumulation."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model
+import transformers
+from peft import PeftModel, get_peft_model
 
 from peft_stoc import StocTuningConfig
+from peft_stoc.candidates import find_candidates
+from peft_stoc.tracking import ActivationTracker
 
 from .helpers import batch, tiny_model
 
@@ -198,3 +203,215 @@ def test_gradient_checkpointing_recompute_is_not_counted_twice():
         for (a, _), (b, _) in zip(factors, means_ckpt[name]):
             if a is not None:
                 assert torch.allclose(a, b, atol=1e-6), name
+
+
+# -- embeddings whose forward computes the rows it gathers -------------------------------------------------------
+def _tiny(config, head, task, **peft):
+    torch.manual_seed(0)
+    model = get_peft_model(head.from_config(config), StocTuningConfig(k=20, task_type=task, **peft))
+    return model, model.base_model.stoc_engine()
+
+
+def _shares(rows: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.bincount(rows.reshape(-1), weights=weights.reshape(-1).float(), minlength=size) / weights.sum()
+
+
+def _opt():
+    config = transformers.OPTConfig(vocab_size=96, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    ffn_dim=24, max_position_embeddings=32, word_embed_proj_dim=16, pad_token_id=1)
+    return _tiny(config, transformers.AutoModelForCausalLM, "CAUSAL_LM")
+
+
+def test_opt_positions_count_the_rows_really_gathered():
+    # OPT's learned positions are called with the attention mask and add an offset inside: with left padding the
+    # real tokens gather rows 2, 3, ... counted from each row's first real token.
+    model, engine = _opt()
+    inputs = batch("CAUSAL_LM", pad_from=None)
+    inputs["attention_mask"][1, :3] = 0
+    inputs["attention_mask"][2, :5] = 0
+    model.train()
+    model(**inputs)
+    mask = inputs["attention_mask"]
+    rows = (mask.cumsum(1) - 1 + 2).clamp_min(0)
+    (mu, dim), = _means(engine, "model.decoder.embed_positions.weight")
+    assert dim == 0 and torch.allclose(mu, _shares(rows, mask, mu.numel()))
+    assert mu[:2].sum() == 0  # rows 0 and 1 are gathered by no real token
+
+
+def _bart():
+    config = transformers.BartConfig(vocab_size=96, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
+                                     decoder_ffn_dim=24, max_position_embeddings=32)
+    return _tiny(config, transformers.AutoModelForSeq2SeqLM, "SEQ_2_SEQ_LM")
+
+
+def _seq2seq_batch(encoder_length=8, decoder_length=8):
+    inputs = batch("SEQ_CLS", length=encoder_length, pad_from=encoder_length - 3)
+    decoder = batch("SEQ_CLS", length=decoder_length, seed=1, pad_from=None)
+    decoder_mask = decoder["attention_mask"]
+    decoder_mask[0, -2:] = 0
+    decoder_mask[3, -4:] = 0
+    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+            "decoder_input_ids": decoder["input_ids"], "decoder_attention_mask": decoder_mask,
+            "labels": decoder["input_ids"].masked_fill(decoder_mask == 0, -100)}
+
+
+def test_bart_positions_called_with_embeddings():
+    # BART's encoder passes `inputs_embeds[:, :, -1]` (floats) to its positions, which only read its shape.
+    model, engine = _bart()
+    inputs = _seq2seq_batch(encoder_length=8, decoder_length=6)
+    model.train()
+    model(**inputs)
+    for name, mask in (("encoder", inputs["attention_mask"]), ("decoder", inputs["decoder_attention_mask"])):
+        positions = torch.arange(mask.shape[1]).expand_as(mask) + 2
+        (mu, _), = _means(engine, f"model.{name}.embed_positions.weight")
+        assert torch.allclose(mu, _shares(positions, mask, mu.numel())), name
+
+
+def test_cross_attention_keeps_encoder_padding_when_lengths_coincide():
+    # Encoder and decoder sequences of one length: the decoder's own values take the decoder mask, the encoder
+    # states read by cross-attention keep the encoder's.
+    model, engine = _bart()
+    inputs = _seq2seq_batch(encoder_length=8, decoder_length=8)
+    base = model.base_model.model
+    layer = base.model.decoder.layers[0]
+    watched = {"self": layer.self_attn.q_proj, "cross_q": layer.encoder_attn.q_proj,
+               "cross_k": layer.encoder_attn.k_proj, "head": base.lm_head, "encoder": base.model.encoder.layers[0].fc1}
+    seen = {key: _capture_inputs(module) for key, module in watched.items()}
+    model.train()
+    model(**inputs)
+    encoder_mask, decoder_mask = inputs["attention_mask"].bool(), inputs["decoder_attention_mask"].bool()
+    expected_masks = {"self": decoder_mask, "cross_q": decoder_mask, "cross_k": encoder_mask, "head": decoder_mask,
+                      "encoder": encoder_mask}
+    for key, module in watched.items():
+        seen[key][1].remove()
+        expected = seen[key][0][0][expected_masks[key]].mean(0)
+        candidate = next(c for c in engine.candidates if c.param is module.weight)  # the head's is the tied table
+        use = next(i for i, u in enumerate(candidate.uses) if u.module is module)
+        mu, _ = engine.tracker.means(candidate)[use]
+        assert torch.allclose(mu, expected, atol=1e-5), key
+
+
+class _Lookups(torch.nn.Module):
+    """A token model with embedding subclasses that slice, index_select, or use the table without a lookup."""
+
+    class Sliced(torch.nn.Embedding):
+        def forward(self, input_ids):
+            return self.weight[: input_ids.shape[1]]
+
+    class Selected(torch.nn.Embedding):
+        def forward(self, input_ids):
+            return self.weight.index_select(0, input_ids.reshape(-1)).reshape(*input_ids.shape, -1)
+
+    class Whole(torch.nn.Embedding):
+        def forward(self, input_ids):
+            return (self.weight.sum(0) * 0 + self.weight.mean(0)).expand(*input_ids.shape, -1)
+
+    def __init__(self):
+        super().__init__()
+        self.sliced, self.selected, self.whole = self.Sliced(16, 8), self.Selected(96, 8), self.Whole(4, 8)
+        self.around = torch.nn.Embedding(5, 8)  # its table is used, its forward never called
+        self.out = torch.nn.Linear(8, 1)
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = self.sliced(input_ids) + self.selected(input_ids) + self.whole(input_ids) + self.around.weight.mean(0)
+        return self.out(hidden).squeeze(-1)
+
+
+def _lookups_tracker():
+    torch.manual_seed(0)
+    model = _Lookups()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every module type is traced: only the uses below warn
+        tracker = ActivationTracker(model, find_candidates(model, StocTuningConfig()), "mean")
+    tracker.attach()
+    tracker.armed = True
+    return model, tracker
+
+
+def test_sliced_and_selected_rows_and_untraced_tables():
+    model, tracker = _lookups_tracker()
+    inputs = batch(pad_from=7)
+    mask = inputs["attention_mask"]
+    out = model(inputs["input_ids"], attention_mask=mask)
+    (out * mask).sum().backward()
+    candidates = {c.name: c for c in tracker.candidates}
+    with pytest.warns(UserWarning, match=r"could not follow how around \(Embedding\), whole \(Whole\) used") as caught:
+        means = {name: tracker.means(c) for name, c in candidates.items()}
+        tracker.means(candidates["whole.weight"])
+    assert len(caught) == 1 and caught[0].filename == __file__  # one warning naming both, at the caller's line
+    (sliced, _), = means["sliced.weight"]
+    positions = torch.arange(mask.shape[1]).expand_as(mask)
+    assert torch.allclose(sliced, _shares(positions, mask, 16))  # one row per position, for every sequence
+    # index_select takes flat indices, which do not line up with the (batch, seq) mask: every gathered row counts.
+    (selected, _), = means["selected.weight"]
+    assert torch.allclose(selected, _shares(inputs["input_ids"], torch.ones_like(mask), 96))
+    assert means["whole.weight"] == means["around.weight"] == [(None, 0)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the next step finds the same: no second warning
+        model(inputs["input_ids"], attention_mask=mask).sum().backward()
+        tracker.means(candidates["around.weight"])
+
+
+# -- sequence-first activations ------------------------------------------------------------------------------------
+def _xlnet():
+    config = transformers.XLNetConfig(vocab_size=96, d_model=16, n_layer=1, n_head=2, d_inner=24)
+    return _tiny(config, transformers.AutoModelForSequenceClassification, "SEQ_CLS",
+                 modules_to_save=["sequence_summary", "logits_proj"])
+
+
+def _xlnet_step(model, engine, length, pad_from):
+    ff_in = model.base_model.model.transformer.layer[0].ff.layer_1
+    seen, handle = _capture_inputs(ff_in)
+    inputs = batch(length=length, pad_from=pad_from)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(**inputs).loss.backward()
+    handle.remove()
+    (mu, _), = _means(engine, "transformer.layer.0.ff.layer_1.weight")
+    engine.tracker.reset()
+    values = seen[0]  # (seq, batch, features)
+    return mu, values, inputs["attention_mask"].t().bool()
+
+
+def test_sequence_first_activations_take_the_transposed_mask():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, engine = _xlnet()
+    mu, values, mask = _xlnet_step(model, engine, length=7, pad_from=5)
+    assert values.shape[:2] == (7, 4) and torch.allclose(mu, values[mask].mean(0), atol=1e-5)
+    # A square batch looks alike both ways: the layout this module had before decides.
+    mu, values, mask = _xlnet_step(model, engine, length=4, pad_from=2)
+    assert torch.allclose(mu, values[mask].mean(0), atol=1e-5)
+
+
+def test_square_first_batch_counts_every_token():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, engine = _xlnet()
+    mu, values, _ = _xlnet_step(model, engine, length=4, pad_from=2)
+    assert torch.allclose(mu, values.reshape(-1, values.shape[-1]).mean(0), atol=1e-5)  # never a misaligned mask
+
+
+# -- the warning about untraced module types ---------------------------------------------------------------------
+def _vit():
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=24)
+    return transformers.AutoModelForImageClassification.from_config(config)
+
+
+def test_untraced_types_warn_once_per_model_at_the_callers_line(tmp_path):
+    with pytest.warns(UserWarning, match="does not trace the inputs of") as caught:
+        model = get_peft_model(_vit(), StocTuningConfig(k=20, modules_to_save=["classifier"]))
+        model.save_pretrained(tmp_path)
+        model.save_pretrained(tmp_path)
+    untraced = [w for w in caught if "does not trace" in str(w.message)]
+    assert len(untraced) == 1 and untraced[0].filename == __file__
+    assert "vit.embeddings.patch_embeddings.projection (Conv2d)" in str(untraced[0].message)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(_vit(), tmp_path)  # for inference: μ plays no part
+        PeftModel.from_pretrained(_vit(), tmp_path, is_trainable=True)  # a new model to train: warned once
+    assert len([w for w in caught if "does not trace" in str(w.message)]) == 1
