@@ -54,6 +54,11 @@ class StocTuningModel(BaseTuner):
     def _create_and_replace(self, *args, **kwargs) -> None:
         raise NotImplementedError("StocTuning trains the base in place and replaces no module.")
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # Only modules_to_save wrappers are replaced on unload, by a complete module (the trained copy or the
+        # original). PEFT's default copies `.weight` over, which heads without one (RobertaClassificationHead) lack.
+        setattr(parent, child_name, new_module)
+
     def inject_adapter(
         self,
         model: nn.Module,
