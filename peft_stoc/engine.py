@@ -144,6 +144,10 @@ BYPASS_HINT = (
 )
 
 
+def finite_means(means) -> bool:
+    return all(vector is None or bool(torch.isfinite(vector).all()) for vector, _ in means)
+
+
 def step_seed(seed: int, step: int) -> int:
     """The seed of draw number `step`: the draws of a run depend only on (seed, step), so a run resumed at any step
     continues with the draws an uninterrupted run would make."""
@@ -307,13 +311,15 @@ class StepEngine:
     def _on_gradient(self, position: int, param: torch.Tensor) -> None:
         if not self.tracker.armed:
             return
+        means = None
         self._backward_seen = True
         # The order gradients complete in: a draw made at the step (first step, accumulation, DDP) visits the tensors
         # in it too, so it consumes the random stream as a streamed draw would — one process and several ranks then
         # draw the same entries.
         self._gradient_order.setdefault(position, None)
         if self.lean is not None and self._streams_now():
-            self.lean.consume(position, param, self.tracker.means(self.candidates[position]), self._new_stream)
+            means = self.tracker.means(self.candidates[position])
+            self.lean.consume(position, param, means, self._new_stream)
 
     # -- optimizer step ----------------------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -467,8 +473,22 @@ class StepEngine:
                          lambda c, index: self.patch.record(c.name, c.param, index), done)
         self._sparse_states = self.lean.states(optimizer)
 
+    def _nonfinite_candidates(self) -> list[str]:
+        """Candidates whose gradient or μ is not finite (their importance would be NaN or inf)."""
+        grads = [(c, c.param.grad) for c in self.candidates if c.param.grad is not None]
+        if not grads:
+            return []
+        norms = torch._foreach_norm([g for _, g in grads])
+        bad = [c.name for (c, _), norm in zip(grads, norms) if not bool(torch.isfinite(norm))]
+        return bad + [c.name for c in self.candidates if not finite_means(self.tracker.means(c))]
+
     def _dense_step(self, optimizer) -> None:
         given, self._given_draw = self._given_draw, None
+        bad = [] if given is not None else self._nonfinite_candidates()
+        if bad:
+            self._skip(optimizer, reason=f"the gradients or activations of {', '.join(bad[:3])} are not finite "
+                                         "(inf or NaN). No weight changed.")
+            return
         if given is not None:
             drawn = given
         else:

@@ -39,6 +39,11 @@ def accelerate_syncs_gradients() -> bool | None:
     return bool(shared.get("sync_gradients", True))
 
 
+def _finite(means) -> bool:
+    """μ factors free of inf and NaN (a NaN activation makes every importance it touches NaN)."""
+    return all(vector is None or bool(torch.isfinite(vector).all()) for vector, _ in means)
+
+
 def _bytes(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None or isinstance(tensor, ConsumedGrad) else tensor.numel() * tensor.element_size()
 
@@ -62,7 +67,7 @@ class LeanStep:
         if self.stream is None:
             self.stream = make_stream()
         norm = torch.linalg.vector_norm(grad)
-        finite = bool(torch.isfinite(norm))
+        finite = bool(torch.isfinite(norm)) and _finite(means)
         # This gradient, plus the small ones waiting in the stream for their pack.
         self.peak_grad_bytes = max(self.peak_grad_bytes, _bytes(grad) + self.stream.pending_bytes())
         if finite:
@@ -84,7 +89,7 @@ class LeanStep:
                 continue
             if self.stream is None:
                 self.stream = make_stream()
-            if not bool(torch.isfinite(torch.linalg.vector_norm(grad))):
+            if not bool(torch.isfinite(torch.linalg.vector_norm(grad))) or not _finite(means_of(candidate)):
                 self.nonfinite.append(candidate.name)
                 continue
             self.stream.add(position, grad, means_of(candidate))

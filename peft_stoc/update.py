@@ -73,6 +73,11 @@ class DecayRedirect:
             group["weight_decay"] = 0.0
             lr = float(group["lr"])
             sign = -1.0 if group.get("maximize", False) else 1.0
+            # A fused optimizer stepped by GradScaler divides the still-scaled gradients by `grad_scale` itself:
+            # L2 decay added to them now must be scaled up alike.
+            grad_scale = getattr(optimizer, "grad_scale", None)
+            if grad_scale is not None:
+                sign *= float(grad_scale)
             with torch.no_grad():
                 for param in group["params"]:
                     if param.grad is None:
