@@ -147,8 +147,20 @@ class StocTuningConfig(PeftConfig):
                 setattr(self, name, sorted(value))
             elif value is not None and not isinstance(value, (list, str)):
                 raise ValueError(f"`{name}` must be None, a list of module names or a regex string, got {value!r}.")
+            _check_module_patterns(name, getattr(self, name))
         if self.modules_to_save is not None and not isinstance(self.modules_to_save, list):
             self.modules_to_save = list(self.modules_to_save)
+
+
+def _check_module_patterns(name: str, value) -> None:
+    """A str must compile as a regex and a list must hold names; a bad pattern would fail only at matching time."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"`{name}` is not a valid regular expression ({error}): {value!r}.") from None
+    elif isinstance(value, list) and not all(isinstance(entry, str) for entry in value):
+        raise ValueError(f"`{name}` must list module names as strings, got {value!r}.")
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:

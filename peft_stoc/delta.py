@@ -3,6 +3,7 @@ added at each of them."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,8 @@ class SparseDelta:
         """Σ wᵢ·δᵢ over the union of indices; entries that sum to exactly zero are dropped."""
         if len(deltas) != len(weights):
             raise ValueError(f"Got {len(deltas)} adapters but {len(weights)} weights.")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"Weights must be finite numbers, got {list(weights)}.")
         names: dict[str, None] = {}
         for delta in deltas:
             names.update(dict.fromkeys(delta.tensors))
