@@ -23,6 +23,7 @@ import secrets
 import shutil
 import stat
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -444,8 +445,9 @@ def write(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     """Write an adapter file atomically (a crash leaves the old file or the new one); NaN/inf values are refused."""
     for key, tensor in tensors.items():
         _refuse_non_finite(key, tensor)
-    # A fresh name rather than mkstemp: the file gets the usual permissions, not 0600.
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".adapter-{secrets.token_hex(8)}.safetensors.tmp")
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".adapter-", suffix=".safetensors.tmp", dir=directory)
+    os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt", **metadata})
         _fsync(tmp)
