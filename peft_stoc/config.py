@@ -12,7 +12,7 @@ from .registry import STOC_PEFT_TYPE
 
 SELECTIONS = ("stochastic", "top", "random")
 ACTIVATION_STATS = ("mean", "abs_mean", "rms")
-UPDATE_RULES = ("masked_grad", "strict")
+UPDATE_RULES = ("masked_grad", "strict", "lazy")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 MEMORY_MODES = ("auto", "lean", "dense")
 
@@ -101,13 +101,15 @@ class StocTuningConfig(PeftConfig):
         default=1,
         metadata={"help": "Draw a new mask every N optimizer steps and reuse it in between (1 = the paper)."},
     )
-    update_rule: Literal["masked_grad", "strict"] = field(
+    update_rule: Literal["masked_grad", "strict", "lazy"] = field(
         default="masked_grad",
         metadata={
             "help": (
                 "'masked_grad' (paper): gradients outside the draw are zeroed and the optimizer runs as is, so "
                 "momentum keeps moving entries drawn earlier; weight decay only touches drawn entries. 'strict': "
-                "only the entries drawn at this step change."
+                "only the entries drawn at this step change. 'lazy': only the drawn entries change and only their "
+                "optimizer state advances (moments, and a per-entry step count for Adam's bias correction), as "
+                "torch.optim.SparseAdam does; needs the memory-lean mode (not memory='dense')."
             )
         },
     )
@@ -151,6 +153,8 @@ class StocTuningConfig(PeftConfig):
         _check_choice("update_rule", self.update_rule, UPDATE_RULES)
         _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
         _check_choice("memory", self.memory, MEMORY_MODES)
+        if self.update_rule == "lazy" and self.memory == "dense":
+            raise ValueError("update_rule='lazy' is applied by the memory-lean mode; use memory='auto' or 'lean'.")
         if isinstance(self.mask_interval, bool) or not isinstance(self.mask_interval, int) or self.mask_interval < 1:
             raise ValueError(f"`mask_interval` must be an int >= 1, got {self.mask_interval!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -161,8 +165,20 @@ class StocTuningConfig(PeftConfig):
                 setattr(self, name, sorted(value))
             elif value is not None and not isinstance(value, (list, str)):
                 raise ValueError(f"`{name}` must be None, a list of module names or a regex string, got {value!r}.")
+            _check_module_patterns(name, getattr(self, name))
         if self.modules_to_save is not None and not isinstance(self.modules_to_save, list):
             self.modules_to_save = list(self.modules_to_save)
+
+
+def _check_module_patterns(name: str, value) -> None:
+    """A str must compile as a regex and a list must hold names; a bad pattern would fail only at matching time."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"`{name}` is not a valid regular expression ({error}): {value!r}.") from None
+    elif isinstance(value, list) and not all(isinstance(entry, str) for entry in value):
+        raise ValueError(f"`{name}` must list module names as strings, got {value!r}.")
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:

@@ -3,6 +3,7 @@ added at each of them."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,8 @@ class SparseDelta:
         """Σ wᵢ·δᵢ over the union of indices; entries that sum to exactly zero are dropped."""
         if len(deltas) != len(weights):
             raise ValueError(f"Got {len(deltas)} adapters but {len(weights)} weights.")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"Weights must be finite numbers, got {list(weights)}.")
         names: dict[str, None] = {}
         for delta in deltas:
             names.update(dict.fromkeys(delta.tensors))
@@ -43,3 +46,9 @@ class SparseDelta:
             if nonzero.any():
                 combined[name] = (union[nonzero], summed[nonzero])
         return SparseDelta(combined)
+
+
+def add_delta(values: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """`values` + `delta`, computed in float32 (float64 for float64 deltas) and rounded to `values`' dtype."""
+    wide = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    return (values.to(wide) + delta.to(device=values.device, dtype=wide)).to(values.dtype)

@@ -409,6 +409,11 @@ class StepEngine:
     def _leave_lean(self, optimizer) -> None:
         """An optimizer whose arithmetic StocTuning does not reproduce: dense mode from now on (or refuse)."""
         name = type(optimizer).__name__
+        if self.config.update_rule == "lazy":
+            raise ValueError(
+                f"update_rule='lazy' is applied by StocTuning's memory-lean mode, which reproduces torch.optim SGD, "
+                f"Adam and AdamW, not {name}. Use one of those, or update_rule='masked_grad' / 'strict'."
+            )
         if self.config.memory == "lean":
             raise ValueError(
                 f"StocTuningConfig(memory='lean') reproduces the updates of torch.optim SGD, Adam and AdamW, not of "
@@ -468,8 +473,7 @@ class StepEngine:
     def _lean_update(self, optimizer) -> None:
         drawn, values, factors, kind, done = self._pending
         kind = sparse_optim.kind_of(optimizer) or kind
-        strict = self.config.update_rule == "strict"
-        self.lean.update(optimizer, kind, strict, drawn, values, factors,
+        self.lean.update(optimizer, kind, self.config.update_rule, drawn, values, factors,
                          lambda c, index: self.patch.record(c.name, c.param, index), done)
         self._sparse_states = self.lean.states(optimizer)
 

@@ -79,5 +79,37 @@ def mismatch(recorded: dict, params: dict[str, torch.Tensor], base_values: BaseV
     return None
 
 
+def problem(recorded) -> str | None:
+    """What is wrong with a fingerprint read from a file header (to follow "header entry ..."), or None."""
+    if not isinstance(recorded, dict):
+        return f"must be a JSON object, got {json_kind(recorded)}"
+    for key in ("structure", "checksum"):
+        if not isinstance(recorded.get(key), str):
+            return f"needs a string '{key}', got {json_kind(recorded.get(key))}"
+    if "num_tensors" in recorded and not _is_number(recorded["num_tensors"], int):
+        return f"needs an integer 'num_tensors', got {json_kind(recorded['num_tensors'])}"
+    values = recorded.get("values", [])
+    if not isinstance(values, list) or not all(_is_number(v, (int, float)) for v in values):
+        return f"needs a list of numbers as 'values', got {json_kind(values)}"
+    dtypes = recorded.get("dtypes", [])
+    if not isinstance(dtypes, list) or not all(isinstance(d, str) for d in dtypes):
+        return f"needs a list of strings as 'dtypes', got {json_kind(dtypes)}"
+    return None
+
+
+def _is_number(value, kinds) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
+_JSON_KINDS = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+
+
+def json_kind(value) -> str:
+    """`value` as an error message names it: 'null', "a JSON list ('[1, 2]')"."""
+    if value is None:
+        return "null"
+    return f"a JSON {_JSON_KINDS.get(type(value), type(value).__name__)} ({json.dumps(value)[:40]!r})"
+
+
 def to_json(fingerprint: dict) -> str:
     return json.dumps(fingerprint, separators=(",", ":"))

@@ -23,17 +23,22 @@ def human_bytes(size: float) -> str:
     return f"{size:.1f} GB"
 
 
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
 def _adapter_rows(save_directory: str, configs: dict) -> list[str]:
     rows = []
     for name, config in configs.items():
         folder = save_directory if name == "default" else os.path.join(save_directory, name)
         path = os.path.join(folder, adapter_file.WEIGHTS_NAME)
-        counts = adapter_file.read(path).counts
-        changed, candidates = counts.get("changed", 0), counts.get("candidates", 0)
-        density = changed / candidates if candidates else 0.0
+        # Files this process just wrote: their header is trusted, and no tensor is needed.
+        counts = adapter_file.read_metadata(path, require_format=False, limits=None).counts
+        changed, candidates = counts.get("changed"), counts.get("candidates")
+        density = f"{changed / candidates:.4%}" if isinstance(changed, int) and candidates else "?"
         rows.append(
-            f"| {name} | {counts.get('k', '?'):,} (`k={config.k!r}`) | {config.selection} | {changed:,} of "
-            f"{candidates:,} ({density:.4%}) | {human_bytes(os.path.getsize(path))} |"
+            f"| {name} | {_count(counts.get('k'))} (`k={config.k!r}`) | {config.selection} | {_count(changed)} of "
+            f"{_count(candidates)} ({density}) | {human_bytes(os.path.getsize(path))} |"
         )
     return rows
 
@@ -59,10 +64,11 @@ def _usage(config, repo_or_path: str) -> str:
 
 
 def write_model_card(save_directory: str, configs: dict, repo_id: str | None = None,
-                     extra_tags: list[str] | None = None) -> None:
+                     extra_tags: list[str] | None = None, load_from: str | None = None) -> None:
     """Add StocTuning's metadata and section to the README.md in `save_directory` (idempotent).
 
-    `configs` maps the saved adapters' names to their configs; the first one is the usage example's.
+    `configs` maps the saved adapters' names to their configs; the first one is the usage example's, which loads
+    from `repo_id`, else `load_from` (where a staged folder will end up), else `save_directory`.
     """
     first = next(iter(configs.values()))
     path = os.path.join(save_directory, "README.md")
@@ -96,7 +102,7 @@ def write_model_card(save_directory: str, configs: dict, repo_id: str | None = N
         "",
         "`pip install peft-stoc`, then:",
         "",
-        _usage(first, repo_id or save_directory),
+        _usage(first, repo_id or load_from or save_directory),
         SECTION_END,
     ])
     text = card.text

@@ -13,7 +13,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .delta import SparseDelta
+from .delta import SparseDelta, add_delta
 
 Params = dict[str, nn.Parameter]
 
@@ -131,12 +131,6 @@ def exact_delta(original: torch.Tensor, current: torch.Tensor, weights: torch.Te
     if bool(off.any()):
         return torch.where(off, current.double() - original.double(), delta.double())
     return delta
-
-
-def add_delta(values: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """`values` + `delta`, computed in float32 (float64 for float64 deltas) and rounded to `values`' dtype."""
-    wide = torch.float64 if delta.dtype == torch.float64 else torch.float32
-    return (values.to(wide) + delta.to(device=values.device, dtype=wide)).to(values.dtype)
 
 
 class AdapterSlot(nn.Module):

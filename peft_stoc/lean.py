@@ -118,7 +118,7 @@ class LeanStep:
         holder = optimizer.state[self.state_key]
         return holder.setdefault("tensors", {})
 
-    def update(self, optimizer, kind: str, strict: bool, drawn, values, factors, record, done: set[int]) -> None:
+    def update(self, optimizer, kind: str, rule: str, drawn, values, factors, record, done: set[int]) -> None:
         """Apply the step to the candidates this optimizer holds (and that have not been updated in this step)."""
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         states = self.states(optimizer)
@@ -137,7 +137,7 @@ class LeanStep:
             if drawn[position].numel():
                 record(candidate, drawn[position])
             state = states.setdefault(candidate.name, {})
-            sparse_optim.sparse_step(candidate.param, state, drawn[position], grad, group, kind, strict)
+            sparse_optim.sparse_step(candidate.param, state, drawn[position], grad, group, kind, rule)
             candidate.param.grad = None
 
 

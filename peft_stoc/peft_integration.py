@@ -1,10 +1,13 @@
-"""Three `PeftModel` entry points that offer a tuner no hook, extended for StocTuning adapters.
+"""`PeftModel` entry points that offer a tuner no hook, extended for StocTuning adapters.
 
-* `save_pretrained`: refuses pickle, refuses to save weights changed outside intercepted steps, writes the
-  header metadata (format, counts, base fingerprint) and the model card section.
-* `load_adapter` (also reached by `PeftModel.from_pretrained` and `AutoPeftModel*.from_pretrained`): reads and
-  validates the whole file — readability, every tensor, the base fingerprint — before anything is applied.
+* `save_pretrained`: refuses pickle, adapter names that are not plain folder names, and weights changed outside
+  intercepted steps; lets PEFT write into a staged folder, adds the header metadata (format, counts, base
+  fingerprint) and the model card section, then swaps the folder in whole (`adapter_file.staged_folder`).
+* `load_adapter` (also reached by `PeftModel.from_pretrained` and `AutoPeftModel*.from_pretrained`): checks the
+  adapter name, then reads and validates the whole file — header limits, readability, every tensor, the base
+  fingerprint, values in range of the base dtypes — before anything is touched.
   `ignore_base_mismatch=True` applies an adapter to another base on purpose.
+* `from_pretrained`: first puts back a folder that a save interrupted while it was moved away.
 * `push_to_hub`: transformers' version replaces the README with a bare card; this one uploads the adapter with
   its model card.
 
@@ -18,8 +21,9 @@ import inspect
 import os
 
 from peft import PeftConfig, PeftModel
+from peft.utils.other import ModulesToSaveWrapper
 
-from . import adapter_file, hub
+from . import adapter_file, fingerprint, hub
 
 _MARK = "_peft_stoc_wrapped"
 _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "force_download", "local_files_only")
@@ -38,6 +42,20 @@ def _bound(function, self, args, kwargs) -> inspect.BoundArguments:
     return bound
 
 
+def check_adapter_name(name) -> None:
+    """Adapter names become module keys and, when saved, folder names: refuse names that break either."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Adapter name {name!r} is not usable: give a non-empty string such as 'default'.")
+    bad = next((repr(c) for c in (".", "/", "\\", "\0") if c in name), None)
+    if bad is None and os.path.isabs(name):
+        bad = "an absolute path"
+    if bad is not None:
+        raise ValueError(
+            f"Adapter name {name!r} contains {bad}: adapter names are module keys and, when saved, folder names "
+            "inside the save folder, so they may not contain '.', '/' or '\\'."
+        )
+
+
 def _wrap_save_pretrained(original):
     @functools.wraps(original)
     def save_pretrained(self, *args, **kwargs):
@@ -47,16 +65,20 @@ def _wrap_save_pretrained(original):
         call = _bound(original, self, args, kwargs)
         if not call.arguments["safe_serialization"]:
             raise ValueError("StocTuning adapters are saved as safetensors only; drop `safe_serialization=False`.")
-        tuner.verify_integrity()
-        original(self, *args, **kwargs)
-        if not call.arguments["is_main_process"]:
-            return
-        directory = call.arguments["save_directory"]
         names = call.arguments["selected_adapters"] or list(self.peft_config)
         for name in names:
-            folder = directory if name == "default" else os.path.join(directory, name)
-            adapter_file.add_metadata(os.path.join(folder, adapter_file.WEIGHTS_NAME), tuner.file_metadata(name))
-        hub.write_model_card(directory, {name: self.peft_config[name] for name in names})
+            check_adapter_name(name)
+        tuner.verify_integrity()
+        if not call.arguments["is_main_process"]:
+            return original(*call.args, **call.kwargs)  # PEFT writes no file there
+        directory = os.fspath(call.arguments["save_directory"])
+        with adapter_file.staged_folder(directory) as stage:
+            call.arguments["save_directory"] = stage
+            original(*call.args, **call.kwargs)
+            for name in names:
+                folder = stage if name == "default" else os.path.join(stage, name)
+                adapter_file.add_metadata(os.path.join(folder, adapter_file.WEIGHTS_NAME), tuner.file_metadata(name))
+            hub.write_model_card(stage, {name: self.peft_config[name] for name in names}, load_from=directory)
 
     return save_pretrained
 
@@ -72,20 +94,91 @@ def _adapter_path(model_id: str, hub_kwargs: dict) -> str:
     return hf_hub_download(model_id, adapter_file.WEIGHTS_NAME, **hub_kwargs)
 
 
+def _recover(model_id, subfolder: str | None) -> None:
+    """Put back a local adapter folder (or the save folder holding it) that an interrupted save left moved away."""
+    path = os.path.realpath(os.path.join(os.fspath(model_id), subfolder or ""))
+    missing = []
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):  # the outermost first: an inner one may come back with it
+        adapter_file.recover(folder, tidy=False)
+
+
+def _head_specs(tuner, config) -> dict[str, tuple[tuple[int, ...], object]]:
+    """File keys, shapes and dtypes of the modules_to_save tensors the model expects (as `_head_shapes`)."""
+    wanted = list(config.modules_to_save or [])
+    specs = {}
+    for name, module in tuner.model.named_modules():
+        # PEFT's own rule for modules_to_save is a plain suffix match.
+        if not name or not any(name.endswith(w) for w in wanted):
+            continue
+        source = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        for key, value in source.state_dict().items():
+            specs[f"{adapter_file.MODEL_PREFIX}{name}.{key}"] = (tuple(value.shape), value.dtype)
+    return specs
+
+
+def _check_base(tuner, file: adapter_file.AdapterFile, config, ignore_base_mismatch: bool) -> None:
+    """The fingerprint in the header against this base (as `check_file` does), before any tensor is read: a file
+    for another base is named as such, not by the first tensor that does not fit."""
+    recorded = file.fingerprint
+    if recorded is None:
+        raise adapter_file.AdapterFileError(f"{file.path} has no base-model fingerprint in its header.")
+    whole = tuner._fingerprint_params(config)
+    reason = fingerprint.mismatch(recorded, whole, tuner.stoc_layer.patch_base_values(whole))
+    if reason is not None and not ignore_base_mismatch:
+        raise adapter_file.AdapterFileError(
+            f"{file.path} was made for another base model: {reason}. Load it onto the base it was trained on "
+            f"(base_model_name_or_path={config.base_model_name_or_path!r}), or pass "
+            "`ignore_base_mismatch=True` to apply it anyway."
+        )
+
+
+def _validate(tuner, path: str, config, ignore_base_mismatch: bool):
+    """Everything in the file at `path` against the model, before any of it is applied; returns the file."""
+    params = tuner._adapter_params("", config)
+    expected = adapter_file.Expected(
+        numels={name: p.numel() for name, p in params.items()},
+        dtypes={name: p.dtype for name, p in params.items()},
+        heads=_head_specs(tuner, config),
+    )
+    file = adapter_file.read_metadata(path, limits=expected.limits())
+    _check_base(tuner, file, config, ignore_base_mismatch)
+    adapter_file.check_entries(file.entries, expected, path)
+    adapter_file.load_tensors(file)
+    tuner.check_file(file, config, ignore_base_mismatch=ignore_base_mismatch)
+    delta = adapter_file.parse_delta(file.tensors, expected.numels, source=file.path)
+    base_values = tuner.stoc_layer.patch_base_values(params)
+    adapter_file.check_ranges(delta, expected.dtypes, base_values, source=file.path)
+    adapter_file.check_other_tensors(file.tensors, expected.heads, source=file.path)
+    return file
+
+
 def _wrap_load_adapter(original):
     @functools.wraps(original)
     def load_adapter(self, model_id, adapter_name, *args, ignore_base_mismatch: bool = False, **kwargs):
         tuner = _tuner(self)
         if tuner is None:
             return original(self, model_id, adapter_name, *args, **kwargs)
+        check_adapter_name(adapter_name)
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
+        _recover(model_id, hub_kwargs.get("subfolder"))
         config = self.peft_config.get(adapter_name) or PeftConfig.from_pretrained(model_id, **hub_kwargs)
-        file = adapter_file.read(_adapter_path(str(model_id), hub_kwargs))
-        tuner.check_file(file, config, ignore_base_mismatch=ignore_base_mismatch)
+        file = _validate(tuner, _adapter_path(str(model_id), hub_kwargs), config, ignore_base_mismatch)
         tuner.note_loaded(adapter_name, file.counts)
         return original(self, model_id, adapter_name, *args, **kwargs)
 
     return load_adapter
+
+
+def _wrap_from_pretrained(original):
+    @functools.wraps(original)
+    def from_pretrained(cls, model, model_id, *args, **kwargs):
+        _recover(model_id, kwargs.get("subfolder"))
+        return original(cls, model, model_id, *args, **kwargs)
+
+    return from_pretrained
 
 
 def _wrap_push_to_hub(original):
@@ -100,7 +193,7 @@ def _wrap_push_to_hub(original):
 
 
 def install() -> None:
-    """Wrap the three methods once per process (idempotent, also across reloads of peft_stoc)."""
+    """Wrap the methods once per process (idempotent, also across reloads of peft_stoc)."""
     for name, wrapper in (
         ("save_pretrained", _wrap_save_pretrained),
         ("load_adapter", _wrap_load_adapter),
@@ -111,3 +204,8 @@ def install() -> None:
         wrapped = wrapper(original)
         setattr(wrapped, _MARK, original)
         setattr(PeftModel, name, wrapped)
+    current = PeftModel.__dict__["from_pretrained"].__func__  # a classmethod
+    original = getattr(current, _MARK, current)
+    wrapped = _wrap_from_pretrained(original)
+    setattr(wrapped, _MARK, original)
+    PeftModel.from_pretrained = classmethod(wrapped)

@@ -71,12 +71,16 @@ def sparse_step(
     grad: torch.Tensor,
     group: dict,
     kind: str,
-    strict: bool,
+    rule: str,
 ) -> None:
     """One optimizer step of `param` whose masked gradient is `grad` at the sorted flat indices `drawn` and zero
     elsewhere. `state` (this tensor's sparse state) is updated in place; so is `param`.
 
-    `strict`: only the drawn entries change (the state of the others still evolves, as in dense mode)."""
+    `rule`: 'masked_grad' (every entry with state moves, as torch does on the masked gradient), 'strict' (only the
+    drawn entries change; the state of the others still evolves, as in dense mode) or 'lazy' (only the drawn entries
+    change, and only their state advances: moments and a per-entry step count for Adam's bias correction, as
+    `torch.optim.SparseAdam` treats the entries a sparse gradient leaves out)."""
+    strict = rule == "strict"
     flat = param.detach().view(-1)
     drawn = drawn.to(flat.device)
     grad = grad.to(device=flat.device, dtype=torch.float32)
@@ -110,7 +114,9 @@ def sparse_step(
             theta.index_copy_(0, drawn_at, drawn_theta * (1 - lr * decay))
         else:
             g.index_copy_(0, drawn_at, g.index_select(0, drawn_at).add(drawn_theta, alpha=decay))
-    if kind == "adam":
+    if rule == "lazy":
+        _lazy(kind, theta, g, state, old_at, drawn_at, size, group, lr)
+    elif kind == "adam":
         _adam(theta, g, state, old_at, size, group, lr)
     else:
         _sgd(theta, g, state, old_at, size, group, lr)
@@ -163,6 +169,44 @@ def _sgd(theta, g, state, old_at, size, group, lr) -> None:
         g = g.add(buffer, alpha=momentum) if group.get("nesterov", False) else buffer
     theta.add_(g, alpha=-lr)
     state["step"] = torch.tensor(float(state.get("step", torch.zeros(())).item()) + 1.0)
+
+
+def _lazy(kind, theta, g, state, old_at, drawn_at, size, group, lr) -> None:
+    """The update of the drawn entries alone; the other entries and their state stay as they are."""
+    steps = _grown(state.get("entry_step"), size, old_at, theta)
+    step = steps.index_select(0, drawn_at) + 1.0
+    values, grad = theta.index_select(0, drawn_at), g.index_select(0, drawn_at)
+    if kind == "adam":
+        beta1, beta2 = (float(b) for b in group["betas"])
+        exp_avg = _grown(state.get("exp_avg"), size, old_at, theta)
+        exp_avg_sq = _grown(state.get("exp_avg_sq"), size, old_at, theta)
+        m = exp_avg.index_select(0, drawn_at).lerp_(grad, 1 - beta1)
+        v = exp_avg_sq.index_select(0, drawn_at).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - torch.pow(beta1, step)
+        bias_correction2_sqrt = (1 - torch.pow(beta2, step)).sqrt_()
+        if group.get("amsgrad", False):
+            max_exp_avg_sq = _grown(state.get("max_exp_avg_sq"), size, old_at, theta)
+            peak = torch.maximum(max_exp_avg_sq.index_select(0, drawn_at), v)
+            state["max_exp_avg_sq"] = max_exp_avg_sq.index_copy_(0, drawn_at, peak)
+            denom = (peak.sqrt() / bias_correction2_sqrt).add_(float(group["eps"]))
+        else:
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(float(group["eps"]))
+        values.sub_(m / bias_correction1 * lr / denom)
+        state["exp_avg"] = exp_avg.index_copy_(0, drawn_at, m)
+        state["exp_avg_sq"] = exp_avg_sq.index_copy_(0, drawn_at, v)
+    else:
+        momentum = float(group.get("momentum", 0) or 0)
+        if momentum:
+            dampening = float(group.get("dampening", 0) or 0)
+            buffer = _grown(state.get("momentum_buffer"), size, old_at, theta)
+            old = buffer.index_select(0, drawn_at)
+            # An entry's buffer starts from its first gradient, as torch starts a tensor's.
+            fresh = torch.where(step == 1.0, grad, old.mul(momentum).add_(grad, alpha=1 - dampening))
+            state["momentum_buffer"] = buffer.index_copy_(0, drawn_at, fresh)
+            grad = grad.add(fresh, alpha=momentum) if group.get("nesterov", False) else fresh
+        values.add_(grad, alpha=-lr)
+    theta.index_copy_(0, drawn_at, values)
+    state["entry_step"] = steps.index_copy_(0, drawn_at, step)
 
 
 def state_bytes(states: dict[str, dict]) -> int:

@@ -232,3 +232,51 @@ def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale(memory):
     scaler.step(optimizer)
     scaler.update()
     assert model.stoc_stats()["step"] == 1 and model.stoc_stats()["changed"] == 40
+
+
+def test_lazy_rule_advances_only_the_drawn_entries_state():
+    # Reference: a hand-written per-entry Adam/AdamW on the masked gradient whose moments and step counts advance
+    # only at the drawn entries (SparseAdam's treatment of entries a sparse gradient leaves out).
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = get_peft_model(tiny_model(**no_dropout),
+                           StocTuningConfig(k=40, task_type="SEQ_CLS", selection="top", update_rule="lazy"))
+    reference = tiny_model(**no_dropout)
+    model.train()
+    reference.train()
+    lr, betas, eps, decay = 1e-2, (0.9, 0.999), 1e-8, 0.1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
+    head = [p for n, p in reference.named_parameters() if n.startswith("classifier.")]
+    head_optimizer = torch.optim.AdamW(head, lr=lr, weight_decay=decay)
+    names = [c.name for c in model.base_model._candidates["default"]]
+    params = dict(reference.named_parameters())
+    state = {n: (torch.zeros(params[n].numel()), torch.zeros(params[n].numel()), torch.zeros(params[n].numel()))
+             for n in names}
+    moved_outside = 0
+    for step in range(6):
+        before = {n: p.detach().clone() for n, p in model.base_model._base_params().items()}
+        model(**batch(seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        drawn = dict(zip(names, model.base_model.stoc_engine().last_draw))
+        reference(**batch(seed=step)).loss.backward()
+        with torch.no_grad():
+            for n in names:
+                index = drawn[n]
+                flat, grad = params[n].view(-1), params[n].grad.view(-1)[index]
+                m, v, count = state[n]
+                count[index] += 1
+                m[index] = betas[0] * m[index] + (1 - betas[0]) * grad
+                v[index] = betas[1] * v[index] + (1 - betas[1]) * grad * grad
+                theta = flat[index] * (1 - lr * decay)
+                m_hat = m[index] / (1 - betas[0] ** count[index])
+                v_hat = v[index] / (1 - betas[1] ** count[index])
+                flat[index] = theta - lr * m_hat / (v_hat.sqrt() + eps)
+        head_optimizer.step()
+        reference.zero_grad()
+        for n, p in model.base_model._base_params().items():
+            changed = (p.detach() != before[n]).view(-1).nonzero().squeeze(1)
+            moved_outside += int((~torch.isin(changed, drawn[n])).sum())
+    assert moved_outside == 0  # only drawn entries ever change under the lazy rule
+    trained = dict(model.base_model._base_params())
+    for n in names:
+        assert torch.allclose(trained[n], params[n], rtol=0, atol=2e-6), n
