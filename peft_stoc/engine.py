@@ -111,8 +111,12 @@ class Audit:
         self.values = current
 
 
-_ENGINES: weakref.WeakSet = weakref.WeakSet()
+_ENGINES: weakref.WeakSet = weakref.WeakSet()  # engines of adapters being trained
+_PAUSED: weakref.WeakSet = weakref.WeakSet()  # engines of adapters not trained right now (disabled, inactive)
 _HOOK_HANDLES: list = []
+# Optimizers that move entries whose gradient is zero although their state is zero (ASGD's decay and averaging,
+# L-BFGS's dense search direction): their steps cannot be confined, so they are refused before they run.
+UNCONFINABLE = ("ASGD", "LBFGS", "SparseAdam")
 
 
 def _ensure_optimizer_hooks() -> None:
@@ -125,9 +129,13 @@ def _ensure_optimizer_hooks() -> None:
 
 
 def _before_any_step(optimizer, args, kwargs):
-    for engine in list(_ENGINES):
-        if engine.owns(optimizer):
-            engine.before_step(optimizer)
+    running = [engine for engine in list(_ENGINES) if engine.owns(optimizer)]
+    if not running:  # (with an adapter in training, its own checks cover the parameters it does not train)
+        for engine in list(_PAUSED):
+            if engine.owns(optimizer):
+                engine.refuse_pending_gradients()
+    for engine in running:
+        engine.before_step(optimizer)
 
 
 def _after_any_step(optimizer, args, kwargs):
@@ -174,6 +182,7 @@ class StepEngine:
         self.draws = 0  # number of fresh draws (a mask reused under mask_interval is not a fresh draw)
         self._ids = {id(c.param): i for i, c in enumerate(candidates)}
         self._owned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._strays: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._cycle_drawn = False
         self._depth = 0  # optimizer steps under way: a wrapper such as ZeroRedundancyOptimizer steps an inner one
         self._root_handle = None
@@ -213,12 +222,40 @@ class StepEngine:
                 self._grad_handles.append(candidate.param.register_post_accumulate_grad_hook(
                     lambda param, position=position: self._on_gradient(position, param)))
         _ENGINES.add(self)
+        _PAUSED.discard(self)
 
     @property
     def running(self) -> bool:
         return self in _ENGINES
 
     def stop(self) -> None:
+        """Pause: the adapter is not trained for now (disabled, another adapter active, inference mode). Pending
+        gradients stay where they are; an optimizer step while paused is refused (`refuse_pending_gradients`)."""
+        self._detach()
+        _PAUSED.add(self)
+
+    def retire(self) -> None:
+        """Stop for good (the adapter is deleted, reloaded or unloaded): nothing of this engine stays behind."""
+        self._detach()
+        _PAUSED.discard(self)
+        if self.lean is not None:
+            self.lean.clear_gradients()
+            self.lean.reset()
+
+    def refuse_pending_gradients(self) -> None:
+        """Raise, before anything changes, if an optimizer is about to apply gradients of candidates while their
+        adapter is not being trained: the step would change the base outside the record of original values."""
+        pending = [c.name for c in self.candidates if c.param.grad is not None]
+        if pending:
+            raise RuntimeError(
+                f"StocTuning: optimizer.step() would update {len(pending)} base tensors (e.g. '{pending[0]}') whose "
+                "adapter is not being trained right now (it is disabled, inactive or in inference mode), so the "
+                "change could neither be confined nor saved. Step the optimizer where the adapter is enabled and "
+                "active (e.g. after the `with model.disable_adapter():` block), or call `optimizer.zero_grad()` "
+                "first to drop these gradients."
+            )
+
+    def _detach(self) -> None:
         self.tracker.detach()
         self.tracker.armed = False
         if self._root_handle is not None:
@@ -227,9 +264,6 @@ class StepEngine:
         for handle in self._grad_handles:
             handle.remove()
         self._grad_handles.clear()
-        if self.lean is not None:
-            self.lean.clear_gradients()
-            self.lean.reset()
         _ENGINES.discard(self)
         self.decay.restore()
         self.strict.restore()
@@ -378,6 +412,7 @@ class StepEngine:
             return
         self._check_setup()
         self.audit.verify(context=BYPASS_HINT)
+        self._refuse_unconfinable(optimizer)
         kind = sparse_optim.kind_of(optimizer)
         if self.lean is not None and kind is None:
             self._leave_lean(optimizer)
@@ -388,6 +423,41 @@ class StepEngine:
             self._lean_step(optimizer, kind)
         else:
             self._dense_step(optimizer)
+
+    def _refuse_unconfinable(self, optimizer) -> None:
+        name = type(optimizer).__name__
+        if name in UNCONFINABLE:
+            raise ValueError(
+                f"StocTuning cannot confine {name}: it moves entries whose gradient is zero, so every base entry "
+                "would change. Use SGD, Adam or AdamW (or another optimizer that leaves such entries alone)."
+            )
+        strays = [name for name, param in self.untracked_base_params(optimizer) if param.grad is not None]
+        if strays:
+            raise RuntimeError(
+                f"StocTuning: base parameter '{strays[0]}' (and {len(strays) - 1} more) would be trained densely: it "
+                "requires a gradient but is not a candidate of the adapter being trained, so its change would be "
+                "neither confined nor saved. Freeze it (`requires_grad_(False)`), or make it a candidate "
+                "(`target_modules`) or a fully trained module (`modules_to_save`)."
+            )
+
+    def untracked_base_params(self, optimizer) -> list[tuple[str, torch.Tensor]]:
+        """Base parameters held by `optimizer` that are neither candidates nor trained copies of modules_to_save."""
+        count = sum(len(g["params"]) for g in optimizer.param_groups)
+        cached = self._strays.get(optimizer)
+        if cached is None or cached[0] != count:
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            allowed = set(self._ids) | self._trained_copies()
+            found = [(n, p) for n, p in self.tracker.root.named_parameters(remove_duplicate=True)
+                     if id(p) in held and id(p) not in allowed]
+            cached = (count, found)
+            self._strays[optimizer] = cached
+        return cached[1]
+
+    def _trained_copies(self) -> set[int]:
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        return {id(p) for m in self.tracker.root.modules() if isinstance(m, AuxiliaryTrainingWrapper)
+                for name, p in m.named_parameters() if not name.startswith("original_module.")}
 
     def _skipped_by_scaler(self, optimizer) -> bool:
         """A fused optimizer stepped by GradScaler skips inside its kernel when an inf/NaN was found."""

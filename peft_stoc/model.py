@@ -78,6 +78,12 @@ class StocTuningModel(BaseTuner):
                 "per step; raise max_changed or lower k."
             )
         self._candidates[adapter_name] = candidates
+        if not config.inference_mode and not self._trainable_candidates(adapter_name):
+            del self._candidates[adapter_name]
+            raise ValueError(
+                "Every candidate parameter was frozen (requires_grad=False) before wrapping, so there is nothing to "
+                "train. Unfreeze the parameters StocTuning should draw from, or pick them with `target_modules`."
+            )
         self._counts[adapter_name] = (k, max_changed)
         self._trainable[adapter_name] = not config.inference_mode
         self.stoc_layer.stoc_adapters[adapter_name] = AdapterSlot()
@@ -126,7 +132,7 @@ class StocTuningModel(BaseTuner):
     def _drop_engine(self, name: str) -> None:
         engine = self._engines.pop(name, None)
         if engine is not None:
-            engine.stop()
+            engine.retire()
         self._captured_at.pop(name, None)
 
     def _sync(self) -> None:
@@ -151,7 +157,8 @@ class StocTuningModel(BaseTuner):
             engine = self._engines.get(training)
             if engine is None:
                 k, max_changed = self._counts[training]
-                engine = StepEngine(self.model, self._candidates[training], self.peft_config[training], layer.patch,
+                engine = StepEngine(self.model, self._trainable_candidates(training), self.peft_config[training],
+                                    layer.patch,
                                     k, max_changed, state_key=f"peft_stoc.{training}",
                                     step=self._steps_loaded.get(training, 0))
                 self._engines[training] = engine
@@ -161,8 +168,13 @@ class StocTuningModel(BaseTuner):
                 engine.start()
             engine.weights_changed_by_us()
 
+    def _trainable_candidates(self, name: str) -> list[Candidate]:
+        """The candidates training may change: parameters the user froze before wrapping stay frozen."""
+        frozen = {key for key, (_, requires_grad) in self._requires_grad_before.items() if not requires_grad}
+        return [c for c in self._candidates[name] if id(c.param) not in frozen]
+
     def _set_requires_grad(self, training: str | None) -> None:
-        trainable = {id(c.param) for c in self._candidates[training]} if training else set()
+        trainable = {id(c.param) for c in self._trainable_candidates(training)} if training else set()
         aux = {id(p) for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper) for p in m.parameters()}
         for param in self.model.parameters():
             if id(param) not in aux:
@@ -296,7 +308,7 @@ class StocTuningModel(BaseTuner):
             layer.merged_adapters = names
             self._sync()
         for engine in self._engines.values():
-            engine.stop()
+            engine.retire()
         self._engines.clear()
         if not merge:
             layer.restore(params)
@@ -363,6 +375,38 @@ class StocTuningModel(BaseTuner):
         self._driven_by_trainer = driven
         for engine in self._engines.values():
             engine.driven_by_trainer = driven
+
+    def is_fresh(self, adapter_name: str) -> bool:
+        """Not an adapter yet, or one that was only just injected: never trained, loaded or combined."""
+        if adapter_name not in self.stoc_layer.stoc_adapters:
+            return True
+        engine = self._engines.get(adapter_name)
+        delta = self.stoc_layer.stoc_adapters[adapter_name].delta
+        untouched = not delta.tensors and adapter_name not in self._steps_loaded
+        return untouched and (engine is None or engine.stats.step == 0)
+
+    def abandon_load(self, adapter_name: str) -> None:
+        """Undo the injection of an adapter whose loading failed. When it is the only adapter (a failed
+        `PeftModel.from_pretrained`), the base model goes back to exactly what the caller passed in: module types,
+        hooks, `requires_grad` flags, weights."""
+        if adapter_name not in self.stoc_layer.stoc_adapters:
+            self.peft_config.pop(adapter_name, None)
+            return
+        if len(self.stoc_layer.stoc_adapters) > 1:
+            self.delete_adapter(adapter_name)
+            return
+        for engine in self._engines.values():
+            engine.retire()
+        self._engines.clear()
+        self.stoc_layer.restore(self._base_params())
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "original_module"):
+                parent, _, child = _get_submodules(self.model, key)
+                setattr(parent, child, module.original_module)
+        for param, requires_grad in self._requires_grad_before.values():
+            param.requires_grad_(requires_grad)
+        if "peft_config" in vars(self.model):
+            del self.model.peft_config
 
     def note_loaded(self, adapter_name: str, counts: dict) -> None:
         """Remember how many optimizer steps a loaded adapter had taken: its draws continue from there."""

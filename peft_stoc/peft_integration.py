@@ -162,12 +162,18 @@ def _wrap_load_adapter(original):
         if tuner is None:
             return original(self, model_id, adapter_name, *args, **kwargs)
         check_adapter_name(adapter_name)
-        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
-        _recover(model_id, hub_kwargs.get("subfolder"))
-        config = self.peft_config.get(adapter_name) or PeftConfig.from_pretrained(model_id, **hub_kwargs)
-        file = _validate(tuner, _adapter_path(str(model_id), hub_kwargs), config, ignore_base_mismatch)
-        tuner.note_loaded(adapter_name, file.counts)
-        return original(self, model_id, adapter_name, *args, **kwargs)
+        fresh = tuner.is_fresh(adapter_name)  # injected for this load (PeftModel.from_pretrained) or not there yet
+        try:
+            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
+            _recover(model_id, hub_kwargs.get("subfolder"))
+            config = self.peft_config.get(adapter_name) or PeftConfig.from_pretrained(model_id, **hub_kwargs)
+            file = _validate(tuner, _adapter_path(str(model_id), hub_kwargs), config, ignore_base_mismatch)
+            tuner.note_loaded(adapter_name, file.counts)
+            return original(self, model_id, adapter_name, *args, **kwargs)
+        except BaseException:
+            if fresh:
+                tuner.abandon_load(adapter_name)  # the model, and the base under it, as they were before
+            raise
 
     return load_adapter
 

@@ -17,7 +17,7 @@ import torch
 # Optimizers whose weight decay is added to the gradient (L2) unless their group says it is decoupled.
 _COUPLED_DECAY = tuple(
     getattr(torch.optim, name)
-    for name in ("SGD", "Adam", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "ASGD", "Adadelta")
+    for name in ("SGD", "Adam", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Adadelta")
     if hasattr(torch.optim, name)
 )
 

