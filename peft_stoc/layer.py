@@ -141,6 +141,63 @@ class AdapterSlot(nn.Module):
         self.delta = delta or SparseDelta()
 
 
+class BaseView:
+    """The base model as the forward sees it while adapters are disabled, with nothing written in place.
+
+    During the forward of a module whose parameters carry applied changes, each such parameter's data is swapped for
+    a copy holding the original values (`param.data = ...`, which leaves the parameter's version counter alone) and
+    swapped back when the call returns. So a graph that holds the adapted weights stays valid — DPO computes its
+    reference pass under `disable_adapter()` between the policy's forward and its backward — and the extra memory is
+    one module's changed parameters at a time. Parameters owned by other modules than linear layers and norms
+    (embedding tables, parameters read outside their module's forward) are swapped for the whole model forward.
+    """
+
+    def __init__(self, patch: Patch, params: Params, owners: dict[str, list[nn.Module]], root: nn.Module):
+        self.patch, self.params = patch, params
+        self._handles = []
+        self._swapped: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        per_module: dict[int, tuple[nn.Module, list[str]]] = {}
+        for name in patch.index:
+            modules = owners.get(name, [])
+            scope = modules if modules and all(_swaps_per_call(m) for m in modules) else [root]
+            for module in scope:
+                per_module.setdefault(id(module), (module, []))[1].append(name)
+        for module, names in per_module.values():
+            self._handles.append(module.register_forward_pre_hook(
+                lambda m, args, names=names: self._swap_in(m, names), prepend=True))
+            self._handles.append(module.register_forward_hook(
+                lambda m, args, output: self._swap_out(m), always_call=True))
+
+    def _swap_in(self, module: nn.Module, names: list[str]) -> None:
+        swapped = self._swapped.setdefault(id(module), [])
+        with torch.no_grad():
+            for name in names:
+                param = self.params[name]
+                base = param.detach().clone()
+                _flat(base)[self.patch.index[name].to(base.device)] = self.patch.original[name].to(base.device)
+                swapped.append((param, param.data))
+                param.data = base
+
+    def _swap_out(self, module: nn.Module) -> None:
+        for param, data in reversed(self._swapped.pop(id(module), [])):
+            param.data = data
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module_id in list(self._swapped):
+            for param, data in reversed(self._swapped.pop(module_id)):
+                param.data = data
+
+
+def _swaps_per_call(module: nn.Module) -> bool:
+    """Modules whose parameters are only read inside their own forward call."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D, nn.LayerNorm)) or type(module).__name__.endswith("RMSNorm")
+
+
 class StocTuningLayer(nn.Module, BaseTunerLayer):
     """Holds every adapter's delta and applies/reverts them on the base parameters in place."""
 
@@ -151,7 +208,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         self.stoc_adapters = nn.ModuleDict()
         self.patch = Patch()
         self.applied: tuple[str, ...] = ()  # adapters whose deltas are in the base weights
-        self._hidden: dict[str, torch.Tensor] | None = None  # adapted values while adapters are disabled
+        self._view: BaseView | None = None  # while adapters are disabled: the base shown to the forward
         self._active_adapter = "default"
         self.merged_adapters = []
         self._disable_adapters = False
@@ -173,40 +230,29 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
 
     def restore(self, params: Params) -> None:
         """Back to the base, bit for bit."""
-        if self._hidden is not None:
-            self._hidden = None
+        self.unhide(params)
         self.patch.restore(params)
         self.applied = ()
 
     def capture(self, name: str, params: Params, masters=None) -> None:
         """Store what training changed in place as adapter `name`'s delta (it must be the only one applied)."""
-        if self.applied == (name,) and self._hidden is None:
+        if self.applied == (name,):
             self.stoc_adapters[name].delta = self.patch.delta(params, masters)
 
     # -- disabling without forgetting --------------------------------------------------------------------------
-    def hide(self, params: Params) -> None:
-        """Show the base while keeping the adapted values aside, so `unhide` is bit-exact too."""
-        if self._hidden is not None:
-            return
-        hidden = {}
-        with torch.no_grad():
-            for name, index in self.patch.index.items():
-                flat = _flat(params[name])
-                hidden[name] = flat[index].clone()
-                flat[index] = self.patch.original[name]
-        self._hidden = hidden
+    def hide(self, params: Params, owners: dict[str, list[nn.Module]], root: nn.Module) -> None:
+        """Show the base to the forward while the adapted values stay in the weights (see `BaseView`)."""
+        if self._view is None:
+            self._view = BaseView(self.patch, params, owners, root)
 
-    def unhide(self, params: Params) -> None:
-        if self._hidden is None:
-            return
-        with torch.no_grad():
-            for name, values in self._hidden.items():
-                _flat(params[name])[self.patch.index[name]] = values
-        self._hidden = None
+    def unhide(self, params: Params | None = None) -> None:
+        if self._view is not None:
+            self._view.close()
+            self._view = None
 
     @property
     def hidden(self) -> bool:
-        return self._hidden is not None
+        return self._view is not None
 
     def patch_base_values(self, params: Params):
         """A reader of base values at given positions that looks through the applied deltas."""

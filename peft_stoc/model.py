@@ -121,12 +121,7 @@ class StocTuningModel(BaseTuner):
         engine, layer = self._engines.get(name), self.stoc_layer
         if engine is None or engine.stats.step == self._captured_at.get(name, 0) or layer.applied != (name,):
             return
-        params = self._base_params()
-        was_hidden = layer.hidden
-        layer.unhide(params)
-        layer.capture(name, params, engine.masters())
-        if was_hidden:
-            layer.hide(params)  # the same values as before: nothing the audit would notice
+        layer.capture(name, self._base_params(), engine.masters())
         self._captured_at[name] = engine.stats.step
 
     def _drop_engine(self, name: str) -> None:
@@ -148,7 +143,7 @@ class StocTuningModel(BaseTuner):
                 self._capture(name)
             layer.apply(wanted, params) if wanted else layer.restore(params)
         if layer.disable_adapters:
-            layer.hide(params)
+            layer.hide(params, self._owners(), self.model)
         else:
             layer.unhide(params)
         layer.set_active(self.active_adapters, enabled=not layer.disable_adapters)
@@ -167,6 +162,10 @@ class StocTuningModel(BaseTuner):
             if not engine.running:
                 engine.start()
             engine.weights_changed_by_us()
+
+    def _owners(self) -> dict[str, list[nn.Module]]:
+        """The modules that own each candidate parameter (a tied weight has several)."""
+        return {c.name: [use.module for use in c.uses] for cs in self._candidates.values() for c in cs}
 
     def _trainable_candidates(self, name: str) -> list[Candidate]:
         """The candidates training may change: parameters the user froze before wrapping stay frozen."""
