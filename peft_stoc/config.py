@@ -138,6 +138,25 @@ class StocTuningConfig(PeftConfig):
         },
     )
 
+    base_fingerprint: dict | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Written when the adapter is saved: names, shapes and dtypes of the base model's parameters and a "
+                "checksum of sampled values. Loading refuses a base whose fingerprint differs."
+            )
+        },
+    )
+    saved_counts: dict | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Written when the adapter is saved: entries changed, tensors changed, candidate entries, k and "
+                "optimizer steps taken (training resumed from the adapter continues its draws from there)."
+            )
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = STOC_PEFT_TYPE
@@ -153,6 +172,10 @@ class StocTuningConfig(PeftConfig):
         _check_choice("update_rule", self.update_rule, UPDATE_RULES)
         _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
         _check_choice("memory", self.memory, MEMORY_MODES)
+        for name in ("base_fingerprint", "saved_counts"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"`{name}` is written by save_pretrained and must be a dict or None, got "
+                                 f"{type(getattr(self, name)).__name__}: adapter_config.json was edited or damaged.")
         if self.update_rule == "lazy" and self.memory == "dense":
             raise ValueError("update_rule='lazy' is applied by the memory-lean mode; use memory='auto' or 'lean'.")
         if isinstance(self.mask_interval, bool) or not isinstance(self.mask_interval, int) or self.mask_interval < 1:

@@ -199,14 +199,24 @@ def _swaps_per_call(module: nn.Module) -> bool:
 
 
 class StocTuningLayer(nn.Module, BaseTunerLayer):
-    """Holds every adapter's delta and applies/reverts them on the base parameters in place."""
+    """Holds every adapter's delta and applies/reverts them on the base parameters in place.
+
+    It lives in the model it adapts (as `model.stoc_tuning`), so its state travels with the model: `state_dict()`
+    holds the original values of every changed entry, each adapter's delta and step count, and which adapters are
+    in the weights; `load_state_dict()` restores them (an accelerate or plain checkpoint taken mid-training resumes
+    exactly), and `.to()` / `.half()` move them along with the weights.
+    """
 
     adapter_layer_names = ("stoc_adapters",)
+    ATTRIBUTE = "stoc_tuning"  # its name in the adapted model
 
     def __init__(self):
         nn.Module.__init__(self)
         self.stoc_adapters = nn.ModuleDict()
         self.patch = Patch()
+        self.steps: dict[str, int] = {}  # optimizer steps each adapter had taken, as last loaded
+        self.step_of = None  # the tuner's reader of each adapter's current step count
+        self.on_load = None  # called by load_state_dict after this layer's state was replaced
         self.applied: tuple[str, ...] = ()  # adapters whose deltas are in the base weights
         self._view: BaseView | None = None  # while adapters are disabled: the base shown to the forward
         self._active_adapter = "default"
@@ -258,7 +268,72 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         """A reader of base values at given positions that looks through the applied deltas."""
         return lambda name, positions: self.patch.base_values(name, params[name], positions)
 
+    # -- travelling with the model -----------------------------------------------------------------------------
+    def _apply(self, fn, recurse: bool = True):
+        # The original values and deltas are plain tensors (their sizes change as training goes), not buffers:
+        # move and cast them with the weights all the same.
+        super()._apply(fn, recurse)
+        patch = self.patch
+        patch.index = {name: fn(index) for name, index in patch.index.items()}
+        patch.original = {name: fn(values) for name, values in patch.original.items()}
+        for slot in self.stoc_adapters.values():
+            slot.delta = SparseDelta({name: (fn(i), fn(v)) for name, (i, v) in slot.delta.tensors.items()})
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, index in self.patch.index.items():
+            destination[f"{prefix}stoc_patch.{name}.index"] = index
+            destination[f"{prefix}stoc_patch.{name}.original"] = self.patch.original[name]
+        for adapter, slot in self.stoc_adapters.items():
+            for name, (index, values) in slot.delta.tensors.items():
+                destination[f"{prefix}stoc_delta.{adapter}.{name}.index"] = index
+                destination[f"{prefix}stoc_delta.{adapter}.{name}.values"] = values
+            step = self.step_of(adapter) if self.step_of is not None else self.steps.get(adapter, 0)
+            destination[f"{prefix}stoc_step.{adapter}"] = torch.tensor(step)
+        destination[f"{prefix}stoc_applied"] = torch.tensor(list(",".join(self.applied).encode()), dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        ours = {key[len(prefix):]: value for key, value in state_dict.items()
+                if key.startswith(prefix) and key[len(prefix):].startswith("stoc_")}
+        if not ours:
+            return  # a state dict from before this layer existed, or from a plain model
+        index, original, deltas, steps = {}, {}, {}, {}
+        for key, value in ours.items():
+            kind, _, rest = key.partition(".")
+            if kind == "stoc_patch":
+                name, _, field = rest.rpartition(".")
+                (index if field == "index" else original)[name] = value.clone()
+            elif kind == "stoc_delta":
+                adapter, _, rest = rest.partition(".")
+                name, _, field = rest.rpartition(".")
+                deltas.setdefault(adapter, {}).setdefault(name, {})[field] = value.clone()
+            elif kind == "stoc_step":
+                steps[rest] = int(value)
+        applied = bytes(ours.get("stoc_applied", torch.empty(0, dtype=torch.uint8)).tolist()).decode()
+        unknown = sorted((set(deltas) | set(steps)) - set(self.stoc_adapters))
+        if unknown:
+            error_msgs.append(f"StocTuning state for adapters {unknown} that this model does not have; add them "
+                              "(`add_adapter` / `load_adapter`) before loading the state dict.")
+            return
+        self.patch.index, self.patch.original = index, original
+        for adapter, slot in self.stoc_adapters.items():
+            parts = deltas.get(adapter, {})
+            slot.delta = SparseDelta({name: (p["index"], p["values"]) for name, p in parts.items()})
+        self.steps = steps
+        self.applied = tuple(name for name in applied.split(",") if name)
+        if self.on_load is not None:
+            self.on_load()
+
     # -- BaseTunerLayer bookkeeping ----------------------------------------------------------------------------
+    # This layer wraps no module: BaseTunerLayer's `weight` / `bias` would look for a base layer and recurse.
+    weight = None
+    bias = None
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        """Deltas follow the parameters they change (see `_apply`); there is no base layer to follow."""
+
     def set_active(self, names: list[str], enabled: bool) -> None:
         self._active_adapter = names[0] if len(names) == 1 else list(names)
         self._disable_adapters = not enabled

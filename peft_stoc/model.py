@@ -39,16 +39,31 @@ class StocTuningModel(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     # -- injection ---------------------------------------------------------------------------------------------
+    @property
+    def stoc_layer(self) -> StocTuningLayer:
+        """The adapters' state, kept in the model itself (`model.stoc_tuning`); see `StocTuningLayer`."""
+        return self.__dict__["_stoc_layer"]
+
     def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         register_trainer_callback()  # transformers' trainer may have finished importing only now
-        if "stoc_layer" not in self._modules:
-            self.stoc_layer = StocTuningLayer()
+        if "_stoc_layer" not in self.__dict__:
+            layer = StocTuningLayer()
+            model.add_module(StocTuningLayer.ATTRIBUTE, layer)
+            # Referenced, not registered: registered here too, its state would appear twice in state_dict().
+            self.__dict__["_stoc_layer"] = layer
+            object.__setattr__(layer, "tuner", self)  # how hooks on the model find their way back (weakly kept)
+            layer.step_of = self._step_of
+            layer.on_load = self._after_state_loaded
+            self._awaiting: set[str] = set()  # adapters configured from a saved file whose deltas were not loaded
+            self._validated: set[str] = set()  # adapters whose file was checked against the base before loading
+            self._delta_guard = model.register_forward_pre_hook(self._refuse_missing_delta)
             self._candidates: dict[str, list[Candidate]] = {}
             self._counts: dict[str, tuple[int, int | None]] = {}
             self._engines: dict[str, StepEngine] = {}
             self._trainable: dict[str, bool] = {}
             self._captured_at: dict[str, int] = {}  # engine step at which each adapter's delta was stored
             self._steps_loaded: dict[str, int] = {}  # optimizer steps an adapter loaded from a file had taken
+            self._stale: set[str] = set()  # adapters whose weights changed without a capture (a state dict load)
             self._requires_grad_before = {id(p): (p, p.requires_grad) for p in model.parameters()}
 
     def _create_and_replace(self, *args, **kwargs) -> None:
@@ -78,6 +93,8 @@ class StocTuningModel(BaseTuner):
                 "per step; raise max_changed or lower k."
             )
         self._candidates[adapter_name] = candidates
+        if (config.saved_counts or {}).get("changed"):
+            self._awaiting.add(adapter_name)
         if not config.inference_mode and not self._trainable_candidates(adapter_name):
             del self._candidates[adapter_name]
             raise ValueError(
@@ -119,10 +136,51 @@ class StocTuningModel(BaseTuner):
     def _capture(self, name: str) -> None:
         """Store what adapter `name` learned in place as its delta, if it trained since the last capture."""
         engine, layer = self._engines.get(name), self.stoc_layer
-        if engine is None or engine.stats.step == self._captured_at.get(name, 0) or layer.applied != (name,):
+        if layer.applied != (name,):
             return
-        layer.capture(name, self._base_params(), engine.masters())
-        self._captured_at[name] = engine.stats.step
+        step = engine.stats.step if engine is not None else self._steps_loaded.get(name, 0)
+        if step == self._captured_at.get(name, 0) and name not in self._stale:
+            return
+        layer.capture(name, self._base_params(), engine.masters() if engine is not None else None)
+        self._captured_at[name] = step
+        self._stale.discard(name)
+
+    def _remove_layer(self) -> None:
+        """The model goes back to the caller without StocTuning's state in its tree."""
+        if isinstance(self.model._modules.get(StocTuningLayer.ATTRIBUTE), StocTuningLayer):
+            del self.model._modules[StocTuningLayer.ATTRIBUTE]
+        self._delta_guard.remove()
+
+    def _refuse_missing_delta(self, module, args) -> None:
+        """transformers' `from_pretrained(adapter_dir)` and `load_adapter` load only tensors the model already has:
+        a StocTuning adapter's sparse deltas are left out. Refuse to compute with such a model instead of giving
+        the base's outputs under the adapter's name."""
+        missing = [name for name in self._awaiting if name in self._wanted()]
+        if missing and getattr(self.model, "_hf_peft_config_loaded", False):
+            counts = self.peft_config[missing[0]].saved_counts or {}
+            raise RuntimeError(
+                f"StocTuning adapter {missing[0]!r} was loaded through transformers' PEFT integration "
+                "(`from_pretrained(adapter_dir)` or `model.load_adapter`), which loads only tensors the model already "
+                f"has: its {counts.get('changed', 'sparse')} changed entries were left out, so the outputs would be "
+                "the base model's. Load it with `peft.PeftModel.from_pretrained(model, path)` or "
+                "`peft.AutoPeftModelFor...from_pretrained(path)` instead."
+            )
+
+    def _step_of(self, name: str) -> int:
+        engine = self._engines.get(name)
+        return engine.stats.step if engine is not None else self._steps_loaded.get(name, 0)
+
+    def _after_state_loaded(self) -> None:
+        """`load_state_dict` replaced the adapters' state (originals, deltas, steps) along with the weights: what
+        the weights hold now is the applied adapters' work, to be captured afresh; training goes on from there."""
+        layer = self.stoc_layer
+        for engine in self._engines.values():
+            engine.retire()
+        self._engines.clear()
+        self._steps_loaded.update(layer.steps)
+        self._captured_at.clear()
+        self._stale.update(layer.applied)
+        self._sync()
 
     def _drop_engine(self, name: str) -> None:
         engine = self._engines.pop(name, None)
@@ -316,8 +374,10 @@ class StocTuningModel(BaseTuner):
                 if isinstance(module, ModulesToSaveWrapper):
                     parent, _, child = _get_submodules(self.model, key)
                     setattr(parent, child, module.original_module)
+        layer.unhide()
         layer.patch = type(layer.patch)()
         layer.applied = ()
+        self._remove_layer()
         for param, requires_grad in self._requires_grad_before.values():
             param.requires_grad_(requires_grad)
         return super()._unload_and_optionally_merge(
@@ -404,6 +464,7 @@ class StocTuningModel(BaseTuner):
                 setattr(parent, child, module.original_module)
         for param, requires_grad in self._requires_grad_before.values():
             param.requires_grad_(requires_grad)
+        self._remove_layer()
         if "peft_config" in vars(self.model):
             del self.model.peft_config
 
@@ -441,18 +502,37 @@ class StocTuningModel(BaseTuner):
         if engine is not None:
             engine.audit.verify(context=BYPASS_HINT)
 
+    def counts(self, adapter_name: str) -> dict[str, int]:
+        """Entries changed, tensors changed, candidate entries, k and optimizer steps of `adapter_name`."""
+        delta = self.adapter_delta(adapter_name)
+        k, _ = self._counts[adapter_name]
+        return {
+            "changed": delta.num_changed,
+            "tensors": len(delta.tensors),
+            "candidates": sum(c.numel for c in self._candidates[adapter_name]),
+            "k": k,
+            "step": self._step_of(adapter_name),
+        }
+
+    def check_base(self, config, source: str, ignore_base_mismatch: bool = False) -> None:
+        """Refuse to load onto a base whose fingerprint differs from the one `config` was saved with."""
+        recorded = config.base_fingerprint
+        if recorded is None:
+            return  # a state dict that was never saved through save_pretrained: nothing to compare
+        whole = self._fingerprint_params(config)
+        reason = fingerprint.mismatch(recorded, whole, self.stoc_layer.patch_base_values(whole))
+        if reason is not None and not ignore_base_mismatch:
+            raise adapter_file.AdapterFileError(
+                f"{source} was made for another base model: {reason}. Load it onto the base it was trained on "
+                f"(base_model_name_or_path={config.base_model_name_or_path!r}), or pass "
+                "`ignore_base_mismatch=True` to `load_adapter` to apply it anyway."
+            )
+
     def file_metadata(self, adapter_name: str) -> dict[str, str]:
         """Header metadata of `adapter_name`'s file: format, counts and the base-model fingerprint."""
         params = self._adapter_params(adapter_name)
         delta = self.adapter_delta(adapter_name)
-        k, _ = self._counts[adapter_name]
-        counts = {
-            "changed": delta.num_changed,
-            "tensors": len(delta.tensors),
-            "candidates": sum(p.numel() for p in params.values()),
-            "k": k,
-            "step": self.stoc_stats(adapter_name)["step"],
-        }
+        counts = self.counts(adapter_name)
         shapes = {name: list(params[name].shape) for name in delta.tensors}
         return {
             adapter_file.META_FORMAT: adapter_file.FORMAT_VERSION,
@@ -498,8 +578,11 @@ class StocTuningModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         tuner = _tuner_of(model)
-        return adapter_file.delta_tensors(tuner.adapter_delta(adapter_name), tuner._adapter_numels(adapter_name),
-                                          getattr(torch, config.save_dtype))
+        delta = tuner.adapter_delta(adapter_name)
+        # PEFT saves this config object right after the tensors: the fingerprint and counts go with it.
+        config.base_fingerprint = tuner._fingerprint(config)
+        config.saved_counts = tuner.counts(adapter_name)
+        return adapter_file.delta_tensors(delta, tuner._adapter_numels(adapter_name), getattr(torch, config.save_dtype))
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -508,17 +591,31 @@ class StocTuningModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         tuner = _tuner_of(model)
+        if adapter_name not in tuner._validated:
+            tuner.check_base(config, source=f"the state dict of adapter {adapter_name!r}")
         ours = {k: v for k, v in state_dict.items() if adapter_file.is_delta_key(k)}
         rest = {k: v for k, v in state_dict.items() if k not in ours}
-        tuner.set_adapter_delta(adapter_name, adapter_file.parse_delta(ours, tuner._adapter_numels(adapter_name)))
+        delta = adapter_file.parse_delta(ours, tuner._adapter_numels(adapter_name))
+        if isinstance(config.saved_counts, dict):
+            tuner.note_loaded(adapter_name, config.saved_counts)
+        tuner.set_adapter_delta(adapter_name, delta)
+        tuner._awaiting.discard(adapter_name)
+        tuner._validated.discard(adapter_name)
         return rest
 
 
 def _tuner_of(model) -> StocTuningModel:
-    tuner = getattr(model, "base_model", model)
-    if not isinstance(tuner, StocTuningModel):
-        raise TypeError(f"Expected a PeftModel with a StocTuning adapter, got {type(model).__name__}.")
-    return tuner
+    """The tuner of a PeftModel, or of a model adapted in place (`inject_adapter_in_model`, transformers' PEFT
+    integration), found through the state layer it carries."""
+    if isinstance(model, StocTuningModel):
+        return model
+    tuner = model.__dict__.get("_modules", {}).get("base_model")
+    if isinstance(tuner, StocTuningModel):
+        return tuner
+    for module in model.modules():
+        if isinstance(module, StocTuningLayer) and isinstance(getattr(module, "tuner", None), StocTuningModel):
+            return module.tuner
+    raise TypeError(f"{type(model).__name__} carries no StocTuning adapter.")
 
 
 def _check_finite(delta: SparseDelta, adapter_name: str) -> None:

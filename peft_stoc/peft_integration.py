@@ -169,6 +169,7 @@ def _wrap_load_adapter(original):
             config = self.peft_config.get(adapter_name) or PeftConfig.from_pretrained(model_id, **hub_kwargs)
             file = _validate(tuner, _adapter_path(str(model_id), hub_kwargs), config, ignore_base_mismatch)
             tuner.note_loaded(adapter_name, file.counts)
+            tuner._validated.add(adapter_name)
             return original(self, model_id, adapter_name, *args, **kwargs)
         except BaseException:
             if fresh:
