@@ -47,7 +47,7 @@ class CausalRun:
     method: str
     learning_rate: float
     seed: int = 0
-    steps: int = 30
+    steps: int = 20
     batch_size: int = 8
     dev_rows: int = 200
     model: str = "smollm2-135m-instruct"
@@ -71,8 +71,16 @@ def model_folder(cache: Path) -> Path:
     source = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # transformers refuses `save_pretrained` on a model loaded from GGUF: write the float32 tensors and the config
+    # (without the quantizer's entry) directly.
+    from safetensors.torch import save_model
+
     partial = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(partial)
     partial.rename(folder)
     return folder
@@ -101,28 +109,43 @@ def saved_bytes(model, method: str, directory: Path) -> int:
 
 
 # -- one run, in its own process ---------------------------------------------------------------------------------
-def train_once(run: CausalRun, folder: Path, with_before: bool) -> dict:
-    """Train and score one run; memory and time figures are this process's own."""
-    import tempfile
-
+def load(folder: Path, device: str):
+    """Tokenizer, float32 model and the rt-sentences data."""
     import datasets
     import torch
-    from causal_lm import answer_accuracy, collate, training_rows
     from data import load_stand_in
-    from glue import device_name, peak_memory, reset_peak_memory
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
     datasets.disable_progress_bars()
     logging.set_verbosity_error()
-    set_seed(run.seed)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(run.device)
-    data = load_stand_in("rt-sentences")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    return tokenizer, model, load_stand_in("rt-sentences")
+
+
+def score_before(run: CausalRun, folder: Path) -> dict:
+    """Answer accuracy of the untrained model on the run's dev rows."""
+    from causal_lm import answer_accuracy
+
+    tokenizer, model, data = load(folder, run.device)
+    return {**asdict(run), "score": answer_accuracy(model, tokenizer, data["validation"].select(range(run.dev_rows)))}
+
+
+def train_once(run: CausalRun, folder: Path) -> dict:
+    """Train and score one run; memory and time figures are this process's own."""
+    import tempfile
+
+    import torch
+    from causal_lm import answer_accuracy, collate, training_rows
+    from glue import device_name, peak_memory, reset_peak_memory
+    from transformers import get_linear_schedule_with_warmup, set_seed
+
+    set_seed(run.seed)
+    tokenizer, model, data = load(folder, run.device)
     dev = data["validation"].select(range(run.dev_rows))
-    before = answer_accuracy(model, tokenizer, dev) if with_before else None
     entries = sum(p.numel() for p in model.parameters())
 
     # The same examples for every method and seed, in a seeded order.
@@ -155,8 +178,10 @@ def train_once(run: CausalRun, folder: Path, with_before: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         size = saved_bytes(model, run.method, Path(tmp))
     stats = model.stoc_stats() if run.method.startswith("stoc") else {}
+    lean = model.base_model.stoc_engine().lean_active if run.method.startswith("stoc") else None
     return {
-        **asdict(run), "score": after, "before": before, "saved_bytes": size, "peak_bytes": peak,
+        **asdict(run), "score": after, "saved_bytes": size, "peak_bytes": peak,
+        "lean": lean() if callable(lean) else lean,
         "step_seconds": statistics.median(times[1:] or times), "train_seconds": sum(times),
         "changed_entries": stats.get("changed"), "entries": entries,
         "trainable": sum(p.numel() for p in params) if not run.method.startswith("stoc") else None,
@@ -165,11 +190,16 @@ def train_once(run: CausalRun, folder: Path, with_before: bool) -> dict:
     }
 
 
-def launch(run: CausalRun, args, folder: Path, with_before: bool) -> dict:
-    """`train_once` in a fresh process; its result comes back as JSON on the last line of its output."""
+# glibc malloc with fixed thresholds: freed memory goes back to the system at once, so the peak resident memory
+# shows what a run holds rather than which freed blocks the allocator kept.
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
+def launch(run: CausalRun, args, folder: Path, before: bool = False) -> dict:
+    """`train_once` (or `score_before`) in a fresh process; its result is the last line of its output, as JSON."""
     command = [sys.executable, __file__, "--worker", run.key(), "--model-folder", str(folder),
-               "--threads", str(args.threads)] + (["--with-before"] if with_before else [])
-    done = subprocess.run(command, capture_output=True, text=True)
+               "--threads", str(args.threads)] + (["--before"] if before else [])
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **FIXED_MALLOC})
     if done.returncode != 0:
         raise RuntimeError(f"causal run {run.key()} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -192,13 +222,13 @@ def study(args) -> None:
         run = CausalRun(method, lr, seed, args.steps, args.batch_size, args.dev_rows, device=args.device)
         if any(r["key"] == run.key() for r in read_results(args.runs)):
             return
-        first = not any(r.get("before") is not None for r in read_results(args.runs))
         print(f"{method} lr={lr:g} seed={seed}", flush=True)
-        result = launch(run, args, folder, with_before=first)
+        result = launch(run, args, folder, before=method == "before")
         with open(args.runs, "a") as f:
             f.write(json.dumps({"key": run.key(), **result}) + "\n")
-        print(f"    accuracy {result['score']:.1f}, {result['step_seconds']:.1f} s/step", flush=True)
+        print(f"    accuracy {result['score']:.1f}", flush=True)
 
+    train("before", 0.0, 0)  # the untrained model's answer accuracy, once
     for method in args.methods:
         while rates := quality.next_rates(records(method), CENTRES[method], grid_args):
             train(method, rates[0], 0)
@@ -219,8 +249,11 @@ def report_section(path: Path) -> list[str]:
     import quality
 
     grid_args = argparse.Namespace(grid_size=3, max_grid=7)
-    before = next((r["before"] for r in runs if r.get("before") is not None), None)
-    first = runs[0]
+    before = next((r["score"] for r in runs if r["method"] == "before"), None)
+    trained = [r for r in runs if r["method"] != "before"]
+    if not trained:
+        return []
+    first = trained[0]
     lines = [
         "## Causal LM: SmolLM2-135M-Instruct, StocTuning next to LoRA and full fine-tuning",
         "",
@@ -259,7 +292,7 @@ def report_section(path: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["stoc", "lora", "full"], choices=list(METHODS))
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dev-rows", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -272,13 +305,14 @@ def main() -> None:
         "PEFT_STOC_CACHE", Path.home() / ".cache" / "peft-stoc")))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-folder", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--with-before", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     if args.worker:
-        result = train_once(CausalRun(**json.loads(args.worker)), args.model_folder, args.with_before)
+        run = CausalRun(**json.loads(args.worker))
+        result = score_before(run, args.model_folder) if args.before else train_once(run, args.model_folder)
         print(json.dumps(result))
         return
     args.runs = args.runs or ROOT / "docs" / f"results-causal{'' if args.device == 'cpu' else '-cuda'}.jsonl"

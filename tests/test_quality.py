@@ -78,7 +78,7 @@ def test_whole_study_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
         "step_seconds": 1.5, "changed_entries": 10, "entries": 1000, "device_name": "test CPU"}) + "\n")
     argv = ["--model", tiny_model_dir, "--train-rows", "16", "--dev-rows", "24", "--max-length", "24",
             "--budgets", "1", "2", "3", "--seeds", "0", "--grid-size", "1", "--max-grid", "1",
-            "--stages", "tweets-small", "k-and-mu", "tweets-small-more", "--runs", str(runs),
+            "--stages", "tweets-small", "tweets-small-more", "k-and-mu", "--runs", str(runs),
             "--causal-runs", str(causal), "--report", str(report)]
     start = time.perf_counter()
     quality.main(argv)
