@@ -19,14 +19,8 @@ from . import adapter_file
 from .config import StocTuningConfig, union_of_excludes, union_of_targets
 from .delta import SparseDelta
 from .hub import human_bytes, write_model_card
+from .tasks import auto_class_name
 
-TASK_AUTO_CLASSES = {
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -149,8 +143,9 @@ def merge(base: str, directory: str, output: str, num_labels: int | None = None)
 
     config, file = _read_adapter(directory)
     _check_output(output, {"adapter folder": directory, "base model": base})
-    task = config.get("task_type") or "FEATURE_EXTRACTION"
-    auto = getattr(transformers, TASK_AUTO_CLASSES.get(task, "AutoModel"))
+    task = config.get("task_type")
+    architectures = None if task else _architectures(base)
+    auto = getattr(transformers, auto_class_name(task, architectures))
     kwargs = {}
     if num_labels is not None and num_labels < 1:
         raise CliError(f"--num-labels must be at least 1, got {num_labels}.")
@@ -173,11 +168,32 @@ def merge(base: str, directory: str, output: str, num_labels: int | None = None)
     except (ValueError, RuntimeError) as error:
         raise CliError(f"Cannot apply {directory} to {base}: {error}") from None
     merged.save_pretrained(output)
-    try:
-        transformers.AutoTokenizer.from_pretrained(base).save_pretrained(output)
-    except (OSError, ValueError, TypeError):
-        pass  # a base without a tokenizer is still a valid model
+    if _has_tokenizer(base):
+        try:
+            transformers.AutoTokenizer.from_pretrained(base).save_pretrained(output)
+        except (OSError, ValueError, TypeError):
+            pass  # a base without a usable tokenizer is still a valid model
     return output
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def _has_tokenizer(base: str) -> bool:
+    """A local base folder needs tokenizer files of its own: without them, a tokenizer would be made up."""
+    if os.path.isdir(base):
+        return any(os.path.isfile(os.path.join(base, name)) for name in TOKENIZER_FILES)
+    return True  # a Hub name: its repository says
+
+
+def _architectures(base: str) -> list[str] | None:
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(base).architectures
+    except (OSError, ValueError):
+        return None
 
 
 def _base_of(directory: str, file: adapter_file.AdapterFile) -> tuple[str, str]:

@@ -8,6 +8,7 @@ import tempfile
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from . import adapter_file
+from .tasks import auto_class_name
 
 TAGS = ("peft", "peft-stoc", "stochastic-tuning", "sparse-delta")
 SECTION_START = "<!-- peft-stoc:start -->"
@@ -43,14 +44,9 @@ def _adapter_rows(save_directory: str, configs: dict) -> list[str]:
     return rows
 
 
-def _usage(config, repo_or_path: str) -> str:
+def _usage(config, repo_or_path: str, architectures: list[str] | None = None) -> str:
     base = config.base_model_name_or_path or "<base model>"
-    auto = {
-        "SEQ_CLS": "AutoModelForSequenceClassification",
-        "TOKEN_CLS": "AutoModelForTokenClassification",
-        "CAUSAL_LM": "AutoModelForCausalLM",
-        "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    }.get(str(getattr(config.task_type, "value", config.task_type)), "AutoModel")
+    auto = auto_class_name(config.task_type, architectures)
     return (
         "```python\n"
         "import peft_stoc  # registers StocTuning with PEFT: needed before loading\n"
@@ -64,7 +60,8 @@ def _usage(config, repo_or_path: str) -> str:
 
 
 def write_model_card(save_directory: str, configs: dict, repo_id: str | None = None,
-                     extra_tags: list[str] | None = None, load_from: str | None = None) -> None:
+                     extra_tags: list[str] | None = None, load_from: str | None = None,
+                     architectures: list[str] | None = None) -> None:
     """Add StocTuning's metadata and section to the README.md in `save_directory` (idempotent).
 
     `configs` maps the saved adapters' names to their configs; the first one is the usage example's, which loads
@@ -102,7 +99,7 @@ def write_model_card(save_directory: str, configs: dict, repo_id: str | None = N
         "",
         "`pip install peft-stoc`, then:",
         "",
-        _usage(first, repo_id or load_from or save_directory),
+        _usage(first, repo_id or load_from or save_directory, architectures),
         SECTION_END,
     ])
     text = card.text
@@ -126,7 +123,9 @@ def push_to_hub(peft_model, repo_id: str, *, commit_message: str | None = None, 
         peft_model.save_pretrained(folder, **save_kwargs)
         names = save_kwargs.get("selected_adapters") or list(peft_model.peft_config)
         configs = {name: peft_model.peft_config[name] for name in names}
-        write_model_card(folder, configs, repo_id=repo_id, extra_tags=tags)
+        model_config = getattr(getattr(peft_model, "base_model", None), "model", None)
+        architectures = getattr(getattr(model_config, "config", None), "architectures", None)
+        write_model_card(folder, configs, repo_id=repo_id, extra_tags=tags, architectures=architectures)
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, check_adapters_to_merge
 from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_additional_trainable_modules
 from torch import nn
@@ -136,8 +136,8 @@ class StocTuningModel(BaseTuner):
     def _capture(self, name: str) -> None:
         """Store what adapter `name` learned in place as its delta, if it trained since the last capture."""
         engine, layer = self._engines.get(name), self.stoc_layer
-        if layer.applied != (name,):
-            return
+        if layer.applied != (name,) or (engine is None and name not in self._stale):
+            return  # without training (or a state dict load), the weights hold exactly the stored delta
         step = engine.stats.step if engine is not None else self._steps_loaded.get(name, 0)
         if step == self._captured_at.get(name, 0) and name not in self._stale:
             return
@@ -312,9 +312,14 @@ class StocTuningModel(BaseTuner):
         for name in names:
             if name not in self.stoc_layer.stoc_adapters:
                 raise ValueError(f"Adapter {name!r} not found; adapters: {list(self.stoc_layer.stoc_adapters)}")
-            if safe_merge:
+        # PEFT's rule and wording: adapters merged already stay merged, the others are merged in addition.
+        names = check_adapters_to_merge(self.stoc_layer, names)
+        if not names:
+            return
+        if safe_merge:
+            for name in names:
                 _check_finite(self.adapter_delta(name), name)
-        self.stoc_layer.merged_adapters = names
+        self.stoc_layer.merged_adapters = list(self.stoc_layer.merged_adapters) + names
         self._sync()
 
     def unmerge_adapter(self) -> None:
@@ -324,8 +329,20 @@ class StocTuningModel(BaseTuner):
         self.stoc_layer.merged_adapters = []
         self._sync()
 
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
-        """Add `adapter_name` = Σ weights[i] · delta(adapters[i]) (union of entries). It is not made active."""
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "linear", **options) -> None:
+        """Add `adapter_name` = Σ weights[i] · delta(adapters[i]) (union of entries). It is not made active.
+
+        Args:
+            combination_type: only "linear" applies to sparse deltas (LoRA's "svd", "cat", "ties", ... combine
+                low-rank factors, which StocTuning adapters do not have).
+        """
+        if combination_type != "linear":
+            raise ValueError(f"combination_type={combination_type!r} does not apply to StocTuning adapters, which are "
+                             "sparse deltas: use combination_type='linear' (a weighted sum of the deltas).")
+        given = {key: value for key, value in options.items() if value is not None}
+        if given:
+            raise ValueError(f"{sorted(given)} only apply to other combination types; StocTuning combines linearly.")
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists.")
         missing = [a for a in adapters if a not in self.stoc_layer.stoc_adapters]
@@ -390,9 +407,12 @@ class StocTuningModel(BaseTuner):
         distinct entries changed so far, density (changed / candidate entries), and the adapter file's payload in
         bytes (indices and values of the changed entries plus the modules_to_save weights)."""
         name = adapter_name or self._training_adapter() or self.active_adapters[0]
+        if name not in self.stoc_layer.stoc_adapters:
+            raise ValueError(f"Adapter {name!r} does not exist; adapters: {list(self.stoc_layer.stoc_adapters)}.")
         engine = self._engines.get(name)
         if engine is not None:
-            engine.stats.changed = engine.patch.count
+            # The record of originals is shared by the adapters: it counts this one's changes while it trains.
+            engine.stats.changed = engine.patch.count if engine.running else self.adapter_delta(name).num_changed
             stats = engine.stats.as_dict()
         else:
             candidates = sum(c.numel for c in self._candidates[name])

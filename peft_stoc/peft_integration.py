@@ -22,6 +22,7 @@ import os
 
 from peft import PeftConfig, PeftModel
 from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
 
 from . import adapter_file, fingerprint, hub
 
@@ -49,6 +50,9 @@ def check_adapter_name(name) -> None:
     bad = next((repr(c) for c in (".", "/", "\\", "\0") if c in name), None)
     if bad is None and os.path.isabs(name):
         bad = "an absolute path"
+    if bad is None and hasattr(nn.Module, name):
+        raise ValueError(f"Adapter name {name!r} is the name of a torch Module attribute; adapter names become module "
+                         "keys, so pick another name (e.g. 'default', 'task_a').")
     if bad is not None:
         raise ValueError(
             f"Adapter name {name!r} contains {bad}: adapter names are module keys and, when saved, folder names "
@@ -78,7 +82,8 @@ def _wrap_save_pretrained(original):
             for name in names:
                 folder = stage if name == "default" else os.path.join(stage, name)
                 adapter_file.add_metadata(os.path.join(folder, adapter_file.WEIGHTS_NAME), tuner.file_metadata(name))
-            hub.write_model_card(stage, {name: self.peft_config[name] for name in names}, load_from=directory)
+            hub.write_model_card(stage, {name: self.peft_config[name] for name in names}, load_from=directory,
+                                 architectures=getattr(tuner.model.config, "architectures", None))
 
     return save_pretrained
 

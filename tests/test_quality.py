@@ -124,3 +124,34 @@ def test_causal_section_reads_its_runs(tmp_path):
     text = "\n".join(causal_quality.report_section(path))
     assert "| LoRA (r=8, q/v) | 85.0 ± 5.0 | 2 |" in text and "**0.001: 80.0**" in text
     assert causal_quality.report_section(tmp_path / "none.jsonl") == []
+
+
+def test_causal_study_on_a_tiny_llama(tmp_path):
+    """Every causal method trains in its own process and the untrained score is recorded once (SmolLM2's tokenizer,
+    a tiny random Llama in place of the model)."""
+    pytest.importorskip("gguf", reason="`make causal-lm` installs it")
+    try:
+        from causal_lm import GGUF_FILE, smollm2_dir
+
+        source = smollm2_dir()
+    except (ImportError, RuntimeError) as error:
+        pytest.skip(f"SmolLM2 is not installed: {error}")
+    folder = tmp_path / "smollm2-135m-instruct-float32"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    runs = tmp_path / "causal.jsonl"
+    causal_quality.main(["--steps", "2", "--batch-size", "2", "--dev-rows", "4", "--seeds", "0", "--grid-size", "1",
+                         "--max-grid", "1", "--cache", str(tmp_path), "--runs", str(runs), "--no-report"])
+    records = glue.read_results(runs)
+    assert [r["method"] for r in records] == ["before", "stoc", "lora", "full"]
+    stoc, lora, full = records[1:]
+    assert stoc["lean"] is True and 0 < stoc["changed_entries"] <= 2 * round(1e-3 * stoc["entries"])
+    assert stoc["saved_bytes"] < full["saved_bytes"] and lora["trainable"] < full["trainable"]
+    assert all(r["peak_bytes"] > 0 and r["step_seconds"] > 0 for r in records[1:])
+    text = "\n".join(causal_quality.report_section(runs))
+    assert "Stoc (k = 0.1%)" in text and "LoRA" in text and "Full-FT" in text
