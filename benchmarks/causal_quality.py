@@ -47,9 +47,9 @@ class CausalRun:
     method: str
     learning_rate: float
     seed: int = 0
-    steps: int = 20
+    steps: int = 16
     batch_size: int = 8
-    dev_rows: int = 200
+    dev_rows: int = 128
     model: str = "smollm2-135m-instruct"
     device: str = "cpu"
 
@@ -289,12 +289,12 @@ def report_section(path: Path) -> list[str]:
     return lines + [""]
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["stoc", "lora", "full"], choices=list(METHODS))
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dev-rows", type=int, default=200)
+    parser.add_argument("--dev-rows", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--grid-size", type=int, default=3)
     parser.add_argument("--max-grid", type=int, default=6)
@@ -303,10 +303,21 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=None, help="default docs/results-causal.jsonl (cuda: -cuda)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get(
         "PEFT_STOC_CACHE", Path.home() / ".cache" / "peft-stoc")))
+    parser.add_argument("--no-report", action="store_true", help="do not rewrite docs/results.md at the end")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def parse(argv=None):
+    args = parser().parse_args(argv)
+    args.runs = args.runs or ROOT / "docs" / f"results-causal{'' if args.device == 'cpu' else '-cuda'}.jsonl"
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -315,11 +326,11 @@ def main() -> None:
         result = score_before(run, args.model_folder) if args.before else train_once(run, args.model_folder)
         print(json.dumps(result))
         return
-    args.runs = args.runs or ROOT / "docs" / f"results-causal{'' if args.device == 'cpu' else '-cuda'}.jsonl"
     study(args)
-    import quality
+    if not args.no_report:
+        import quality
 
-    quality.main(["--report-only", "--device", args.device, "--causal-runs", str(args.runs)])
+        quality.main(["--report-only", "--device", args.device, "--causal-runs", str(args.runs)])
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ STAGES = (
     Stage("tweets-small", "tweets", 0, MAIN),
     Stage("tweets-middle", "tweets", 1, MAIN),
     Stage("rt-small", "rt-sentences", 0, MAIN),
+    Stage("causal-lm", "causal", 0, ("stoc", "lora", "full")),  # benchmarks/causal_quality.py, its defaults
     Stage("tweets-small-more", "tweets", 0, ("top", "stoc-strict")),
     Stage("k-and-mu", "tweets", 1, ("stoc-k4", "stoc-k16", "stoc-abs", "stoc-rms"), seeds=2),
     Stage("tweets-large", "tweets", 2, ("stoc", "stoc-lazy", "bitfit", "lora"), seeds=2, core=False),
@@ -108,6 +109,10 @@ STAGES = (
 # with one torch thread on the shared 2-core machine before the study; the plan uses measured figures once runs exist.
 STEP_SECONDS = {"stoc": 1.47, "top": 1.47, "bitfit": 0.6, "lora": 0.73, "full": 1.17}
 RUN_OVERHEAD_SECONDS = 25.0
+# SmolLM2-135M, batch 8, one thread, same machine (a 2-step trial per method): seconds per step, and per run outside
+# training (load the float32 copy, score 128 dev reviews, save).
+CAUSAL_STEP_SECONDS = 40.0
+CAUSAL_RUN_OVERHEAD_SECONDS = 200.0
 
 
 # -- runs and cells ------------------------------------------------------------------------------------------------
@@ -206,6 +211,13 @@ def selected_stages(args) -> list[Stage]:
 
 def run_stage(stage: Stage, args, report) -> None:
     """Seed-0 grids of all the stage's cells first, then the other seeds at the chosen rates."""
+    if stage.task == "causal":
+        import causal_quality
+
+        causal_quality.study(causal_quality.parse(["--threads", str(args.threads), "--device", args.device,
+                                                   "--runs", str(args.causal_runs)]))
+        report()
+        return
     epochs = args.budgets[stage.budget]
     for variant in stage.variants:
         while True:
@@ -254,10 +266,27 @@ def full_protocol_hours(records: list[dict], args) -> float:
     return len(STAND_INS) * (curves + k_mu)
 
 
+def causal_plan_row(stage: Stage, args) -> list[str]:
+    """The causal-LM stage in the plan: its runs (grid + seeds + the untrained score) and measured hours."""
+    import causal_quality
+
+    c = causal_quality.parse(["--runs", str(args.causal_runs), "--device", args.device])
+    runs = read_results(c.runs)
+    trained = [r for r in runs if r["method"] != "before"]
+    step = float(np.median([r["step_seconds"] for r in trained])) if trained else CAUSAL_STEP_SECONDS
+    planned = 1 + len(c.methods) * (c.grid_size + len(c.seeds) - 1)
+    hours = planned * (c.steps * step + CAUSAL_RUN_OVERHEAD_SECONDS) / 3600
+    return [stage.name, "SmolLM2 answer format", f"{c.steps} steps of {c.batch_size}", ", ".join(c.methods),
+            str(len(c.seeds)), str(planned), str(len(runs)), f"{hours:.1f}"]
+
+
 def plan_rows(records: list[dict], args) -> list[list[str]]:
     """Per stage: cells, runs (planned, done), steps per run, estimated hours, from measured step times."""
     rows = []
     for stage in selected_stages(args):
+        if stage.task == "causal":
+            rows.append(causal_plan_row(stage, args))
+            continue
         epochs = args.budgets[stage.budget]
         steps = steps_of(args, epochs)
         runs = planned_runs(stage, args)
@@ -452,8 +481,9 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         "- StocTuning runs use the library's default memory mode (`memory=\"auto\"`, memory-lean); k = BitFit's count "
         "(26,112 entries of MiniLM, 0.11%) unless a row says otherwise. *lazy*/*strict* are `update_rule`s "
         "(see below); *masked_grad* is the paper's rule and the default.",
-        f"- Machine: {_machine(records, args)}; one torch thread per run, OMP_WAIT_POLICY=PASSIVE, one run at a "
-        "time, shared with other jobs (load average 3–6), so step times are inflated and noisy.",
+        f"- Machine: {_machine(records, args)}; "
+        + ("one torch thread per run, OMP_WAIT_POLICY=PASSIVE, one run at a time, shared with other jobs (load "
+           "average 3–6), so step times are inflated and noisy." if args.device == "cpu" else "one run at a time."),
         "",
         "## Plan and what ran",
         "",
@@ -470,8 +500,7 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         f"{len(args.seeds) - 1} more seeds) would take about {full_protocol_hours(records, args):.0f} hours of one "
         "core here; the stages above take about "
         f"{sum(float(r[-1]) for r in plan_rows(records, args)):.0f}, the core ones (not marked *ext.*) about "
-        f"{sum(float(r[-1]) for r in plan_rows(records, args) if 'ext.' not in r[0]):.0f}, plus the causal-LM "
-        f"study. {CUTS}",
+        f"{sum(float(r[-1]) for r in plan_rows(records, args) if 'ext.' not in r[0]):.0f}. {CUTS}",
         "",
         "## Budget curves",
         "",
@@ -616,6 +645,10 @@ def plot(rows: list[dict], args, path: Path) -> None:
                         yerr=[r["std"] for r in cells], marker="o", capsize=3, color=colors[v],
                         linestyle="--" if v.startswith("stoc-") else "-", label=VARIANTS[v].label)
         ax.set_xscale("log")
+        ticks = [steps_of(args, e) for e in args.budgets]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlim(ticks[0] / 1.4, ticks[-1] * 1.4)
         ax.set_xlabel("training steps (batch 16; log scale)")
         ax.set_ylabel(f"dev {TASKS[task].metric} (×100)")
         ax.set_title(f"{task}: mean ± std over seeds")

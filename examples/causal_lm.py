@@ -80,9 +80,9 @@ def answer_accuracy(model, tokenizer, rows, batch_size: int = 16) -> float:
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         prompts = [tokenizer.decode(prompt_ids(tokenizer, s)) for s in chunk["sentence"]]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         logits = model(**inputs).logits[:, -1, choices]
-        right += int((logits.argmax(-1) == torch.tensor(chunk["label"])).sum())
+        right += int((logits.argmax(-1).cpu() == torch.tensor(chunk["label"])).sum())
     return 100 * right / len(rows)
 
 
@@ -91,7 +91,7 @@ def generate(model, tokenizer, sentences: list[str]) -> list[str]:
     model.eval()
     tokenizer.padding_side = "left"
     prompts = [tokenizer.decode(prompt_ids(tokenizer, s)) for s in sentences]
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return [t.strip().replace("\n", " ") for t in tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:],
                                                                            skip_special_tokens=True)]
