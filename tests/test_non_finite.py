@@ -1,0 +1,69 @@
+"""Non-finite values: a step whose gradients or activations are inf/NaN is skipped with one warning naming it, on
+every selection path, model size and memory mode; nothing non-finite can reach an adapter file."""
+
+import warnings
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_stoc import StocTuningConfig
+
+from .helpers import batch, tiny_model
+
+SMALL = {}
+LARGE = dict(hidden_size=128, intermediate_size=256, vocab_size=2000)  # enough entries for the thinning draw
+
+
+def _model(size, memory, selection, budget):
+    config = StocTuningConfig(k=40, task_type="SEQ_CLS", memory=memory, selection=selection,
+                              max_changed=400 if budget else None)
+    model = get_peft_model(tiny_model(**size), config)
+    model.train()
+    return model
+
+
+def _nan_loss(model, inputs):
+    return model(**inputs).loss * float("nan")
+
+
+def _inf_gradient(model, inputs):
+    param = model.base_model._candidates["default"][5].param
+    handles = []
+    handles.append(param.register_hook(lambda g: (handles[0].remove(), torch.full_like(g, float("inf")))[1]))
+    return model(**inputs).loss
+
+
+CASES = {"nan_loss": (_nan_loss, False), "inf_gradient": (_inf_gradient, False),
+         "inf_gradient_then_clipping": (_inf_gradient, True)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("selection, budget", [("stochastic", False), ("top", False), ("random", False),
+                                               ("stochastic", True)])
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("memory", ["dense", "lean"])
+def test_a_non_finite_step_is_skipped_with_one_warning(case, selection, budget, size, memory):
+    model = _model(SMALL if size == "small" else LARGE, memory, selection, budget)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(**batch(seed=0)).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    make_loss, clip = CASES[case]
+    make_loss(model, batch(seed=1)).backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.step()
+    skipped = [w for w in caught if "optimizer step 2 skipped" in str(w.message)]
+    assert len(skipped) == 1, [str(w.message) for w in caught]
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # head included
+    assert model.stoc_stats()["step"] == 1
+    optimizer.zero_grad()
+    model(**batch(seed=2)).loss.backward()
+    optimizer.step()
+    assert model.stoc_stats()["step"] == 2
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
