@@ -197,7 +197,7 @@ def next_rates(runs: list[dict], start: float, args) -> list[float]:
 
 
 def chosen_rate(runs: list[dict], args) -> float | None:
-    """The best seed-0 rate once the grid is complete (None while it is not)."""
+    """The best seed-0 rate so far (None before any seed-0 run); final once `next_rates` is empty."""
     scores = grid_scores(runs)
     if not scores:
         return None
@@ -524,9 +524,10 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         *when_to_pick(rows, args),
         "## Learning-rate grids",
         "",
-        f"Chosen rates at an edge of their grid: {len(edges)}"
-        + (" (" + "; ".join(f"{r['task']} {VARIANTS[r['variant']].label} {r['epochs']:g} ep" for r in edges) + ")"
-           if edges else "") + ".",
+        f"Chosen rates at an edge of a finished grid: {len(edges)}"
+        + (" (" + "; ".join(f"{r['task']} {VARIANTS[r['variant']].label} {r['epochs']:g} ep" for r in edges)
+           + f"): the grid reached its limit of {args.max_grid} rates or the end of the ladder "
+           f"({LADDER[0]:g}–{LADDER[-1]:g})" if edges else "") + ".",
         "",
         *grid_table(rows),
         "## Size and speed",
@@ -536,7 +537,6 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         "the trained tensors for non-PEFT methods; *s/step*: training wall time per step (shared machine).",
         "",
         *cost_table(rows, args),
-        *NOTES,
     ]
     args.report.write_text("\n".join(lines) + "\n")
     plot(rows, args, args.report.with_suffix(".png"))
@@ -560,7 +560,7 @@ CUTS = (
 
 def verdicts(rows: list[dict], args, a: str, b: str) -> dict[str, list[str]]:
     """Cells (task, budget) where variant `a` is ahead of, level with or behind `b` (see `gap`)."""
-    out: dict[str, list[str]] = {"ahead": [], "level": [], "behind": []}
+    out: dict[str, list[str]] = {"ahead": [], "level": [], "behind": [], "one seed": []}
     for task in STAND_INS:
         for e in args.budgets:
             ra, rb = find(rows, task, a, e), find(rows, task, b, e)
@@ -568,13 +568,16 @@ def verdicts(rows: list[dict], args, a: str, b: str) -> dict[str, list[str]]:
                 continue
             text = gap(ra, rb)
             where = f"{task} {steps_of(args, e)} steps ({ra['mean']:.1f} vs {rb['mean']:.1f})"
-            out["ahead" if "ahead" in text else "behind" if "behind" in text else "level"].append(where)
+            kind = "one seed" if "one seed" in text else "ahead" if "ahead" in text else "behind" if "behind" in text \
+                else "level"
+            out[kind].append(where)
     return out
 
 
 def _verdict_line(title: str, v: dict[str, list[str]]) -> str:
-    parts = [f"{name}: {'; '.join(cells)}" for name, cells in (("ahead", v["ahead"]), ("level (within the seeds' "
-             "spread)", v["level"]), ("behind", v["behind"])) if cells]
+    parts = [f"{name}: {'; '.join(cells)}" for name, cells in (
+        ("ahead", v["ahead"]), ("level (within the seeds' spread)", v["level"]), ("behind", v["behind"]),
+        ("one seed so far, no verdict", v["one seed"])) if cells]
     return f"- **{title}** — " + (". ".join(parts) if parts else "no cell measured yet") + "."
 
 
@@ -596,17 +599,23 @@ def when_to_pick(rows: list[dict], args) -> list[str]:
         _verdict_line("Top vs Full-FT", verdicts(rows, args, "top", "full")),
         "",
     ]
-    measured = sum(len(cells) for cells in lazy.values())
-    if measured and not lazy["behind"] and lazy["ahead"]:
-        lines += ["`update_rule=\"lazy\"` is never behind the paper's rule and ahead in "
-                  f"{len(lazy['ahead'])} of {measured} measured cells: it is the recommended setting with Adam-family "
-                  "optimizers (a departure from the paper; the library's default stays the paper's rule).", ""]
-    elif measured:
-        lines += [f"`update_rule=\"lazy\"` is ahead of the paper's rule in {len(lazy['ahead'])} and behind in "
-                  f"{len(lazy['behind'])} of {measured} measured cells: not enough to recommend it over the paper's "
-                  "rule yet.", ""]
-    lines += PAPER_NOTE
-    return lines
+    lines += recommendation(lazy, '`update_rule="lazy"`', "with Adam-family optimizers")
+    for variant in ("stoc-k4", "stoc-k16", "stoc-abs", "stoc-rms"):
+        lines += recommendation(verdicts(rows, args, variant, "stoc"), VARIANTS[variant].label, "")
+    return lines + ["", *PAPER_NOTE]
+
+
+def recommendation(v: dict[str, list[str]], name: str, scope: str) -> list[str]:
+    """Whether a departure from the paper's setting is recommended: never behind it and ahead somewhere."""
+    measured = len(v["ahead"]) + len(v["level"]) + len(v["behind"])
+    if not measured:
+        return []
+    if not v["behind"] and v["ahead"]:
+        return [f"- {name} is never behind the paper's setting and ahead in {len(v['ahead'])} of {measured} measured "
+                f"cells: recommended{' ' + scope if scope else ''} (a departure from the paper; the library's default "
+                "stays the paper's)."]
+    return [f"- {name} against the paper's setting: ahead in {len(v['ahead'])}, level in {len(v['level'])}, behind "
+            f"in {len(v['behind'])} of {measured} measured cells: no reason yet to prefer it."]
 
 
 # How this evidence relates to the paper's claim; the figures it refers to are the lines above.
@@ -620,7 +629,6 @@ PAPER_NOTE = [
     "fine-tuning, so a gap to Full-FT at small budgets does not contradict a result at the paper's budgets.",
     "",
 ]
-NOTES: list[str] = []
 
 
 def plot(rows: list[dict], args, path: Path) -> None:

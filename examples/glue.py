@@ -329,7 +329,7 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 def changed_entries(plain_model, before: dict[str, torch.Tensor]) -> int:
     """Pretrained entries whose value differs in `plain_model` (a merged, unwrapped model) from `before`."""
     current = dict(plain_model.named_parameters())
-    return int(sum((current[name].detach() != value).sum() for name, value in before.items()))
+    return int(sum((current[name].detach().to(value.device) != value).sum() for name, value in before.items()))
 
 
 def save_trained(model, method: str, directory: Path) -> int:

@@ -234,7 +234,8 @@ def test_local_metrics_match_the_evaluate_glue_module():
         assert set(hub[task]) == set(figures), task
         for name, value in figures.items():
             if name != "backend":
-                assert hub[task][name] == pytest.approx(value, abs=1e-9), (task, name)
+                # The GLUE module reads predictions as float32: Pearson agrees to about 1e-8 relative.
+                assert hub[task][name] == pytest.approx(value, rel=1e-6), (task, name)
 
 
 def test_metrics_fall_back_to_the_local_computation(monkeypatch):
