@@ -225,10 +225,13 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
 
     # -- applying deltas ---------------------------------------------------------------------------------------
     def apply(self, names: tuple[str, ...], params: Params) -> None:
-        """Make the weights `base + Σ delta(name)`; the base is restored first, so this is also a switch."""
-        self.restore(params)
+        """Make the weights `base + Σ delta(name)`; the base is restored first, so this is also a switch.
+
+        Raises, before anything changes, if the result would hold inf/NaN where the base is finite."""
         deltas = [self.stoc_adapters[name].delta for name in names]
         combined = deltas[0] if len(deltas) == 1 else SparseDelta.weighted_sum(deltas, [1.0] * len(deltas))
+        self._check_finite_result(combined, params, names)
+        self.restore(params)
         with torch.no_grad():
             for name, (index, values) in combined.tensors.items():
                 param = params[name]
@@ -237,6 +240,16 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
                 flat = _flat(param)
                 flat[index] = add_delta(flat[index], values)
         self.applied = tuple(names)
+
+    def _check_finite_result(self, delta: SparseDelta, params: Params, names: tuple[str, ...]) -> None:
+        for name, (index, values) in delta.tensors.items():
+            param = params[name]
+            base = self.patch.base_values(name, param, index.to(param.device))
+            if bool((torch.isfinite(base) & ~torch.isfinite(add_delta(base, values))).any()):
+                raise ValueError(
+                    f"Applying {list(names)} would turn entries of '{name}' into inf or NaN (the deltas overflow "
+                    f"{param.dtype} there); nothing was changed. Use smaller weights or fewer adapters together."
+                )
 
     def restore(self, params: Params) -> None:
         """Back to the base, bit for bit."""

@@ -354,6 +354,10 @@ class StocTuningModel(BaseTuner):
         if len(heads) > 1:
             raise ValueError("Cannot combine adapters whose modules_to_save differ.")
         combined = SparseDelta.weighted_sum([self.adapter_delta(a) for a in adapters], list(weights))
+        for name, (_, values) in combined.tensors.items():
+            if not bool(torch.isfinite(values.float()).all()):
+                raise ValueError(f"The weighted sum overflows in '{name}' (values beyond float range); use smaller "
+                                 "weights. Nothing was added.")
         config = copy.deepcopy(self.peft_config[adapters[0]])
         config.inference_mode = True
         config.target_modules = union_of_targets([self.peft_config[a] for a in adapters])

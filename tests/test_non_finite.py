@@ -67,3 +67,24 @@ def test_a_non_finite_step_is_skipped_with_one_warning(case, selection, budget, 
     optimizer.step()
     assert model.stoc_stats()["step"] == 2
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def test_combinations_that_overflow_are_refused_before_anything_changes(tmp_path):
+    from peft import PeftModel
+
+    from .helpers import predict, train_stoc
+
+    model = train_stoc(k=40, steps=2)
+    with pytest.raises(ValueError, match="overflows"):
+        model.add_weighted_adapter(["default"], [1e38 * 1e3], "huge")
+    half = tiny_model().half()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(half, tmp_path)
+    loaded.add_weighted_adapter(["default"], [1e7], "big")  # finite in float32, beyond float16 once added
+    before = predict(loaded)
+    with pytest.raises(ValueError, match="inf or NaN"):
+        loaded.set_adapter("big")
+    assert torch.equal(predict(loaded), before)
+    with pytest.raises(ValueError, match="inf or NaN"):
+        loaded.merge_adapter(["default", "big"])
+    assert torch.equal(predict(loaded), before)
