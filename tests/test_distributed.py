@@ -187,6 +187,8 @@ def test_only_rank_0_writes_the_adapter_and_it_is_complete(torchrun_out):
     base = tiny_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     loaded = PeftModel.from_pretrained(base, str(torchrun_out / "ddp_adapter.rank0"))
     state = loaded.state_dict()
+    # The weights: the adapters' own state (`stoc_tuning`: originals, deltas, steps) differs by design.
+    trained = {name: value for name, value in trained.items() if ".stoc_tuning." not in name}
     changed = sum(not torch.equal(state[name], worker.make_model().state_dict()[name]) for name in trained)
     assert changed > 0
     for name, value in trained.items():
