@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # pyproject.toml accepts works for users.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo causal-lm lint clean
+.PHONY: test peft-battery demo causal-lm lint clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ $(VENV)/.ready: pyproject.toml
 
 test: $(VENV)/.ready
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/peft_battery
+	$(MAKE) --no-print-directory peft-battery
+
+# PEFT's own generic test battery (test_custom_models.py of the pinned PEFT release) on StocTuning cases; see
+# tests/peft_battery/README.md.
+peft-battery: $(VENV)/.ready
+	$(PY) -m pytest -q tests/peft_battery
 
 demo: $(VENV)/.ready
 	$(PY) examples/demo.py
