@@ -29,12 +29,48 @@ def _merge(old: torch.Tensor, new: torch.Tensor, at: torch.Tensor, taken: torch.
     return out.masked_scatter_(~taken, old)
 
 
-class Patch:
-    """Original base values of the entries that currently differ from the base (memory ∝ changed entries)."""
+class Patch(nn.Module):
+    """Original base values of the entries that currently differ from the base (memory ∝ changed entries).
+
+    A module of the layer so that `state_dict()` / `load_state_dict()` / `.to()` carry it; its tensors change size as
+    training goes, so they are plain attributes, written and read by hand."""
 
     def __init__(self):
+        super().__init__()
         self.index: dict[str, torch.Tensor] = {}  # sorted int64 flat indices per tensor
         self.original: dict[str, torch.Tensor] = {}
+        self.applied: tuple[str, ...] = ()  # adapters whose deltas are in the weights (kept by the layer)
+        self.after_load = None  # called once `load_state_dict` replaced this record
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.index = {name: fn(index) for name, index in self.index.items()}
+        self.original = {name: fn(values) for name, values in self.original.items()}
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name, index in self.index.items():
+            destination[f"{prefix}{name}.index"] = index
+            destination[f"{prefix}{name}.original"] = self.original[name]
+        destination[f"{prefix}applied"] = torch.tensor(list(",".join(self.applied).encode()), dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        ours = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        if not ours:
+            return  # a state dict from a plain model
+        index, original = {}, {}
+        for key, value in ours.items():
+            name, _, field = key.rpartition(".")
+            if field == "index":
+                index[name] = value.clone()
+            elif field == "original":
+                original[name] = value.clone()
+        self.index, self.original = index, original
+        applied = bytes(ours.get("applied", torch.empty(0, dtype=torch.uint8)).tolist()).decode()
+        self.applied = tuple(name for name in applied.split(",") if name)
+        if self.after_load is not None:
+            self.after_load()
 
     @property
     def count(self) -> int:
@@ -134,11 +170,39 @@ def exact_delta(original: torch.Tensor, current: torch.Tensor, weights: torch.Te
 
 
 class AdapterSlot(nn.Module):
-    """One named adapter: its delta (empty until trained or loaded)."""
+    """One named adapter: its delta (empty until trained or loaded) and its step count, both in `state_dict()`."""
 
     def __init__(self, delta: SparseDelta | None = None):
         super().__init__()
         self.delta = delta or SparseDelta()
+        self.step = 0  # optimizer steps taken, as last loaded
+        self.refresh = None  # the tuner's: stores what training changed since, returns the current step count
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.delta = SparseDelta({name: (fn(i), fn(v)) for name, (i, v) in self.delta.tensors.items()})
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        step = self.refresh() if self.refresh is not None else self.step
+        for name, (index, values) in self.delta.tensors.items():
+            destination[f"{prefix}delta.{name}.index"] = index
+            destination[f"{prefix}delta.{name}.values"] = values
+        destination[f"{prefix}step"] = torch.tensor(step)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        ours = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        if not ours:
+            return
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in ours.items():
+            if key.startswith("delta."):
+                name, _, field = key[len("delta."):].rpartition(".")
+                parts.setdefault(name, {})[field] = value.clone()
+        self.delta = SparseDelta({name: (p["index"], p["values"]) for name, p in parts.items()})
+        if "step" in ours:
+            self.step = int(ours["step"])
 
 
 class BaseView:
@@ -213,11 +277,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
     def __init__(self):
         nn.Module.__init__(self)
         self.stoc_adapters = nn.ModuleDict()
-        self.patch = Patch()
-        self.steps: dict[str, int] = {}  # optimizer steps each adapter had taken, as last loaded
-        self.step_of = None  # the tuner's reader of each adapter's current step count
-        self.on_load = None  # called by load_state_dict after this layer's state was replaced
-        self.applied: tuple[str, ...] = ()  # adapters whose deltas are in the base weights
+        self.patch = Patch()  # registered after `stoc_adapters`: loaded last, it announces the completed load
         self._view: BaseView | None = None  # while adapters are disabled: the base shown to the forward
         self._active_adapter = "default"
         self.merged_adapters = []
@@ -282,62 +342,21 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         return lambda name, positions: self.patch.base_values(name, params[name], positions)
 
     # -- travelling with the model -----------------------------------------------------------------------------
-    def _apply(self, fn, recurse: bool = True):
-        # The original values and deltas are plain tensors (their sizes change as training goes), not buffers:
-        # move and cast them with the weights all the same.
-        super()._apply(fn, recurse)
-        patch = self.patch
-        patch.index = {name: fn(index) for name, index in patch.index.items()}
-        patch.original = {name: fn(values) for name, values in patch.original.items()}
-        for slot in self.stoc_adapters.values():
-            slot.delta = SparseDelta({name: (fn(i), fn(v)) for name, (i, v) in slot.delta.tensors.items()})
-        return self
+    # The state itself is saved and loaded by the children (`stoc_adapters.<name>`, `stoc_patch`), which PEFT's
+    # helpers recognise as an adapter's own keys (`get_base_model_state_dict` leaves them out).
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name, index in self.patch.index.items():
-            destination[f"{prefix}stoc_patch.{name}.index"] = index
-            destination[f"{prefix}stoc_patch.{name}.original"] = self.patch.original[name]
-        for adapter, slot in self.stoc_adapters.items():
-            for name, (index, values) in slot.delta.tensors.items():
-                destination[f"{prefix}stoc_delta.{adapter}.{name}.index"] = index
-                destination[f"{prefix}stoc_delta.{adapter}.{name}.values"] = values
-            step = self.step_of(adapter) if self.step_of is not None else self.steps.get(adapter, 0)
-            destination[f"{prefix}stoc_step.{adapter}"] = torch.tensor(step)
-        destination[f"{prefix}stoc_applied"] = torch.tensor(list(",".join(self.applied).encode()), dtype=torch.uint8)
+    @property
+    def applied(self) -> tuple[str, ...]:
+        """The adapters whose deltas are in the base weights."""
+        return self.patch.applied
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        ours = {key[len(prefix):]: value for key, value in state_dict.items()
-                if key.startswith(prefix) and key[len(prefix):].startswith("stoc_")}
-        if not ours:
-            return  # a state dict from before this layer existed, or from a plain model
-        index, original, deltas, steps = {}, {}, {}, {}
-        for key, value in ours.items():
-            kind, _, rest = key.partition(".")
-            if kind == "stoc_patch":
-                name, _, field = rest.rpartition(".")
-                (index if field == "index" else original)[name] = value.clone()
-            elif kind == "stoc_delta":
-                adapter, _, rest = rest.partition(".")
-                name, _, field = rest.rpartition(".")
-                deltas.setdefault(adapter, {}).setdefault(name, {})[field] = value.clone()
-            elif kind == "stoc_step":
-                steps[rest] = int(value)
-        applied = bytes(ours.get("stoc_applied", torch.empty(0, dtype=torch.uint8)).tolist()).decode()
-        unknown = sorted((set(deltas) | set(steps)) - set(self.stoc_adapters))
-        if unknown:
-            error_msgs.append(f"StocTuning state for adapters {unknown} that this model does not have; add them "
-                              "(`add_adapter` / `load_adapter`) before loading the state dict.")
-            return
-        self.patch.index, self.patch.original = index, original
-        for adapter, slot in self.stoc_adapters.items():
-            parts = deltas.get(adapter, {})
-            slot.delta = SparseDelta({name: (p["index"], p["values"]) for name, p in parts.items()})
-        self.steps = steps
-        self.applied = tuple(name for name in applied.split(",") if name)
-        if self.on_load is not None:
-            self.on_load()
+    @applied.setter
+    def applied(self, names: tuple[str, ...]) -> None:
+        self.patch.applied = tuple(names)
+
+    def forward(self, *args):
+        # Not part of the model's computation; a container that calls every child (nn.Sequential) passes through.
+        return args[0] if len(args) == 1 else args
 
     # -- BaseTunerLayer bookkeeping ----------------------------------------------------------------------------
     # This layer wraps no module: BaseTunerLayer's `weight` / `bias` would look for a base layer and recurse.

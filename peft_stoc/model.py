@@ -51,9 +51,8 @@ class StocTuningModel(BaseTuner):
             model.add_module(StocTuningLayer.ATTRIBUTE, layer)
             # Referenced, not registered: registered here too, its state would appear twice in state_dict().
             self.__dict__["_stoc_layer"] = layer
-            object.__setattr__(layer, "tuner", self)  # how hooks on the model find their way back (weakly kept)
-            layer.step_of = self._step_of
-            layer.on_load = self._after_state_loaded
+            object.__setattr__(layer, "tuner", self)  # how hooks on the model find their way back
+            layer.patch.after_load = self._after_state_loaded
             self._awaiting: set[str] = set()  # adapters configured from a saved file whose deltas were not loaded
             self._validated: set[str] = set()  # adapters whose file was checked against the base before loading
             self._delta_guard = model.register_forward_pre_hook(self._refuse_missing_delta)
@@ -103,7 +102,9 @@ class StocTuningModel(BaseTuner):
             )
         self._counts[adapter_name] = (k, max_changed)
         self._trainable[adapter_name] = not config.inference_mode
-        self.stoc_layer.stoc_adapters[adapter_name] = AdapterSlot()
+        slot = AdapterSlot()
+        slot.refresh = lambda name=adapter_name: self._refresh(name)
+        self.stoc_layer.stoc_adapters[adapter_name] = slot
         owners = {name.rpartition(".")[0] for name in (c.name for c in candidates)}
         self.targeted_module_names.extend(sorted(owners - set(self.targeted_module_names)))
         set_additional_trainable_modules(
@@ -166,6 +167,11 @@ class StocTuningModel(BaseTuner):
                 "`peft.AutoPeftModelFor...from_pretrained(path)` instead."
             )
 
+    def _refresh(self, name: str) -> int:
+        """Before the adapters' state is saved: store what `name` learned in place; its step count."""
+        self._capture(name)
+        return self._step_of(name)
+
     def _step_of(self, name: str) -> int:
         engine = self._engines.get(name)
         return engine.stats.step if engine is not None else self._steps_loaded.get(name, 0)
@@ -177,7 +183,7 @@ class StocTuningModel(BaseTuner):
         for engine in self._engines.values():
             engine.retire()
         self._engines.clear()
-        self._steps_loaded.update(layer.steps)
+        self._steps_loaded.update({name: slot.step for name, slot in layer.stoc_adapters.items()})
         self._captured_at.clear()
         self._stale.update(layer.applied)
         self._sync()
@@ -255,6 +261,17 @@ class StocTuningModel(BaseTuner):
         self._sync()
 
     # -- PEFT API ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        # PeftModel's per-sample `adapter_names` (mixed-adapter batches): one set of base weights serves the batch.
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "StocTuning changes the base weights themselves, so one adapter serves a whole batch: "
+                "`adapter_names` (several adapters in one batch) is not supported. Run one batch per adapter, "
+                "switching with `set_adapter`."
+            )
+        yield
+
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)  # modules_to_save wrappers
         self.stoc_layer._disable_adapters = not enabled
@@ -288,7 +305,8 @@ class StocTuningModel(BaseTuner):
         if adapter_name not in layer.stoc_adapters:
             raise ValueError(f"Adapter {adapter_name} does not exist")
         if adapter_name in layer.merged_adapters:
-            raise ValueError(f"Cannot delete adapter(s) ['{adapter_name}'] while they are merged. Unmerge them first.")
+            raise ValueError(f"Cannot delete adapter(s) ['{adapter_name}'] while they are merged. Please unmerge them "
+                             "first.")
         self._drop_engine(adapter_name)
         if adapter_name in layer.applied:
             layer.restore(self._base_params())
@@ -397,7 +415,6 @@ class StocTuningModel(BaseTuner):
                     setattr(parent, child, module.original_module)
         layer.unhide()
         layer.patch = type(layer.patch)()
-        layer.applied = ()
         self._remove_layer()
         for param, requires_grad in self._requires_grad_before.values():
             param.requires_grad_(requires_grad)

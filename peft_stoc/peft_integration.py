@@ -83,7 +83,7 @@ def _wrap_save_pretrained(original):
                 folder = stage if name == "default" else os.path.join(stage, name)
                 adapter_file.add_metadata(os.path.join(folder, adapter_file.WEIGHTS_NAME), tuner.file_metadata(name))
             hub.write_model_card(stage, {name: self.peft_config[name] for name in names}, load_from=directory,
-                                 architectures=getattr(tuner.model.config, "architectures", None))
+                                 architectures=getattr(getattr(tuner.model, "config", None), "architectures", None))
 
     return save_pretrained
 
