@@ -7,7 +7,9 @@ from .config import StocTuningConfig
 from .delta import SparseDelta
 from .model import StocTuningModel
 from .peft_integration import install as _install_peft_integration
-from .registry import STOC_PEFT_TYPE, register, register_trainer_callback
+from .peft_type import STOC_PEFT_TYPE
+from .registry import register
+from .trainer_hooks import register_trainer_callback
 
 
 def __getattr__(name: str):

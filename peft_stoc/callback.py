@@ -8,10 +8,9 @@ LOG_PREFIX = "stoc/"
 
 
 def _tuner_of(model):
-    from .model import StocTuningModel
-
+    """The StocTuning tuner of a PeftModel (possibly wrapped by DDP), recognised by what it offers."""
     for candidate in (getattr(model, "base_model", None), getattr(getattr(model, "module", None), "base_model", None)):
-        if isinstance(candidate, StocTuningModel):
+        if hasattr(candidate, "stoc_stats") and hasattr(candidate, "set_driven_by_trainer"):
             return candidate
     return None
 

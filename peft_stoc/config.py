@@ -8,7 +8,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-from .registry import STOC_PEFT_TYPE
+from .peft_type import STOC_PEFT_TYPE
 
 SELECTIONS = ("stochastic", "top", "random")
 ACTIVATION_STATS = ("mean", "abs_mean", "rms")

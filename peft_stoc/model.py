@@ -25,7 +25,7 @@ from .config import union_of_excludes, union_of_targets
 from .delta import SparseDelta
 from .engine import BYPASS_HINT, StepEngine
 from .layer import AdapterSlot, StocTuningLayer
-from .registry import register_trainer_callback
+from .trainer_hooks import register_trainer_callback
 
 
 class StocTuningModel(BaseTuner):
