@@ -496,8 +496,10 @@ def run_grid(configs: list[RunConfig], results_path: Path, progress: bool = True
         if config.key() in done:
             out.append(done[config.key()])
             continue
+        options = "".join(f" {name}={getattr(config, name)}" for name, default in LATER_DEFAULTS.items()
+                          if getattr(config, name) != default)
         log(f"[{i}/{len(configs)}] {config.task} {config.method} lr={config.learning_rate:g} seed={config.seed} "
-            f"epochs={config.epochs:g}")
+            f"epochs={config.epochs:g}{options}")
         result = run(config, progress=progress)
         append_result(results_path, config, result)
         log(f"    score {result['score']:.2f}  ({result['train_seconds']:.0f} s)")
