@@ -412,6 +412,26 @@ def grid_table(rows: list[dict]) -> list[str]:
                  body)
 
 
+def rule_grid_table(rows: list[dict], args) -> list[str]:
+    """Seed-0 scores of the three update rules side by side at every rate tried: how tolerant each is of the rate."""
+    body = []
+    rules = ("stoc", "stoc-strict", "stoc-lazy")
+    for task in STAND_INS:
+        for e in args.budgets:
+            cells = {v: find(rows, task, v, e) for v in rules}
+            if sum(c is not None for c in cells.values()) < 2:
+                continue
+            rates = sorted({lr for c in cells.values() if c for lr in c["grid"]})
+            for lr in rates:
+                body.append([task, str(steps_of(args, e)), f"{lr:g}"] + [
+                    f"{cells[v]['grid'][lr]:.1f}" if cells[v] and lr in cells[v]["grid"] else "–" for v in rules])
+    if not body:
+        return []
+    return ["Seed-0 dev score of each update rule at every learning rate tried (a collapse shows how far a rule "
+            "tolerates a rate above its best):", "",
+            *table(["task", "steps", "lr", "masked_grad (paper)", "strict", "lazy"], body)]
+
+
 def cost_table(rows: list[dict], args) -> list[str]:
     body = []
     for r in rows:
@@ -523,6 +543,7 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         "over at least two seeds.",
         "",
         *comparisons(rows, args),
+        *rule_grid_table(rows, args),
         "## k and μ sensitivity (middle budget)",
         "",
         "k = 4× and 16× BitFit's count; μ summarised as `abs_mean` (mean of |x|) or `rms` instead of the paper's "
