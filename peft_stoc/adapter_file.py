@@ -92,8 +92,10 @@ class Expected:
     def limits(self) -> Limits:
         keys = [MODEL_PREFIX + name + INDEX_SUFFIX for name in self.numels] + list(self.heads)
         # An entry is its key and ~100 bytes of dtype, shape and offsets; the shapes metadata repeats each name.
-        per_entry = sum(2 * len(key) + 256 for key in keys)
-        return Limits(max_tensors=2 * len(self.numels) + len(self.heads), max_header_bytes=2**20 + 2 * per_entry)
+        # A changed tensor has up to four entries: indices, deltas, and exact deltas with their positions.
+        per_entry = sum(4 * len(key) + 512 for key in keys)
+        return Limits(max_tensors=len(DELTA_SUFFIXES) * len(self.numels) + len(self.heads),
+                      max_header_bytes=2**20 + 2 * per_entry)
 
 
 # -- reading -----------------------------------------------------------------------------------------------------

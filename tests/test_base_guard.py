@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_stoc import StocTuningConfig, adapter_file
 
-from .helpers import batch, tiny_model, train_stoc
+from .helpers import batch, predict, tiny_model, train_stoc
 
 
 def _plain_base_state():
@@ -158,3 +158,23 @@ def test_save_load_and_switching_reproduce_trained_weights_bit_for_bit(tmp_path,
         loaded.set_adapter("default")
     for name, param in loaded.base_model._base_params().items():
         assert torch.equal(param.detach(), trained[name]), name
+
+
+def test_an_adapter_with_exact_deltas_in_every_tensor_loads(tmp_path):
+    # The most entries a file can have: indices, deltas and exact deltas with their positions for every tensor.
+    from peft_stoc.delta import SparseDelta
+
+    model = get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS"))
+    tuner = model.base_model
+    tensors = {}
+    for name, param in tuner._base_params().items():
+        index = torch.tensor([0, param.numel() - 1])
+        values = torch.tensor([0.1 + 1e-12, -0.2 - 1e-12], dtype=torch.float64)  # not float32 numbers
+        tensors[name] = (index, values)
+    tuner.set_adapter_delta("default", SparseDelta(tensors))
+    expected = predict(model.eval())
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / adapter_file.WEIGHTS_NAME)
+    assert sum(k.endswith(adapter_file.EXACT_SUFFIX) for k in saved) == len(tensors)
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    assert torch.equal(predict(loaded), expected)
