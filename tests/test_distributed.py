@@ -100,7 +100,11 @@ def _assert_matches_reference(record: dict, masks: list[torch.Tensor], weights: 
     got = _weights(record)
     assert got.keys() == weights.keys()
     for name, value in weights.items():
-        torch.testing.assert_close(got[name], value, rtol=0, atol=WEIGHT_TOLERANCE, msg=name)
+        # A delta is kept in float64 where float32 cannot reproduce its trained weight bit for bit; the reduction
+        # order of two ranks moves weights by far less than the tolerance but can flip that choice.
+        own_state = ".stoc_tuning." in name
+        torch.testing.assert_close(got[name], value, rtol=0, atol=WEIGHT_TOLERANCE, check_dtype=not own_state,
+                                   msg=name)
 
 
 @pytest.fixture(scope="module")
