@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import distributed, sparse_optim
+from . import distributed, opaque_hooks, sparse_optim
 from .candidates import Candidate
 from .consumed_grad import ConsumedGrad, accumulation_error
 from .layer import Patch
@@ -185,7 +185,7 @@ class StepEngine:
         self._strays: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._cycle_drawn = False
         self._depth = 0  # optimizer steps under way: a wrapper such as ZeroRedundancyOptimizer steps an inner one
-        self._root_handle = None
+        self._root_hooks = opaque_hooks.HookSet()
         # Called with the tracker before each draw. None: `distributed.default_sync()` all-reduces μ's sums across
         # ranks when torch.distributed runs with several processes (and checks the ranks drew alike).
         self.reduce_statistics = None
@@ -215,8 +215,8 @@ class StepEngine:
         _ensure_optimizer_hooks()
         self.tracker.attach()
         self.tracker.armed = True
-        if self._root_handle is None:
-            self._root_handle = self.tracker.root.register_forward_pre_hook(self._on_forward)
+        if not self._root_hooks:
+            self._root_hooks.before(self.tracker.root, self._on_forward, opaque_hooks.nothing)
         if not self._grad_handles:
             for position, candidate in enumerate(self.candidates):
                 self._grad_handles.append(candidate.param.register_post_accumulate_grad_hook(
@@ -258,9 +258,7 @@ class StepEngine:
     def _detach(self) -> None:
         self.tracker.detach()
         self.tracker.armed = False
-        if self._root_handle is not None:
-            self._root_handle.remove()
-            self._root_handle = None
+        self._root_hooks.remove()
         for handle in self._grad_handles:
             handle.remove()
         self._grad_handles.clear()
@@ -286,7 +284,7 @@ class StepEngine:
         return self.lean is not None
 
     # -- forward -----------------------------------------------------------------------------------------------
-    def _on_forward(self, module, args):
+    def _on_forward(self):
         # A forward with gradients starts a new step, also in eval mode (a model trained without dropout).
         if not torch.is_grad_enabled():
             return

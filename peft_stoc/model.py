@@ -156,6 +156,8 @@ class StocTuningModel(BaseTuner):
         """transformers' `from_pretrained(adapter_dir)` and `load_adapter` load only tensors the model already has:
         a StocTuning adapter's sparse deltas are left out. Refuse to compute with such a model instead of giving
         the base's outputs under the adapter's name."""
+        if not self._awaiting:  # the usual case, and the only check torch.compile traces
+            return
         missing = [name for name in self._awaiting if name in self._wanted()]
         if missing and getattr(self.model, "_hf_peft_config_loaded", False):
             counts = self.peft_config[missing[0]].saved_counts or {}

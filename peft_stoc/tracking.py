@@ -12,6 +12,7 @@ out as (batch, seq) or (seq, batch); anything else counts all its rows.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import opaque_hooks
 from .candidates import Candidate, UseKind, is_rms_norm
 
 # A factor of μ: a vector along one weight dimension, or None for the constant 1.
@@ -108,7 +110,7 @@ class ActivationTracker:
         self.candidates = candidates
         self.stat = stat
         self.armed = False
-        self._handles: list = []
+        self._hooks = opaque_hooks.HookSet()
         self._training_forward = False  # the running forward records gradients
         self._scopes: list[torch.Tensor | None] = []  # (batch, seq) masks of the token scopes entered (None: unknown)
         self._scope_outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # a scope output -> its mask
@@ -129,26 +131,28 @@ class ActivationTracker:
         _warn_once(root, _untraced_types(candidates), UNTRACED_TYPES)
 
     # -- hooks -------------------------------------------------------------------------------------------------
+    # Each hook selects the tensors it reads (traceable code) and hands them to a body that keeps this tracker's
+    # Python state; under torch.compile the bodies run through an opaque op (`opaque_hooks`).
     def attach(self) -> None:
-        if self._handles:
+        if self._hooks:
             return
-        self._handles.append(self.root.register_forward_pre_hook(self._on_root_start, with_kwargs=True))
-        self._handles.append(self.root.register_forward_hook(self._on_root_end, always_call=True))
+        hooks = self._hooks
+        hooks.before(self.root, functools.partial(self._on_root_start, self.root), self._scope_tensors)
+        hooks.after(self.root, self._on_root_end, opaque_hooks.nothing, always_call=True)
         for module in self._scope_arguments:
             if module is not self.root:
-                self._handles.append(module.register_forward_pre_hook(self._enter_scope, with_kwargs=True))
-                self._handles.append(module.register_forward_hook(self._leave_scope, always_call=True))
+                hooks.before(module, functools.partial(self._enter_scope, module), self._scope_tensors)
+                hooks.after(module, self._leave_scope, _output_tensor, always_call=True)
         for module, kind in self._modules.values():
             if kind is UseKind.EMBEDDING_ROW and type(module).forward is not nn.Embedding.forward:
-                self._handles.append(module.register_forward_pre_hook(self._start_recording))
-                self._handles.append(module.register_forward_hook(self._on_recorded_embedding, always_call=True))
+                hooks.before(module, functools.partial(self._start_recording, module), opaque_hooks.nothing)
+                hooks.after(module, functools.partial(self._on_recorded_embedding, module), opaque_hooks.nothing,
+                            always_call=True)
             else:
-                self._handles.append(module.register_forward_hook(self._hook_for(kind), with_kwargs=True))
+                hooks.after(module, functools.partial(self._hook_for(kind), module), _first_input)
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
         self._forget_forward()
 
     def _active(self) -> bool:
@@ -156,14 +160,14 @@ class ActivationTracker:
         # and a forward replayed by activation checkpointing during backward is outside the model's forward.
         return self.armed and self._training_forward
 
-    def _on_root_start(self, module, args, kwargs):
+    def _on_root_start(self, module, mask, tokens):
         self._forget_forward()
         self._bypassed_now = None
         self._training_forward = torch.is_grad_enabled()
         self._forwards += self._active()
-        self._enter_scope(module, args, kwargs)
+        self._enter_scope(module, mask, tokens)
 
-    def _on_root_end(self, module, args, output):
+    def _on_root_end(self):
         self._forget_forward()
 
     def _forget_forward(self) -> None:
@@ -184,24 +188,29 @@ class ActivationTracker:
         return self._on_linear
 
     # -- token scopes --------------------------------------------------------------------------------------------
-    def _enter_scope(self, module, args, kwargs):
+    def _scope_tensors(self, module, args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The padding mask and the token inputs a scope's forward receives (None where it has none)."""
         arguments = self._scope_arguments.get(module)
-        mask = arguments.find(arguments.mask, args, kwargs) if arguments else None
+        if arguments is None:
+            return None, None
+        mask = arguments.find(arguments.mask, args, kwargs)
+        tokens = next((t for t in (arguments.find(name, args, kwargs) for name in arguments.tokens)
+                       if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
+        return (mask if isinstance(mask, torch.Tensor) else None), tokens
+
+    def _enter_scope(self, module, mask, tokens):
         # Only a (batch, seq) padding mask says which tokens are real; other shapes (4-D masks) are left alone.
-        if isinstance(mask, torch.Tensor):
+        if mask is not None:
             mask = mask.detach() if mask.dim() == 2 else None
-        elif arguments:
+        elif module in self._scope_arguments:
             # No mask: every token is real. Its shape still tells how often rows gathered once per position count.
-            tokens = next((t for t in (arguments.find(name, args, kwargs) for name in arguments.tokens)
-                           if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
             mask = None if tokens is None else torch.ones(tokens.shape[:2], device=tokens.device)
         self._scopes.append(mask)
 
-    def _leave_scope(self, module, args, output):
+    def _leave_scope(self, hidden):
         if not self._scopes:
             return
         mask = self._scopes.pop()
-        hidden = _first_tensor(output)
         if hidden is not None and hidden.dim() > 2 and (mask is None or hidden.shape[:2] == mask.shape):
             # An encoder's output read elsewhere (cross-attention keys and values) keeps the encoder's padding.
             self._scope_outputs[id(hidden)] = (hidden, mask)
@@ -283,15 +292,13 @@ class ActivationTracker:
     # The statistics are not part of the model's computation: no_grad keeps them out of the autograd graph (and
     # out of what activation checkpointing records and replays).
     @torch.no_grad()
-    def _on_linear(self, module, args, kwargs, output):
-        values = args[0] if args else kwargs.get("input")
-        if self._active() and isinstance(values, torch.Tensor):
+    def _on_linear(self, module, values):
+        if self._active() and values is not None:
             self._accumulate(module, values)
 
     @torch.no_grad()
-    def _on_norm(self, module, args, kwargs, output):
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        if not (self._active() and isinstance(x, torch.Tensor)):
+    def _on_norm(self, module, x):
+        if not (self._active() and x is not None):
             return
         if is_rms_norm(module):
             eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None) or torch.finfo(x.dtype).eps
@@ -302,22 +309,24 @@ class ActivationTracker:
         self._accumulate(module, normalised, shared=False)  # a fresh tensor: keeping it would hold memory
 
     @torch.no_grad()
-    def _on_embedding(self, module, args, kwargs, output):
+    def _on_embedding(self, module, ids):
         # nn.Embedding.forward passes its argument to F.embedding unchanged: it is exactly the rows gathered.
-        ids = args[0] if args else kwargs.get("input")
-        if self._active() and isinstance(ids, torch.Tensor):
+        if self._active() and ids is not None:
             self._count_rows(module, ids)
 
-    def _start_recording(self, module, args):
-        if self._active() and id(module) not in self._recorders:
-            recorder = _RowGathers(module.weight)
-            recorder.__enter__()
-            self._recorders[id(module)] = recorder
+    def _start_recording(self, module):
+        if torch.compiler.is_compiling() or not self._active() or id(module) in self._recorders:
+            return  # a torch function mode cannot run inside a compiled graph: `_on_recorded_embedding` says so
+        recorder = _RowGathers(module.weight)
+        recorder.__enter__()
+        self._recorders[id(module)] = recorder
 
     @torch.no_grad()
-    def _on_recorded_embedding(self, module, args, output):
+    def _on_recorded_embedding(self, module):
         recorder = self._recorders.pop(id(module), None)
         if recorder is None:
+            if self._active():
+                self._untraced.add(id(module))  # under torch.compile: its rows could not be followed
             return
         recorder.__exit__(None, None, None)
         if not recorder.rows:
@@ -395,6 +404,16 @@ def _fits(shape: torch.Size, target: tuple[int, int], broadcast: bool) -> bool:
         return False
     padded = (1,) * (2 - len(shape)) + tuple(shape)
     return all(have in (1, want) for have, want in zip(padded, target)) and len(shape) > 0
+
+
+def _first_input(module, args, kwargs, output) -> tuple[torch.Tensor | None]:
+    """The tensor a module's forward reads first: its input values, ids or hidden states."""
+    values = args[0] if args else next(iter(kwargs.values()), None)
+    return (values if isinstance(values, torch.Tensor) else None),
+
+
+def _output_tensor(module, args, kwargs, output) -> tuple[torch.Tensor | None]:
+    return _first_tensor(output),
 
 
 def _first_tensor(output) -> torch.Tensor | None:
