@@ -452,6 +452,18 @@ class StocTuningModel(BaseTuner):
         stats["adapter_bytes"] = stats["changed"] * (4 + value_bytes) + head_bytes
         return stats
 
+    def stoc_parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
+        """What one optimizer step trains: `k` entries drawn from `candidates` base entries, plus the `head`
+        parameters of modules_to_save, trained in full."""
+        name = adapter_name or self._training_adapter() or self.active_adapters[0]
+        head = sum(
+            p.numel()
+            for m in self.model.modules()
+            if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save
+            for p in m.modules_to_save[name].parameters()
+        )
+        return {"k": self._counts[name][0], "candidates": sum(c.numel for c in self._candidates[name]), "head": head}
+
     def stoc_engine(self) -> StepEngine | None:
         """The step engine of the adapter being trained, if any."""
         engine = self._engines.get(self._training_adapter() or "")

@@ -10,6 +10,8 @@
 * `from_pretrained`: first puts back a folder that a save interrupted while it was moved away.
 * `push_to_hub`: transformers' version replaces the README with a bare card; this one uploads the adapter with
   its model card.
+* `print_trainable_parameters`: PEFT counts every parameter that requires a gradient (nearly the whole model for
+  StocTuning); this one states what a step trains: k entries drawn from the candidates, plus the heads.
 
 Models of other PEFT methods go straight to PEFT's own methods.
 """
@@ -204,12 +206,31 @@ def _wrap_push_to_hub(original):
     return push_to_hub
 
 
+def _wrap_print_trainable_parameters(original):
+    @functools.wraps(original)
+    def print_trainable_parameters(self) -> None:
+        tuner = _tuner(self)
+        if tuner is None:
+            return original(self)
+        counts = tuner.stoc_parameter_counts()
+        per_step = counts["k"] + counts["head"]
+        _, all_params = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {per_step:,d} per step (k = {counts['k']:,d} entries drawn from "
+            f"{counts['candidates']:,d} candidates, {counts['head']:,d} in modules_to_save) || "
+            f"all params: {all_params:,d} || trainable%: {100 * per_step / all_params:.4f}"
+        )
+
+    return print_trainable_parameters
+
+
 def install() -> None:
     """Wrap the methods once per process (idempotent, also across reloads of peft_stoc)."""
     for name, wrapper in (
         ("save_pretrained", _wrap_save_pretrained),
         ("load_adapter", _wrap_load_adapter),
         ("push_to_hub", _wrap_push_to_hub),
+        ("print_trainable_parameters", _wrap_print_trainable_parameters),
     ):
         current = getattr(PeftModel, name)
         original = getattr(current, _MARK, current)

@@ -116,3 +116,21 @@ def test_merge_command_writes_no_tokenizer_for_a_base_without_one(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     assert cli_main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
     assert not any("token" in p.name or "vocab" in p.name for p in (tmp_path / "merged").iterdir())
+
+
+def test_print_trainable_parameters_states_k_per_step_and_the_candidates(capsys):
+    model = get_peft_model(tiny_model("bert"), StocTuningConfig(k=40, task_type="SEQ_CLS"))
+    candidates = sum(p.numel() for name, p in model.named_parameters()
+                     if p.requires_grad and "modules_to_save" not in name and "classifier" not in name)
+    head = sum(p.numel() for name, p in model.named_parameters() if "modules_to_save.default" in name)
+    everything = sum(p.numel() for p in model.parameters())
+
+    model.print_trainable_parameters()
+
+    line = capsys.readouterr().out.strip()
+    assert line == (
+        f"trainable params: {40 + head:,d} per step (k = 40 entries drawn from {candidates:,d} candidates, "
+        f"{head:,d} in modules_to_save) || all params: {everything:,d} || trainable%: "
+        f"{100 * (40 + head) / everything:.4f}"
+    )
+    assert model.base_model.stoc_parameter_counts() == {"k": 40, "candidates": candidates, "head": head}
