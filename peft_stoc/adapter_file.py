@@ -7,22 +7,15 @@ The header metadata records the format version, counts and the base-model finger
 Reading parses the 8-byte length and the JSON header itself, within limits, and checks every entry's name, dtype
 and shape before any tensor is materialised: a hostile header is refused at the cost of reading it. Everything read
 is validated before any of it touches a model; errors name the offending tensor. Writing refuses NaN/inf values,
-and `staged_folder` replaces a whole adapter folder so that a crash at any moment leaves the old adapter or the new.
+and `atomic_folder.staged_folder` replaces a whole adapter folder so that a crash at any moment leaves the old
+adapter or the new.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import functools
 import json
 import math
 import os
-import secrets
-import shutil
-import stat
-import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -30,10 +23,20 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import atomic_folder
 from . import fingerprint as fingerprints
 from .delta import SparseDelta, add_delta
+from .safetensors_header import (  # noqa: F401 (AdapterFileError and Limits are part of this module's interface)
+    DEFAULT_LIMITS,
+    FILE_DTYPES,
+    AdapterFileError,
+    Limits,
+    corrupt,
+    is_count,
+    read_header,
+)
 
-WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = atomic_folder.WEIGHTS_NAME
 MODEL_PREFIX = "base_model.model."
 INDEX_SUFFIX = ".stoc_indices"
 VALUES_SUFFIX = ".stoc_delta"
@@ -47,37 +50,6 @@ META_FINGERPRINT = "peft_stoc_fingerprint"
 META_SHAPES = "peft_stoc_shapes"
 INDEX_DTYPES = (torch.int32, torch.int64)
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The safetensors dtypes an adapter file may use (task heads may hold integer buffers).
-FILE_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-class AdapterFileError(ValueError):
-    """An adapter file that cannot be used as it is."""
-
-
-# -- limits on what a header may hold ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Limits:
-    """The most a header may hold; checked on its raw bytes, before it is parsed."""
-
-    max_tensors: int
-    max_header_bytes: int
-    scope: str = "for this model"  # completes "an adapter file ... has at most"
-
-    @property
-    def max_values(self) -> int:
-        """Bound on the JSON values the header may hold (each one past the first follows a comma): this bounds
-        what parsing it allocates. A real entry holds fewer than 8."""
-        return 8 * self.max_tensors + 4096
-
-
-# Without a model to compare with (the command line): room for 16,384 changed tensors. Reading a file that large
-# takes ~2 s and ~80 MB, which is then also the most a hostile header can cost.
-DEFAULT_LIMITS = Limits(max_tensors=2**15, max_header_bytes=16 * 2**20, scope="read without its base model")
 
 
 @dataclass
@@ -130,7 +102,7 @@ class AdapterFile:
         counts = self._json_entry(META_COUNTS)
         if counts is None and META_COUNTS not in self.metadata:
             return {}
-        if not isinstance(counts, dict) or not all(_is_count(v) for v in counts.values()):
+        if not isinstance(counts, dict) or not all(is_count(v) for v in counts.values()):
             raise AdapterFileError(f"{self.path}: header entry '{META_COUNTS}' must be a JSON object of counts, "
                                    f"got {fingerprints.json_kind(counts)}.")
         return counts
@@ -142,7 +114,7 @@ class AdapterFile:
         if shapes is None and META_SHAPES not in self.metadata:
             return {}
         if not isinstance(shapes, dict) or not all(
-            isinstance(s, list) and all(_is_count(n) for n in s) for s in shapes.values()
+            isinstance(s, list) and all(is_count(n) for n in s) for s in shapes.values()
         ):
             raise AdapterFileError(f"{self.path}: header entry '{META_SHAPES}' must map tensor names to shapes, "
                                    f"got {fingerprints.json_kind(shapes)}.")
@@ -188,83 +160,8 @@ def load_tensors(file: AdapterFile) -> AdapterFile:
         with safe_open(file.path, framework="pt") as handle:
             file.tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise _corrupt(file.path, str(error)) from error
+        raise corrupt(file.path, str(error)) from error
     return file
-
-
-def read_header(path: str, limits: Limits | None = DEFAULT_LIMITS) -> tuple[dict[str, dict], dict[str, str]]:
-    """The tensor entries (name -> dtype, shape, offsets) and metadata of a safetensors file, parsed within
-    `limits` (None: none) and checked for consistency with the file's size."""
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise _corrupt(path, "it is shorter than the 8-byte header length")
-            length = int.from_bytes(prefix, "little")
-            if limits is not None and length > limits.max_header_bytes:
-                raise AdapterFileError(
-                    f"{path} has a header of {length:,} bytes; an adapter file {limits.scope} has at most "
-                    f"{limits.max_header_bytes:,}. Refusing to read it."
-                )
-            if 8 + length > size:
-                raise _corrupt(path, f"its header claims {length:,} bytes but the file has {size:,}")
-            raw = handle.read(length)
-    except OSError as error:
-        raise AdapterFileError(f"Cannot read {path}: {error}.") from error
-    if limits is not None:
-        _check_raw_counts(raw, limits, path)
-    header = _parse_header(raw, path)
-    metadata = _check_metadata(header.pop("__metadata__", {}), path)
-    _check_layout(header, size - 8 - length, path)
-    return header, metadata
-
-
-def _check_raw_counts(raw: bytes, limits: Limits, path: str) -> None:
-    """Bound the tensors and values before parsing: every tensor entry is a JSON object, so `{` counts them."""
-    objects = raw.count(b"{") - 2  # the header and its metadata
-    if objects > limits.max_tensors + 8:  # + JSON text in metadata values (counts, shapes, fingerprint)
-        raise AdapterFileError(
-            f"{path} lists up to {objects:,} tensors in its header; an adapter file {limits.scope} holds at most "
-            f"{limits.max_tensors:,}. Refusing to read it."
-        )
-    if raw.count(b",") > limits.max_values:
-        raise AdapterFileError(f"{path} has a header with more values than an adapter file {limits.scope} can "
-                               "hold. Refusing to read it.")
-
-
-def _parse_header(raw: bytes, path: str) -> dict:
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError) as error:
-        raise _corrupt(path, f"its header is not valid JSON: {error}") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, f"its header is {fingerprints.json_kind(header)}, not a JSON object")
-    return header
-
-
-def _check_metadata(metadata, path: str) -> dict[str, str]:
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _corrupt(path, "its header metadata must map strings to strings")
-    return metadata
-
-
-def _check_layout(entries: dict, data_bytes: int, path: str) -> None:
-    """Every entry names a known dtype, a shape and a byte range of that size inside the file."""
-    for name, entry in entries.items():
-        if not name or not isinstance(entry, dict):
-            raise _corrupt(path, f"its header entry {name!r} is not a tensor description")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in FILE_DTYPES:
-            raise AdapterFileError(f"Tensor '{name}' in {path} has dtype {dtype!r}; adapter files hold "
-                                   f"{', '.join(FILE_DTYPES)}.")
-        if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
-            raise _corrupt(path, f"tensor '{name}' has an invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
-                and offsets[0] <= offsets[1] <= data_bytes):
-            raise _corrupt(path, f"tensor '{name}' lies outside the file's {data_bytes:,} data bytes")
-        if offsets[1] - offsets[0] != math.prod(shape) * FILE_DTYPES[dtype].itemsize:
-            raise _corrupt(path, f"tensor '{name}' has {offsets[1] - offsets[0]:,} bytes for shape {shape}")
 
 
 def check_entries(entries: dict[str, dict], expected: Expected | None, path: str) -> None:
@@ -307,17 +204,6 @@ def _check_fits(key: str, length: int, name: str, numels: dict[str, int]) -> Non
                                "model.")
     if length > numels[name]:
         raise AdapterFileError(f"Tensor '{key}' has {length:,} entries, more than the {numels[name]:,} of '{name}'.")
-
-
-def _corrupt(path: str, why: str) -> AdapterFileError:
-    return AdapterFileError(
-        f"{path} is not a readable safetensors file ({why}); it is probably truncated or corrupt. "
-        "Save the adapter again or download it anew."
-    )
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _stem(key: str) -> str:
@@ -495,7 +381,7 @@ def write(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt", **metadata})
-        _fsync(tmp)
+        atomic_folder.fsync(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -505,238 +391,3 @@ def write(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
 def add_metadata(path: str, metadata: dict[str, str]) -> None:
     """Rewrite `path` (a file this process just wrote) with `metadata` in its header, atomically."""
     write(path, read(path, require_format=False, limits=None).tensors, metadata)
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-# -- replacing an adapter folder atomically -----------------------------------------------------------------------
-STAGE_TAG = ".stoc-stage-"
-OLD_TAG = ".stoc-old-"
-MAX_CARRIED = 10_000  # other entries linked into a new folder; beyond this, files are replaced one by one
-
-
-@contextlib.contextmanager
-def staged_folder(target: str | os.PathLike):
-    """Yield an empty folder to save an adapter into; on success it takes the place of `target`.
-
-    `target` holds its old adapter or the new one at every moment: the new folder is written beside it and synced,
-    receives hard links to everything else `target` holds (a tokenizer, a checkpoint's optimizer state) and is
-    swapped in by one rename. Where a folder cannot be swapped (a mount point, the working directory, a parent we
-    cannot write to), the files are renamed in one by one, the weights last.
-    """
-    target = os.path.realpath(target)
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise ValueError(f"{target} is a file, not a folder.")
-    recover(target)
-    stage, swap = _make_stage(target)
-    try:
-        readme = os.path.join(target, "README.md")
-        if os.path.isfile(readme):
-            shutil.copyfile(readme, os.path.join(stage, "README.md"))  # the writers update a card, keeping edits
-        yield stage
-        _sync_tree(stage)
-        if swap:
-            _swap_in(stage, target)
-        else:
-            _replace_files(stage, target)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def recover(target: str, tidy: bool = True) -> None:
-    """Undo what a crash during `staged_folder` left: the old folder goes back if it was moved away and the new one
-    never arrived; with `tidy`, leftovers of saves whose process is gone are removed."""
-    target = os.path.realpath(target)
-    parent, base = os.path.split(target)
-    try:
-        names = sorted(os.listdir(parent))
-    except OSError:
-        return
-    for name in names:
-        path = os.path.join(parent, name)
-        if name.startswith(f".{base}{OLD_TAG}") and not os.path.lexists(target):
-            os.rename(path, target)  # it was renamed away whole: a complete adapter
-        elif tidy and name.startswith((f".{base}{OLD_TAG}", f".{base}{STAGE_TAG}")) and not _alive(name):
-            shutil.rmtree(path, ignore_errors=True)
-    if tidy and os.path.isdir(target):
-        for name in os.listdir(target):
-            if name.startswith(STAGE_TAG) and not _alive(name):
-                shutil.rmtree(os.path.join(target, name), ignore_errors=True)
-
-
-def _alive(name: str) -> bool:
-    """Whether the process that made the leftover `name` (its pid follows the tag) still runs."""
-    try:
-        pid = int(name.rsplit(".stoc-", 1)[1].split("-")[1])
-    except (IndexError, ValueError):
-        return True
-    if pid == os.getpid():
-        return True
-    if os.name == "nt":
-        return True  # os.kill would terminate it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _make_stage(target: str) -> tuple[str, bool]:
-    """A new empty folder beside `target` (True: to be swapped in) or, failing that, inside it (False)."""
-    parent, base = os.path.split(target)
-    if _can_swap(target):
-        try:
-            os.makedirs(parent, exist_ok=True)
-            stage = os.path.join(parent, f".{base}{STAGE_TAG}{os.getpid()}-{secrets.token_hex(4)}")
-            os.mkdir(stage)
-        except OSError:
-            pass
-        else:
-            if os.path.isdir(target):
-                os.chmod(stage, stat.S_IMODE(os.stat(target).st_mode))  # the folder keeps its permissions
-            return stage, True
-    os.makedirs(target, exist_ok=True)
-    stage = os.path.join(target, f"{STAGE_TAG}{os.getpid()}-{secrets.token_hex(4)}")
-    os.mkdir(stage)
-    return stage, False
-
-
-def _can_swap(target: str) -> bool:
-    if len(os.path.basename(target)) > 200:
-        return False  # no room for the stage's longer name
-    if not os.path.exists(target):
-        return True
-    cwd = os.path.realpath(os.getcwd())
-    # A process's working directory follows the folder it is in: it would end up in the removed old folder.
-    return not os.path.ismount(target) and cwd != target and not cwd.startswith(target + os.sep)
-
-
-def _swap_in(stage: str, target: str) -> None:
-    parent, base = os.path.split(target)
-    if not os.path.exists(target):
-        os.rename(stage, target)
-        _sync_dir(parent)
-        return
-    if not _carry(target, stage):
-        _replace_files(stage, target)
-        return
-    _sync_tree(stage, files=False)
-    if _exchange(stage, target):
-        _sync_dir(parent)  # `stage` now names the old folder, which the caller removes
-        return
-    old = os.path.join(parent, f".{base}{OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}")
-    os.rename(target, old)
-    os.rename(stage, target)  # a crash between these two renames is undone by `recover`
-    _sync_dir(parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@functools.cache
-def _renameat2():
-    if not sys.platform.startswith("linux"):
-        return None
-    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if function is not None:
-        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return function
-
-
-def _exchange(first: str, second: str) -> bool:
-    """Swap two paths in one step (Linux `renameat2` with RENAME_EXCHANGE); False where that is unavailable."""
-    renameat2 = _renameat2()
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
-        return True
-    error = ctypes.get_errno()
-    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False  # an old kernel or a file system without it
-    raise OSError(error, os.strerror(error), second)
-
-
-def _carry(source: str, stage: str) -> bool:
-    """Link into `stage` every entry of `source` that `stage` lacks (recursively); False, doing nothing, when there
-    are too many or some cannot be carried (sockets, pipes)."""
-    plan: list[tuple[str, str, bool]] = []
-    if not _plan_carry(source, stage, plan):
-        return False
-    for src, dst, is_dir in plan:
-        if is_dir:
-            os.mkdir(dst)
-        elif os.path.islink(src):
-            os.symlink(os.readlink(src), dst)
-        else:
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)  # a file system without hard links
-    for src, dst, is_dir in reversed(plan):
-        if is_dir:
-            shutil.copystat(src, dst)
-    return True
-
-
-def _plan_carry(source: str, stage: str, plan: list) -> bool:
-    for entry in os.scandir(source):
-        if entry.name.startswith(STAGE_TAG) or (entry.name.startswith(".adapter-") and entry.name.endswith(".tmp")):
-            continue  # leftovers of interrupted saves
-        dst = os.path.join(stage, entry.name)
-        if entry.is_dir(follow_symlinks=False):
-            if not os.path.lexists(dst):
-                plan.append((entry.path, dst, True))
-            elif not os.path.isdir(dst) or os.path.islink(dst):
-                continue  # the new save has a file of that name
-            if not _plan_carry(entry.path, dst, plan):
-                return False
-        elif not os.path.lexists(dst):
-            if not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
-                return False
-            plan.append((entry.path, dst, False))
-        if len(plan) > MAX_CARRIED:
-            return False
-    return True
-
-
-def _replace_files(stage: str, target: str) -> None:
-    """Rename the staged files into `target` one by one, each atomically; the weights files go last, so a folder
-    whose config does not change holds a complete adapter throughout."""
-    moves = []
-    for folder, _, files in os.walk(stage):
-        relative = os.path.relpath(folder, stage)
-        moves += [(os.path.join(folder, f), os.path.normpath(os.path.join(target, relative, f))) for f in files]
-    moves.sort(key=lambda move: os.path.basename(move[0]) == WEIGHTS_NAME)
-    for src, dst in moves:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        os.replace(src, dst)
-    for folder in sorted({os.path.dirname(dst) for _, dst in moves}):
-        _sync_dir(folder)
-
-
-def _sync_tree(root: str, files: bool = True) -> None:
-    """Flush `root`'s files (optionally) and folders to disk, so a rename never publishes unwritten data."""
-    for folder, _, names in os.walk(root, topdown=False):
-        if files:
-            for name in names:
-                path = os.path.join(folder, name)
-                if not os.path.islink(path):
-                    _fsync(path)
-        _sync_dir(folder)
-
-
-def _sync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # platforms that cannot sync a folder
-    finally:
-        os.close(fd)

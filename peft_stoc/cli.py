@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from . import adapter_file
+from . import adapter_file, atomic_folder
 from .config import StocTuningConfig, union_of_excludes, union_of_targets
 from .delta import SparseDelta
 from .hub import human_bytes, write_model_card
@@ -240,7 +240,7 @@ def compose(directories: list[str], weights: list[float] | None, output: str) ->
                   exclude_modules=union_of_excludes(configs))
     from peft import PeftConfig
 
-    with adapter_file.staged_folder(output) as stage:
+    with atomic_folder.staged_folder(output) as stage:
         adapter_file.write(os.path.join(stage, adapter_file.WEIGHTS_NAME), tensors, metadata)
         with open(os.path.join(stage, CONFIG_NAME), "w") as handle:
             json.dump(config, handle, indent=2, sort_keys=True)

@@ -2,7 +2,7 @@
 
 * `save_pretrained`: refuses pickle, adapter names that are not plain folder names, and weights changed outside
   intercepted steps; lets PEFT write into a staged folder, adds the header metadata (format, counts, base
-  fingerprint) and the model card section, then swaps the folder in whole (`adapter_file.staged_folder`).
+  fingerprint) and the model card section, then swaps the folder in whole (`atomic_folder.staged_folder`).
 * `load_adapter` (also reached by `PeftModel.from_pretrained` and `AutoPeftModel*.from_pretrained`): checks the
   adapter name, then reads and validates the whole file — header limits, readability, every tensor, the base
   fingerprint, values in range of the base dtypes — before anything is touched.
@@ -26,7 +26,7 @@ from peft import PeftConfig, PeftModel
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from . import adapter_file, fingerprint, hub
+from . import adapter_file, atomic_folder, fingerprint, hub
 
 _MARK = "_peft_stoc_wrapped"
 _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "force_download", "local_files_only")
@@ -78,7 +78,7 @@ def _wrap_save_pretrained(original):
         if not call.arguments["is_main_process"]:
             return original(*call.args, **call.kwargs)  # PEFT writes no file there
         directory = os.fspath(call.arguments["save_directory"])
-        with adapter_file.staged_folder(directory) as stage:
+        with atomic_folder.staged_folder(directory) as stage:
             call.arguments["save_directory"] = stage
             original(*call.args, **call.kwargs)
             for name in names:
@@ -109,7 +109,7 @@ def _recover(model_id, subfolder: str | None) -> None:
         missing.append(path)
         path = os.path.dirname(path)
     for folder in reversed(missing):  # the outermost first: an inner one may come back with it
-        adapter_file.recover(folder, tidy=False)
+        atomic_folder.recover(folder, tidy=False)
 
 
 def _head_specs(tuner, config) -> dict[str, tuple[tuple[int, ...], object]]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peft_stoc import adapter_file
+from peft_stoc import adapter_file, atomic_folder
 
 from .helpers import predict, tiny_model, train_stoc
 
@@ -71,11 +71,11 @@ def _check_foreign(folder):
 
 
 def _without_exchange():
-    adapter_file._exchange = lambda first, second: False
+    atomic_folder._exchange = lambda first, second: False
 
 
 def _in_place():
-    adapter_file._can_swap = lambda target: False
+    atomic_folder._can_swap = lambda target: False
 
 
 MODES = {"exchange": lambda: None, "rename": _without_exchange, "in_place": _in_place}
@@ -115,7 +115,7 @@ def _kill_at_call(number: int) -> None:
         return wrapper
 
     for module, name in ((os, "rename"), (os, "replace"), (os, "link"), (os, "fsync"), (os, "mkdir"),
-                         (shutil, "rmtree"), (adapter_file, "_exchange"), (adapter_file, "save_file")):
+                         (shutil, "rmtree"), (atomic_folder, "_exchange"), (adapter_file, "save_file")):
         setattr(module, name, counted(getattr(module, name)))
 
 
@@ -151,7 +151,7 @@ def _save_seconds(models, tmp_path) -> float:
 
 
 def _skip_without_exchange(mode):
-    if mode == "exchange" and not adapter_file._renameat2():
+    if mode == "exchange" and not atomic_folder._renameat2():
         pytest.skip("no renameat2 here")
 
 
@@ -220,7 +220,7 @@ def test_interrupted_swap_is_recovered_at_load(adapters):
     target, and loading (or the next save) puts the old one back."""
     root, base, models, expected = adapters
     folder = _fresh_folder(root, models)
-    backup = folder.parent / f".{folder.name}{adapter_file.OLD_TAG}999999999-dead"
+    backup = folder.parent / f".{folder.name}{atomic_folder.OLD_TAG}999999999-dead"
     os.rename(folder, backup)
     assert _which(folder, base, expected) == "a"
     _check_foreign(folder)

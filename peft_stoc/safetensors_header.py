@@ -1,0 +1,131 @@
+"""Reading a safetensors header within limits: its raw bytes are bounded before they are parsed, and every entry's
+dtype, shape and byte range is checked against the file's size, so a hostile header costs no more than reading it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import fingerprint as fingerprints
+
+# The safetensors dtypes an adapter file may use (task heads may hold integer buffers).
+FILE_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be used as it is."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The most a header may hold; checked on its raw bytes, before it is parsed."""
+
+    max_tensors: int
+    max_header_bytes: int
+    scope: str = "for this model"  # completes "an adapter file ... has at most"
+
+    @property
+    def max_values(self) -> int:
+        """Bound on the JSON values the header may hold (each one past the first follows a comma): this bounds
+        what parsing it allocates. A real entry holds fewer than 8."""
+        return 8 * self.max_tensors + 4096
+
+
+# Without a model to compare with (the command line): room for 16,384 changed tensors. Reading a file that large
+# takes ~2 s and ~80 MB, which is then also the most a hostile header can cost.
+DEFAULT_LIMITS = Limits(max_tensors=2**15, max_header_bytes=16 * 2**20, scope="read without its base model")
+
+
+def read_header(path: str, limits: Limits | None = DEFAULT_LIMITS) -> tuple[dict[str, dict], dict[str, str]]:
+    """The tensor entries (name -> dtype, shape, offsets) and metadata of a safetensors file, parsed within
+    `limits` (None: none) and checked for consistency with the file's size."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise corrupt(path, "it is shorter than the 8-byte header length")
+            length = int.from_bytes(prefix, "little")
+            if limits is not None and length > limits.max_header_bytes:
+                raise AdapterFileError(
+                    f"{path} has a header of {length:,} bytes; an adapter file {limits.scope} has at most "
+                    f"{limits.max_header_bytes:,}. Refusing to read it."
+                )
+            if 8 + length > size:
+                raise corrupt(path, f"its header claims {length:,} bytes but the file has {size:,}")
+            raw = handle.read(length)
+    except OSError as error:
+        raise AdapterFileError(f"Cannot read {path}: {error}.") from error
+    if limits is not None:
+        _check_raw_counts(raw, limits, path)
+    header = _parse_header(raw, path)
+    metadata = _check_metadata(header.pop("__metadata__", {}), path)
+    _check_layout(header, size - 8 - length, path)
+    return header, metadata
+
+
+def _check_raw_counts(raw: bytes, limits: Limits, path: str) -> None:
+    """Bound the tensors and values before parsing: every tensor entry is a JSON object, so `{` counts them."""
+    objects = raw.count(b"{") - 2  # the header and its metadata
+    if objects > limits.max_tensors + 8:  # + JSON text in metadata values (counts, shapes, fingerprint)
+        raise AdapterFileError(
+            f"{path} lists up to {objects:,} tensors in its header; an adapter file {limits.scope} holds at most "
+            f"{limits.max_tensors:,}. Refusing to read it."
+        )
+    if raw.count(b",") > limits.max_values:
+        raise AdapterFileError(f"{path} has a header with more values than an adapter file {limits.scope} can "
+                               "hold. Refusing to read it.")
+
+
+def _parse_header(raw: bytes, path: str) -> dict:
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as error:
+        raise corrupt(path, f"its header is not valid JSON: {error}") from None
+    if not isinstance(header, dict):
+        raise corrupt(path, f"its header is {fingerprints.json_kind(header)}, not a JSON object")
+    return header
+
+
+def _check_metadata(metadata, path: str) -> dict[str, str]:
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt(path, "its header metadata must map strings to strings")
+    return metadata
+
+
+def _check_layout(entries: dict, data_bytes: int, path: str) -> None:
+    """Every entry names a known dtype, a shape and a byte range of that size inside the file."""
+    for name, entry in entries.items():
+        if not name or not isinstance(entry, dict):
+            raise corrupt(path, f"its header entry {name!r} is not a tensor description")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in FILE_DTYPES:
+            raise AdapterFileError(f"Tensor '{name}' in {path} has dtype {dtype!r}; adapter files hold "
+                                   f"{', '.join(FILE_DTYPES)}.")
+        if not isinstance(shape, list) or not all(is_count(s) for s in shape):
+            raise corrupt(path, f"tensor '{name}' has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1] <= data_bytes):
+            raise corrupt(path, f"tensor '{name}' lies outside the file's {data_bytes:,} data bytes")
+        if offsets[1] - offsets[0] != math.prod(shape) * FILE_DTYPES[dtype].itemsize:
+            raise corrupt(path, f"tensor '{name}' has {offsets[1] - offsets[0]:,} bytes for shape {shape}")
+
+
+def corrupt(path: str, why: str) -> AdapterFileError:
+    return AdapterFileError(
+        f"{path} is not a readable safetensors file ({why}); it is probably truncated or corrupt. "
+        "Save the adapter again or download it anew."
+    )
+
+
+def is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
