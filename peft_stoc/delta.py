@@ -19,9 +19,6 @@ class SparseDelta:
     def num_changed(self) -> int:
         return sum(index.numel() for index, _ in self.tensors.values())
 
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
     @staticmethod
     def weighted_sum(deltas: list[SparseDelta], weights: list[float]) -> SparseDelta:
         """Σ wᵢ·δᵢ over the union of indices; entries that sum to exactly zero are dropped."""

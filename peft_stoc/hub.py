@@ -28,11 +28,15 @@ def _count(value) -> str:
     return f"{value:,}" if isinstance(value, int) else "?"
 
 
+def adapter_folder(save_directory: str, name: str) -> str:
+    """Where PEFT's `save_pretrained` puts adapter `name`: the folder itself for 'default', a subfolder otherwise."""
+    return save_directory if name == "default" else os.path.join(save_directory, name)
+
+
 def _adapter_rows(save_directory: str, configs: dict) -> list[str]:
     rows = []
     for name, config in configs.items():
-        folder = save_directory if name == "default" else os.path.join(save_directory, name)
-        path = os.path.join(folder, adapter_file.WEIGHTS_NAME)
+        path = os.path.join(adapter_folder(save_directory, name), adapter_file.WEIGHTS_NAME)
         # Files this process just wrote: their header is trusted, and no tensor is needed.
         counts = adapter_file.read_metadata(path, require_format=False, limits=None).counts
         changed, candidates = counts.get("changed"), counts.get("candidates")

@@ -82,8 +82,8 @@ def _wrap_save_pretrained(original):
             call.arguments["save_directory"] = stage
             original(*call.args, **call.kwargs)
             for name in names:
-                folder = stage if name == "default" else os.path.join(stage, name)
-                adapter_file.add_metadata(os.path.join(folder, adapter_file.WEIGHTS_NAME), tuner.file_metadata(name))
+                path = os.path.join(hub.adapter_folder(stage, name), adapter_file.WEIGHTS_NAME)
+                adapter_file.add_metadata(path, tuner.file_metadata(name))
             hub.write_model_card(stage, {name: self.peft_config[name] for name in names}, load_from=directory,
                                  architectures=getattr(getattr(tuner.model, "config", None), "architectures", None))
 

@@ -1,4 +1,5 @@
-"""The per-step bookkeeping rewritten for speed keeps its results: recording originals, masking gradients."""
+"""The confined update's building blocks (peft_stoc.update, layer.Patch): the record of originals, gradient masks,
+weight decay redirected to the drawn entries."""
 
 import torch
 

@@ -1,3 +1,5 @@
+"""StocTuningConfig: its fields, validation and candidate choice, and its registration with PEFT."""
+
 import importlib
 import subprocess
 import sys
