@@ -44,6 +44,34 @@ class StocTuningConfig(PeftConfig):
 
     The paper's setting is `k="bitfit"`, `selection="stochastic"`, `activation_stat="mean"`, `mask_interval=1`,
     `update_rule="masked_grad"`, with the task head in `modules_to_save` (the default for `SEQ_CLS`).
+
+    Args:
+        k (`int`, `float` or `"bitfit"`): entries drawn per optimizer step; a float is a fraction of the candidate
+            entries, `"bitfit"` the number of bias entries among them.
+        selection (`str`): `"stochastic"` (the paper), `"top"` or `"random"`.
+        seed (`int`): seed of the draws; the same seed and data give the same masks.
+        target_modules, exclude_modules (`list[str]` or `str`): modules whose parameters are (not) candidates;
+            None targets every module.
+        modules_to_save (`list[str]`): modules trained fully and saved whole (a new task head).
+        activation_stat (`str`): how a connection's input is summarised over a step's tokens.
+        mask_interval (`int`): draw a new mask every N optimizer steps.
+        update_rule (`str`): `"masked_grad"` (the paper), `"strict"` or `"lazy"`.
+        max_changed (`int` or `float`): budget of distinct changed entries.
+        save_dtype (`str`): dtype of the delta values in the adapter file.
+        memory (`str`): `"auto"` (default), `"lean"` or `"dense"`.
+        base_fingerprint, saved_counts (`dict`): written on save, checked on load.
+
+    Example:
+
+        ```py
+        >>> from peft import get_peft_model
+        >>> from transformers import AutoModelForSequenceClassification
+        >>> from peft_stoc import StocTuningConfig
+
+        >>> base = AutoModelForSequenceClassification.from_pretrained("roberta-base", num_labels=2)
+        >>> model = get_peft_model(base, StocTuningConfig(k="bitfit", task_type="SEQ_CLS"))
+        >>> model.print_trainable_parameters()
+        ```
     """
 
     k: int | float | str = field(

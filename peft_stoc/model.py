@@ -32,6 +32,29 @@ class StocTuningModel(BaseTuner):
     """Stochastic Tuning of a transformers model (Akbar-Tajari & Pilehvar).
 
     Created by `peft.get_peft_model(model, StocTuningConfig(...))`; not meant to be built directly.
+
+    Args:
+        model (`torch.nn.Module`): the base model; it trains in place, no module is replaced.
+        config (`StocTuningConfig` or `dict[str, StocTuningConfig]`): the adapter's configuration.
+        adapter_name (`str`): name of the adapter, `"default"` by default.
+
+    Example:
+
+        ```py
+        >>> import torch
+        >>> from peft import get_peft_model
+        >>> from peft_stoc import StocTuningConfig
+
+        >>> model = get_peft_model(base, StocTuningConfig(k=0.0008, task_type="CAUSAL_LM"))
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)  # any torch optimizer, as for full training
+        >>> model(**batch).loss.backward()
+        >>> optimizer.step()  # k entries drawn and updated
+        >>> model.stoc_stats()  # step, drawn, changed, density, memory held, adapter bytes
+        ```
+
+    Attributes:
+        model (`torch.nn.Module`): the base model, whose `stoc_tuning` child holds every adapter's state.
+        peft_config (`dict[str, StocTuningConfig]`): the adapters' configurations.
     """
 
     prefix: str = "stoc_"
