@@ -326,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             report = inspect_adapter(args.adapter)
-            print(json.dumps(report, indent=2)) if args.json else _print_inspection(report)
+            if args.json:
+                print(json.dumps(report, indent=2))
+            else:
+                _print_inspection(report)
         elif args.command == "merge":
             print(f"merged model written to {merge(args.base, args.adapter, args.output, args.num_labels)}")
         else:

@@ -230,7 +230,10 @@ class StocTuningModel(BaseTuner):
         if wanted != layer.applied:
             for name in layer.applied:
                 self._capture(name)
-            layer.apply(wanted, params) if wanted else layer.restore(params)
+            if wanted:
+                layer.apply(wanted, params)
+            else:
+                layer.restore(params)
         if layer.disable_adapters:
             layer.hide(params, self._owners(), self.model)
         else:
