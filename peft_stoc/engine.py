@@ -23,10 +23,10 @@ from torch import nn
 
 from . import distributed, opaque_hooks, sparse_optim
 from .candidates import Candidate
-from .consumed_grad import ConsumedGrad, accumulation_error
+from .consumed_grad import ConsumedGrad, accumulation_error, factor_of
 from .layer import Patch
 from .lean import LeanStep, accelerate_syncs_gradients, state_bytes
-from .selection import Source, draw
+from .selection import Source, _draw_uniform, draw
 from .streaming import StreamingDraw
 from .tracking import ActivationTracker
 from .update import DecayRedirect, StrictGuard, mask_gradient
@@ -67,11 +67,14 @@ class Audit:
     def __init__(self, candidates: list[Candidate]):
         generator = torch.Generator().manual_seed(0x5170C)
         self.candidates = candidates
+        # The entries held here: the whole tensor, or under FSDP2 this process's rows (positions are local to them).
+        held = [distributed.local_entries(c.param) for c in candidates]
+        self.starts = [start for _, start in held]
         self.positions = [
-            torch.randint(c.numel, (min(AUDIT_ENTRIES_PER_TENSOR, c.numel),), generator=generator)
+            torch.randint(max(1, flat.numel()), (min(AUDIT_ENTRIES_PER_TENSOR, flat.numel()),), generator=generator)
             .unique()
-            .to(c.param.device)
-            for c in candidates
+            .to(flat.device)
+            for flat, _ in held
         ]
         self.values: torch.Tensor | None = None
 
@@ -80,7 +83,7 @@ class Audit:
         if not self.candidates:
             return torch.empty(0)
         device = self.candidates[0].param.device  # a model spread over devices is checked on the first one's
-        return torch.cat([c.param.detach().view(-1).index_select(0, p).to(device)
+        return torch.cat([distributed.local_entries(c.param)[0].index_select(0, p).to(device)
                           for c, p in zip(self.candidates, self.positions)])
 
     def refresh(self) -> None:
@@ -99,11 +102,12 @@ class Audit:
         moved = (self.values != current) & ~(torch.isnan(self.values) & torch.isnan(current))
         if bool(moved.any()):
             sizes = [p.numel() for p in self.positions]
-            for candidate, positions, moved_here in zip(self.candidates, self.positions, moved.split(sizes)):
+            for candidate, positions, start, moved_here in zip(self.candidates, self.positions, self.starts,
+                                                               moved.split(sizes)):
                 if not bool(moved_here.any()):
                     continue
                 if allowed is not None and candidate.name in allowed.index:
-                    changed = allowed.index[candidate.name].to(positions.device)
+                    changed = allowed.index[candidate.name].to(positions.device) - start
                     moved_here = moved_here & ~torch.isin(positions, changed).to(moved_here.device)
                     if not bool(moved_here.any()):
                         continue
@@ -152,14 +156,21 @@ BYPASS_HINT = (
 )
 
 
+def _held(index: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """The whole-tensor flat indices `index` that fall in [start, start + size), made local to that range."""
+    inside = (index >= start) & (index < start + size)
+    return index.masked_select(inside) - start
+
+
 def finite_means(means) -> bool:
     return all(vector is None or bool(torch.isfinite(vector).all()) for vector, _ in means)
 
 
-def step_seed(seed: int, step: int) -> int:
+def step_seed(seed: int, step: int, rank: int | None = None) -> int:
     """The seed of draw number `step`: the draws of a run depend only on (seed, step), so a run resumed at any step
-    continues with the draws an uninterrupted run would make."""
-    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    continues with the draws an uninterrupted run would make. `rank`: the independent stream of one process drawing
+    over its FSDP2 shards."""
+    digest = hashlib.blake2b(f"{seed}:{step}{'' if rank is None else f':{rank}'}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -208,6 +219,11 @@ class StepEngine:
         self._gradient_order: dict[int, None] = {}
         self._given_draw: list[torch.Tensor] | None = None
         self._sparse_states: dict | None = None  # the sparse optimizer state of the latest lean step
+        # FSDP2: candidates are dim-0 shards. `on_shard` (set by the tuner) makes every adapter follow the shards
+        # FSDP2 replaced the parameters with; `shards` then holds, per candidate, the rows held here.
+        self.on_shard = None
+        self.shards: list[slice] | None = None
+        self._shard_sync: distributed.ShardSync | None = None
 
     # -- life cycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -318,15 +334,59 @@ class StepEngine:
         self._gradient_order.clear()
 
     def _check_setup(self) -> None:
-        """Refuse sharded engines (FSDP, DeepSpeed), which wrap the model after `get_peft_model`: once per engine."""
+        """Follow FSDP2's shards and refuse engines StocTuning cannot train under (FSDP1, DeepSpeed), which wrap the
+        model after `get_peft_model`: once per engine."""
         if not self._setup_checked:
-            distributed.check_supported(self.tracker.root, self.candidates)
+            if self.on_shard is not None:
+                self.on_shard()
+            else:
+                replaced = distributed.sharded_replacements(self.candidates)
+                for candidate in self.candidates:
+                    candidate.param = replaced.get(id(candidate.param), candidate.param)
+            if distributed.check_supported(self.tracker.root, self.candidates) == "fsdp2":
+                self.follow_shards()
             self._setup_checked = True
+
+    @property
+    def sharded(self) -> bool:
+        return self.shards is not None
+
+    def follow_shards(self) -> None:
+        """The candidates are FSDP2's dim-0 shards now: draw over the rows held here, update them in place."""
+        if self.lean is None:
+            raise distributed.UnsupportedDistributedSetup(
+                "Under FSDP2, StocTuning applies the optimizer's update to the drawn entries of each shard itself "
+                "(memory-lean mode): use StocTuningConfig(memory='auto') or 'lean' with torch.optim SGD, Adam or "
+                "AdamW, not memory='dense'."
+            )
+        self.shards = [distributed.shard_rows(c.param) if distributed.is_shard(c.param) else slice(0, c.param.shape[0])
+                       for c in self.candidates]
+        self._ids = {id(c.param): i for i, c in enumerate(self.candidates)}
+        self._owned = weakref.WeakKeyDictionary()
+        self._strays = weakref.WeakKeyDictionary()
+        self.audit = Audit(self.candidates)
+        mesh = next(c.param.device_mesh for c in self.candidates if distributed.is_shard(c.param))
+        group = mesh.get_group()
+        self._shard_sync = distributed.ShardSync(group)
+        if self.reduce_statistics is None:
+            self.reduce_statistics = distributed.RankSync(group)
+        if self._grad_handles:  # the hooks of the parameters FSDP2 replaced never fire: hook the shards
+            for handle in self._grad_handles:
+                handle.remove()
+            self._grad_handles.clear()
+            for position, candidate in enumerate(self.candidates):
+                self._grad_handles.append(candidate.param.register_post_accumulate_grad_hook(
+                    lambda param, position=position: self._on_gradient(position, param)))
+
+    def _start_of(self, position: int) -> int:
+        """Flat index in the whole tensor of the first entry held here."""
+        shape = self.candidates[position].param.shape
+        return self.shards[position].start * (int(shape[1:].numel()) if len(shape) else 1)
 
     # -- backward (lean) ---------------------------------------------------------------------------------------
     def _streams_now(self) -> bool:
         """Whether the running backward ends the step, so its gradients can be consumed as they complete."""
-        if self.hold_gradients or distributed.world_size() > 1:
+        if self.hold_gradients or self.sharded or distributed.world_size() > 1:
             return False
         synced = accelerate_syncs_gradients()
         if synced is False:
@@ -413,6 +473,11 @@ class StepEngine:
         self._refuse_unconfinable(optimizer)
         kind = sparse_optim.kind_of(optimizer)
         if self.lean is not None and kind is None:
+            if self.sharded:
+                raise distributed.UnsupportedDistributedSetup(
+                    f"Under FSDP2, StocTuning applies the update of torch.optim SGD, Adam or AdamW to the drawn "
+                    f"entries of each shard itself; it cannot do so for {type(optimizer).__name__}."
+                )
             self._leave_lean(optimizer)
         if self._skipped_by_scaler(optimizer):
             self._skip(optimizer, reason=None)
@@ -507,6 +572,8 @@ class StepEngine:
         lean.reset()
 
     def _lean_step(self, optimizer, kind: str) -> None:
+        if self.sharded:
+            return self._sharded_step(optimizer, kind)
         lean = self.lean
         self._sync_statistics_for_lean()
         lean.consume_dense(list(self._gradient_order), self.tracker.means, self._new_stream)
@@ -527,6 +594,71 @@ class StepEngine:
         self.stats.step += 1
         self._cycle_drawn = True
 
+    def _sharded_step(self, optimizer, kind: str) -> None:
+        """The draw over FSDP2 shards: each process offers the best keys among the entries it holds, the processes
+        agree on the global top-k (`distributed.merged_draw`), and each keeps the drawn entries it holds."""
+        sync = self._shard_sync
+        sync.reset()
+        self._sync = self._sync_statistics()
+        budgeted = self.max_changed is not None
+        locals_ = [c.param.detach().to_local() for c in self.candidates]
+        starts = [self._start_of(i) for i in range(len(self.candidates))]
+        device = locals_[0].device
+        fixed = None
+        if self._reuses_mask():
+            fixed = [(d - start).to(local.device) for d, start, local in zip(self.last_draw, starts, locals_)]
+        elif self.config.selection == "random" and not budgeted:
+            whole = _draw_uniform([Source(c.param, None, []) for c in self.candidates], self.k, self._generator(device))
+            fixed = [_held(index, start, local.numel()) for index, start, local in zip(whole, starts, locals_)]
+        changed = None
+        if budgeted:
+            changed = [_held(self.patch.index[c.name], start, local.numel()) if c.name in self.patch.index else None
+                       for c, start, local in zip(self.candidates, starts, locals_)]
+        rank = torch.distributed.get_rank(sync.group)
+        stream = StreamingDraw(
+            locals_, self.k, self.config.selection,
+            torch.Generator(device=device).manual_seed(step_seed(self.config.seed, self.stats.step, rank)),
+            fixed=fixed, changed=changed,
+            max_new=max(0, self.max_changed - self._changed_count()) if budgeted else None,
+        )
+        order = list(self._gradient_order)
+        order += [p for p in range(len(self.candidates)) if p not in self._gradient_order]
+        bad, held = [], 0
+        for position in order:
+            candidate, grad = self.candidates[position], self.candidates[position].param.grad
+            if grad is None:
+                continue
+            grad = grad.to_local() if distributed.is_shard(grad) else grad
+            held += grad.numel() * grad.element_size()
+            means = self.tracker.means(candidate, self.shards[position])
+            if not bool(torch.isfinite(torch.linalg.vector_norm(grad))) or not finite_means(means):
+                bad.append(candidate.name)
+                continue
+            stream.add(position, grad, means)
+        if sync.total(len(bad)):  # a shard anywhere with inf/NaN: every process skips
+            where = ", ".join(bad[:3]) or "tensors held by another process"
+            self._skip(optimizer, reason=f"the gradients or activations of {where} are not finite (inf or NaN). "
+                                         "No weight changed.")
+            return
+        if fixed is not None:
+            drawn, values = stream.finish()
+            count = self.stats.drawn if self._reuses_mask() else self.k
+        else:
+            drawn, values, count = distributed.merged_draw(stream, sync, changed)
+        if not self._reuses_mask():
+            self.draws += 1
+        self.last_draw = [index + start for index, start in zip(drawn, starts)]  # the part held here
+        self.stats.drawn = count
+        self.stats.grad_bytes = held
+        self._pending = (drawn, values, [factor_of(c.param.grad) for c in self.candidates], kind, set())
+        self._release_gradients(optimizer)
+        self.stats.step += 1
+        self._cycle_drawn = True
+
+    def _changed_count(self) -> int:
+        """Entries changed so far, over all processes under FSDP2."""
+        return self._shard_sync.total(self.patch.count) if self.sharded else self.patch.count
+
     def _release_gradients(self, optimizer) -> None:
         """The candidates this optimizer holds leave its hands: StocTuning updates them after its step."""
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -541,8 +673,14 @@ class StepEngine:
     def _lean_update(self, optimizer) -> None:
         drawn, values, factors, kind, done = self._pending
         kind = sparse_optim.kind_of(optimizer) or kind
-        self.lean.update(optimizer, kind, self.config.update_rule, drawn, values, factors,
-                         lambda c, index: self.patch.record(c.name, c.param, index), done)
+        if self.sharded:  # indices local to the rows held here; the record of originals keeps whole-tensor indices
+            starts = {id(c): self._start_of(i) for i, c in enumerate(self.candidates)}
+            self.lean.update(optimizer, kind, self.config.update_rule, drawn, values, factors,
+                             lambda c, index: self.patch.record(c.name, c.param, index + starts[id(c)]), done,
+                             param_of=lambda c: c.param.detach().to_local())
+        else:
+            self.lean.update(optimizer, kind, self.config.update_rule, drawn, values, factors,
+                             lambda c, index: self.patch.record(c.name, c.param, index), done)
         self._sparse_states = self.lean.states(optimizer)
 
     def _nonfinite_candidates(self) -> list[str]:
@@ -601,7 +739,7 @@ class StepEngine:
                 "whose gradient is zero, so StocTuning cannot confine it. Use SGD, Adam or AdamW from torch.optim."
             ),
         )
-        self.stats.changed = self.patch.count
+        self.stats.changed = self._changed_count()
         self.stats.optimizer_state_bytes = state_bytes(optimizer, self.candidates, self.state_key)
         if self._forwards:
             self._forwards_per_step = self._forwards
@@ -620,4 +758,8 @@ class StepEngine:
         """Float32 master values of low-precision candidates, by name: (sorted flat indices, values). They outlive
         the optimizer, so an adapter saved after training still gets the float32 deltas."""
         states = self._sparse_states or {}
-        return {name: (s["index"], s["master"]) for name, s in states.items() if "master" in s and "index" in s}
+        masters = {name: (s["index"], s["master"]) for name, s in states.items() if "master" in s and "index" in s}
+        if self.sharded:  # the sparse state of a shard indexes the rows held here
+            starts = {c.name: self._start_of(i) for i, c in enumerate(self.candidates)}
+            masters = {name: (index + starts[name], values) for name, (index, values) in masters.items()}
+        return masters

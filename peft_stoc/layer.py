@@ -13,6 +13,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from . import distributed
 from .delta import SparseDelta, add_delta
 
 Params = dict[str, nn.Parameter]
@@ -41,6 +42,7 @@ class Patch(nn.Module):
         self.original: dict[str, torch.Tensor] = {}
         self.applied: tuple[str, ...] = ()  # adapters whose deltas are in the weights (kept by the layer)
         self.after_load = None  # called once `load_state_dict` replaced this record
+        self.whole = None  # the tuner's: the record of every process (FSDP2 shards hold parts; a collective)
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -49,9 +51,10 @@ class Patch(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for name, index in self.index.items():
+        record = self.whole() if self.whole is not None else {n: (i, self.original[n]) for n, i in self.index.items()}
+        for name, (index, original) in record.items():
             destination[f"{prefix}{name}.index"] = index
-            destination[f"{prefix}{name}.original"] = self.original[name]
+            destination[f"{prefix}{name}.original"] = original
         destination[f"{prefix}applied"] = torch.tensor(list(",".join(self.applied).encode()), dtype=torch.uint8)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -86,7 +89,8 @@ class Patch(nn.Module):
             index = index.masked_select(~known)
         if index.numel() == 0:
             return
-        values = _flat(param).index_select(0, index)
+        flat, start = distributed.local_entries(param)  # under FSDP2: the rows held here; indices stay whole-tensor
+        values = flat.index_select(0, index - start)
         if old is None or old.numel() == 0:
             self.index[name], self.original[name] = index.clone(), values
             return
@@ -99,10 +103,23 @@ class Patch(nn.Module):
         """Write the original values back (bit for bit) and forget them."""
         with torch.no_grad():
             for name, index in self.index.items():
-                flat = _flat(params[name])
-                flat[index.to(flat.device)] = self.original[name].to(flat.device)
+                flat, start = distributed.local_entries(params[name])
+                flat[index.to(flat.device) - start] = self.original[name].to(flat.device)
         self.index.clear()
         self.original.clear()
+        distributed.reshard(params.values())
+
+    def hold_only(self, params: Params) -> None:
+        """Keep the entries this process holds (FSDP2: the rows of its shards); other processes keep theirs."""
+        for name in list(self.index):
+            param = params.get(name)
+            if param is None or not distributed.is_shard(param):
+                continue
+            flat, start = distributed.local_entries(param)
+            index = self.index[name]
+            inside = (index >= start) & (index < start + flat.numel())
+            self.index[name] = index[inside]
+            self.original[name] = self.original[name][inside.to(self.original[name].device)]
 
     def delta(self, params: Params, masters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> SparseDelta:
         """current − original in float32 over the remembered entries, exact zeros dropped.
@@ -113,9 +130,9 @@ class Patch(nn.Module):
         for bit."""
         tensors = {}
         for name, index in self.index.items():
-            flat = _flat(params[name])
+            flat, start = distributed.local_entries(params[name])
             index_here = index.to(flat.device)
-            weights = flat.index_select(0, index_here)
+            weights = flat.index_select(0, index_here - start)
             current = weights.float()
             if masters and name in masters:
                 current = _with_masters(current, index_here, *masters[name])
@@ -126,7 +143,10 @@ class Patch(nn.Module):
         return SparseDelta(tensors)
 
     def base_values(self, name: str, param: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Base values at `positions`, looking through any change currently applied."""
+        """Base values at `positions`, looking through any change currently applied. Under FSDP2 each process reads
+        the positions it holds and the values are summed over the processes: call it on every process."""
+        if distributed.is_shard(param):
+            return self._sharded_base_values(name, param, positions)
         values = _flat(param)[positions].clone()
         index = self.index.get(name)
         if index is not None and index.numel():
@@ -135,6 +155,24 @@ class Patch(nn.Module):
             hit = index[slot] == positions
             values[hit.to(values.device)] = self.original[name][slot[hit]].to(values.device)
         return values
+
+
+    def _sharded_base_values(self, name: str, param: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        flat, start = distributed.local_entries(param)
+        positions = positions.to(flat.device)
+        inside = (positions >= start) & (positions < start + flat.numel())
+        values = torch.zeros(positions.shape, dtype=torch.float64, device=flat.device)
+        held = positions.masked_select(inside)
+        found = flat.index_select(0, held - start).clone()
+        index = self.index.get(name)
+        if index is not None and index.numel() and held.numel():
+            slot = torch.searchsorted(index, held).clamp_max(index.numel() - 1)
+            hit = index[slot] == held
+            found[hit] = self.original[name][slot[hit]].to(found.device)
+        values.masked_scatter_(inside, found.double())
+        values = values.to(distributed._comm_device())
+        torch.distributed.all_reduce(values, group=param.device_mesh.get_group())
+        return values.to(device=flat.device, dtype=param.dtype)
 
 
 def _with_masters(current: torch.Tensor, index: torch.Tensor, master_index: torch.Tensor, master: torch.Tensor):
@@ -255,6 +293,35 @@ class BaseView:
                 param.data = data
 
 
+class ShardedBaseView:
+    """The base shown to the forward of a model sharded by FSDP2, whose modules compute on unsharded copies FSDP2
+    gathers from the shards: each process writes the original values into the rows it holds (keeping the adapted
+    ones aside) and FSDP2's unsharded copies are dropped, so every forward gathers the base; `close` puts the adapted
+    values back the same way. A backward pending across the switch re-gathers the shards it needs (as FSDP2 does for
+    resharded modules), which hold the adapted values again by then."""
+
+    def __init__(self, patch: Patch, params: Params):
+        self.patch, self.params = patch, params
+        self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.open()
+
+    def open(self) -> None:
+        with torch.no_grad():
+            for name, index in self.patch.index.items():
+                flat, start = distributed.local_entries(self.params[name])
+                local = index.to(flat.device) - start
+                self._kept.append((flat, local, flat.index_select(0, local).clone()))
+                flat.index_copy_(0, local, self.patch.original[name].to(flat.device))
+        distributed.reshard(self.params.values())
+
+    def close(self) -> None:
+        with torch.no_grad():
+            for flat, local, adapted in reversed(self._kept):
+                flat.index_copy_(0, local, adapted)
+        self._kept.clear()
+        distributed.reshard(self.params.values())
+
+
 def _swaps_per_call(module: nn.Module) -> bool:
     """Modules whose parameters are only read inside their own forward call."""
     from transformers.pytorch_utils import Conv1D
@@ -295,11 +362,16 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         with torch.no_grad():
             for name, (index, values) in combined.tensors.items():
                 param = params[name]
-                index = index.to(param.device)
+                flat, start = distributed.local_entries(param)
+                index = index.to(flat.device)
+                if distributed.is_shard(param):  # FSDP2: each process changes the rows it holds
+                    inside = (index >= start) & (index < start + flat.numel())
+                    index, values = index[inside], values[inside.to(values.device)]
                 self.patch.record(name, param, index)
-                flat = _flat(param)
-                flat[index] = add_delta(flat[index], values)
+                local = index - start
+                flat[local] = add_delta(flat[local], values)
         self.applied = tuple(names)
+        distributed.reshard(params.values())
 
     def _check_finite_result(self, delta: SparseDelta, params: Params, names: tuple[str, ...]) -> None:
         for name, (index, values) in delta.tensors.items():
@@ -318,15 +390,29 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         self.applied = ()
 
     def capture(self, name: str, params: Params, masters=None) -> None:
-        """Store what training changed in place as adapter `name`'s delta (it must be the only one applied)."""
+        """Store what training changed in place as adapter `name`'s delta (it must be the only one applied). Under
+        FSDP2 each process holds the changes of its rows, and the delta gathers them all: call it on every process."""
         if self.applied == (name,):
-            self.stoc_adapters[name].delta = self.patch.delta(params, masters)
+            hidden = self._view
+            if isinstance(hidden, ShardedBaseView):
+                hidden.close()  # the adapted values, not the base shown while disabled
+            delta = self.patch.delta(params, masters)
+            group = distributed.shard_group(params.values())
+            if group is not False:
+                gathered = distributed.gather_entries(delta.tensors, list(params), group)
+                delta = SparseDelta({n: (i.to(params[n].device), v.to(params[n].device))
+                                     for n, (i, v) in gathered.items()})
+            self.stoc_adapters[name].delta = delta
+            if isinstance(hidden, ShardedBaseView):
+                hidden.open()
 
     # -- disabling without forgetting --------------------------------------------------------------------------
     def hide(self, params: Params, owners: dict[str, list[nn.Module]], root: nn.Module) -> None:
-        """Show the base to the forward while the adapted values stay in the weights (see `BaseView`)."""
+        """Show the base to the forward while the adapted values stay in the weights (see `BaseView`; under FSDP2,
+        `ShardedBaseView`)."""
         if self._view is None:
-            self._view = BaseView(self.patch, params, owners, root)
+            sharded = any(distributed.is_shard(p) for p in params.values())
+            self._view = ShardedBaseView(self.patch, params) if sharded else BaseView(self.patch, params, owners, root)
 
     def unhide(self, params: Params | None = None) -> None:
         if self._view is not None:
@@ -357,6 +443,29 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
     def forward(self, *args):
         # Not part of the model's computation; a container that calls every child (nn.Sequential) passes through.
         return args[0] if len(args) == 1 else args
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # Runs before the children save the adapters' state: under FSDP2, what they need from every process is
+        # collected now (a state dict is taken on every process; the main process may then save alone).
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        tuner = getattr(self, "tuner", None)
+        if tuner is not None:
+            tuner.gather_for_save()
+
+    def whole_patch(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The record of originals of the whole model. Under FSDP2 each process holds the entries of its rows, and a
+        state dict gathers them all (a collective, as FSDP2's own state dicts are)."""
+        patch = self.patch
+        tuner = getattr(self, "tuner", None)
+        params = tuner._base_params() if tuner is not None else {}
+        parts = {name: (index, patch.original[name]) for name, index in patch.index.items()}
+        group = distributed.shard_group(params.values())
+        if group is False:
+            return parts
+        gathered = distributed.gather_entries(parts, list(params), group,
+                                              dtypes={name: p.dtype for name, p in params.items()})
+        return {name: (index.to(params[name].device), values.to(params[name].device))
+                for name, (index, values) in gathered.items()}
 
     # -- BaseTunerLayer bookkeeping ----------------------------------------------------------------------------
     # This layer wraps no module: BaseTunerLayer's `weight` / `bias` would look for a base layer and recurse.

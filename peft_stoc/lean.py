@@ -118,8 +118,10 @@ class LeanStep:
         holder = optimizer.state[self.state_key]
         return holder.setdefault("tensors", {})
 
-    def update(self, optimizer, kind: str, rule: str, drawn, values, factors, record, done: set[int]) -> None:
-        """Apply the step to the candidates this optimizer holds (and that have not been updated in this step)."""
+    def update(self, optimizer, kind: str, rule: str, drawn, values, factors, record, done: set[int],
+               param_of=None) -> None:
+        """Apply the step to the candidates this optimizer holds (and that have not been updated in this step).
+        `param_of(candidate)`: the tensor `drawn` indexes (under FSDP2, this process's rows of the parameter)."""
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         states = self.states(optimizer)
         scale = getattr(optimizer, "grad_scale", None)  # a fused optimizer stepped by GradScaler unscales itself
@@ -137,7 +139,8 @@ class LeanStep:
             if drawn[position].numel():
                 record(candidate, drawn[position])
             state = states.setdefault(candidate.name, {})
-            sparse_optim.sparse_step(candidate.param, state, drawn[position], grad, group, kind, rule)
+            param = candidate.param if param_of is None else param_of(candidate)
+            sparse_optim.sparse_step(param, state, drawn[position], grad, group, kind, rule)
             candidate.param.grad = None
 
 

@@ -19,7 +19,7 @@ from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_additional_trainable_modules
 from torch import nn
 
-from . import adapter_file, fingerprint
+from . import adapter_file, distributed, fingerprint
 from .candidates import Candidate, find_candidates, resolve_count
 from .config import union_of_excludes, union_of_targets
 from .delta import SparseDelta
@@ -76,6 +76,7 @@ class StocTuningModel(BaseTuner):
             self.__dict__["_stoc_layer"] = layer
             object.__setattr__(layer, "tuner", self)  # how hooks on the model find their way back
             layer.patch.after_load = self._after_state_loaded
+            layer.patch.whole = layer.whole_patch
             self._awaiting: set[str] = set()  # adapters configured from a saved file whose deltas were not loaded
             self._validated: set[str] = set()  # adapters whose file was checked against the base before loading
             self._delta_guard = model.register_forward_pre_hook(self._refuse_missing_delta)
@@ -87,6 +88,9 @@ class StocTuningModel(BaseTuner):
             self._steps_loaded: dict[str, int] = {}  # optimizer steps an adapter loaded from a file had taken
             self._stale: set[str] = set()  # adapters whose weights changed without a capture (a state dict load)
             self._requires_grad_before = {id(p): (p, p.requires_grad) for p in model.parameters()}
+            # Where each parameter lives, to follow FSDP2 when it replaces the parameters with shards.
+            self._homes = {id(p): (m, n) for m in model.modules() for n, p in m._parameters.items() if p is not None}
+            self._fingerprints: dict[tuple, dict] = {}  # under FSDP2, fingerprints gathered once (see `_fingerprint`)
 
     def _create_and_replace(self, *args, **kwargs) -> None:
         raise NotImplementedError("StocTuning trains the base in place and replaces no module.")
@@ -141,7 +145,37 @@ class StocTuningModel(BaseTuner):
 
     # -- state -------------------------------------------------------------------------------------------------
     def _base_params(self) -> dict[str, nn.Parameter]:
+        self._follow_shards()
         return {c.name: c.param for candidates in self._candidates.values() for c in candidates}
+
+    def _follow_shards(self) -> None:
+        """FSDP2's `fully_shard` (applied after `get_peft_model`) replaced the parameters with dim-0 shards: every
+        adapter follows the shards, and the record of originals keeps the entries of the rows held here (other
+        processes keep theirs). Nothing keeps the whole parameters alive afterwards."""
+        candidates = [c for cs in self._candidates.values() for c in cs]
+        attribute = {id(c.param): c.name.rpartition(".")[2] for c in candidates}
+        if all(c.uses[0].module._parameters.get(attribute[id(c.param)]) is c.param for c in candidates if c.uses):
+            return
+        replaced = distributed.sharded_replacements(candidates)
+        if not replaced:
+            return
+        for candidate in candidates:
+            candidate.param = replaced.get(id(candidate.param), candidate.param)
+        shards = distributed.fsdp2_shards()
+        now = {key: shards[(id(module), name)] for key, (module, name) in self._homes.items()
+               if (id(module), name) in shards}
+        following = {}
+        for key, (param, requires_grad) in self._requires_grad_before.items():
+            param = now.get(key, param)
+            following[id(param)] = (param, requires_grad)
+        self._requires_grad_before = following
+        self._homes = {(id(now[key]) if key in now else key): home for key, home in self._homes.items()}
+        layer = self.stoc_layer
+        layer.unhide()
+        layer.patch.hold_only({c.name: c.param for c in candidates})
+        self._fingerprints.clear()
+        for engine in self._engines.values():
+            engine.weights_changed_by_us()
 
     def _wanted(self) -> tuple[str, ...]:
         """The adapters whose deltas should be in the weights: the merged ones, else the active one."""
@@ -197,6 +231,24 @@ class StocTuningModel(BaseTuner):
         self._capture(name)
         return self._step_of(name)
 
+    def gather_for_save(self) -> None:
+        """FSDP2: collect the applied adapters' deltas and the base fingerprints from every process now (state dicts
+        are taken on every process), so that a save the main process then makes alone (Trainer under FSDP) needs no
+        collective."""
+        if distributed.shard_group(self._base_params().values()) is False:
+            return
+        for name in self.stoc_layer.applied:
+            self._capture(name)
+        for config in self.peft_config.values():
+            self._fingerprint(config)
+        self._whole_heads = {}  # the fully trained copies (modules_to_save), gathered whole
+        for module_name, module in self.model.named_modules():
+            if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "modules_to_save"):
+                for adapter, trained in module.modules_to_save.items():
+                    for name, param in trained.named_parameters():
+                        whole = param.full_tensor() if distributed.is_shard(param) else param.detach().clone()
+                        self._whole_heads[f"{module_name}.modules_to_save.{adapter}.{name}"] = whole
+
     def _step_of(self, name: str) -> int:
         engine = self._engines.get(name)
         return engine.stats.step if engine is not None else self._steps_loaded.get(name, 0)
@@ -208,6 +260,7 @@ class StocTuningModel(BaseTuner):
         for engine in self._engines.values():
             engine.retire()
         self._engines.clear()
+        layer.patch.hold_only(self._base_params())  # FSDP2: a state dict holds the originals of every process
         self._steps_loaded.update({name: slot.step for name, slot in layer.stoc_adapters.items()})
         self._captured_at.clear()
         self._stale.update(layer.applied)
@@ -251,6 +304,7 @@ class StocTuningModel(BaseTuner):
                 self._engines[training] = engine
                 self._captured_at[training] = engine.stats.step
                 engine.driven_by_trainer = getattr(self, "_driven_by_trainer", False)
+                engine.on_shard = self._follow_shards
             if not engine.running:
                 engine.start()
             engine.weights_changed_by_us()
@@ -461,7 +515,10 @@ class StocTuningModel(BaseTuner):
         engine = self._engines.get(name)
         if engine is not None:
             # The record of originals is shared by the adapters: it counts this one's changes while it trains.
-            engine.stats.changed = engine.patch.count if engine.running else self.adapter_delta(name).num_changed
+            if not engine.running:
+                engine.stats.changed = self.adapter_delta(name).num_changed
+            elif not engine.sharded:  # (under FSDP2 each process holds a part: the step counted them all)
+                engine.stats.changed = engine.patch.count
             stats = engine.stats.as_dict()
         else:
             candidates = sum(c.numel for c in self._candidates[name])
@@ -640,7 +697,14 @@ class StocTuningModel(BaseTuner):
 
     def _fingerprint(self, config) -> dict:
         whole = self._fingerprint_params(config)
-        return fingerprint.compute(whole, self.stoc_layer.patch_base_values(whole))
+        if distributed.shard_group(whole.values()) is False:
+            return fingerprint.compute(whole, self.stoc_layer.patch_base_values(whole))
+        # FSDP2: base values are read where they are held and summed over the processes, once (the base does not
+        # change); the main process then writes the file's header without another collective.
+        key = tuple(sorted(whole))
+        if key not in self._fingerprints:
+            self._fingerprints[key] = fingerprint.compute(whole, self.stoc_layer.patch_base_values(whole))
+        return self._fingerprints[key]
 
     def _head_shapes(self, config) -> dict[str, torch.Size]:
         """File keys and shapes of the modules_to_save tensors this model expects."""
@@ -660,6 +724,13 @@ class StocTuningModel(BaseTuner):
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         tuner = _tuner_of(model)
         delta = tuner.adapter_delta(adapter_name)
+        whole_heads = tuner.__dict__.get("_whole_heads", {})
+        for key, value in state_dict.items():
+            # FSDP2: the fully trained copies (modules_to_save) PEFT takes from this state dict next are shards. They
+            # were gathered with the state dict when every process took it (the main process may save alone).
+            if f".modules_to_save.{adapter_name}." in key and distributed.is_shard(value):
+                suffix = next((s for s in whole_heads if key == s or key.endswith("." + s)), None)
+                state_dict[key] = whole_heads.pop(suffix) if suffix is not None else value.full_tensor()
         # PEFT saves this config object right after the tensors: the fingerprint and counts go with it.
         config.base_fingerprint = tuner._fingerprint(config)
         config.saved_counts = tuner.counts(adapter_name)

@@ -180,6 +180,20 @@ class StreamingDraw:
         values = [v if i in self.received else None for i, v in enumerate(values)]
         return index, values
 
+    def pools(self) -> tuple[list[_Pool], list[_Pool] | None]:
+        """The pools before they are split by tensor, for a draw merged across processes (`distributed.merged_draw`):
+        [the pool], or [already-changed, new] under a budget; and the fill reservoirs [already-changed, new], None
+        once k entries of non-zero importance were seen. Tensors that sent no gradient join the reservoirs first."""
+        self._flush_small()
+        pools = [self._thinning.pool] if self.max_new is None else [self._old, self._new]
+        if self._fill is not None:
+            for tensor_id in range(len(self.sources)):
+                if tensor_id not in self.received and self._fill is not None:
+                    self._feed_fill(tensor_id, None)
+        for pool in pools + (self._fill or []):
+            pool.flush()
+        return pools, self._fill
+
     def _with_fill(self, index, values, count):
         """Add k - count entries drawn uniformly from the zero-importance entries (tensors without a gradient too)."""
         for tensor_id in range(len(self.sources)):

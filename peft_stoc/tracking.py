@@ -355,6 +355,8 @@ class ActivationTracker:
         if any(id(use.module) in self._untraced for use in traced):
             return False
         grad = candidate.param.grad
+        if grad is not None and hasattr(grad, "to_local"):
+            grad = grad.to_local()  # an FSDP2 shard's gradient: this process's rows
         return grad is not None and bool(grad.any())
 
     def _fallbacks(self) -> set[int]:
@@ -370,10 +372,12 @@ class ActivationTracker:
             _warn_once(self.root, names, UNTRACED_USES)
         return self._bypassed_now
 
-    def means(self, candidate: Candidate) -> list[MeanFactor]:
+    def means(self, candidate: Candidate, rows: slice | None = None) -> list[MeanFactor]:
         """μ of `candidate` as factors to broadcast and add: [(vector, dim), ...], (None, 0) meaning 1.
 
-        A parameter whose use could not be followed gets μ = 1 (importance |weight * gradient|), with one warning."""
+        `rows`: the rows of the parameter this process holds (an FSDP2 shard): factors along dim 0 (embedding rows,
+        norm gains, Conv1D inputs) are cut to them. A parameter whose use could not be followed gets μ = 1
+        (importance |weight * gradient|), with one warning."""
         if id(candidate.param) in self._fallbacks():
             return [(None, 0)]
         factors: list[MeanFactor] = []
@@ -382,7 +386,8 @@ class ActivationTracker:
             if use.kind is UseKind.CONSTANT or id(use.module) in self._untraced:
                 factors.append((None, 0))
             else:
-                factors.append((self._mean(use.module, param.shape[use.dim], param.device), use.dim))
+                mean = self._mean(use.module, param.shape[use.dim], param.device)
+                factors.append((mean[rows] if rows is not None and use.dim == 0 else mean, use.dim))
         return factors
 
     def state(self) -> list[_Sum]:

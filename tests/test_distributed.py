@@ -227,26 +227,7 @@ def test_fsdp_is_refused(one_process_group, use_orig_params):
     with pytest.raises(UnsupportedDistributedSetup, match="FSDP|FullyShardedDataParallel") as info:
         _train_step(model, wrapped)
     assert "DistributedDataParallel" in str(info.value) and "not supported" in str(info.value)
-
-
-def test_fsdp2_fully_shard_per_layer_is_refused(one_process_group):
-    from torch.distributed.fsdp import fully_shard
-
-    model = get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS"))
-    for layer in model.base_model.model.bert.encoder.layer:
-        fully_shard(layer)
-    fully_shard(model)
-    with pytest.raises(UnsupportedDistributedSetup, match="FSDPBertLayer"):
-        _train_step(model)
-
-
-def test_fsdp2_fully_shard_is_refused(one_process_group):
-    from torch.distributed.fsdp import fully_shard
-
-    model = get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS"))
-    fully_shard(model)  # the root alone: parameters become DTensors, unsharded copies during the forward
-    with pytest.raises(UnsupportedDistributedSetup, match="FSDP2"):
-        _train_step(model)
+    assert "FSDP2" in str(info.value) and "fully_shard" in str(info.value)  # the sharded path that is supported
 
 
 def test_deepspeed_zero3_partitioned_parameters_are_refused():
@@ -255,8 +236,9 @@ def test_deepspeed_zero3_partitioned_parameters_are_refused():
     tuner = model.base_model
     for index, param in enumerate(tuner.model.parameters()):
         param.ds_id = index
-    with pytest.raises(UnsupportedDistributedSetup, match="DeepSpeed ZeRO-3"):
+    with pytest.raises(UnsupportedDistributedSetup, match="DeepSpeed ZeRO-3") as info:
         _train_step(model)
+    assert "FSDP2" in str(info.value)
 
 
 def test_accelerate_configured_for_deepspeed_is_refused_at_setup(monkeypatch):
