@@ -23,6 +23,7 @@ parameters that the step engine never sees: `check_supported` refuses them, nami
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -234,6 +235,7 @@ def _configured_engine() -> str | None:
     return None
 
 
+@functools.cache
 def _dtensor_type():
     try:
         from torch.distributed.tensor import DTensor

@@ -359,8 +359,14 @@ class StepEngine:
                 "(memory-lean mode): use StocTuningConfig(memory='auto') or 'lean' with torch.optim SGD, Adam or "
                 "AdamW, not memory='dense'."
             )
-        self.shards = [distributed.shard_rows(c.param) if distributed.is_shard(c.param) else slice(0, c.param.shape[0])
-                       for c in self.candidates]
+        whole = [c.name for c in self.candidates if not distributed.is_shard(c.param)]
+        if whole:  # every rank holds it whole: each would offer its entries as its own
+            raise distributed.UnsupportedDistributedSetup(
+                f"FSDP2 left {len(whole)} candidate parameters unsharded (e.g. '{whole[0]}', in `ignored_params` or "
+                "outside every `fully_shard` unit): StocTuning draws over dim-0 shards, so shard them too, or leave "
+                "their modules out of the candidates with `exclude_modules`."
+            )
+        self.shards = [distributed.shard_rows(c.param) for c in self.candidates]
         self._ids = {id(c.param): i for i, c in enumerate(self.candidates)}
         self._owned = weakref.WeakKeyDictionary()
         self._strays = weakref.WeakKeyDictionary()
@@ -629,6 +635,8 @@ class StepEngine:
             if grad is None:
                 continue
             grad = grad.to_local() if distributed.is_shard(grad) else grad
+            if grad.numel() == 0:
+                continue  # no rows of this tensor here (it has fewer rows than there are processes)
             held += grad.numel() * grad.element_size()
             means = self.tracker.means(candidate, self.shards[position])
             if not bool(torch.isfinite(torch.linalg.vector_norm(grad))) or not finite_means(means):

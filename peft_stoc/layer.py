@@ -90,7 +90,7 @@ class Patch(nn.Module):
         if index.numel() == 0:
             return
         flat, start = distributed.local_entries(param)  # under FSDP2: the rows held here; indices stay whole-tensor
-        values = flat.index_select(0, index - start)
+        values = flat.index_select(0, index - start if start else index)
         if old is None or old.numel() == 0:
             self.index[name], self.original[name] = index.clone(), values
             return
@@ -104,7 +104,8 @@ class Patch(nn.Module):
         with torch.no_grad():
             for name, index in self.index.items():
                 flat, start = distributed.local_entries(params[name])
-                flat[index.to(flat.device) - start] = self.original[name].to(flat.device)
+                flat[index.to(flat.device) - start if start else index.to(flat.device)] = self.original[name].to(
+                    flat.device)
         self.index.clear()
         self.original.clear()
         distributed.reshard(params.values())
@@ -132,7 +133,7 @@ class Patch(nn.Module):
         for name, index in self.index.items():
             flat, start = distributed.local_entries(params[name])
             index_here = index.to(flat.device)
-            weights = flat.index_select(0, index_here - start)
+            weights = flat.index_select(0, index_here - start if start else index_here)
             current = weights.float()
             if masters and name in masters:
                 current = _with_masters(current, index_here, *masters[name])

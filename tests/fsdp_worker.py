@@ -48,8 +48,10 @@ def make_model(arch: str, selection: str = "top", seed: int = 3, **config):
     no_dropout = {"bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
                   "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
                   "llama": {}}[arch]
+    # Shards of unequal sizes, and empty ones: a one-row token-type table (rank 1 holds no row of it), 63 positions.
+    shapes = {"bert": {"type_vocab_size": 1}, "gpt2": {"n_positions": 63}, "llama": {}}[arch]
     task = TASKS[arch]
-    base = tiny_model(arch, task, **no_dropout)
+    base = tiny_model(arch, task, **no_dropout, **shapes)
     return get_peft_model(base, StocTuningConfig(k=40, task_type=task, selection=selection, seed=seed, **config))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -89,12 +90,15 @@ def test_top_draws_the_single_process_entries_at_every_step(fsdp_out, single_pro
 def test_each_rank_holds_its_shard_only(fsdp_out, single_process, arch):
     model, _ = single_process(arch)
     stats = model.stoc_stats()
+    held = []
     for record in _ranks(fsdp_out, f"train_{arch}"):
         step, drawn, changed, grad_bytes, state_bytes, _, _, _, freed = record["figures"].tolist()
         assert (step, drawn, changed) == (worker.STEPS, 40, stats["changed"])  # changed: counted over both ranks
-        assert grad_bytes == stats["grad_bytes"] / 2  # the shard's gradients: half of the whole model's
+        assert grad_bytes <= 0.55 * stats["grad_bytes"]  # the shard's gradients: about half of the whole model's
         assert 0 < state_bytes < stats["optimizer_state_bytes"]  # sparse state of the entries drawn in the shard
         assert freed == 1  # no reference to the whole parameters FSDP2 replaced survives
+        held.append(grad_bytes)
+    assert sum(held) == stats["grad_bytes"]
 
 
 def test_stochastic_masks_are_identical_on_every_rank(fsdp_out):
@@ -281,6 +285,16 @@ def test_dtensors_fsdp2_does_not_manage_are_refused(one_process_group):
     query.weight = torch.nn.Parameter(distribute_tensor(query.weight.detach(), mesh, [Replicate()]))
     with pytest.raises(UnsupportedDistributedSetup, match="DTensor"):
         model(**batch()).loss.backward()
+
+
+def test_an_initialised_deepspeed_is_refused_naming_fsdp2(monkeypatch):
+    # DeepSpeed cannot be installed and started here: its signal, an initialised `deepspeed.comm`, is put in place.
+    fake = types.ModuleType("deepspeed.comm")
+    fake.is_initialized = lambda: True
+    monkeypatch.setitem(sys.modules, "deepspeed.comm", fake)
+    with pytest.raises(UnsupportedDistributedSetup, match="DeepSpeed is initialised") as info:
+        get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS"))
+    assert "FSDP2" in str(info.value) and "fully_shard" in str(info.value)
 
 
 @pytest.mark.parametrize("version, refused", [(1, True), (2, False)])
