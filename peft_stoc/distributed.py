@@ -222,15 +222,16 @@ def _configured_engine() -> str | None:
     state = sys.modules.get("accelerate.state")
     if state is None:
         return None
+    # accelerate copies the distributed type to PartialState; the FSDP plugin (and its version) stays with
+    # AcceleratorState.
+    plugin = getattr(getattr(state, "AcceleratorState", None), "_shared_state", {}).get("fsdp_plugin")
+    version = getattr(plugin, "fsdp_version", 1)
     for holder in (getattr(state, "AcceleratorState", None), getattr(state, "PartialState", None)):
-        shared = getattr(holder, "_shared_state", {})
-        kind = shared.get("distributed_type")
+        kind = getattr(holder, "_shared_state", {}).get("distributed_type")
         name = getattr(kind, "value", kind)
-        if name == "FSDP":
-            version = getattr(shared.get("fsdp_plugin"), "fsdp_version", None)
-            if version != 2:
-                return f"accelerate runs the model with FSDP version {version or 1}"
-        elif name in ("DEEPSPEED", "MEGATRON_LM"):
+        if name == "FSDP" and version != 2:
+            return f"accelerate runs the model with FSDP version {version}"
+        if name in ("DEEPSPEED", "MEGATRON_LM"):
             return f"accelerate runs the model with {name}"
     return None
 

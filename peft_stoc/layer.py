@@ -30,7 +30,37 @@ def _merge(old: torch.Tensor, new: torch.Tensor, at: torch.Tensor, taken: torch.
     return out.masked_scatter_(~taken, old)
 
 
-class Patch(nn.Module):
+class _StatePath:
+    """Where `torch.distributed.checkpoint` is led while it follows a key of the adapters' state: every attribute is
+    itself."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # (hooks such as `_fqn_modifiers` are looked up along the way)
+            raise AttributeError(name)
+        return self
+
+
+class _ToStatePath(dict):
+    """`_fqn_modifiers` of a holder of such state: every name leads to its `_state_path`."""
+
+    def get(self, key, default=None):
+        return "_state_path"
+
+
+class _StateHolder(nn.Module):
+    """A module whose state-dict keys name no attributes (the tensors' own names, joined by dots).
+
+    torch.distributed.checkpoint (FSDP2's full and sharded state dicts, accelerate's `get_state_dict`) follows every
+    part of a state-dict key as an attribute path from the model; `_fqn_modifiers` is its way to redirect that path,
+    here to a `_StatePath` that accepts any name."""
+
+    _state_path = _StatePath()
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        return _ToStatePath()
+
+
+class Patch(_StateHolder):
     """Original base values of the entries that currently differ from the base (memory ∝ changed entries).
 
     A module of the layer so that `state_dict()` / `load_state_dict()` / `.to()` carry it; its tensors change size as
@@ -208,7 +238,7 @@ def exact_delta(original: torch.Tensor, current: torch.Tensor, weights: torch.Te
     return delta
 
 
-class AdapterSlot(nn.Module):
+class AdapterSlot(_StateHolder):
     """One named adapter: its delta (empty until trained or loaded) and its step count, both in `state_dict()`."""
 
     def __init__(self, delta: SparseDelta | None = None):

@@ -277,6 +277,7 @@ def force_fsdp2(accelerator, plugin=None) -> None:
     """accelerate enables FSDP only for processes on accelerators (GPUs, ...): on CPU processes it runs DDP instead.
     Put the state it would have under `--use_fsdp --fsdp_version 2` in place, so that `prepare`, `backward`,
     `get_state_dict` take their FSDP2 code paths here."""
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
@@ -284,6 +285,7 @@ def force_fsdp2(accelerator, plugin=None) -> None:
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["BertLayer"],
         state_dict_type="FULL_STATE_DICT")
     state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState sets it under FSDP
 
 
 def scenario_accelerate(rank: int, world: int, out: Path) -> None:
@@ -302,26 +304,39 @@ def scenario_accelerate(rank: int, world: int, out: Path) -> None:
         optimizer.step()
         optimizer.zero_grad()
         masks.append(whole_draw(model))
+    assert accelerator.is_fsdp2
     tensors = {f"mask.{step}": mask for step, mask in enumerate(masks)}
-    state = accelerator.get_state_dict(wrapped)  # a full state dict on every rank: the originals of every rank
+    state = accelerator.get_state_dict(wrapped)  # FSDP2: a full state dict on rank 0 (taken on every rank)
     tensors.update({f"state.{k}": v for k, v in state.items() if ".stoc_patch." in k})
     tensors["logits"] = logits(model, "bert")
     accelerator.unwrap_model(wrapped).save_pretrained(out / "accelerate_adapter", is_main_process=rank == 0)
     _save(out / f"accelerate.rank{rank}.safetensors", tensors)
 
 
-def scenario_trainer(rank: int, world: int, out: Path) -> None:
-    """transformers Trainer with `fsdp_config={'version': 2}` (accelerate's FSDP2 path, see `force_fsdp2`); the
-    adapter saved by `trainer.save_model()`."""
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self):
+        self.rows = dataset()
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def run_trainer(output_dir: Path, world: int, fsdp: bool):
+    """transformers Trainer over the data set in order (with `fsdp_config={'version': 2}` when `fsdp`, through
+    accelerate's FSDP2 path, see `force_fsdp2`); returns the trainer, the model and the whole draw of each step."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class FSDP2Trainer(Trainer):
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
-            from accelerate.utils import FullyShardedDataParallelPlugin
+            if fsdp:
+                from accelerate.utils import FullyShardedDataParallelPlugin
 
-            force_fsdp2(self.accelerator, FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args))
-            self.is_fsdp_enabled = True
+                force_fsdp2(self.accelerator, FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args))
+                self.is_fsdp_enabled = True
 
     class RecordDraws(TrainerCallback):
         def __init__(self):
@@ -330,29 +345,27 @@ def scenario_trainer(rank: int, world: int, out: Path) -> None:
         def on_optimizer_step(self, args, state, control, **kwargs):
             self.masks.append(whole_draw(model))
 
-    class Rows(torch.utils.data.Dataset):
-        def __init__(self):
-            self.rows = dataset()
-
-        def __len__(self):
-            return len(self.rows)
-
-        def __getitem__(self, i):
-            return self.rows[i]
-
     model = make_model("bert")
+    sharding = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"],
+                                              "state_dict_type": "FULL_STATE_DICT"}} if fsdp else {}
+    # average_tokens_across_devices=False: the classifier's loss is a mean already (see docs/distributed.md).
     args = TrainingArguments(
-        output_dir=str(out / "trainer_output"), per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
+        output_dir=str(output_dir), per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
         learning_rate=LR, weight_decay=WEIGHT_DECAY, lr_scheduler_type="constant", train_sampling_strategy="sequential",
         save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=0, logging_steps=1,
-        average_tokens_across_devices=False, fsdp=True,
-        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"],
-                     "state_dict_type": "FULL_STATE_DICT"},
+        average_tokens_across_devices=False, **sharding,
     )
     recorder = RecordDraws()
-    trainer = FSDP2Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[recorder])
+    trainer = FSDP2Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[recorder])
     trainer.train()
-    tensors = {f"mask.{step}": mask for step, mask in enumerate(recorder.masks)}
+    return trainer, model, recorder.masks
+
+
+def scenario_trainer(rank: int, world: int, out: Path) -> None:
+    """Trainer with FSDP2; the adapter saved by `trainer.save_model()` (FULL_STATE_DICT: rank 0 writes alone)."""
+    trainer, model, masks = run_trainer(out / "trainer_output", world, fsdp=True)
+    assert trainer.accelerator.is_fsdp2
+    tensors = {f"mask.{step}": mask for step, mask in enumerate(masks)}
     tensors["logits"] = logits(model, "bert")
     trainer.save_model(str(out / "trainer_adapter"))
     _save(out / f"trainer.rank{rank}.safetensors", tensors)

@@ -163,19 +163,21 @@ def test_accelerate_fsdp2_plugin_draws_the_single_process_entries(fsdp_out, sing
     model, masks = single_process("bert")
     for a, b, expected in zip(_masks(rank0), _masks(rank1), masks):
         assert torch.equal(a, expected) and torch.equal(b, expected)
-    # accelerate's full state dict holds the originals of every rank's changed entries: those of one process.
+    # accelerate's full state dict (on rank 0) holds the originals of every rank's changed entries: those of one
+    # process.
     patch = {k: v for k, v in model.state_dict().items() if ".stoc_patch." in k}
-    for record in (rank0, rank1):
-        got = {k.removeprefix("state."): v for k, v in record.items() if k.startswith("state.")}
-        assert got.keys() == patch.keys() and all(torch.equal(got[k], v) for k, v in patch.items())
+    got = {k.removeprefix("state."): v for k, v in rank0.items() if k.startswith("state.")}
+    assert patch and got.keys() == patch.keys() and all(torch.equal(got[k], v) for k, v in patch.items())
     loaded = PeftModel.from_pretrained(worker.base_model("bert"), str(fsdp_out / "accelerate_adapter"))
     torch.testing.assert_close(worker.logits(loaded, "bert"), rank0["logits"], rtol=0, atol=LOGIT_TOLERANCE)
 
 
-def test_trainer_with_fsdp2_saves_from_rank_0_alone(fsdp_out):
+def test_trainer_with_fsdp2_matches_trainer_on_one_process_and_saves_from_rank_0_alone(fsdp_out, tmp_path):
     rank0, rank1 = _ranks(fsdp_out, "trainer")
-    for a, b in zip(_masks(rank0), _masks(rank1)):
-        assert torch.equal(a, b) and a.numel() == 40
+    _, model, masks = worker.run_trainer(tmp_path, world=1, fsdp=False)
+    for step, (a, b, expected) in enumerate(zip(_masks(rank0), _masks(rank1), masks)):
+        assert torch.equal(a, b) and torch.equal(a, expected), step
+    torch.testing.assert_close(worker.logits(model, "bert"), rank0["logits"], rtol=0, atol=LOGIT_TOLERANCE)
     assert ADAPTER_FILES <= set(os.listdir(fsdp_out / "trainer_adapter"))
     loaded = PeftModel.from_pretrained(worker.base_model("bert"), str(fsdp_out / "trainer_adapter"))
     torch.testing.assert_close(worker.logits(loaded, "bert"), rank0["logits"], rtol=0, atol=LOGIT_TOLERANCE)
@@ -307,6 +309,8 @@ def test_accelerate_fsdp_plugin_version(monkeypatch, version, refused):
 
     monkeypatch.setattr(accelerate.state.AcceleratorState, "_shared_state",
                         {"distributed_type": DistributedType.FSDP, "fsdp_plugin": Plugin()})
+    # accelerate copies the distributed type, not the plugin, to PartialState
+    monkeypatch.setattr(accelerate.state.PartialState, "_shared_state", {"distributed_type": DistributedType.FSDP})
     if refused:
         with pytest.raises(UnsupportedDistributedSetup, match="FSDP version 1") as info:
             get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS"))
