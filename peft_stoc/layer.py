@@ -459,7 +459,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         return lambda name, positions: self.patch.base_values(name, params[name], positions)
 
     # -- travelling with the model -----------------------------------------------------------------------------
-    # The state itself is saved and loaded by the children (`stoc_adapters.<name>`, `stoc_patch`), which PEFT's
+    # The state itself is saved and loaded by the children (`stoc_adapters.<name>`, `patch`), which PEFT's
     # helpers recognise as an adapter's own keys (`get_base_model_state_dict` leaves them out).
 
     @property

@@ -307,7 +307,7 @@ def scenario_accelerate(rank: int, world: int, out: Path) -> None:
     assert accelerator.is_fsdp2
     tensors = {f"mask.{step}": mask for step, mask in enumerate(masks)}
     state = accelerator.get_state_dict(wrapped)  # FSDP2: a full state dict on rank 0 (taken on every rank)
-    tensors.update({f"state.{k}": v for k, v in state.items() if ".stoc_patch." in k})
+    tensors.update({f"state.{k}": v for k, v in state.items() if ".stoc_tuning.patch." in k})
     tensors["logits"] = logits(model, "bert")
     accelerator.unwrap_model(wrapped).save_pretrained(out / "accelerate_adapter", is_main_process=rank == 0)
     _save(out / f"accelerate.rank{rank}.safetensors", tensors)

@@ -165,7 +165,7 @@ def test_accelerate_fsdp2_plugin_draws_the_single_process_entries(fsdp_out, sing
         assert torch.equal(a, expected) and torch.equal(b, expected)
     # accelerate's full state dict (on rank 0) holds the originals of every rank's changed entries: those of one
     # process.
-    patch = {k: v for k, v in model.state_dict().items() if ".stoc_patch." in k}
+    patch = {k: v for k, v in model.state_dict().items() if ".stoc_tuning.patch." in k}
     got = {k.removeprefix("state."): v for k, v in rank0.items() if k.startswith("state.")}
     assert patch and got.keys() == patch.keys() and all(torch.equal(got[k], v) for k, v in patch.items())
     loaded = PeftModel.from_pretrained(worker.base_model("bert"), str(fsdp_out / "accelerate_adapter"))
