@@ -14,6 +14,7 @@ instead of letting training run dense in silence.
 from __future__ import annotations
 
 import hashlib
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -146,6 +147,37 @@ def _after_any_step(optimizer, args, kwargs):
     for engine in list(_ENGINES):
         if engine.owns(optimizer):
             engine.after_step(optimizer)
+
+
+_WATCHED_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _watch_checkpoints(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, with the way out, optimizer state dicts that cannot hold the sparse state (see `_refuse_in_dcp`)."""
+    if optimizer not in _WATCHED_OPTIMIZERS:
+        _WATCHED_OPTIMIZERS.add(optimizer)
+        optimizer.register_state_dict_post_hook(_refuse_in_dcp)
+
+
+def _refuse_in_dcp(optimizer, state_dict):
+    # torch.distributed.checkpoint maps every key of `optimizer.state_dict()["state"]` to a parameter name and fails
+    # with a bare KeyError on the sparse state's string key; a sharded checkpoint could not place it anyway (it
+    # belongs to no single parameter, and under FSDP2 each rank holds the part of its rows).
+    keys = [key for key in state_dict["state"] if isinstance(key, str) and key.startswith("peft_stoc")]
+    frame = sys._getframe(1)
+    while keys and frame is not None:
+        if frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict":
+            raise distributed.UnsupportedDistributedSetup(
+                f"StocTuning keeps its sparse optimizer state (the moments of the changed entries) under the key "
+                f"{keys[0]!r} of `optimizer.state`, which belongs to no single parameter: "
+                "torch.distributed.checkpoint's optimizer state dicts (`get_optimizer_state_dict`, which "
+                "accelerate's `save_state` and Trainer's checkpoints use under FSDP) cannot hold it. Save the "
+                "adapter with `save_pretrained` (Trainer: `save_only_model=True` or `save_strategy='no'`); to "
+                "resume with the optimizer state, save each process's `optimizer.state_dict()` and the model's "
+                "`state_dict()` with `torch.save` and load them on as many processes (docs/distributed.md, Saving)."
+            )
+        frame = frame.f_back
+    return None
 
 
 BYPASS_HINT = (
@@ -485,6 +517,8 @@ class StepEngine:
                     f"entries of each shard itself; it cannot do so for {type(optimizer).__name__}."
                 )
             self._leave_lean(optimizer)
+        if self.lean is not None:
+            self._check_sparse_state(optimizer)
         if self._skipped_by_scaler(optimizer):
             self._skip(optimizer, reason=None)
             return
@@ -492,6 +526,34 @@ class StepEngine:
             self._lean_step(optimizer, kind)
         else:
             self._dense_step(optimizer)
+
+    def _check_sparse_state(self, optimizer) -> None:
+        """The sparse optimizer state indexes the entries this process holds: under FSDP2 the rows of its shards.
+        State loaded from another layout (another rank or number of processes, sharded or whole) is refused before
+        anything changes; the layout is kept in the state for the next check."""
+        _watch_checkpoints(optimizer)
+        layout = None
+        if self.sharded:
+            group = self._shard_sync.group
+            layout = (torch.distributed.get_rank(group), torch.distributed.get_world_size(group))
+        holder = optimizer.state.get(self.state_key)
+        if holder and holder.get("tensors"):
+            saved = tuple(holder["shards"]) if holder.get("shards") is not None else None
+            if saved != layout:
+                def where(shards):
+                    return (f"rank {shards[0]} of {shards[1]} processes under FSDP2 (the rows that rank holds)"
+                            if shards else "whole parameters (one process or DDP)")
+
+                raise distributed.UnsupportedDistributedSetup(
+                    f"The optimizer's StocTuning state ({self.state_key!r}) indexes the entries of {where(saved)}, "
+                    f"but this process holds those of {where(layout)}. Load each process's own optimizer state on as "
+                    "many processes sharded alike, or start the optimizer afresh (the adapter's state in the model "
+                    "loads onto any layout)."
+                )
+        if layout is not None:
+            optimizer.state[self.state_key]["shards"] = layout
+        elif holder:
+            holder.pop("shards", None)
 
     def _refuse_unconfinable(self, optimizer) -> None:
         name = type(optimizer).__name__

@@ -12,6 +12,7 @@ the whole model and the global batch.
 from __future__ import annotations
 
 import gc
+import io
 import json
 import os
 import sys
@@ -115,12 +116,14 @@ def whole_draw(peft_model) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train(peft_model, arch: str, rank: int, world: int, steps: int = STEPS) -> list[torch.Tensor]:
-    """`steps` AdamW steps on the global batch split over `world` ranks; returns the whole draw of each step."""
+def train(peft_model, arch: str, rank: int, world: int, steps: int = STEPS, optimizer=None,
+          first: int = 0) -> list[torch.Tensor]:
+    """AdamW steps `first`..`steps - 1` on the global batch split over `world` ranks; returns the whole draw of each
+    step."""
     peft_model.train()
-    optimizer = adamw(peft_model)
+    optimizer = optimizer or adamw(peft_model)
     masks = []
-    for step in range(steps):
+    for step in range(first, steps):
         peft_model(**local_batch(arch, step, rank, world)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -190,6 +193,39 @@ def scenario_budget(rank: int, world: int, out: Path) -> None:
     tensors = {f"mask.{s}": m for s, m in enumerate(masks)}
     tensors["changed"] = torch.tensor(model.stoc_stats()["changed"])
     _save(out / f"budget.rank{rank}.safetensors", tensors)
+
+
+def scenario_resume(rank: int, world: int, out: Path) -> None:
+    """A checkpoint after 3 of 5 steps under FSDP2 — the model's `state_dict()` (shards, and the record of originals
+    gathered from every rank) and this rank's `optimizer.state_dict()` (the sparse state of its rows) through
+    `torch.save` — loaded into a freshly sharded model and optimizer: the last 2 steps again. Also what
+    torch.distributed.checkpoint's optimizer state dict says."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = shard(make_model("bert"), "bert")
+    optimizer = adamw(model)
+    train(model, "bert", rank, world, steps=3, optimizer=optimizer)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    straight = train(model, "bert", rank, world, steps=STEPS, optimizer=optimizer, first=3)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    resumed = shard(make_model("bert"), "bert")
+    resumed.load_state_dict(saved["model"])
+    again = adamw(resumed)
+    again.load_state_dict(saved["optimizer"])
+    masks = train(resumed, "bert", rank, world, steps=STEPS, optimizer=again, first=3)
+    tensors = {f"straight.{s}": m for s, m in enumerate(straight)}
+    tensors.update({f"resumed.{s}": m for s, m in enumerate(masks)})
+    tensors.update({f"weight.{name}": value for name, value in whole_weights(model).items()})
+    tensors.update({f"resumed_weight.{name}": value for name, value in whole_weights(resumed).items()})
+    try:
+        get_optimizer_state_dict(model, optimizer)
+        refusal = ""
+    except distributed.UnsupportedDistributedSetup as exc:
+        refusal = str(exc)
+    tensors["dcp_refusal"] = torch.tensor(list(refusal.encode()), dtype=torch.uint8)
+    _save(out / f"resume.rank{rank}.safetensors", tensors)
 
 
 def scenario_load(arch: str, rank: int, world: int, out: Path) -> None:
@@ -377,6 +413,7 @@ SCENARIOS = {
     "train_llama": lambda r, w, o: scenario_train("llama", r, w, o),
     "stochastic": scenario_stochastic,
     "budget": scenario_budget,
+    "resume": scenario_resume,
     "load_bert": lambda r, w, o: scenario_load("bert", r, w, o),
     "load_gpt2": lambda r, w, o: scenario_load("gpt2", r, w, o),
     "load_llama": lambda r, w, o: scenario_load("llama", r, w, o),

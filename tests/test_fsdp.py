@@ -32,8 +32,8 @@ from .test_selection import _importance_of, _model_like_sources, _numpy_frequenc
 WEIGHT_TOLERANCE = 1e-6
 LOGIT_TOLERANCE = 1e-5
 ARCHS = ["bert", "gpt2", "llama"]
-SCENARIOS = ["train_bert", "train_gpt2", "train_llama", "stochastic", "budget", "load_bert", "load_gpt2", "load_llama",
-             "frequency", "fill", "accelerate", "trainer"]
+SCENARIOS = ["train_bert", "train_gpt2", "train_llama", "stochastic", "budget", "resume", "load_bert", "load_gpt2",
+             "load_llama", "frequency", "fill", "accelerate", "trainer"]
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,22 @@ def test_draw_communicates_a_few_hundred_bytes(fsdp_out):
     assert statistics_bytes == distributed.bytes_per_draw(candidates)
 
 
+# -- checkpoints of a run in progress ----------------------------------------------------------------------------------
+def test_run_resumes_exactly_from_the_model_state_dict_and_each_ranks_optimizer_state(fsdp_out):
+    for record in _ranks(fsdp_out, "resume"):
+        for step in range(3, worker.STEPS):
+            assert torch.equal(record[f"resumed.{step - 3}"], record[f"straight.{step - 3}"]), step
+        weights = {k.removeprefix("weight."): v for k, v in record.items() if k.startswith("weight.")}
+        for name, value in weights.items():
+            assert torch.equal(record[f"resumed_weight.{name}"], value), name
+
+
+def test_distributed_checkpoint_of_the_optimizer_is_refused_with_the_way_out(fsdp_out):
+    for record in _ranks(fsdp_out, "resume"):
+        refusal = bytes(record["dcp_refusal"].tolist()).decode()
+        assert "'peft_stoc.default'" in refusal and "save_only_model=True" in refusal, refusal
+
+
 # -- through accelerate and Trainer ------------------------------------------------------------------------------------
 def test_accelerate_fsdp2_plugin_draws_the_single_process_entries(fsdp_out, single_process):
     rank0, rank1 = _ranks(fsdp_out, "accelerate")
@@ -255,6 +271,32 @@ def test_fully_shard_on_one_process_trains_as_the_unsharded_model(one_process_gr
         assert torch.equal(a, b)
     ours, theirs = worker.whole_weights(plain), worker.whole_weights(sharded)
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+def _sharded_or_not(sharded: bool):
+    from torch.distributed.fsdp import fully_shard
+
+    model = get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS"))
+    if sharded:
+        fully_shard(model)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+@pytest.mark.parametrize("saved_sharded", [True, False])
+def test_optimizer_state_of_another_layout_is_refused_before_anything_changes(one_process_group, saved_sharded):
+    model, optimizer = _sharded_or_not(saved_sharded)
+    model(**batch()).loss.backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    other, again = _sharded_or_not(not saved_sharded)
+    again.load_state_dict(saved)
+    before = worker.whole_weights(other)
+    other(**batch()).loss.backward()
+    with pytest.raises(UnsupportedDistributedSetup, match="optimizer's StocTuning state") as info:
+        again.step()
+    assert ("rank 0 of 1" in str(info.value)) and ("whole parameters" in str(info.value))
+    after = worker.whole_weights(other)
+    assert all(torch.equal(before[name], after[name]) for name in before)
 
 
 def test_fsdp2_needs_the_memory_lean_mode(one_process_group):
