@@ -244,8 +244,9 @@ def test_deepspeed_zero3_partitioned_parameters_are_refused():
 def test_accelerate_configured_for_deepspeed_is_refused_at_setup(monkeypatch):
     # What `accelerate launch --use_deepspeed` (and a deepspeed config in accelerate) sets for every process.
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(UnsupportedDistributedSetup, match="DeepSpeed"):
+    with pytest.raises(UnsupportedDistributedSetup, match="DeepSpeed") as info:
         get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS"))
+    assert "FSDP2" in str(info.value) and "fully_shard" in str(info.value)
 
 
 def test_whole_parameters_in_place_pass_the_check():
