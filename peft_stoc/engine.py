@@ -375,6 +375,8 @@ class StepEngine:
                 replaced = distributed.sharded_replacements(self.candidates)
                 for candidate in self.candidates:
                     candidate.param = replaced.get(id(candidate.param), candidate.param)
+                if replaced:
+                    self.parameters_replaced()
             if distributed.check_supported(self.tracker.root, self.candidates) == "fsdp2":
                 self.follow_shards()
             self._setup_checked = True
@@ -382,6 +384,13 @@ class StepEngine:
     @property
     def sharded(self) -> bool:
         return self.shards is not None
+
+    def parameters_replaced(self) -> None:
+        """The candidates hold other parameters now (FSDP2's shards): the optimizers this engine serves are found by
+        the new ones. (The ids of the replaced parameters, freed, may come back with the parameters of another
+        model.)"""
+        self._ids = {id(c.param): i for i, c in enumerate(self.candidates)}
+        self._owned = weakref.WeakKeyDictionary()
 
     def follow_shards(self) -> None:
         """The candidates are FSDP2's dim-0 shards now: draw over the rows held here, update them in place."""
@@ -399,8 +408,7 @@ class StepEngine:
                 "their modules out of the candidates with `exclude_modules`."
             )
         self.shards = [distributed.shard_rows(c.param) for c in self.candidates]
-        self._ids = {id(c.param): i for i, c in enumerate(self.candidates)}
-        self._owned = weakref.WeakKeyDictionary()
+        self.parameters_replaced()
         self._strays = weakref.WeakKeyDictionary()
         self.audit = Audit(self.candidates)
         mesh = next(c.param.device_mesh for c in self.candidates if distributed.is_shard(c.param))

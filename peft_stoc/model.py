@@ -175,6 +175,7 @@ class StocTuningModel(BaseTuner):
         layer.patch.hold_only({c.name: c.param for c in candidates})
         self._fingerprints.clear()
         for engine in self._engines.values():
+            engine.parameters_replaced()
             engine.weights_changed_by_us()
 
     def _wanted(self) -> tuple[str, ...]:

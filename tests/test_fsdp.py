@@ -306,6 +306,11 @@ def test_fsdp2_needs_the_memory_lean_mode(one_process_group):
     fully_shard(model)
     with pytest.raises(UnsupportedDistributedSetup, match="memory"):
         _train(model, steps=1)
+    # The refused engine stays with its model: it knows its optimizers by the shards, not by the parameters
+    # `fully_shard` freed, whose ids may come back with the parameters of another model (and its optimizer).
+    engine = model.base_model.stoc_engine()
+    assert all(distributed.is_shard(c.param) for c in engine.candidates)
+    assert set(engine._ids) == {id(c.param) for c in engine.candidates}
 
 
 def test_an_optimizer_stoctuning_cannot_apply_is_refused_under_fsdp2(one_process_group):
