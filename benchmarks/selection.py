@@ -58,8 +58,14 @@ def numpy_probabilities(sources: list[Source]) -> np.ndarray:
     return (weight / weight.sum()).numpy()
 
 
-def measure(model_name: str = "roberta-base", k: float = 0.0008, device: str = "cpu", repeats: int = 5,
-            numpy_repeats: int = 3, step_repeats: int = 3) -> dict:
+def measure(
+    model_name: str = "roberta-base",
+    k: float = 0.0008,
+    device: str = "cpu",
+    repeats: int = 5,
+    numpy_repeats: int = 3,
+    step_repeats: int = 3,
+) -> dict:
     description, engine, sources, full_step = prepare(model_name, k, device)
     count = engine.k
     generator = torch.Generator(device=device).manual_seed(0)
@@ -70,10 +76,14 @@ def measure(model_name: str = "roberta-base", k: float = 0.0008, device: str = "
         "full fine-tuning step": (full_step, step_repeats),
         "draw (fast, stochastic)": (lambda: draw(sources, count, "stochastic", generator), repeats),
         "draw (fast, top)": (lambda: draw(sources, count, "top", generator), repeats),
-        "draw (dense: a key per entry)": (lambda: draw(sources, count, "stochastic", generator, strategy="dense"),
-                                          repeats),
-        "numpy.random.choice(p=…, replace=False)": (lambda: rng.choice(len(p), count, replace=False, p=p),
-                                                    numpy_repeats),
+        "draw (dense: a key per entry)": (
+            lambda: draw(sources, count, "stochastic", generator, strategy="dense"),
+            repeats,
+        ),
+        "numpy.random.choice(p=…, replace=False)": (
+            lambda: rng.choice(len(p), count, replace=False, p=p),
+            numpy_repeats,
+        ),
     }
     times = {name: [] for name in runs}
     for round_ in range(1 + max(n for _, n in runs.values())):  # round 0 warms up
@@ -100,25 +110,31 @@ def report(result: dict, title: str) -> str:
     m = result["medians"]
     fast, step = m["draw (fast, stochastic)"], m["full fine-tuning step"]
     numpy_time = m["numpy.random.choice(p=…, replace=False)"]
-    rows = [[name, len(result["times"][name]), f"{value:.3f}", f"{value / step:.4f}", f"{value / fast:.1f}"]
-            for name, value in m.items()]
+    rows = [
+        [name, len(result["times"][name]), f"{value:.3f}", f"{value / step:.4f}", f"{value / fast:.1f}"]
+        for name, value in m.items()
+    ]
     speedup, share = numpy_time / fast, fast / step
     targets = common.table(
         ["target", "measured", "met"],
-        [["fast draw ≥ 10× faster than numpy's choice", f"{speedup:.1f}×", "yes" if speedup >= 10 else "**no**"],
-         ["fast draw ≤ 10% of a full fine-tuning step", f"{100 * share:.1f}%", "yes" if share <= 0.10 else "**no**"]],
+        [
+            ["fast draw ≥ 10× faster than numpy's choice", f"{speedup:.1f}×", "yes" if speedup >= 10 else "**no**"],
+            ["fast draw ≤ 10% of a full fine-tuning step", f"{100 * share:.1f}%", "yes" if share <= 0.10 else "**no**"],
+        ],
     )
-    return "\n".join([
-        f"### {title}: {result['description']}",
-        "",
-        f"`{common.command()}` — {common.today()}; {common.machine()}.",
-        f"{result['entries'] / 1e6:.1f}M candidate entries ({result['nonzero'] / 1e6:.1f}M with non-zero importance), "
-        f"k = {result['k']}, batch 16 × 128. numpy times `choice` alone, p precomputed.",
-        "",
-        targets,
-        "",
-        common.table(["run", "repeats", "median s", "÷ full step", "÷ fast draw"], rows),
-    ])
+    return "\n".join(
+        [
+            f"### {title}: {result['description']}",
+            "",
+            f"`{common.command()}` — {common.today()}; {common.machine()}.",
+            f"{result['entries'] / 1e6:.1f}M candidate entries ({result['nonzero'] / 1e6:.1f}M with non-zero "
+            f"importance), k = {result['k']}, batch 16 × 128. numpy times `choice` alone, p precomputed.",
+            "",
+            targets,
+            "",
+            common.table(["run", "repeats", "median s", "÷ full step", "÷ fast draw"], rows),
+        ]
+    )
 
 
 def main() -> None:
@@ -134,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     common.quiet(args.threads)
     result = measure(args.model, args.k, args.device, args.repeats, args.numpy_repeats, args.step_repeats)
-    text = report(result, "Selection (target 1)")
+    text = report(result, "Selection (draw speed)")
     print(text)
     if not args.no_write:
         common.write_section(f"selection-{args.model}-{args.device}-threads{torch.get_num_threads()}", text)
