@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .candidates import Candidate, UseKind
+from .key_pool import KeyPool, split_by_tensor
 
 SUPPORTED = (
     "StocTuning trains under DistributedDataParallel (plain, transformers Trainer under torchrun, `accelerate launch "
@@ -481,9 +482,7 @@ def merged_draw(stream, sync: ShardSync, changed: list[torch.Tensor | None] | No
     tensor = torch.cat([p.tensor for p in parts])
     index = torch.cat([p.index for p in parts])
     values = torch.cat([p.values for p in parts])
-    from .selection import _split_by_tensor
-
-    index, values = _split_by_tensor(tensor, index, stream.sources, values)
+    index, values = split_by_tensor(tensor, index, stream.sources, values)
     values = [v if i in stream.received else None for i, v in enumerate(values)]
     return index, values, count
 
@@ -491,13 +490,11 @@ def merged_draw(stream, sync: ShardSync, changed: list[torch.Tensor | None] | No
 def _select(sync: ShardSync, pools: list, k: int):
     """A pool of this rank's entries among the global top-k of the keys in `pools` (all ranks), and how many keys
     > -inf all ranks offered."""
-    from .selection import _Pool
-
     device = pools[0].keys.device
     for pool in pools:
         pool.flush()
     keys = torch.cat([p.keys for p in pools])
-    out = _Pool(max(k, 0), device, carry=True)
+    out = KeyPool(max(k, 0), device, carry=True)
     if k <= 0:
         return out, 0
     mask, total = sync.top(keys, k)

@@ -25,9 +25,10 @@ from torch import nn
 from . import distributed, opaque_hooks, sparse_optim
 from .candidates import Candidate
 from .consumed_grad import ConsumedGrad, accumulation_error, factor_of
+from .importance import Source
 from .layer import Patch
 from .lean import LeanStep, accelerate_syncs_gradients, state_bytes
-from .selection import Source, _draw_uniform, draw
+from .selection import draw, draw_uniform
 from .streaming import StreamingDraw
 from .tracking import ActivationTracker
 from .update import DecayRedirect, StrictGuard, mask_gradient
@@ -684,7 +685,7 @@ class StepEngine:
         if self._reuses_mask():
             fixed = [(d - start).to(local.device) for d, start, local in zip(self.last_draw, starts, locals_)]
         elif self.config.selection == "random" and not budgeted:
-            whole = _draw_uniform([Source(c.param, None, []) for c in self.candidates], self.k, self._generator(device))
+            whole = draw_uniform([Source(c.param, None, []) for c in self.candidates], self.k, self._generator(device))
             fixed = [_held(index, start, local.numel()) for index, start, local in zip(whole, starts, locals_)]
         changed = None
         if budgeted:

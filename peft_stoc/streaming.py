@@ -25,19 +25,11 @@ import math
 
 import torch
 
-from .selection import (
-    CHUNK_ENTRIES,
-    DEVICE_CHUNK_ENTRIES,
-    Source,
-    _chunk_keys,
-    _chunks,
-    _draw_uniform,
-    _membership,
-    _Pool,
-    _Thinning,
-    importance,
-    row_chunks,
-)
+from .chunks import chunks
+from .importance import Source, chunk_entries_for, importance, row_chunks
+from .key_pool import KeyPool
+from .selection import chunk_keys, draw_uniform, membership
+from .thinning import Thinning
 
 PACK_BELOW = 1 << 16
 
@@ -61,22 +53,22 @@ class StreamingDraw:
         self.method = method
         self.generator = generator
         self.device = params[0].device
-        self.chunk_entries = chunk_entries or (CHUNK_ENTRIES if self.device.type == "cpu" else DEVICE_CHUNK_ENTRIES)
+        self.chunk_entries = chunk_entries or chunk_entries_for(self.device)
         self.changed = changed if max_new is not None else None
         self.max_new = max_new
         if fixed is None and method == "random" and max_new is None:
-            fixed = _draw_uniform(self.sources, k, generator)
+            fixed = draw_uniform(self.sources, k, generator)
         self.fixed = fixed
         self.received: set[int] = set()
         self._values: list[torch.Tensor | None] = [None] * len(params)
         self._small: list[tuple[int, Source]] = []
         self._small_entries = 0
-        self._thinning = _Thinning(k, method, generator, self.device, self.chunk_entries, carry=True)
+        self._thinning = Thinning(k, method, generator, self.device, self.chunk_entries, carry=True)
         budget = min(k, max(0, max_new)) if max_new is not None else 0
-        self._old, self._new = _Pool(k, self.device, carry=True), _Pool(budget, self.device, carry=True)
+        self._old, self._new = KeyPool(k, self.device, carry=True), KeyPool(budget, self.device, carry=True)
         # Reservoirs of zero-importance entries (already changed / new, when under a budget) for the fill.
         needs_fill = fixed is None and method != "random"
-        self._fill = [_Pool(k, self.device, carry=True), _Pool(k, self.device, carry=True)] if needs_fill else None
+        self._fill = [KeyPool(k, self.device, carry=True), KeyPool(k, self.device, carry=True)] if needs_fill else None
         self._nonzero = 0
 
     # -- feeding ---------------------------------------------------------------------------------------------------
@@ -114,25 +106,18 @@ class StreamingDraw:
             self._visit(list(sources), list(ids))
 
     def _visit(self, sources: list[Source], ids: list[int]) -> None:
-        thinning = self._thinning
-        for segments in _chunks(sources, self.chunk_entries, ids):
-            if self.method == "top":
-                buffer = thinning._load(segments, 1.0).abs_()
-                reach = thinning.pool.threshold() if thinning.pool.full else 0.0
-                local = (buffer > reach).nonzero().squeeze(1)
-                thinning._offer_top(segments, buffer, local)
-            else:
-                thinning._visit_dense(segments, 0.0, math.inf, None)
+        for segments in chunks(sources, self.chunk_entries, ids):
+            self._thinning.stream(segments)
 
     def _feed_budgeted(self, tensor_id: int, source: Source) -> None:
-        """A key for every entry; changed and new entries compete in separate pools (see `selection._draw_pass`)."""
+        """A key for every entry; changed and new entries compete in separate pools (see `selection.draw`)."""
         per_row = source.numel // max(1, source.param.shape[0]) if source.param.dim() else 1
         flat_grad = source.grad.reshape(-1)
         for start, stop in row_chunks(source.param.shape, self.chunk_entries):
             offset = start * per_row
-            keys = _chunk_keys(source, start, stop, self.method, self.generator)
+            keys = chunk_keys(source, start, stop, self.method, self.generator)
             values = flat_grad[offset : offset + keys.numel()].float()
-            is_old = _membership(source.changed, offset, keys.numel(), keys.device)
+            is_old = membership(source.changed, offset, keys.numel(), keys.device)
             self._old.offer_chunk(keys.masked_fill(~is_old, -math.inf), tensor_id, offset, values)
             self._new.offer_chunk(keys.masked_fill_(is_old, -math.inf), tensor_id, offset, values)
 
@@ -148,13 +133,13 @@ class StreamingDraw:
                 weight = torch.zeros(size, device=param.device)
                 values = weight
             else:
-                weight = importance(source, start, stop)
+                weight = importance(source, slice(start, stop))
                 values = source.grad.reshape(-1)[offset : offset + weight.numel()].float()
             zero = weight == 0
             self._nonzero += weight.numel() - int(zero.sum())
             keys = torch.rand(weight.shape, device=weight.device, generator=self.generator)
             keys.masked_fill_(~zero, -math.inf)
-            is_old = _membership(changed, offset, keys.numel(), keys.device)
+            is_old = membership(changed, offset, keys.numel(), keys.device)
             self._fill[0].offer_chunk(keys.masked_fill(~is_old, -math.inf), tensor_id, offset, values)
             self._fill[1].offer_chunk(keys.masked_fill_(is_old, -math.inf), tensor_id, offset, values)
         if self._nonzero >= self.k:
@@ -180,7 +165,7 @@ class StreamingDraw:
         values = [v if i in self.received else None for i, v in enumerate(values)]
         return index, values
 
-    def pools(self) -> tuple[list[_Pool], list[_Pool] | None]:
+    def pools(self) -> tuple[list[KeyPool], list[KeyPool] | None]:
         """The pools before they are split by tensor, for a draw merged across processes (`distributed.merged_draw`):
         [the pool], or [already-changed, new] under a budget; and the fill reservoirs [already-changed, new], None
         once k entries of non-zero importance were seen. Tensors that sent no gradient join the reservoirs first."""
@@ -200,7 +185,7 @@ class StreamingDraw:
             if tensor_id not in self.received and self._fill is not None:
                 self._feed_fill(tensor_id, None)
         missing = self.k - count
-        old, new = self._fill if self._fill is not None else (_Pool(0, self.device, True),) * 2
+        old, new = self._fill if self._fill is not None else (KeyPool(0, self.device, True),) * 2
         room = missing
         if self.max_new is not None:
             drawn_new = sum(
@@ -208,9 +193,9 @@ class StreamingDraw:
                 for i, c in zip(index, self.changed)
             )
             room = min(missing, max(0, self.max_new - drawn_new))
-        limited = _Pool(room, self.device, carry=True)
+        limited = KeyPool(room, self.device, carry=True)
         new.flush()
-        limited._add(new.keys, new.tensor, new.index, new.values)
+        limited.add(new.keys, new.tensor, new.index, new.values)
         extra_index, extra_values = old.merged_with(limited, size=missing).split_with_values(self.sources)
         merged_index, merged_values = [], []
         for a, av, b, bv in zip(index, values, extra_index, extra_values):

@@ -27,7 +27,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import save_file
 
 from peft_stoc import StocTuningConfig, distributed
-from peft_stoc.selection import Source
+from peft_stoc.importance import Source
 from peft_stoc.streaming import StreamingDraw
 
 from . import distributed_worker as ddp_worker

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from peft_stoc import selection
-from peft_stoc.selection import Source, draw, importance
+from peft_stoc import thinning
+from peft_stoc.importance import Source, importance
+from peft_stoc.selection import draw
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_importance_sums_uses_of_a_tied_weight():
     rows, cols = torch.rand(4), torch.rand(3)
     source = Source(theta, grad, [(rows, 0), (cols, 1)])
     expected = (theta * grad * (rows[:, None] + cols[None, :])).abs().flatten()
-    assert torch.allclose(importance(source, 0, 4), expected)
+    assert torch.allclose(importance(source, slice(0, 4)), expected)
 
 
 @pytest.mark.parametrize("chunk", [3, 1 << 20])
@@ -187,20 +188,20 @@ def _model_like_sources(seed: int = 0) -> list[Source]:
 
 
 def _importance_of(sources: list[Source]) -> torch.Tensor:
-    return torch.cat([importance(s, 0, s.param.shape[0]) for s in sources])
+    return torch.cat([importance(s, slice(0, s.param.shape[0])) for s in sources])
 
 
 def _record_rounds(monkeypatch) -> list[int]:
     """The number of rounds of every fast draw made from now on in the test."""
     rounds = []
-    original_run = selection._Thinning.run
+    original_run = thinning.Thinning.run
 
     def run(self, sources):
         drawn = original_run(self, sources)
         rounds.append(self.rounds)
         return drawn
 
-    monkeypatch.setattr(selection._Thinning, "run", run)
+    monkeypatch.setattr(thinning.Thinning, "run", run)
     return rounds
 
 
@@ -227,8 +228,8 @@ def test_fast_stochastic_matches_numpy_on_a_model_sized_problem(chunk, threshold
     # between two thresholds); one far too low forces the per-chunk fallback. Frequencies must match numpy's.
     k, trials = 30, 1000
     if threshold_factor is not None:
-        estimate = selection._Thinning._first_threshold
-        monkeypatch.setattr(selection._Thinning, "_first_threshold",
+        estimate = thinning.Thinning._first_threshold
+        monkeypatch.setattr(thinning.Thinning, "_first_threshold",
                             lambda self, *stats: estimate(self, *stats) * threshold_factor)
     sources = _model_like_sources()
     sizes = [s.numel for s in sources]
@@ -290,9 +291,9 @@ def test_later_rounds_draw_the_keys_between_two_thresholds(monkeypatch, one_thre
     for _ in range(trials):
         reference[rng.choice(len(p), k, replace=False, p=p)] += 1
     # Thresholds close together, so that each round's keys depend on both of its thresholds.
-    monkeypatch.setattr(selection, "LOWER_BY", 1.5)
-    monkeypatch.setattr(selection, "SMALL_CHUNK_ENTRIES", 0)  # thin even this tiny tensor
-    monkeypatch.setattr(selection._Thinning, "_first_threshold", lambda self, *stats: 40.0)
+    monkeypatch.setattr(thinning, "LOWER_BY", 1.5)
+    monkeypatch.setattr(thinning, "SMALL_CHUNK_ENTRIES", 0)  # thin even this tiny tensor
+    monkeypatch.setattr(thinning.Thinning, "_first_threshold", lambda self, *stats: 40.0)
     rounds = _record_rounds(monkeypatch)
     ours = np.zeros(len(p))
     generator = torch.Generator().manual_seed(4)

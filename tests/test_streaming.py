@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from peft_stoc import selection, streaming
-from peft_stoc.selection import Source, draw
+from peft_stoc import streaming, thinning
+from peft_stoc.importance import Source
+from peft_stoc.selection import draw
 from peft_stoc.streaming import StreamingDraw
 
 from .test_selection import _flat_ids, _importance_of, _model_like_sources, _numpy_frequencies, _sources, one_thread
@@ -74,7 +75,7 @@ def test_streamed_stochastic_matches_numpy_on_a_model_sized_problem(chunk, packi
 
 def test_streamed_stochastic_thins_small_tensors_exactly(monkeypatch, one_thread):
     # Thinning forced even on tiny tensors: each arriving tensor is keyed against the pool's running threshold.
-    monkeypatch.setattr(selection, "SMALL_CHUNK_ENTRIES", 0)
+    monkeypatch.setattr(thinning, "SMALL_CHUNK_ENTRIES", 0)
     monkeypatch.setattr(streaming, "PACK_BELOW", 0)
     values = torch.tensor([3.0, 1.0, 0.5, 2.0, 0.25, 1.5, 0.0, 0.75])
     p = (values.double() ** 2 / (values.double() ** 2).sum()).numpy()

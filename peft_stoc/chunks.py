@@ -1,0 +1,115 @@
+"""Chunks: rows of one or more tensors laid out in one buffer, so a sampler works on many small tensors at once.
+
+A chunk is a list of `Segment`s, each a run of rows of one tensor placed at an offset of the buffer. Buffer
+positions map back to (tensor id, flat index) with `locate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .importance import Source, importance, row_chunks, rows_view
+
+
+@dataclass
+class Segment:
+    """Rows of one tensor, laid out in a chunk's buffer from position `start`."""
+
+    tensor_id: int
+    source: Source
+    rows: slice | torch.Tensor  # a range of rows, or the indices of the rows visited
+    start: int
+    size: int
+
+    def load(self, out: torch.Tensor, scale: float) -> None:
+        """Write scale·I of the rows to `out`."""
+        importance(self.source, self.rows, scale, out)
+
+    @property
+    def per_row(self) -> int:
+        return rows_view(self.source.param).shape[1]
+
+    def flat_index(self, position: torch.Tensor) -> torch.Tensor:
+        """Buffer positions inside this segment → flat indices in the tensor."""
+        local = position - self.start
+        per_row = self.per_row
+        if isinstance(self.rows, slice):
+            return local + self.rows.start * per_row
+        return self.rows.index_select(0, local // per_row) * per_row + local % per_row
+
+    def positions(self, index: torch.Tensor) -> torch.Tensor:
+        """Flat indices of the tensor → buffer positions, for those inside this segment."""
+        per_row = self.per_row
+        row = index // per_row
+        if isinstance(self.rows, slice):
+            inside = (row >= self.rows.start) & (row < self.rows.stop)
+            return index.masked_select(inside) - self.rows.start * per_row + self.start
+        slot = torch.searchsorted(self.rows, row).clamp_(max=self.rows.numel() - 1)
+        inside = self.rows.index_select(0, slot) == row
+        return self.start + slot.masked_select(inside) * per_row + (index % per_row).masked_select(inside)
+
+
+def chunks(sources: list[Source], chunk_entries: int, ids: list[int] | None = None):
+    """Lists of segments holding about `chunk_entries` entries: rows of a large tensor, or small tensors packed.
+    `ids`: the tensor id of each source (default: its position).
+
+    Tensors without a gradient are left out, and so are embedding rows whose μ is 0 in every factor (tokens absent
+    from the batch): their importance is 0.
+    """
+    chunk, filled = [], 0
+    for tensor_id, source in zip(range(len(sources)) if ids is None else ids, sources):
+        if source.grad is None:
+            continue
+        for rows, size in _row_groups(source, chunk_entries):
+            if filled and filled + size > chunk_entries:
+                yield chunk
+                chunk, filled = [], 0
+            chunk.append(Segment(tensor_id, source, rows, filled, size))
+            filled += size
+    if chunk:
+        yield chunk
+
+
+def _row_groups(source: Source, chunk_entries: int):
+    """(rows, entries) groups of one tensor: ranges of rows (`row_chunks`), or only the live rows of a table."""
+    rows, per_row = rows_view(source.param).shape
+    if rows > 1 and source.means and all(v is not None and d == 0 for v, d in source.means):
+        live = (sum(v for v, _ in source.means) != 0).nonzero().squeeze(1)
+        if live.numel() < rows // 2:
+            step = max(1, chunk_entries // per_row)
+            for start in range(0, live.numel(), step):
+                group = live[start : start + step]
+                yield group, group.numel() * per_row
+            return
+    for start, stop in row_chunks(source.param.shape, chunk_entries):
+        yield slice(start, stop), (stop - start) * per_row
+
+
+def gather_gradients(segments: list[Segment], tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gradient values (float32) at (tensor ids, flat indices) of the tensors laid out in `segments`."""
+    if len(segments) == 1:
+        return segments[0].source.grad.reshape(-1).index_select(0, index).float()
+    out = torch.empty(index.shape, dtype=torch.float32, device=index.device)
+    for tensor_id, source in {s.tensor_id: s.source for s in segments}.items():
+        inside = tensor == tensor_id
+        out.masked_scatter_(inside, source.grad.reshape(-1).index_select(0, index.masked_select(inside)).float())
+    return out
+
+
+def locate(segments: list[Segment], local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffer positions of a chunk → (tensor ids, flat indices in those tensors), for all its segments at once."""
+    if len(segments) == 1:
+        return torch.full_like(local, segments[0].tensor_id), segments[0].flat_index(local)
+    device = local.device
+    which = torch.searchsorted(torch.tensor([s.start for s in segments], device=device), local, right=True) - 1
+    tensor = torch.tensor([s.tensor_id for s in segments], device=device).index_select(0, which)
+    if all(isinstance(s.rows, slice) for s in segments):
+        shift = torch.tensor([s.rows.start * s.per_row - s.start for s in segments], device=device)
+        return tensor, local + shift.index_select(0, which)
+    flat = torch.empty_like(local)
+    for i in which.unique().tolist():
+        inside = which == i
+        flat.masked_scatter_(inside, segments[i].flat_index(local.masked_select(inside)))
+    return tensor, flat
