@@ -4,15 +4,9 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from .layer import find_tuner
+
 LOG_PREFIX = "stoc/"
-
-
-def _tuner_of(model):
-    """The StocTuning tuner of a PeftModel (possibly wrapped by DDP), recognised by what it offers."""
-    for candidate in (getattr(model, "base_model", None), getattr(getattr(model, "module", None), "base_model", None)):
-        if hasattr(candidate, "stoc_stats") and hasattr(candidate, "set_driven_by_trainer"):
-            return candidate
-    return None
 
 
 class StocTuningCallback(TrainerCallback):
@@ -31,12 +25,12 @@ class StocTuningCallback(TrainerCallback):
     @staticmethod
     def _set_driven(model, driven: bool) -> None:
         """While a Trainer runs, its word on which micro-batch ends a step (accelerate's gradient state) is live."""
-        tuner = _tuner_of(model)
+        tuner = find_tuner(model)
         if tuner is not None:
             tuner.set_driven_by_trainer(driven)
 
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-        tuner = _tuner_of(model)
+        tuner = find_tuner(model)
         if tuner is None or logs is None or "loss" not in logs:
             return
         figures = {LOG_PREFIX + key: value for key, value in tuner.stoc_stats().items() if key != "step"}

@@ -62,11 +62,6 @@ def default_sync() -> RankSync | None:
     return RankSync() if world_size() > 1 else None
 
 
-def no_sync(tracker) -> None:
-    """Opt out of synchronisation, for ranks that each train their own model: assign it to the step engine's
-    `reduce_statistics` and every rank draws from its own statistics."""
-
-
 def bytes_per_draw(candidates: list[Candidate]) -> int:
     """Bytes each rank contributes to the all-reduces of one synchronised draw (see `RankSync`)."""
     sizes: dict[int, int] = {}

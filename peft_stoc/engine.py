@@ -1,20 +1,13 @@
-"""The per-step work of Stochastic Tuning, attached to whatever optimizer steps the model.
-
-torch's global optimizer-step hooks reach every `torch.optim.Optimizer` — plain loops, transformers `Trainer`,
-accelerate's wrapped optimizers — so no training code has to change. Per optimizer step:
+"""The per-step work of Stochastic Tuning for one trainable adapter, run from the optimizer-step hooks
+(`optimizer_hooks`) so that no training code has to change. Per optimizer step:
 
     pre-step:  μ (tracked during the forwards) + gradients → draw → remember originals → confine the step
-    post-step: weight decay back, strict rule applied, audit of the untouched entries, μ reset
-
-An audit of a few fixed entries per tensor catches any change to the base that did not pass through an
-intercepted step (a manual update, `param.data` assignment, an optimizer outside `torch.optim`): it raises
-instead of letting training run dense in silence.
+    post-step: weight decay back, strict rule applied, audit of the untouched entries (`audit`), μ reset
 """
 
 from __future__ import annotations
 
 import hashlib
-import sys
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -22,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import distributed, opaque_hooks, sparse_optim
+from . import distributed, opaque_hooks, optimizer_hooks, sparse_optim
+from .audit import BYPASS_HINT, Audit
 from .candidates import Candidate
 from .consumed_grad import ConsumedGrad, accumulation_error, factor_of
 from .importance import Source
@@ -33,8 +27,6 @@ from .streaming import StreamingDraw
 from .tracking import ActivationTracker
 from .update import DecayRedirect, StrictGuard, mask_gradient
 
-AUDIT_ENTRIES_PER_TENSOR = 4
-
 
 @dataclass
 class StepStats:
@@ -44,7 +36,6 @@ class StepStats:
     drawn: int = 0  # entries drawn at the latest step
     changed: int = 0  # distinct entries changed so far
     candidates: int = 0  # entries that may be drawn
-    k: int = 0
     grad_bytes: int = 0  # most bytes of candidate gradients held at once during the latest step
     optimizer_state_bytes: int = 0  # optimizer state held for candidates after the latest step
 
@@ -52,142 +43,20 @@ class StepStats:
     def density(self) -> float:
         return self.changed / self.candidates if self.candidates else 0.0
 
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
+    def as_dict(self) -> dict[str, float]:
         return {
-            f"{prefix}step": self.step,
-            f"{prefix}drawn": self.drawn,
-            f"{prefix}changed": self.changed,
-            f"{prefix}density": self.density,
-            f"{prefix}grad_bytes": self.grad_bytes,
-            f"{prefix}optimizer_state_bytes": self.optimizer_state_bytes,
+            "step": self.step,
+            "drawn": self.drawn,
+            "changed": self.changed,
+            "density": self.density,
+            "grad_bytes": self.grad_bytes,
+            "optimizer_state_bytes": self.optimizer_state_bytes,
         }
 
 
-class Audit:
-    """A few fixed entries per candidate tensor whose values must only change through intercepted steps."""
-
-    def __init__(self, candidates: list[Candidate]):
-        generator = torch.Generator().manual_seed(0x5170C)
-        self.candidates = candidates
-        # The entries held here: the whole tensor, or under FSDP2 this process's rows (positions are local to them).
-        held = [distributed.local_entries(c.param) for c in candidates]
-        self.starts = [start for _, start in held]
-        self.positions = [
-            torch.randint(max(1, flat.numel()), (min(AUDIT_ENTRIES_PER_TENSOR, flat.numel()),), generator=generator)
-            .unique()
-            .to(flat.device)
-            for flat, _ in held
-        ]
-        self.values: torch.Tensor | None = None
-
-    def _gather(self) -> torch.Tensor:
-        """The audited values of all tensors in one vector: one comparison per check, whatever the model's size."""
-        if not self.candidates:
-            return torch.empty(0)
-        device = self.candidates[0].param.device  # a model spread over devices is checked on the first one's
-        return torch.cat([distributed.local_entries(c.param)[0].index_select(0, p).to(device)
-                          for c, p in zip(self.candidates, self.positions)])
-
-    def refresh(self) -> None:
-        self.values = self._gather()
-
-    def invalidate(self) -> None:
-        """Our own changes to the weights: take a new baseline at the next check."""
-        self.values = None
-
-    def verify(self, allowed: Patch | None = None, context: str = "") -> None:
-        """Raise if an audited entry changed since the last refresh (entries in `allowed` may change)."""
-        if self.values is None:
-            self.refresh()
-            return
-        current = self._gather()
-        moved = (self.values != current) & ~(torch.isnan(self.values) & torch.isnan(current))
-        if bool(moved.any()):
-            sizes = [p.numel() for p in self.positions]
-            for candidate, positions, start, moved_here in zip(self.candidates, self.positions, self.starts,
-                                                               moved.split(sizes)):
-                if not bool(moved_here.any()):
-                    continue
-                if allowed is not None and candidate.name in allowed.index:
-                    changed = allowed.index[candidate.name].to(positions.device) - start
-                    moved_here = moved_here & ~torch.isin(positions, changed).to(moved_here.device)
-                    if not bool(moved_here.any()):
-                        continue
-                raise RuntimeError(f"StocTuning: base parameter '{candidate.name}' changed {context}")
-        self.values = current
-
-
-_ENGINES: weakref.WeakSet = weakref.WeakSet()  # engines of adapters being trained
-_PAUSED: weakref.WeakSet = weakref.WeakSet()  # engines of adapters not trained right now (disabled, inactive)
-_HOOK_HANDLES: list = []
 # Optimizers that move entries whose gradient is zero although their state is zero (ASGD's decay and averaging,
 # L-BFGS's dense search direction): their steps cannot be confined, so they are refused before they run.
 UNCONFINABLE = ("ASGD", "LBFGS", "SparseAdam")
-
-
-def _ensure_optimizer_hooks() -> None:
-    if _HOOK_HANDLES:
-        return
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-    _HOOK_HANDLES.append(register_optimizer_step_pre_hook(_before_any_step))
-    _HOOK_HANDLES.append(register_optimizer_step_post_hook(_after_any_step))
-
-
-def _before_any_step(optimizer, args, kwargs):
-    running = [engine for engine in list(_ENGINES) if engine.owns(optimizer)]
-    if not running:  # (with an adapter in training, its own checks cover the parameters it does not train)
-        for engine in list(_PAUSED):
-            if engine.owns(optimizer):
-                engine.refuse_pending_gradients()
-    for engine in running:
-        engine.before_step(optimizer)
-
-
-def _after_any_step(optimizer, args, kwargs):
-    for engine in list(_ENGINES):
-        if engine.owns(optimizer):
-            engine.after_step(optimizer)
-
-
-_WATCHED_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
-
-
-def _watch_checkpoints(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse, with the way out, optimizer state dicts that cannot hold the sparse state (see `_refuse_in_dcp`)."""
-    if optimizer not in _WATCHED_OPTIMIZERS:
-        _WATCHED_OPTIMIZERS.add(optimizer)
-        optimizer.register_state_dict_post_hook(_refuse_in_dcp)
-
-
-def _refuse_in_dcp(optimizer, state_dict):
-    # torch.distributed.checkpoint maps every key of `optimizer.state_dict()["state"]` to a parameter name and fails
-    # with a bare KeyError on the sparse state's string key; a sharded checkpoint could not place it anyway (it
-    # belongs to no single parameter, and under FSDP2 each rank holds the part of its rows).
-    keys = [key for key in state_dict["state"] if isinstance(key, str) and key.startswith("peft_stoc")]
-    frame = sys._getframe(1)
-    while keys and frame is not None:
-        if frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict":
-            raise distributed.UnsupportedDistributedSetup(
-                f"StocTuning keeps its sparse optimizer state (the moments of the changed entries) under the key "
-                f"{keys[0]!r} of `optimizer.state`, which belongs to no single parameter: "
-                "torch.distributed.checkpoint's optimizer state dicts (`get_optimizer_state_dict`, which "
-                "accelerate's `save_state` and Trainer's checkpoints use under FSDP) cannot hold it. Save the "
-                "adapter with `save_pretrained` (Trainer: `save_only_model=True` or `save_strategy='no'`); to "
-                "resume with the optimizer state, save each process's `optimizer.state_dict()` and the model's "
-                "`state_dict()` with `torch.save` and load them on as many processes (docs/distributed.md, Saving)."
-            )
-        frame = frame.f_back
-    return None
-
-
-BYPASS_HINT = (
-    "outside an optimizer step that StocTuning intercepted (a manual update, an assignment to `param.data`, or an "
-    "optimizer that is not a torch.optim.Optimizer). StocTuning confines `optimizer.step()` of torch.optim "
-    "optimizers, which is what transformers Trainer, accelerate and plain PyTorch loops call; update the base "
-    "through such an optimizer, or call `model.base_model.stoc_sync()` after changing weights on purpose."
-)
-
 
 def _held(index: torch.Tensor, start: int, size: int) -> torch.Tensor:
     """The whole-tensor flat indices `index` that fall in [start, start + size), made local to that range."""
@@ -221,7 +90,7 @@ class StepEngine:
         self.audit = Audit(candidates)
         self.decay = DecayRedirect()
         self.strict = StrictGuard()
-        self.stats = StepStats(step=step, candidates=sum(c.numel for c in candidates), k=k, changed=patch.count)
+        self.stats = StepStats(step=step, candidates=sum(c.numel for c in candidates), changed=patch.count)
         self.last_draw: list[torch.Tensor] | None = None
         self.draws = 0  # number of fresh draws (a mask reused under mask_interval is not a fresh draw)
         self._ids = {id(c.param): i for i, c in enumerate(candidates)}
@@ -248,7 +117,7 @@ class StepEngine:
         self._pending = None  # (drawn, values, factors, kind, updated positions) of a lean step under way
         self._state_key = state_key
         self._grad_handles: list = []
-        self._sync = None
+        self._rank_sync = None
         self._gradient_order: dict[int, None] = {}
         self._given_draw: list[torch.Tensor] | None = None
         self._sparse_states: dict | None = None  # the sparse optimizer state of the latest lean step
@@ -261,7 +130,7 @@ class StepEngine:
     # -- life cycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
         distributed.check_supported(self.tracker.root, self.candidates)
-        _ensure_optimizer_hooks()
+        optimizer_hooks.ensure_installed()
         self.tracker.attach()
         self.tracker.armed = True
         if not self._root_hooks:
@@ -270,23 +139,23 @@ class StepEngine:
             for position, candidate in enumerate(self.candidates):
                 self._grad_handles.append(candidate.param.register_post_accumulate_grad_hook(
                     lambda param, position=position: self._on_gradient(position, param)))
-        _ENGINES.add(self)
-        _PAUSED.discard(self)
+        optimizer_hooks.ENGINES.add(self)
+        optimizer_hooks.PAUSED.discard(self)
 
     @property
     def running(self) -> bool:
-        return self in _ENGINES
+        return self in optimizer_hooks.ENGINES
 
     def stop(self) -> None:
         """Pause: the adapter is not trained for now (disabled, another adapter active, inference mode). Pending
         gradients stay where they are; an optimizer step while paused is refused (`refuse_pending_gradients`)."""
         self._detach()
-        _PAUSED.add(self)
+        optimizer_hooks.PAUSED.add(self)
 
     def retire(self) -> None:
         """Stop for good (the adapter is deleted, reloaded or unloaded): nothing of this engine stays behind."""
         self._detach()
-        _PAUSED.discard(self)
+        optimizer_hooks.PAUSED.discard(self)
         if self.lean is not None:
             self.lean.clear_gradients()
             self.lean.reset()
@@ -311,12 +180,12 @@ class StepEngine:
         for handle in self._grad_handles:
             handle.remove()
         self._grad_handles.clear()
-        _ENGINES.discard(self)
+        optimizer_hooks.ENGINES.discard(self)
         self.decay.restore()
         self.strict.restore()
 
-    def weights_changed_by_us(self) -> None:
-        """Apply/revert/load changed the base deliberately: re-baseline the audit."""
+    def accept_weights(self) -> None:
+        """The weights were changed on purpose (an adapter applied, reverted or loaded): the audit starts over."""
         self.audit.invalidate()
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -540,7 +409,7 @@ class StepEngine:
         """The sparse optimizer state indexes the entries this process holds: under FSDP2 the rows of its shards.
         State loaded from another layout (another rank or number of processes, sharded or whole) is refused before
         anything changes; the layout is kept in the state for the next check."""
-        _watch_checkpoints(optimizer)
+        optimizer_hooks.watch_checkpoints(optimizer)
         layout = None
         if self.sharded:
             group = self._shard_sync.group
@@ -659,8 +528,8 @@ class StepEngine:
             self._skip(optimizer, reason=f"the gradients of {names} are not finite (inf or NaN). No weight changed.")
             return
         drawn, values, factors = lean.finish(self._new_stream)
-        if isinstance(self._sync, distributed.RankSync):
-            self._sync.check_draw(drawn)
+        if isinstance(self._rank_sync, distributed.RankSync):
+            self._rank_sync.check_draw(drawn)
         if not self._reuses_mask():
             self.draws += 1
         self.last_draw = drawn
@@ -676,7 +545,7 @@ class StepEngine:
         agree on the global top-k (`distributed.merged_draw`), and each keeps the drawn entries it holds."""
         sync = self._shard_sync
         sync.reset()
-        self._sync = self._sync_statistics()
+        self._rank_sync = self._sync_statistics()
         budgeted = self.max_changed is not None
         locals_ = [c.param.detach().to_local() for c in self.candidates]
         starts = [self._start_of(i) for i in range(len(self.candidates))]
@@ -747,7 +616,7 @@ class StepEngine:
 
     def _sync_statistics_for_lean(self) -> None:
         # Under data parallelism nothing was streamed: μ is reduced across ranks before the draw, as in dense mode.
-        self._sync = self._sync_statistics() if self.lean.stream is None else None
+        self._rank_sync = self._sync_statistics() if self.lean.stream is None else None
 
     def _lean_update(self, optimizer) -> None:
         drawn, values, factors, kind, done = self._pending

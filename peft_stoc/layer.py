@@ -23,7 +23,7 @@ def _flat(param: torch.Tensor) -> torch.Tensor:
     return param.detach().view(-1)
 
 
-def _merge(old: torch.Tensor, new: torch.Tensor, at: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+def _interleave_sorted(old: torch.Tensor, new: torch.Tensor, at: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
     """`old` and `new` interleaved: `new` at positions `at` (marked in `taken`), `old` in order elsewhere."""
     out = torch.empty(taken.numel(), dtype=old.dtype, device=old.device)
     out.index_copy_(0, at, new)
@@ -126,8 +126,8 @@ class Patch(_StateHolder):
             return
         at = torch.searchsorted(old, index) + torch.arange(index.numel(), device=index.device)
         taken = torch.zeros(old.numel() + index.numel(), dtype=torch.bool, device=index.device).index_fill_(0, at, True)
-        self.index[name] = _merge(old, index, at, taken)
-        self.original[name] = _merge(self.original[name], values, at, taken)
+        self.index[name] = _interleave_sorted(old, index, at, taken)
+        self.original[name] = _interleave_sorted(self.original[name], values, at, taken)
 
     def restore(self, params: Params) -> None:
         """Write the original values back (bit for bit) and forget them."""
@@ -416,7 +416,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
 
     def restore(self, params: Params) -> None:
         """Back to the base, bit for bit."""
-        self.unhide(params)
+        self.show_adapters(params)
         self.patch.restore(params)
         self.applied = ()
 
@@ -438,14 +438,14 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
                 hidden.open()
 
     # -- disabling without forgetting --------------------------------------------------------------------------
-    def hide(self, params: Params, owners: dict[str, list[nn.Module]], root: nn.Module) -> None:
+    def show_base(self, params: Params, owners: dict[str, list[nn.Module]], root: nn.Module) -> None:
         """Show the base to the forward while the adapted values stay in the weights (see `BaseView`; under FSDP2,
         `ShardedBaseView`)."""
         if self._view is None:
             sharded = any(distributed.is_shard(p) for p in params.values())
             self._view = ShardedBaseView(self.patch, params) if sharded else BaseView(self.patch, params, owners, root)
 
-    def unhide(self, params: Params | None = None) -> None:
+    def show_adapters(self, params: Params | None = None) -> None:
         if self._view is not None:
             self._view.close()
             self._view = None
@@ -509,3 +509,16 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
     def set_active(self, names: list[str], enabled: bool) -> None:
         self._active_adapter = names[0] if len(names) == 1 else list(names)
         self._disable_adapters = not enabled
+
+
+def find_tuner(model, required: bool = False):
+    """The StocTuning tuner of `model` — the tuner itself, a PeftModel (also inside DDP's `.module`) or a model
+    adapted in place (`inject_adapter_in_model`, transformers' PEFT integration) — found through the state layer
+    the adapted model carries. None when it has none, or a TypeError if `required`."""
+    if isinstance(model, nn.Module):
+        for module in model.modules():
+            if isinstance(module, StocTuningLayer) and module.__dict__.get("tuner") is not None:
+                return module.tuner
+    if required:
+        raise TypeError(f"{type(model).__name__} carries no StocTuning adapter.")
+    return None

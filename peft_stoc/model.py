@@ -24,7 +24,7 @@ from .candidates import Candidate, find_candidates, resolve_count
 from .config import union_of_excludes, union_of_targets
 from .delta import SparseDelta
 from .engine import BYPASS_HINT, StepEngine
-from .layer import AdapterSlot, StocTuningLayer
+from .layer import AdapterSlot, StocTuningLayer, find_tuner
 from .trainer_hooks import register_trainer_callback
 
 
@@ -141,7 +141,7 @@ class StocTuningModel(BaseTuner):
             adapter_name=adapter_name,
             activate_adapter=adapter_name in self.active_adapters,
         )
-        self._sync()
+        self._apply_adapter_state()
 
     # -- state -------------------------------------------------------------------------------------------------
     def _base_params(self) -> dict[str, nn.Parameter]:
@@ -171,14 +171,14 @@ class StocTuningModel(BaseTuner):
         self._requires_grad_before = following
         self._homes = {(id(now[key]) if key in now else key): home for key, home in self._homes.items()}
         layer = self.stoc_layer
-        layer.unhide()
+        layer.show_adapters()
         layer.patch.hold_only({c.name: c.param for c in candidates})
         self._fingerprints.clear()
         for engine in self._engines.values():
             engine.parameters_replaced()
-            engine.weights_changed_by_us()
+            engine.accept_weights()
 
-    def _wanted(self) -> tuple[str, ...]:
+    def _adapters_to_apply(self) -> tuple[str, ...]:
         """The adapters whose deltas should be in the weights: the merged ones, else the active one."""
         merged = tuple(self.stoc_layer.merged_adapters)
         return merged or tuple(a for a in self.active_adapters if a in self.stoc_layer.stoc_adapters)
@@ -216,7 +216,7 @@ class StocTuningModel(BaseTuner):
         the base's outputs under the adapter's name."""
         if not self._awaiting:  # the usual case, and the only check torch.compile traces
             return
-        missing = [name for name in self._awaiting if name in self._wanted()]
+        missing = [name for name in self._awaiting if name in self._adapters_to_apply()]
         if missing and getattr(self.model, "_hf_peft_config_loaded", False):
             counts = self.peft_config[missing[0]].saved_counts or {}
             raise RuntimeError(
@@ -265,7 +265,7 @@ class StocTuningModel(BaseTuner):
         self._steps_loaded.update({name: slot.step for name, slot in layer.stoc_adapters.items()})
         self._captured_at.clear()
         self._stale.update(layer.applied)
-        self._sync()
+        self._apply_adapter_state()
 
     def _drop_engine(self, name: str) -> None:
         engine = self._engines.pop(name, None)
@@ -273,14 +273,14 @@ class StocTuningModel(BaseTuner):
             engine.retire()
         self._captured_at.pop(name, None)
 
-    def _sync(self) -> None:
+    def _apply_adapter_state(self) -> None:
         """Bring weights, trainability and the step engine in line with the active/enabled/merged state."""
         layer, params = self.stoc_layer, self._base_params()
         training = self._training_adapter()
         for name, engine in self._engines.items():
             if name != training and engine.running:
                 engine.stop()  # kept: its stats and random stream go on when the adapter trains again
-        wanted = self._wanted()
+        wanted = self._adapters_to_apply()
         if wanted != layer.applied:
             for name in layer.applied:
                 self._capture(name)
@@ -289,9 +289,9 @@ class StocTuningModel(BaseTuner):
             else:
                 layer.restore(params)
         if layer.disable_adapters:
-            layer.hide(params, self._owners(), self.model)
+            layer.show_base(params, self._owners(), self.model)
         else:
-            layer.unhide(params)
+            layer.show_adapters(params)
         layer.set_active(self.active_adapters, enabled=not layer.disable_adapters)
         self._set_requires_grad(training)
         if training is not None:
@@ -308,7 +308,7 @@ class StocTuningModel(BaseTuner):
                 engine.on_shard = self._follow_shards
             if not engine.running:
                 engine.start()
-            engine.weights_changed_by_us()
+            engine.accept_weights()
 
     def _owners(self) -> dict[str, list[nn.Module]]:
         """The modules that own each candidate parameter (a tied weight has several)."""
@@ -341,7 +341,7 @@ class StocTuningModel(BaseTuner):
             layer.restore(self._base_params())  # its old values must not be mistaken for the base
         layer.stoc_adapters[adapter_name].delta = delta
         self._drop_engine(adapter_name)  # a loaded delta starts a fresh training history
-        self._sync()
+        self._apply_adapter_state()
 
     # -- PEFT API ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -358,7 +358,7 @@ class StocTuningModel(BaseTuner):
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)  # modules_to_save wrappers
         self.stoc_layer._disable_adapters = not enabled
-        self._sync()
+        self._apply_adapter_state()
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -374,14 +374,14 @@ class StocTuningModel(BaseTuner):
             self.stoc_layer.merged_adapters = []
         super().set_adapter(names[0], inference_mode=inference_mode)  # modules_to_save wrappers
         self._trainable[names[0]] = not inference_mode
-        self._sync()
+        self._apply_adapter_state()
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         super().set_requires_grad(names, requires_grad=requires_grad)
         for name in names:
             self._trainable[name] = requires_grad
-        self._sync()
+        self._apply_adapter_state()
 
     def delete_adapter(self, adapter_name: str) -> None:
         layer = self.stoc_layer
@@ -406,7 +406,7 @@ class StocTuningModel(BaseTuner):
         for module in self.model.modules():
             if isinstance(module, AuxiliaryTrainingWrapper):
                 module.delete_adapter(adapter_name, new_active_adapters=self.active_adapters or None)
-        self._sync()
+        self._apply_adapter_state()
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
@@ -421,14 +421,14 @@ class StocTuningModel(BaseTuner):
             for name in names:
                 _check_finite(self.adapter_delta(name), name)
         self.stoc_layer.merged_adapters = list(self.stoc_layer.merged_adapters) + names
-        self._sync()
+        self._apply_adapter_state()
 
     def unmerge_adapter(self) -> None:
         if not self.stoc_layer.merged_adapters:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         self.stoc_layer.merged_adapters = []
-        self._sync()
+        self._apply_adapter_state()
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "linear", **options) -> None:
@@ -467,7 +467,7 @@ class StocTuningModel(BaseTuner):
         self.inject_adapter(self.model, adapter_name)
         self.stoc_layer.stoc_adapters[adapter_name].delta = combined
         self._copy_modules_to_save(adapters[0], adapter_name)
-        self._sync()
+        self._apply_adapter_state()
 
     def _copy_modules_to_save(self, source: str, target: str) -> None:
         """The combined adapter keeps the task head of the first adapter."""
@@ -479,13 +479,13 @@ class StocTuningModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         layer, params = self.stoc_layer, self._base_params()
         if merge:
-            names = list(adapter_names) if adapter_names is not None else list(self._wanted())
+            names = list(adapter_names) if adapter_names is not None else list(self._adapters_to_apply())
             if safe_merge:
                 for name in names:
                     _check_finite(self.adapter_delta(name), name)
             layer._disable_adapters = False
             layer.merged_adapters = names
-            self._sync()
+            self._apply_adapter_state()
         for engine in self._engines.values():
             engine.retire()
         self._engines.clear()
@@ -496,7 +496,7 @@ class StocTuningModel(BaseTuner):
                 if isinstance(module, ModulesToSaveWrapper):
                     parent, _, child = _get_submodules(self.model, key)
                     setattr(parent, child, module.original_module)
-        layer.unhide()
+        layer.show_adapters()
         layer.patch = type(layer.patch)()
         self._remove_layer()
         for param, requires_grad in self._requires_grad_before.values():
@@ -616,7 +616,7 @@ class StocTuningModel(BaseTuner):
         """Accept changes made to the base weights outside an optimizer step as the new starting point."""
         engine = self.stoc_engine()
         if engine is not None:
-            engine.weights_changed_by_us()
+            engine.accept_weights()
 
     # -- adapter files ---------------------------------------------------------------------------------------
     def _adapter_params(self, adapter_name: str, config=None) -> dict[str, nn.Parameter]:
@@ -723,7 +723,7 @@ class StocTuningModel(BaseTuner):
     # -- save / load hooks (called by PEFT's get/set_peft_model_state_dict) --------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        tuner = _tuner_of(model)
+        tuner = find_tuner(model, required=True)
         delta = tuner.adapter_delta(adapter_name)
         whole_heads = tuner.__dict__.get("_whole_heads", {})
         for key, value in state_dict.items():
@@ -743,7 +743,7 @@ class StocTuningModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        tuner = _tuner_of(model)
+        tuner = find_tuner(model, required=True)
         if adapter_name not in tuner._validated:
             tuner.check_base(config, source=f"the state dict of adapter {adapter_name!r}")
         ours = {k: v for k, v in state_dict.items() if adapter_file.is_delta_key(k)}
@@ -755,20 +755,6 @@ class StocTuningModel(BaseTuner):
         tuner._awaiting.discard(adapter_name)
         tuner._validated.discard(adapter_name)
         return rest
-
-
-def _tuner_of(model) -> StocTuningModel:
-    """The tuner of a PeftModel, or of a model adapted in place (`inject_adapter_in_model`, transformers' PEFT
-    integration), found through the state layer it carries."""
-    if isinstance(model, StocTuningModel):
-        return model
-    tuner = model.__dict__.get("_modules", {}).get("base_model")
-    if isinstance(tuner, StocTuningModel):
-        return tuner
-    for module in model.modules():
-        if isinstance(module, StocTuningLayer) and isinstance(getattr(module, "tuner", None), StocTuningModel):
-            return module.tuner
-    raise TypeError(f"{type(model).__name__} carries no StocTuning adapter.")
 
 
 def _check_finite(delta: SparseDelta, adapter_name: str) -> None:

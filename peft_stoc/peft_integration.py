@@ -27,16 +27,10 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from . import adapter_file, atomic_folder, fingerprint, hub
+from .layer import find_tuner
 
 _MARK = "_peft_stoc_wrapped"
 _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "force_download", "local_files_only")
-
-
-def _tuner(peft_model):
-    from .model import StocTuningModel
-
-    tuner = getattr(peft_model, "base_model", None)
-    return tuner if isinstance(tuner, StocTuningModel) else None
 
 
 def _bound(function, self, args, kwargs) -> inspect.BoundArguments:
@@ -65,7 +59,7 @@ def check_adapter_name(name) -> None:
 def _wrap_save_pretrained(original):
     @functools.wraps(original)
     def save_pretrained(self, *args, **kwargs):
-        tuner = _tuner(self)
+        tuner = find_tuner(self)
         if tuner is None:
             return original(self, *args, **kwargs)
         call = _bound(original, self, args, kwargs)
@@ -165,7 +159,7 @@ def _validate(tuner, path: str, config, ignore_base_mismatch: bool):
 def _wrap_load_adapter(original):
     @functools.wraps(original)
     def load_adapter(self, model_id, adapter_name, *args, ignore_base_mismatch: bool = False, **kwargs):
-        tuner = _tuner(self)
+        tuner = find_tuner(self)
         if tuner is None:
             return original(self, model_id, adapter_name, *args, **kwargs)
         check_adapter_name(adapter_name)
@@ -198,7 +192,7 @@ def _wrap_from_pretrained(original):
 def _wrap_push_to_hub(original):
     @functools.wraps(original)
     def push_to_hub(self, repo_id: str, *args, **kwargs):
-        if _tuner(self) is None:
+        if find_tuner(self) is None:
             return original(self, repo_id, *args, **kwargs)
         kwargs.pop("max_shard_size", None)  # an adapter is one small file
         return hub.push_to_hub(self, repo_id, *args, **kwargs)
@@ -209,7 +203,7 @@ def _wrap_push_to_hub(original):
 def _wrap_print_trainable_parameters(original):
     @functools.wraps(original)
     def print_trainable_parameters(self) -> None:
-        tuner = _tuner(self)
+        tuner = find_tuner(self)
         if tuner is None:
             return original(self)
         counts = tuner.stoc_parameter_counts()
