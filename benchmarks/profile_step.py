@@ -23,7 +23,7 @@ from peft import get_peft_model
 
 import peft_stoc
 from peft_stoc import engine as engine_module
-from peft_stoc import selection, sparse_optim, streaming
+from peft_stoc import sparse_optim, streaming, thinning
 
 MODELS = ("full", "dense", "lean")
 NAMES = {"full": "full fine-tuning", "dense": "StocTuning dense", "lean": "StocTuning lean"}
@@ -124,10 +124,10 @@ def main() -> None:
     timers = Timers()
     dense, lean = engines["dense"], engines["lean"]
     timers.wrap(dense, "_draw", "draw", "dense")
-    timers.wrap(selection._Thinning, "_block_stats", "draw: first pass (block statistics)")
-    timers.wrap(selection._Thinning, "_first_threshold", "draw: threshold from the statistics")
-    timers.wrap(selection._Thinning, "_visit", "draw: second pass (thinning; keys included)")
-    timers.wrap(selection._Thinning, "_offer", "draw: keys of the entries that may win")
+    timers.wrap(thinning.Thinning, "_block_stats", "draw: first pass (block statistics)")
+    timers.wrap(thinning.Thinning, "_first_threshold", "draw: threshold from the statistics")
+    timers.wrap(thinning.Thinning, "_thin_first_round", "draw: second pass (thinning; keys included)")
+    timers.wrap(thinning.Thinning, "_offer", "draw: keys of the entries that may win")
     timers.wrap(dense.patch, "record", "record original values", "dense")
     timers.wrap(engine_module, "mask_gradient", "mask gradients")
     timers.wrap(dense.decay, "apply", "redirect weight decay", "dense")
@@ -136,7 +136,7 @@ def main() -> None:
     timers.wrap(lean.lean, "consume", "backward hooks (all)", "lean")
     timers.wrap(streaming.StreamingDraw, "add", "backward hooks: streaming draw (StreamingDraw.add)")
     timers.wrap(streaming.StreamingDraw, "_visit", "backward hooks: chunks of λ and thinning")
-    timers.wrap(selection._Thinning, "_offer", "backward hooks: keys of the entries that may win")
+    timers.wrap(thinning.Thinning, "_offer", "backward hooks: keys of the entries that may win")
     timers.wrap(lean.lean, "consume_dense", "optimizer pre-step: dense gradients joining the draw", "lean")
     timers.wrap(lean.lean, "finish", "optimizer pre-step: finish the draw", "lean")
     timers.wrap(lean.lean, "update", "after the step: sparse update (all)", "lean")
@@ -148,7 +148,7 @@ def main() -> None:
     in_dense = lambda: timers.model == "dense"  # noqa: E731
     count(
         touched,
-        selection._Thinning,
+        thinning.Thinning,
         "_block_stats",
         "first pass",
         lambda self, segments: segments[-1].start + segments[-1].size,
@@ -156,15 +156,15 @@ def main() -> None:
     )
     count(
         touched,
-        selection._Thinning,
-        "_visit",
+        thinning.Thinning,
+        "_thin_first_round",
         "second pass",
         lambda self, segments, *rest: segments[-1].start + segments[-1].size,
         in_dense,
     )
     count(
         touched,
-        selection._Thinning,
+        thinning.Thinning,
         "_offer",
         "keys",
         lambda self, segments, local, *rest, **named: local.numel(),
@@ -172,15 +172,15 @@ def main() -> None:
     )
     count(
         touched,
-        selection._Thinning,
-        "_visit_dense",
+        thinning.Thinning,
+        "_thin_chunk",
         "streamed",
         lambda self, segments, *rest: segments[-1].start + segments[-1].size,
         lambda: timers.model == "lean",
     )
     count(
         touched,
-        selection._Thinning,
+        thinning.Thinning,
         "_offer",
         "streamed keys",
         lambda self, segments, local, *rest, **named: local.numel(),
