@@ -10,7 +10,7 @@ import torch
 
 from . import distributed
 from .candidates import Candidate
-from .layer import Patch
+from .originals import Patch
 
 AUDIT_ENTRIES_PER_TENSOR = 4
 

@@ -20,8 +20,8 @@ from .audit import BYPASS_HINT, Audit
 from .candidates import Candidate
 from .consumed_grad import ConsumedGrad, accumulation_error, factor_of
 from .importance import Source
-from .layer import Patch
 from .lean import LeanStep, accelerate_syncs_gradients, state_bytes
+from .originals import Patch
 from .selection import draw, draw_uniform
 from .streaming import StreamingDraw
 from .tracking import ActivationTracker

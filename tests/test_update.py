@@ -1,9 +1,9 @@
-"""The confined update's building blocks (peft_stoc.update, layer.Patch): the record of originals, gradient masks,
+"""The confined update's building blocks (peft_stoc.update, originals.Patch): the record of originals, gradient masks,
 weight decay redirected to the drawn entries."""
 
 import torch
 
-from peft_stoc.layer import Patch
+from peft_stoc.originals import Patch
 from peft_stoc.update import DecayRedirect, mask_gradient
 
 
