@@ -53,7 +53,7 @@ def numpy_probabilities(sources: list[Source]) -> np.ndarray:
             parts.append(torch.zeros(source.numel, dtype=torch.float64))
         else:
             rows = source.param.shape[0] if source.param.dim() else 1
-            parts.append(importance(source, 0, rows).double().cpu())
+            parts.append(importance(source, slice(0, rows)).double().cpu())
     weight = torch.cat(parts).square_()
     return (weight / weight.sum()).numpy()
 
