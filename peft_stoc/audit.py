@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed
+from . import shards
 from .candidates import Candidate
 from .originals import Patch
 
@@ -29,7 +29,7 @@ class Audit:
         generator = torch.Generator().manual_seed(0x5170C)
         self.candidates = candidates
         # The entries held here: the whole tensor, or under FSDP2 this process's rows (positions are local to them).
-        held = [distributed.local_entries(c.param) for c in candidates]
+        held = [shards.local_entries(c.param) for c in candidates]
         self.starts = [start for _, start in held]
         self.positions = [
             torch.randint(max(1, flat.numel()), (min(AUDIT_ENTRIES_PER_TENSOR, flat.numel()),), generator=generator)
@@ -44,7 +44,7 @@ class Audit:
         if not self.candidates:
             return torch.empty(0)
         device = self.candidates[0].param.device  # a model spread over devices is checked on the first one's
-        return torch.cat([distributed.local_entries(c.param)[0].index_select(0, p).to(device)
+        return torch.cat([shards.local_entries(c.param)[0].index_select(0, p).to(device)
                           for c, p in zip(self.candidates, self.positions)])
 
     def refresh(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import distributed
+from . import shards
 from .originals import Params, Patch, flat
 
 
@@ -78,18 +78,18 @@ class ShardedBaseView:
     def open(self) -> None:
         with torch.no_grad():
             for name, index in self.patch.index.items():
-                flat, start = distributed.local_entries(self.params[name])
+                flat, start = shards.local_entries(self.params[name])
                 local = index.to(flat.device) - start
                 self._kept.append((flat, local, flat.index_select(0, local).clone()))
                 flat.index_copy_(0, local, self.patch.original[name].to(flat.device))
-        distributed.reshard(self.params.values())
+        shards.reshard(self.params.values())
 
     def close(self) -> None:
         with torch.no_grad():
             for flat, local, adapted in reversed(self._kept):
                 flat.index_copy_(0, local, adapted)
         self._kept.clear()
-        distributed.reshard(self.params.values())
+        shards.reshard(self.params.values())
 
 
 def _swaps_per_call(module: nn.Module) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import distributed, opaque_hooks, optimizer_hooks, sparse_optim
+from . import distributed, opaque_hooks, optimizer_hooks, sharded_draw, shards, sparse_optim
 from .audit import BYPASS_HINT, Audit
 from .candidates import Candidate
 from .consumed_grad import ConsumedGrad, accumulation_error, factor_of
@@ -125,7 +125,7 @@ class StepEngine:
         # FSDP2 replaced the parameters with; `shards` then holds, per candidate, the rows held here.
         self.on_shard = None
         self.shards: list[slice] | None = None
-        self._shard_sync: distributed.ShardSync | None = None
+        self._shard_sync: sharded_draw.ShardSync | None = None
 
     # -- life cycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -242,7 +242,7 @@ class StepEngine:
             if self.on_shard is not None:
                 self.on_shard()
             else:
-                replaced = distributed.sharded_replacements(self.candidates)
+                replaced = shards.sharded_replacements(self.candidates)
                 for candidate in self.candidates:
                     candidate.param = replaced.get(id(candidate.param), candidate.param)
                 if replaced:
@@ -270,20 +270,20 @@ class StepEngine:
                 "(memory-lean mode): use StocTuningConfig(memory='auto') or 'lean' with torch.optim SGD, Adam or "
                 "AdamW, not memory='dense'."
             )
-        whole = [c.name for c in self.candidates if not distributed.is_shard(c.param)]
+        whole = [c.name for c in self.candidates if not shards.is_shard(c.param)]
         if whole:  # every rank holds it whole: each would offer its entries as its own
             raise distributed.UnsupportedDistributedSetup(
                 f"FSDP2 left {len(whole)} candidate parameters unsharded (e.g. '{whole[0]}', in `ignored_params` or "
                 "outside every `fully_shard` unit): StocTuning draws over dim-0 shards, so shard them too, or leave "
                 "their modules out of the candidates with `exclude_modules`."
             )
-        self.shards = [distributed.shard_rows(c.param) for c in self.candidates]
+        self.shards = [shards.shard_rows(c.param) for c in self.candidates]
         self.parameters_replaced()
         self._strays = weakref.WeakKeyDictionary()
         self.audit = Audit(self.candidates)
-        mesh = next(c.param.device_mesh for c in self.candidates if distributed.is_shard(c.param))
+        mesh = next(c.param.device_mesh for c in self.candidates if shards.is_shard(c.param))
         group = mesh.get_group()
-        self._shard_sync = distributed.ShardSync(group)
+        self._shard_sync = sharded_draw.ShardSync(group)
         if self.reduce_statistics is None:
             self.reduce_statistics = distributed.RankSync(group)
         if self._grad_handles:  # the hooks of the parameters FSDP2 replaced never fire: hook the shards
@@ -542,7 +542,7 @@ class StepEngine:
 
     def _sharded_step(self, optimizer, kind: str) -> None:
         """The draw over FSDP2 shards: each process offers the best keys among the entries it holds, the processes
-        agree on the global top-k (`distributed.merged_draw`), and each keeps the drawn entries it holds."""
+        agree on the global top-k (`sharded_draw.merged_draw`), and each keeps the drawn entries it holds."""
         sync = self._shard_sync
         sync.reset()
         self._rank_sync = self._sync_statistics()
@@ -574,7 +574,7 @@ class StepEngine:
             candidate, grad = self.candidates[position], self.candidates[position].param.grad
             if grad is None:
                 continue
-            grad = grad.to_local() if distributed.is_shard(grad) else grad
+            grad = grad.to_local() if shards.is_shard(grad) else grad
             if grad.numel() == 0:
                 continue  # no rows of this tensor here (it has fewer rows than there are processes)
             held += grad.numel() * grad.element_size()
@@ -592,7 +592,7 @@ class StepEngine:
             drawn, values = stream.finish()
             count = self.stats.drawn if self._reuses_mask() else self.k
         else:
-            drawn, values, count = distributed.merged_draw(stream, sync, changed)
+            drawn, values, count = sharded_draw.merged_draw(stream, sync, changed)
         if not self._reuses_mask():
             self.draws += 1
         self.last_draw = [index + start for index, start in zip(drawn, starts)]  # the part held here

@@ -11,7 +11,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from . import distributed
+from . import sharded_draw, shards
 from .base_view import BaseView, ShardedBaseView
 from .delta import SparseDelta, add_delta
 from .originals import Params, Patch, StateHolder
@@ -86,16 +86,16 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         with torch.no_grad():
             for name, (index, values) in combined.tensors.items():
                 param = params[name]
-                flat, start = distributed.local_entries(param)
+                flat, start = shards.local_entries(param)
                 index = index.to(flat.device)
-                if distributed.is_shard(param):  # FSDP2: each process changes the rows it holds
+                if shards.is_shard(param):  # FSDP2: each process changes the rows it holds
                     inside = (index >= start) & (index < start + flat.numel())
                     index, values = index[inside], values[inside.to(values.device)]
                 self.patch.record(name, param, index)
                 local = index - start
                 flat[local] = add_delta(flat[local], values)
         self.applied = tuple(names)
-        distributed.reshard(params.values())
+        shards.reshard(params.values())
 
     def _check_finite_result(self, delta: SparseDelta, params: Params, names: tuple[str, ...]) -> None:
         for name, (index, values) in delta.tensors.items():
@@ -121,9 +121,9 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
             if isinstance(hidden, ShardedBaseView):
                 hidden.close()  # the adapted values, not the base shown while disabled
             delta = self.patch.delta(params, masters)
-            group = distributed.shard_group(params.values())
+            group = shards.shard_group(params.values())
             if group is not False:
-                gathered = distributed.gather_entries(delta.tensors, list(params), group)
+                gathered = sharded_draw.gather_entries(delta.tensors, list(params), group)
                 delta = SparseDelta({n: (i.to(params[n].device), v.to(params[n].device))
                                      for n, (i, v) in gathered.items()})
             self.stoc_adapters[name].delta = delta
@@ -135,7 +135,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         """Show the base to the forward while the adapted values stay in the weights (see `BaseView`; under FSDP2,
         `ShardedBaseView`)."""
         if self._view is None:
-            sharded = any(distributed.is_shard(p) for p in params.values())
+            sharded = any(shards.is_shard(p) for p in params.values())
             self._view = ShardedBaseView(self.patch, params) if sharded else BaseView(self.patch, params, owners, root)
 
     def show_adapters(self, params: Params | None = None) -> None:
@@ -183,10 +183,10 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         tuner = getattr(self, "tuner", None)
         params = tuner._base_params() if tuner is not None else {}
         parts = {name: (index, patch.original[name]) for name, index in patch.index.items()}
-        group = distributed.shard_group(params.values())
+        group = shards.shard_group(params.values())
         if group is False:
             return parts
-        gathered = distributed.gather_entries(parts, list(params), group,
+        gathered = sharded_draw.gather_entries(parts, list(params), group,
                                               dtypes={name: p.dtype for name, p in params.items()})
         return {name: (index.to(params[name].device), values.to(params[name].device))
                 for name, (index, values) in gathered.items()}

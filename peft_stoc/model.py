@@ -19,7 +19,7 @@ from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_additional_trainable_modules
 from torch import nn
 
-from . import adapter_file, distributed, fingerprint
+from . import adapter_file, fingerprint, shards
 from .candidates import Candidate, find_candidates, resolve_count
 from .config import union_of_excludes, union_of_targets
 from .delta import SparseDelta
@@ -156,14 +156,14 @@ class StocTuningModel(BaseTuner):
         attribute = {id(c.param): c.name.rpartition(".")[2] for c in candidates}
         if all(c.uses[0].module._parameters.get(attribute[id(c.param)]) is c.param for c in candidates if c.uses):
             return
-        replaced = distributed.sharded_replacements(candidates)
+        replaced = shards.sharded_replacements(candidates)
         if not replaced:
             return
         for candidate in candidates:
             candidate.param = replaced.get(id(candidate.param), candidate.param)
-        shards = distributed.fsdp2_shards()
-        now = {key: shards[(id(module), name)] for key, (module, name) in self._homes.items()
-               if (id(module), name) in shards}
+        managed = shards.fsdp2_shards()
+        now = {key: managed[(id(module), name)] for key, (module, name) in self._homes.items()
+               if (id(module), name) in managed}
         following = {}
         for key, (param, requires_grad) in self._requires_grad_before.items():
             param = now.get(key, param)
@@ -236,7 +236,7 @@ class StocTuningModel(BaseTuner):
         """FSDP2: collect the applied adapters' deltas and the base fingerprints from every process now (state dicts
         are taken on every process), so that a save the main process then makes alone (Trainer under FSDP) needs no
         collective."""
-        if distributed.shard_group(self._base_params().values()) is False:
+        if shards.shard_group(self._base_params().values()) is False:
             return
         for name in self.stoc_layer.applied:
             self._capture(name)
@@ -247,7 +247,7 @@ class StocTuningModel(BaseTuner):
             if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "modules_to_save"):
                 for adapter, trained in module.modules_to_save.items():
                     for name, param in trained.named_parameters():
-                        whole = param.full_tensor() if distributed.is_shard(param) else param.detach().clone()
+                        whole = param.full_tensor() if shards.is_shard(param) else param.detach().clone()
                         self._whole_heads[f"{module_name}.modules_to_save.{adapter}.{name}"] = whole
 
     def _step_of(self, name: str) -> int:
@@ -698,7 +698,7 @@ class StocTuningModel(BaseTuner):
 
     def _fingerprint(self, config) -> dict:
         whole = self._fingerprint_params(config)
-        if distributed.shard_group(whole.values()) is False:
+        if shards.shard_group(whole.values()) is False:
             return fingerprint.compute(whole, self.stoc_layer.patch_base_values(whole))
         # FSDP2: base values are read where they are held and summed over the processes, once (the base does not
         # change); the main process then writes the file's header without another collective.
@@ -729,7 +729,7 @@ class StocTuningModel(BaseTuner):
         for key, value in state_dict.items():
             # FSDP2: the fully trained copies (modules_to_save) PEFT takes from this state dict next are shards. They
             # were gathered with the state dict when every process took it (the main process may save alone).
-            if f".modules_to_save.{adapter_name}." in key and distributed.is_shard(value):
+            if f".modules_to_save.{adapter_name}." in key and shards.is_shard(value):
                 suffix = next((s for s in whole_heads if key == s or key.endswith("." + s)), None)
                 state_dict[key] = whole_heads.pop(suffix) if suffix is not None else value.full_tensor()
         # PEFT saves this config object right after the tensors: the fingerprint and counts go with it.

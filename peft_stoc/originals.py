@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from . import distributed
+from . import sharded_draw, shards
 from .delta import SparseDelta, add_delta
 
 Params = dict[str, nn.Parameter]
@@ -118,7 +118,7 @@ class Patch(StateHolder):
             index = index.masked_select(~known)
         if index.numel() == 0:
             return
-        flat, start = distributed.local_entries(param)  # under FSDP2: the rows held here; indices stay whole-tensor
+        flat, start = shards.local_entries(param)  # under FSDP2: the rows held here; indices stay whole-tensor
         values = flat.index_select(0, index - start if start else index)
         if old is None or old.numel() == 0:
             self.index[name], self.original[name] = index.clone(), values
@@ -132,20 +132,20 @@ class Patch(StateHolder):
         """Write the original values back (bit for bit) and forget them."""
         with torch.no_grad():
             for name, index in self.index.items():
-                flat, start = distributed.local_entries(params[name])
+                flat, start = shards.local_entries(params[name])
                 flat[index.to(flat.device) - start if start else index.to(flat.device)] = self.original[name].to(
                     flat.device)
         self.index.clear()
         self.original.clear()
-        distributed.reshard(params.values())
+        shards.reshard(params.values())
 
     def hold_only(self, params: Params) -> None:
         """Keep the entries this process holds (FSDP2: the rows of its shards); other processes keep theirs."""
         for name in list(self.index):
             param = params.get(name)
-            if param is None or not distributed.is_shard(param):
+            if param is None or not shards.is_shard(param):
                 continue
-            flat, start = distributed.local_entries(param)
+            flat, start = shards.local_entries(param)
             index = self.index[name]
             inside = (index >= start) & (index < start + flat.numel())
             self.index[name] = index[inside]
@@ -160,7 +160,7 @@ class Patch(StateHolder):
         for bit."""
         tensors = {}
         for name, index in self.index.items():
-            flat, start = distributed.local_entries(params[name])
+            flat, start = shards.local_entries(params[name])
             index_here = index.to(flat.device)
             weights = flat.index_select(0, index_here - start if start else index_here)
             current = weights.float()
@@ -175,7 +175,7 @@ class Patch(StateHolder):
     def base_values(self, name: str, param: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Base values at `positions`, looking through any change currently applied. Under FSDP2 each process reads
         the positions it holds and the values are summed over the processes: call it on every process."""
-        if distributed.is_shard(param):
+        if shards.is_shard(param):
             return self._sharded_base_values(name, param, positions)
         values = flat(param)[positions].clone()
         index = self.index.get(name)
@@ -188,7 +188,7 @@ class Patch(StateHolder):
 
 
     def _sharded_base_values(self, name: str, param: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        flat, start = distributed.local_entries(param)
+        flat, start = shards.local_entries(param)
         positions = positions.to(flat.device)
         inside = (positions >= start) & (positions < start + flat.numel())
         values = torch.zeros(positions.shape, dtype=torch.float64, device=flat.device)
@@ -200,7 +200,7 @@ class Patch(StateHolder):
             hit = index[slot] == held
             found[hit] = self.original[name][slot[hit]].to(found.device)
         values.masked_scatter_(inside, found.double())
-        values = values.to(distributed._comm_device())
+        values = values.to(sharded_draw._comm_device())
         torch.distributed.all_reduce(values, group=param.device_mesh.get_group())
         return values.to(device=flat.device, dtype=param.dtype)
 

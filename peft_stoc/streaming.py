@@ -166,7 +166,7 @@ class StreamingDraw:
         return index, values
 
     def pools(self) -> tuple[list[KeyPool], list[KeyPool] | None]:
-        """The pools before they are split by tensor, for a draw merged across processes (`distributed.merged_draw`):
+        """The pools before they are split by tensor, for a draw merged across processes (`sharded_draw.merged_draw`):
         [the pool], or [already-changed, new] under a budget; and the fill reservoirs [already-changed, new], None
         once k entries of non-zero importance were seen. Tensors that sent no gradient join the reservoirs first."""
         self._flush_small()

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from peft import PeftModel, get_peft_model
 from safetensors.torch import save_file
 
-from peft_stoc import StocTuningConfig, distributed
+from peft_stoc import StocTuningConfig, distributed, sharded_draw, shards
 from peft_stoc.importance import Source
 from peft_stoc.streaming import StreamingDraw
 
@@ -108,7 +108,7 @@ def whole_draw(peft_model) -> torch.Tensor:
     engine = peft_model.base_model.stoc_engine()
     drawn = engine.last_draw
     if engine.sharded:
-        drawn = distributed.gather_draw(drawn)
+        drawn = sharded_draw.gather_draw(drawn)
     out, offset = [], 0
     for candidate, index in zip(engine.candidates, drawn):
         out.append(index.cpu() + offset)
@@ -133,7 +133,7 @@ def train(peft_model, arch: str, rank: int, world: int, steps: int = STEPS, opti
 
 def whole_weights(model) -> dict[str, torch.Tensor]:
     """Every parameter, whole (gathered from the shards)."""
-    return {name: (p.full_tensor() if distributed.is_shard(p) else p).detach().clone().contiguous()
+    return {name: (p.full_tensor() if shards.is_shard(p) else p).detach().clone().contiguous()
             for name, p in model.named_parameters()}
 
 
@@ -274,7 +274,7 @@ def scenario_frequency(rank: int, world: int, out: Path) -> None:
     sizes = [s.numel for s in sources]
     offsets = np.cumsum([0] + sizes[:-1])
     counts = torch.zeros(sum(sizes), dtype=torch.float64)
-    sync = distributed.ShardSync()
+    sync = sharded_draw.ShardSync()
     generator = torch.Generator().manual_seed(1000 + rank)
     started = time.perf_counter()
     for _ in range(FREQUENCY_TRIALS):
@@ -283,10 +283,10 @@ def scenario_frequency(rank: int, world: int, out: Path) -> None:
         for tensor_id in reversed(range(len(shards))):
             local = shards[tensor_id][0]
             stream.add(tensor_id, local.grad, local.means)
-        drawn, _, count = distributed.merged_draw(stream, sync, None)
+        drawn, _, count = sharded_draw.merged_draw(stream, sync, None)
         assert count == FREQUENCY_K
         whole = [index + part.start * rows for index, (_, part), rows in zip(drawn, shards, per_row)]
-        for tensor_id, index in enumerate(distributed.gather_draw(whole)):
+        for tensor_id, index in enumerate(sharded_draw.gather_draw(whole)):
             counts[index + int(offsets[tensor_id])] += 1
     seconds = time.perf_counter() - started
     _save(out / f"frequency.rank{rank}.safetensors", {"counts": counts, "seconds": torch.tensor(seconds)})
@@ -297,15 +297,15 @@ def scenario_fill(rank: int, world: int, out: Path) -> None:
     rank (each rank holds one non-zero entry)."""
     values = torch.tensor([0.0, 5.0, 0.0, 0.0, 2.0, 0.0])
     local = values[rank * 3 : rank * 3 + 3]
-    sync = distributed.ShardSync()
+    sync = sharded_draw.ShardSync()
     generator = torch.Generator().manual_seed(77 + rank)
     counts = torch.zeros(6, dtype=torch.float64)
     for _ in range(2000):
         stream = StreamingDraw([local.clone()], 4, "stochastic", generator)
         stream.add(0, torch.ones(3), [(None, 0)])
-        drawn, _, count = distributed.merged_draw(stream, sync, None)
+        drawn, _, count = sharded_draw.merged_draw(stream, sync, None)
         assert count == 4
-        counts[distributed.gather_draw([drawn[0] + 3 * rank])[0]] += 1
+        counts[sharded_draw.gather_draw([drawn[0] + 3 * rank])[0]] += 1
     _save(out / f"fill.rank{rank}.safetensors", {"counts": counts})
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from peft_stoc import StocTuningConfig, distributed
+from peft_stoc import StocTuningConfig, distributed, sharded_draw, shards
 from peft_stoc.distributed import UnsupportedDistributedSetup
 
 from . import fsdp_worker as worker
@@ -309,7 +309,7 @@ def test_fsdp2_needs_the_memory_lean_mode(one_process_group):
     # The refused engine stays with its model: it knows its optimizers by the shards, not by the parameters
     # `fully_shard` freed, whose ids may come back with the parameters of another model (and its optimizer).
     engine = model.base_model.stoc_engine()
-    assert all(distributed.is_shard(c.param) for c in engine.candidates)
+    assert all(shards.is_shard(c.param) for c in engine.candidates)
     assert set(engine._ids) == {id(c.param) for c in engine.candidates}
 
 
@@ -367,7 +367,7 @@ def test_accelerate_fsdp_plugin_version(monkeypatch, version, refused):
 
 
 def test_shard_sync_top_agrees_with_topk_on_one_process(one_process_group):
-    sync = distributed.ShardSync()
+    sync = sharded_draw.ShardSync()
     generator = torch.Generator().manual_seed(0)
     for trial in range(300):
         n = int(torch.randint(1, 200, (1,), generator=generator))

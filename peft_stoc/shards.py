@@ -1,0 +1,130 @@
+"""FSDP2's dim-0 shards: which candidates are shards, and which rows of a tensor this process holds.
+
+Under FSDP2 (`fully_shard`) every rank holds a range of rows (dim 0) of each parameter as a DTensor, and FSDP2 swaps
+a whole unsharded copy onto the module while it computes. These helpers find the shards at any time and give the
+entries a rank holds in whole-tensor coordinates.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .candidates import Candidate
+
+
+@functools.cache
+def dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return None
+    return DTensor
+
+
+def is_shard(param) -> bool:
+    """Whether `param` is a DTensor: under FSDP2, this rank's dim-0 shard of a parameter."""
+    dtensor = dtensor_type()
+    return dtensor is not None and isinstance(param, dtensor)
+
+
+def _fsdp2_states() -> list:
+    """FSDP2's state of every module sharded by `fully_shard` in this process, with the module."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:  # torch built without distributed support
+        return []
+    found = []
+    for module, ref in list(_module_state_mapping.items()):
+        state = ref() if callable(ref) else ref
+        if getattr(state, "_fsdp_param_group", None) is not None:
+            found.append((module, state))
+    return found
+
+
+def fsdp2_shards() -> dict[tuple[int, str], nn.Parameter]:
+    """(id of a module, parameter name) -> FSDP2's sharded parameter, for every parameter FSDP2 manages. FSDP2 swaps
+    the module's registered parameter for an unsharded copy while the module computes; this map finds the shard at
+    any time."""
+    found = {}
+    for _, state in _fsdp2_states():
+        for fsdp_param in state._fsdp_param_group.fsdp_params:
+            info = fsdp_param._module_info
+            found[(id(info.module), info.param_name)] = fsdp_param.sharded_param
+            for module, name in zip(info.shared_modules, info.shared_param_names):
+                found[(id(module), name)] = fsdp_param.sharded_param
+    return found
+
+
+def shard_problem(param, managed: dict) -> str | None:
+    """Why the DTensor `param` is not a dim-0 shard StocTuning can train (None when it is)."""
+    if not any(shard is param for shard in managed.values()):
+        return "is a DTensor that FSDP2 does not manage (tensor parallelism?)"
+    from torch.distributed.tensor import Shard
+
+    if param.device_mesh.ndim != 1 or len(param.placements) != 1 or param.placements[0] != Shard(0):
+        return (f"is sharded as {tuple(param.placements)} over a {param.device_mesh.ndim}-D mesh; StocTuning follows "
+                "FSDP2's dim-0 shards over a 1-D mesh (not HSDP or tensor parallelism)")
+    return None
+
+
+def sharded_replacements(candidates: list[Candidate]) -> dict[int, nn.Parameter]:
+    """id of a candidate's parameter -> the dim-0 shard FSDP2 replaced it with (only candidates FSDP2 replaced)."""
+    if not dist.is_available():
+        return {}
+    managed = fsdp2_shards()
+    found = {}
+    for candidate in candidates:
+        attribute = candidate.name.rpartition(".")[2]
+        for use in candidate.uses:
+            shard = managed.get((id(use.module), attribute))
+            if shard is None:
+                registered = use.module._parameters.get(attribute)
+                shard = registered if is_shard(registered) else None
+            if shard is not None and shard is not candidate.param:
+                found[id(candidate.param)] = shard
+                break
+    return found
+
+
+def reshard(params) -> None:
+    """Drop the unsharded copies FSDP2 keeps of the modules holding `params` (the root keeps its copy between
+    forwards): after StocTuning wrote into the shards outside an optimizer step, the next forward gathers them anew."""
+    wanted = {id(p) for p in params}
+    for module, state in _fsdp2_states():
+        if any(id(fsdp_param.sharded_param) in wanted for fsdp_param in state._fsdp_param_group.fsdp_params):
+            module.reshard()
+
+
+def local_entries(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The entries of `param` this process holds, flat, and the flat index in the whole tensor of the first one. A
+    plain tensor is held whole; an FSDP2 shard (a DTensor) holds a range of rows."""
+    if not is_shard(param):
+        return param.detach().view(-1), 0
+    local = param.detach().to_local()
+    return local.view(-1), shard_rows(param).start * _per_row(param.shape)
+
+
+def _per_row(shape) -> int:
+    return int(torch.Size(shape[1:]).numel()) if len(shape) else 1
+
+
+def shard_rows(param) -> slice:
+    """The rows of the whole tensor this process holds of the FSDP2 shard `param`."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if not len(shape):
+        return slice(0, 1)
+    return slice(offset[0], offset[0] + shape[0])
+
+
+def shard_group(params) -> dist.ProcessGroup | None | bool:
+    """The process group of the FSDP2 shards among `params`; False when none is a shard."""
+    for param in params:
+        if is_shard(param):
+            return param.device_mesh.get_group()
+    return False
