@@ -13,7 +13,6 @@ out as (batch, seq) or (seq, batch); anything else counts all its rows.
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import sys
 import warnings
@@ -22,16 +21,14 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from . import opaque_hooks
 from .candidates import Candidate, UseKind, is_rms_norm
+from .row_gathers import RowGathers
+from .token_scopes import scope_arguments
 
 # A factor of μ: a vector along one weight dimension, or None for the constant 1.
 MeanFactor = tuple[torch.Tensor | None, int]
-
-# Arguments that make a module a token scope: it takes model inputs, and its `attention_mask` describes them.
-TOKEN_INPUTS = ("input_ids", "inputs_embeds", "input_features", "input_values", "pixel_values")
 
 # Token layouts of a value's leading dimensions relative to the (batch, seq) mask.
 BATCH_FIRST, SEQ_FIRST, UNALIGNED = "batch_first", "seq_first", "unaligned"
@@ -52,56 +49,6 @@ class _Sum:
         self.tokens += float(tokens)
 
 
-class _RowGathers(TorchFunctionMode):
-    """Records which rows of `weight` torch functions gather while one embedding module runs.
-
-    Embedding subclasses compute their indices inside `forward` (OPT and BART add an offset to positions they derive
-    from a mask or a shape; Whisper slices the table), so the module's arguments do not say which rows it read.
-    """
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = weight
-        self.rows: list[torch.Tensor] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        rows = _gathered_rows(func, args, kwargs, self.weight)
-        if rows is not None:
-            self.rows.append(rows.detach())
-        return func(*args, **kwargs)
-
-
-def _gathered_rows(func, args, kwargs, weight: torch.Tensor) -> torch.Tensor | None:
-    """Row indices of `weight` that the call `func(*args, **kwargs)` gathers, or None if it gathers none."""
-    if func is F.embedding:
-        table = args[1] if len(args) > 1 else kwargs.get("weight")
-        return args[0] if table is weight and args else None
-    if func in (torch.Tensor.index_select, torch.index_select) and args and args[0] is weight:
-        dim = args[1] if len(args) > 1 else kwargs.get("dim")
-        index = args[2] if len(args) > 2 else kwargs.get("index")
-        return index if dim == 0 else None
-    if func is torch.Tensor.__getitem__ and args and args[0] is weight:
-        return _rows_of_index(args[1], weight.shape[0], weight.device)
-    return None
-
-
-def _rows_of_index(index, rows: int, device) -> torch.Tensor | None:
-    """Rows selected by `weight[index]`, shaped like the lookup's leading dimensions; None for other indexing."""
-    if isinstance(index, tuple):
-        whole = all(part is Ellipsis or part == slice(None) for part in index[1:])
-        return _rows_of_index(index[0], rows, device) if index and whole else None
-    if isinstance(index, slice):
-        return torch.arange(*index.indices(rows), device=device)
-    if isinstance(index, int):
-        return torch.tensor(index % rows, device=device)
-    if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
-        return index.nonzero().squeeze(-1) if index.dim() == 1 else None
-    if isinstance(index, torch.Tensor) and not index.is_floating_point():
-        return index.remainder(rows)
-    return None
-
-
 class ActivationTracker:
     """Forward hooks that accumulate μ for `candidates` while `armed`."""
 
@@ -118,7 +65,7 @@ class ActivationTracker:
         self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}  # per-forward: mask -> weights
         self._sums: dict[int, _Sum] = {}
         self._layouts: dict[int, set[str]] = {}  # layouts each module's inputs had whenever they were unambiguous
-        self._recorders: dict[int, _RowGathers] = {}  # embedding modules running under a row recorder
+        self._recorders: dict[int, RowGathers] = {}  # embedding modules running under a row recorder
         self._untraced: set[int] = set()  # embedding modules that ran this step without a row gather we can follow
         self._forwards = 0  # training forwards this step
         self._bypassed_now: set[int] | None = None  # parameters used around their modules (found at the first means())
@@ -127,7 +74,7 @@ class ActivationTracker:
             for use in candidate.uses:
                 if use.kind is not UseKind.CONSTANT:
                     self._modules[id(use.module)] = (use.module, use.kind)
-        self._scope_arguments = _scope_arguments(root)
+        self._scope_arguments = scope_arguments(root)
         _warn_once(root, _untraced_types(candidates), UNTRACED_TYPES)
 
     # -- hooks -------------------------------------------------------------------------------------------------
@@ -317,7 +264,7 @@ class ActivationTracker:
     def _start_recording(self, module):
         if torch.compiler.is_compiling() or not self._active() or id(module) in self._recorders:
             return  # a torch function mode cannot run inside a compiled graph: `_on_recorded_embedding` says so
-        recorder = _RowGathers(module.weight)
+        recorder = RowGathers(module.weight)
         recorder.__enter__()
         self._recorders[id(module)] = recorder
 
@@ -428,47 +375,6 @@ def _first_tensor(output) -> torch.Tensor | None:
     if isinstance(output, (tuple, list)):
         output = output[0] if output else None
     return output if isinstance(output, torch.Tensor) else None
-
-
-def _forward_parameters(module: nn.Module) -> list[str]:
-    try:
-        return list(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        return []
-
-
-class _ScopeArguments:
-    """Where a token scope's forward receives its padding mask and its token inputs."""
-
-    def __init__(self, parameters: list[str], mask: str | None, tokens: tuple[str, ...]):
-        self.positions = {name: i for i, name in enumerate(parameters)}
-        self.mask = mask
-        self.tokens = tokens
-
-    def find(self, name: str | None, args: tuple, kwargs: dict):
-        if name is None:
-            return None
-        if name in kwargs:
-            return kwargs[name]
-        position = self.positions.get(name)
-        return args[position] if position is not None and position < len(args) else None
-
-
-def _scope_arguments(root: nn.Module) -> dict[nn.Module, _ScopeArguments]:
-    """The token scopes of `root` (itself included), with where each receives its mask and token inputs.
-
-    An encoder-decoder wrapper's own computations (the LM head) run on decoder tokens: its mask is the decoder's."""
-    scopes: dict[nn.Module, _ScopeArguments] = {}
-    for module in root.modules():
-        params = _forward_parameters(module)
-        if "decoder_input_ids" in params or "decoder_attention_mask" in params:
-            scopes[module] = _ScopeArguments(params, "decoder_attention_mask",
-                                             ("decoder_input_ids", "decoder_inputs_embeds"))
-        elif "attention_mask" in params and any(arg in params for arg in TOKEN_INPUTS):
-            scopes[module] = _ScopeArguments(params, "attention_mask", ("input_ids", "inputs_embeds"))
-        elif module is root:
-            scopes[module] = _ScopeArguments(params, None, ("input_ids", "inputs_embeds"))
-    return scopes
 
 
 def _describe(name: str, module: nn.Module) -> str:
