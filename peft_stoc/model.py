@@ -8,27 +8,26 @@ merged set) to the base, and runs a `StepEngine` while the active adapter is tra
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import warnings
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_additional_trainable_modules
 from torch import nn
 
-from . import adapter_file, fingerprint, shards
+from . import shards
+from .adapter_io import AdapterFiles
 from .candidates import Candidate, find_candidates, resolve_count
-from .config import union_of_excludes, union_of_targets
 from .delta import SparseDelta
-from .engine import BYPASS_HINT, StepEngine
-from .layer import AdapterSlot, StocTuningLayer, find_tuner
+from .engine import StepEngine
+from .layer import AdapterSlot, StocTuningLayer
+from .merging import Merging
 from .trainer_hooks import register_trainer_callback
 
 
-class StocTuningModel(BaseTuner):
+class StocTuningModel(AdapterFiles, Merging, BaseTuner):
     """Stochastic Tuning of a transformers model (Akbar-Tajari & Pilehvar).
 
     Created by `peft.get_peft_model(model, StocTuningConfig(...))`; not meant to be built directly.
@@ -408,103 +407,6 @@ class StocTuningModel(BaseTuner):
                 module.delete_adapter(adapter_name, new_active_adapters=self.active_adapters or None)
         self._apply_adapter_state()
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
-        for name in names:
-            if name not in self.stoc_layer.stoc_adapters:
-                raise ValueError(f"Adapter {name!r} not found; adapters: {list(self.stoc_layer.stoc_adapters)}")
-        # PEFT's rule and wording: adapters merged already stay merged, the others are merged in addition.
-        names = check_adapters_to_merge(self.stoc_layer, names)
-        if not names:
-            return
-        if safe_merge:
-            for name in names:
-                _check_finite(self.adapter_delta(name), name)
-        self.stoc_layer.merged_adapters = list(self.stoc_layer.merged_adapters) + names
-        self._apply_adapter_state()
-
-    def unmerge_adapter(self) -> None:
-        if not self.stoc_layer.merged_adapters:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        self.stoc_layer.merged_adapters = []
-        self._apply_adapter_state()
-
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "linear", **options) -> None:
-        """Add `adapter_name` = Σ weights[i] · delta(adapters[i]) (union of entries). It is not made active.
-
-        Args:
-            combination_type: only "linear" applies to sparse deltas (LoRA's "svd", "cat", "ties", ... combine
-                low-rank factors, which StocTuning adapters do not have).
-        """
-        if combination_type != "linear":
-            raise ValueError(f"combination_type={combination_type!r} does not apply to StocTuning adapters, which are "
-                             "sparse deltas: use combination_type='linear' (a weighted sum of the deltas).")
-        given = {key: value for key, value in options.items() if value is not None}
-        if given:
-            raise ValueError(f"{sorted(given)} only apply to other combination types; StocTuning combines linearly.")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists.")
-        missing = [a for a in adapters if a not in self.stoc_layer.stoc_adapters]
-        if missing:
-            raise ValueError(f"Unknown adapters {missing}; adapters: {list(self.stoc_layer.stoc_adapters)}")
-        if not adapters:
-            raise ValueError("`adapters` must name at least one adapter.")
-        heads = {tuple(sorted(self.peft_config[a].modules_to_save or [])) for a in adapters}
-        if len(heads) > 1:
-            raise ValueError("Cannot combine adapters whose modules_to_save differ.")
-        combined = SparseDelta.weighted_sum([self.adapter_delta(a) for a in adapters], list(weights))
-        for name, (_, values) in combined.tensors.items():
-            if not bool(torch.isfinite(values.float()).all()):
-                raise ValueError(f"The weighted sum overflows in '{name}' (values beyond float range); use smaller "
-                                 "weights. Nothing was added.")
-        config = copy.deepcopy(self.peft_config[adapters[0]])
-        config.inference_mode = True
-        config.target_modules = union_of_targets([self.peft_config[a] for a in adapters])
-        config.exclude_modules = union_of_excludes([self.peft_config[a] for a in adapters])
-        self.peft_config[adapter_name] = config
-        self.inject_adapter(self.model, adapter_name)
-        self.stoc_layer.stoc_adapters[adapter_name].delta = combined
-        self._copy_modules_to_save(adapters[0], adapter_name)
-        self._apply_adapter_state()
-
-    def _copy_modules_to_save(self, source: str, target: str) -> None:
-        """The combined adapter keeps the task head of the first adapter."""
-        for module in self.model.modules():
-            if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "modules_to_save"):
-                if source in module.modules_to_save and target in module.modules_to_save:
-                    module.modules_to_save[target].load_state_dict(module.modules_to_save[source].state_dict())
-
-    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
-        layer, params = self.stoc_layer, self._base_params()
-        if merge:
-            names = list(adapter_names) if adapter_names is not None else list(self._adapters_to_apply())
-            if safe_merge:
-                for name in names:
-                    _check_finite(self.adapter_delta(name), name)
-            layer._disable_adapters = False
-            layer.merged_adapters = names
-            self._apply_adapter_state()
-        for engine in self._engines.values():
-            engine.retire()
-        self._engines.clear()
-        if not merge:
-            layer.restore(params)
-            # `unload` hands back the base exactly as it was given: its original heads, not the trained copies.
-            for key, module in list(self.model.named_modules()):
-                if isinstance(module, ModulesToSaveWrapper):
-                    parent, _, child = _get_submodules(self.model, key)
-                    setattr(parent, child, module.original_module)
-        layer.show_adapters()
-        layer.patch = type(layer.patch)()
-        self._remove_layer()
-        for param, requires_grad in self._requires_grad_before.values():
-            param.requires_grad_(requires_grad)
-        return super()._unload_and_optionally_merge(
-            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
-
     # -- observability -----------------------------------------------------------------------------------------
     def stoc_stats(self, adapter_name: str | None = None) -> dict[str, float]:
         """Figures of an adapter (default: the one being trained): optimizer steps, entries drawn at the last step,
@@ -617,147 +519,3 @@ class StocTuningModel(BaseTuner):
         engine = self.stoc_engine()
         if engine is not None:
             engine.accept_weights()
-
-    # -- adapter files ---------------------------------------------------------------------------------------
-    def _adapter_params(self, adapter_name: str, config=None) -> dict[str, nn.Parameter]:
-        if config is None:
-            return {c.name: c.param for c in self._candidates[adapter_name]}
-        return {c.name: c.param for c in find_candidates(self.model, config)}
-
-    def _adapter_numels(self, adapter_name: str, config=None) -> dict[str, int]:
-        """Entries per candidate tensor: what a delta's indices are checked against."""
-        return {name: p.numel() for name, p in self._adapter_params(adapter_name, config).items()}
-
-    def _fingerprint_params(self, config) -> dict[str, nn.Parameter]:
-        """Every base parameter outside the fully trained heads, whatever `target_modules` chose: adapters of one
-        base share a fingerprint."""
-        whole = copy.copy(config)
-        whole.target_modules = whole.exclude_modules = None
-        return {c.name: c.param for c in find_candidates(self.model, whole)}
-
-    def verify_integrity(self) -> None:
-        """Raise if the base changed outside an intercepted optimizer step (an adapter saved now would be wrong)."""
-        engine = self.stoc_engine()
-        if engine is not None:
-            engine.audit.verify(context=BYPASS_HINT)
-
-    def counts(self, adapter_name: str) -> dict[str, int]:
-        """Entries changed, tensors changed, candidate entries, k and optimizer steps of `adapter_name`."""
-        delta = self.adapter_delta(adapter_name)
-        k, _ = self._counts[adapter_name]
-        return {
-            "changed": delta.num_changed,
-            "tensors": len(delta.tensors),
-            "candidates": sum(c.numel for c in self._candidates[adapter_name]),
-            "k": k,
-            "step": self._step_of(adapter_name),
-        }
-
-    def check_base(self, config, source: str, ignore_base_mismatch: bool = False) -> None:
-        """Refuse to load onto a base whose fingerprint differs from the one `config` was saved with."""
-        recorded = config.base_fingerprint
-        if recorded is None:
-            return  # a state dict that was never saved through save_pretrained: nothing to compare
-        whole = self._fingerprint_params(config)
-        reason = fingerprint.mismatch(recorded, whole, self.stoc_layer.patch_base_values(whole))
-        if reason is not None and not ignore_base_mismatch:
-            raise adapter_file.AdapterFileError(
-                f"{source} was made for another base model: {reason}. Load it onto the base it was trained on "
-                f"(base_model_name_or_path={config.base_model_name_or_path!r}), or pass "
-                "`ignore_base_mismatch=True` to `load_adapter` to apply it anyway."
-            )
-
-    def file_metadata(self, adapter_name: str) -> dict[str, str]:
-        """Header metadata of `adapter_name`'s file: format, counts and the base-model fingerprint."""
-        params = self._adapter_params(adapter_name)
-        delta = self.adapter_delta(adapter_name)
-        counts = self.counts(adapter_name)
-        shapes = {name: list(params[name].shape) for name in delta.tensors}
-        return {
-            adapter_file.META_FORMAT: adapter_file.FORMAT_VERSION,
-            adapter_file.META_COUNTS: json.dumps(counts),
-            adapter_file.META_SHAPES: json.dumps(shapes, separators=(",", ":")),
-            adapter_file.META_FINGERPRINT: fingerprint.to_json(self._fingerprint(self.peft_config[adapter_name])),
-        }
-
-    def check_file(self, file: adapter_file.AdapterFile, config, ignore_base_mismatch: bool = False) -> None:
-        """Validate everything in `file` against this model before any of it is applied."""
-        recorded = file.fingerprint
-        if recorded is None:
-            raise adapter_file.AdapterFileError(f"{file.path} has no base-model fingerprint in its header.")
-        whole = self._fingerprint_params(config)
-        reason = fingerprint.mismatch(recorded, whole, self.stoc_layer.patch_base_values(whole))
-        if reason is not None and not ignore_base_mismatch:
-            raise adapter_file.AdapterFileError(
-                f"{file.path} was made for another base model: {reason}. Load it onto the base it was trained on "
-                f"(base_model_name_or_path={config.base_model_name_or_path!r}), or pass "
-                "`ignore_base_mismatch=True` to apply it anyway."
-            )
-        adapter_file.parse_delta(file.tensors, self._adapter_numels("", config), source=file.path)
-        adapter_file.check_other_tensors(file.tensors, self._head_shapes(config), source=file.path)
-
-    def _fingerprint(self, config) -> dict:
-        whole = self._fingerprint_params(config)
-        if shards.shard_group(whole.values()) is False:
-            return fingerprint.compute(whole, self.stoc_layer.patch_base_values(whole))
-        # FSDP2: base values are read where they are held and summed over the processes, once (the base does not
-        # change); the main process then writes the file's header without another collective.
-        key = tuple(sorted(whole))
-        if key not in self._fingerprints:
-            self._fingerprints[key] = fingerprint.compute(whole, self.stoc_layer.patch_base_values(whole))
-        return self._fingerprints[key]
-
-    def _head_shapes(self, config) -> dict[str, torch.Size]:
-        """File keys and shapes of the modules_to_save tensors this model expects."""
-        wanted = list(config.modules_to_save or [])
-        shapes = {}
-        for name, module in self.model.named_modules():
-            # PEFT's own rule for modules_to_save is a plain suffix match.
-            if not name or not any(name.endswith(w) for w in wanted):
-                continue
-            source = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
-            for key, value in source.state_dict().items():
-                shapes[f"{adapter_file.MODEL_PREFIX}{name}.{key}"] = value.shape
-        return shapes
-
-    # -- save / load hooks (called by PEFT's get/set_peft_model_state_dict) --------------------------------------
-    @classmethod
-    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        tuner = find_tuner(model, required=True)
-        delta = tuner.adapter_delta(adapter_name)
-        whole_heads = tuner.__dict__.get("_whole_heads", {})
-        for key, value in state_dict.items():
-            # FSDP2: the fully trained copies (modules_to_save) PEFT takes from this state dict next are shards. They
-            # were gathered with the state dict when every process took it (the main process may save alone).
-            if f".modules_to_save.{adapter_name}." in key and shards.is_shard(value):
-                suffix = next((s for s in whole_heads if key == s or key.endswith("." + s)), None)
-                state_dict[key] = whole_heads.pop(suffix) if suffix is not None else value.full_tensor()
-        # PEFT saves this config object right after the tensors: the fingerprint and counts go with it.
-        config.base_fingerprint = tuner._fingerprint(config)
-        config.saved_counts = tuner.counts(adapter_name)
-        return adapter_file.delta_tensors(delta, tuner._adapter_numels(adapter_name), getattr(torch, config.save_dtype))
-
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        return key if adapter_file.is_delta_key(key) else super()._remove_adapter_name_from_key(key, adapter_name)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        tuner = find_tuner(model, required=True)
-        if adapter_name not in tuner._validated:
-            tuner.check_base(config, source=f"the state dict of adapter {adapter_name!r}")
-        ours = {k: v for k, v in state_dict.items() if adapter_file.is_delta_key(k)}
-        rest = {k: v for k, v in state_dict.items() if k not in ours}
-        delta = adapter_file.parse_delta(ours, tuner._adapter_numels(adapter_name))
-        if isinstance(config.saved_counts, dict):
-            tuner.note_loaded(adapter_name, config.saved_counts)
-        tuner.set_adapter_delta(adapter_name, delta)
-        tuner._awaiting.discard(adapter_name)
-        tuner._validated.discard(adapter_name)
-        return rest
-
-
-def _check_finite(delta: SparseDelta, adapter_name: str) -> None:
-    for name, (_, values) in delta.tensors.items():
-        if not torch.isfinite(values).all():
-            raise ValueError(f"Adapter {adapter_name!r} has non-finite values in '{name}'; refusing to merge.")
