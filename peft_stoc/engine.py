@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -18,11 +17,14 @@ from torch import nn
 from . import distributed, opaque_hooks, optimizer_hooks, sharded_draw, shards, sparse_optim
 from .audit import BYPASS_HINT, Audit
 from .candidates import Candidate
-from .consumed_grad import ConsumedGrad, accumulation_error, factor_of
-from .importance import Source
+from .consumed_grad import ConsumedGrad, accumulation_error
+from .importance import Source, finite_means
 from .lean import LeanStep, accelerate_syncs_gradients, state_bytes
+from .lean_steps import LeanSteps
+from .optimizer_checks import OptimizerChecks
 from .originals import Patch
-from .selection import draw, draw_uniform
+from .selection import draw, step_seed
+from .sharded_step import ShardedSteps
 from .streaming import StreamingDraw
 from .tracking import ActivationTracker
 from .update import DecayRedirect, StrictGuard, mask_gradient
@@ -54,29 +56,7 @@ class StepStats:
         }
 
 
-# Optimizers that move entries whose gradient is zero although their state is zero (ASGD's decay and averaging,
-# L-BFGS's dense search direction): their steps cannot be confined, so they are refused before they run.
-UNCONFINABLE = ("ASGD", "LBFGS", "SparseAdam")
-
-def _held(index: torch.Tensor, start: int, size: int) -> torch.Tensor:
-    """The whole-tensor flat indices `index` that fall in [start, start + size), made local to that range."""
-    inside = (index >= start) & (index < start + size)
-    return index.masked_select(inside) - start
-
-
-def finite_means(means) -> bool:
-    return all(vector is None or bool(torch.isfinite(vector).all()) for vector, _ in means)
-
-
-def step_seed(seed: int, step: int, rank: int | None = None) -> int:
-    """The seed of draw number `step`: the draws of a run depend only on (seed, step), so a run resumed at any step
-    continues with the draws an uninterrupted run would make. `rank`: the independent stream of one process drawing
-    over its FSDP2 shards."""
-    digest = hashlib.blake2b(f"{seed}:{step}{'' if rank is None else f':{rank}'}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-class StepEngine:
+class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
     """Stochastic Tuning for one trainable adapter: tracking, drawing and confining every optimizer step."""
 
     def __init__(self, root: nn.Module, candidates: list[Candidate], config, patch: Patch, k: int, max_changed,
@@ -251,54 +231,6 @@ class StepEngine:
                 self.follow_shards()
             self._setup_checked = True
 
-    @property
-    def sharded(self) -> bool:
-        return self.shards is not None
-
-    def parameters_replaced(self) -> None:
-        """The candidates hold other parameters now (FSDP2's shards): the optimizers this engine serves are found by
-        the new ones. (The ids of the replaced parameters, freed, may come back with the parameters of another
-        model.)"""
-        self._ids = {id(c.param): i for i, c in enumerate(self.candidates)}
-        self._owned = weakref.WeakKeyDictionary()
-
-    def follow_shards(self) -> None:
-        """The candidates are FSDP2's dim-0 shards now: draw over the rows held here, update them in place."""
-        if self.lean is None:
-            raise distributed.UnsupportedDistributedSetup(
-                "Under FSDP2, StocTuning applies the optimizer's update to the drawn entries of each shard itself "
-                "(memory-lean mode): use StocTuningConfig(memory='auto') or 'lean' with torch.optim SGD, Adam or "
-                "AdamW, not memory='dense'."
-            )
-        whole = [c.name for c in self.candidates if not shards.is_shard(c.param)]
-        if whole:  # every rank holds it whole: each would offer its entries as its own
-            raise distributed.UnsupportedDistributedSetup(
-                f"FSDP2 left {len(whole)} candidate parameters unsharded (e.g. '{whole[0]}', in `ignored_params` or "
-                "outside every `fully_shard` unit): StocTuning draws over dim-0 shards, so shard them too, or leave "
-                "their modules out of the candidates with `exclude_modules`."
-            )
-        self.shards = [shards.shard_rows(c.param) for c in self.candidates]
-        self.parameters_replaced()
-        self._strays = weakref.WeakKeyDictionary()
-        self.audit = Audit(self.candidates)
-        mesh = next(c.param.device_mesh for c in self.candidates if shards.is_shard(c.param))
-        group = mesh.get_group()
-        self._shard_sync = sharded_draw.ShardSync(group)
-        if self.reduce_statistics is None:
-            self.reduce_statistics = distributed.RankSync(group)
-        if self._grad_handles:  # the hooks of the parameters FSDP2 replaced never fire: hook the shards
-            for handle in self._grad_handles:
-                handle.remove()
-            self._grad_handles.clear()
-            for position, candidate in enumerate(self.candidates):
-                self._grad_handles.append(candidate.param.register_post_accumulate_grad_hook(
-                    lambda param, position=position: self._on_gradient(position, param)))
-
-    def _start_of(self, position: int) -> int:
-        """Flat index in the whole tensor of the first entry held here."""
-        shape = self.candidates[position].param.shape
-        return self.shards[position].start * (int(shape[1:].numel()) if len(shape) else 1)
-
     # -- backward (lean) ---------------------------------------------------------------------------------------
     def _streams_now(self) -> bool:
         """Whether the running backward ends the step, so its gradients can be consumed as they complete."""
@@ -405,69 +337,6 @@ class StepEngine:
         else:
             self._dense_step(optimizer)
 
-    def _check_sparse_state(self, optimizer) -> None:
-        """The sparse optimizer state indexes the entries this process holds: under FSDP2 the rows of its shards.
-        State loaded from another layout (another rank or number of processes, sharded or whole) is refused before
-        anything changes; the layout is kept in the state for the next check."""
-        optimizer_hooks.watch_checkpoints(optimizer)
-        layout = None
-        if self.sharded:
-            group = self._shard_sync.group
-            layout = (torch.distributed.get_rank(group), torch.distributed.get_world_size(group))
-        holder = optimizer.state.get(self.state_key)
-        if holder and holder.get("tensors"):
-            saved = tuple(holder["shards"]) if holder.get("shards") is not None else None
-            if saved != layout:
-                def where(shards):
-                    return (f"rank {shards[0]} of {shards[1]} processes under FSDP2 (the rows that rank holds)"
-                            if shards else "whole parameters (one process or DDP)")
-
-                raise distributed.UnsupportedDistributedSetup(
-                    f"The optimizer's StocTuning state ({self.state_key!r}) indexes the entries of {where(saved)}, "
-                    f"but this process holds those of {where(layout)}. Load each process's own optimizer state on as "
-                    "many processes sharded alike, or start the optimizer afresh (the adapter's state in the model "
-                    "loads onto any layout)."
-                )
-        if layout is not None:
-            optimizer.state[self.state_key]["shards"] = layout
-        elif holder:
-            holder.pop("shards", None)
-
-    def _refuse_unconfinable(self, optimizer) -> None:
-        name = type(optimizer).__name__
-        if name in UNCONFINABLE:
-            raise ValueError(
-                f"StocTuning cannot confine {name}: it moves entries whose gradient is zero, so every base entry "
-                "would change. Use SGD, Adam or AdamW (or another optimizer that leaves such entries alone)."
-            )
-        strays = [name for name, param in self.untracked_base_params(optimizer) if param.grad is not None]
-        if strays:
-            raise RuntimeError(
-                f"StocTuning: base parameter '{strays[0]}' (and {len(strays) - 1} more) would be trained densely: it "
-                "requires a gradient but is not a candidate of the adapter being trained, so its change would be "
-                "neither confined nor saved. Freeze it (`requires_grad_(False)`), or make it a candidate "
-                "(`target_modules`) or a fully trained module (`modules_to_save`)."
-            )
-
-    def untracked_base_params(self, optimizer) -> list[tuple[str, torch.Tensor]]:
-        """Base parameters held by `optimizer` that are neither candidates nor trained copies of modules_to_save."""
-        count = sum(len(g["params"]) for g in optimizer.param_groups)
-        cached = self._strays.get(optimizer)
-        if cached is None or cached[0] != count:
-            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            allowed = set(self._ids) | self._trained_copies()
-            found = [(n, p) for n, p in self.tracker.root.named_parameters(remove_duplicate=True)
-                     if id(p) in held and id(p) not in allowed]
-            cached = (count, found)
-            self._strays[optimizer] = cached
-        return cached[1]
-
-    def _trained_copies(self) -> set[int]:
-        from peft.utils.other import AuxiliaryTrainingWrapper
-
-        return {id(p) for m in self.tracker.root.modules() if isinstance(m, AuxiliaryTrainingWrapper)
-                for name, p in m.named_parameters() if not name.startswith("original_module.")}
-
     def _skipped_by_scaler(self, optimizer) -> bool:
         """A fused optimizer stepped by GradScaler skips inside its kernel when an inf/NaN was found."""
         found_inf = getattr(optimizer, "found_inf", None)
@@ -485,151 +354,9 @@ class StepEngine:
         self._abandon_step()
         self._cycle_drawn = True
 
-    def _leave_lean(self, optimizer) -> None:
-        """An optimizer whose arithmetic StocTuning does not reproduce: dense mode from now on (or refuse)."""
-        name = type(optimizer).__name__
-        if self.config.update_rule == "lazy":
-            raise ValueError(
-                f"update_rule='lazy' is applied by StocTuning's memory-lean mode, which reproduces torch.optim SGD, "
-                f"Adam and AdamW, not {name}. Use one of those, or update_rule='masked_grad' / 'strict'."
-            )
-        if self.config.memory == "lean":
-            raise ValueError(
-                f"StocTuningConfig(memory='lean') reproduces the updates of torch.optim SGD, Adam and AdamW, not of "
-                f"{name}. Use one of those, or memory='dense' (or the default 'auto', which falls back to dense)."
-            )
-        warnings.warn(
-            f"StocTuning trains in memory='dense' mode with {name}: the memory-lean mode reproduces the updates of "
-            "torch.optim SGD, Adam and AdamW only, so this optimizer gets dense gradients and keeps its own state "
-            "for every candidate.",
-            stacklevel=4,
-        )
-        lean, self.lean = self.lean, None
-        if lean.stream is not None:  # gradients already consumed in this step: give them back, masked
-            drawn, values, factors = lean.finish(self._new_stream)
-            for candidate, index, value, factor in zip(self.candidates, drawn, values, factors):
-                if value is None:
-                    candidate.param.grad = None
-                    continue
-                grad = torch.zeros_like(candidate.param)
-                grad.view(-1).index_copy_(0, index, (value * factor).to(grad.dtype))
-                candidate.param.grad = grad
-            self._given_draw = drawn
-        lean.reset()
-
-    def _lean_step(self, optimizer, kind: str) -> None:
-        if self.sharded:
-            return self._sharded_step(optimizer, kind)
-        lean = self.lean
-        self._sync_statistics_for_lean()
-        lean.consume_dense(list(self._gradient_order), self.tracker.means, self._new_stream)
-        if lean.nonfinite:
-            names = ", ".join(lean.nonfinite[:3])
-            self._skip(optimizer, reason=f"the gradients of {names} are not finite (inf or NaN). No weight changed.")
-            return
-        drawn, values, factors = lean.finish(self._new_stream)
-        if isinstance(self._rank_sync, distributed.RankSync):
-            self._rank_sync.check_draw(drawn)
-        if not self._reuses_mask():
-            self.draws += 1
-        self.last_draw = drawn
-        self.stats.drawn = int(sum(d.numel() for d in drawn))
-        self.stats.grad_bytes = lean.peak_grad_bytes
-        self._pending = (drawn, values, factors, kind, set())
-        self._release_gradients(optimizer)
-        self.stats.step += 1
-        self._cycle_drawn = True
-
-    def _sharded_step(self, optimizer, kind: str) -> None:
-        """The draw over FSDP2 shards: each process offers the best keys among the entries it holds, the processes
-        agree on the global top-k (`sharded_draw.merged_draw`), and each keeps the drawn entries it holds."""
-        sync = self._shard_sync
-        sync.reset()
-        self._rank_sync = self._sync_statistics()
-        budgeted = self.max_changed is not None
-        locals_ = [c.param.detach().to_local() for c in self.candidates]
-        starts = [self._start_of(i) for i in range(len(self.candidates))]
-        device = locals_[0].device
-        fixed = None
-        if self._reuses_mask():
-            fixed = [(d - start).to(local.device) for d, start, local in zip(self.last_draw, starts, locals_)]
-        elif self.config.selection == "random" and not budgeted:
-            whole = draw_uniform([Source(c.param, None, []) for c in self.candidates], self.k, self._generator(device))
-            fixed = [_held(index, start, local.numel()) for index, start, local in zip(whole, starts, locals_)]
-        changed = None
-        if budgeted:
-            changed = [_held(self.patch.index[c.name], start, local.numel()) if c.name in self.patch.index else None
-                       for c, start, local in zip(self.candidates, starts, locals_)]
-        rank = torch.distributed.get_rank(sync.group)
-        stream = StreamingDraw(
-            locals_, self.k, self.config.selection,
-            torch.Generator(device=device).manual_seed(step_seed(self.config.seed, self.stats.step, rank)),
-            fixed=fixed, changed=changed,
-            max_new=max(0, self.max_changed - self._changed_count()) if budgeted else None,
-        )
-        order = list(self._gradient_order)
-        order += [p for p in range(len(self.candidates)) if p not in self._gradient_order]
-        bad, held = [], 0
-        for position in order:
-            candidate, grad = self.candidates[position], self.candidates[position].param.grad
-            if grad is None:
-                continue
-            grad = grad.to_local() if shards.is_shard(grad) else grad
-            if grad.numel() == 0:
-                continue  # no rows of this tensor here (it has fewer rows than there are processes)
-            held += grad.numel() * grad.element_size()
-            means = self.tracker.means(candidate, self.shards[position])
-            if not bool(torch.isfinite(torch.linalg.vector_norm(grad))) or not finite_means(means):
-                bad.append(candidate.name)
-                continue
-            stream.add(position, grad, means)
-        if sync.total(len(bad)):  # a shard anywhere with inf/NaN: every process skips
-            where = ", ".join(bad[:3]) or "tensors held by another process"
-            self._skip(optimizer, reason=f"the gradients or activations of {where} are not finite (inf or NaN). "
-                                         "No weight changed.")
-            return
-        if fixed is not None:
-            drawn, values = stream.finish()
-            count = self.stats.drawn if self._reuses_mask() else self.k
-        else:
-            drawn, values, count = sharded_draw.merged_draw(stream, sync, changed)
-        if not self._reuses_mask():
-            self.draws += 1
-        self.last_draw = [index + start for index, start in zip(drawn, starts)]  # the part held here
-        self.stats.drawn = count
-        self.stats.grad_bytes = held
-        self._pending = (drawn, values, [factor_of(c.param.grad) for c in self.candidates], kind, set())
-        self._release_gradients(optimizer)
-        self.stats.step += 1
-        self._cycle_drawn = True
-
     def _changed_count(self) -> int:
         """Entries changed so far, over all processes under FSDP2."""
         return self._shard_sync.total(self.patch.count) if self.sharded else self.patch.count
-
-    def _release_gradients(self, optimizer) -> None:
-        """The candidates this optimizer holds leave its hands: StocTuning updates them after its step."""
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for candidate in self.candidates:
-            if id(candidate.param) in held:
-                candidate.param.grad = None
-
-    def _sync_statistics_for_lean(self) -> None:
-        # Under data parallelism nothing was streamed: μ is reduced across ranks before the draw, as in dense mode.
-        self._rank_sync = self._sync_statistics() if self.lean.stream is None else None
-
-    def _lean_update(self, optimizer) -> None:
-        drawn, values, factors, kind, done = self._pending
-        kind = sparse_optim.kind_of(optimizer) or kind
-        if self.sharded:  # indices local to the rows held here; the record of originals keeps whole-tensor indices
-            starts = {id(c): self._start_of(i) for i, c in enumerate(self.candidates)}
-            self.lean.update(optimizer, kind, self.config.update_rule, drawn, values, factors,
-                             lambda c, index: self.patch.record(c.name, c.param, index + starts[id(c)]), done,
-                             param_of=lambda c: c.param.detach().to_local())
-        else:
-            self.lean.update(optimizer, kind, self.config.update_rule, drawn, values, factors,
-                             lambda c, index: self.patch.record(c.name, c.param, index), done)
-        self._sparse_states = self.lean.states(optimizer)
 
     def _nonfinite_candidates(self) -> list[str]:
         """Candidates whose gradient or μ is not finite (their importance would be NaN or inf)."""
@@ -701,13 +428,3 @@ class StepEngine:
     @property
     def state_key(self) -> str:
         return self._state_key
-
-    def masters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Float32 master values of low-precision candidates, by name: (sorted flat indices, values). They outlive
-        the optimizer, so an adapter saved after training still gets the float32 deltas."""
-        states = self._sparse_states or {}
-        masters = {name: (s["index"], s["master"]) for name, s in states.items() if "master" in s and "index" in s}
-        if self.sharded:  # the sparse state of a shard indexes the rows held here
-            starts = {c.name: self._start_of(i) for i, c in enumerate(self.candidates)}
-            masters = {name: (index + starts[name], values) for name, (index, values) in masters.items()}
-        return masters

@@ -83,3 +83,8 @@ def importance(source: Source, rows: slice | torch.Tensor, scale: float = 1.0,
     if factor is not None:
         value.mul_(factor)
     return value.abs_().reshape(-1)
+
+
+def finite_means(means: list[MeanFactor]) -> bool:
+    """Whether every factor of μ is finite."""
+    return all(vector is None or bool(torch.isfinite(vector).all()) for vector, _ in means)

@@ -20,6 +20,8 @@ that stops taking new entries once the budget is spent.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from .importance import Source, chunk_entries_for, importance, row_chunks
@@ -151,3 +153,11 @@ def _count_new(sources: list[Source], drawn: list[torch.Tensor]) -> int:
         else:
             total += int((~torch.isin(idx, source.changed.to(idx.device))).sum())
     return total
+
+
+def step_seed(seed: int, step: int, rank: int | None = None) -> int:
+    """The seed of draw number `step`: the draws of a run depend only on (seed, step), so a run resumed at any step
+    continues with the draws an uninterrupted run would make. `rank`: the independent stream of one process drawing
+    over its FSDP2 shards."""
+    digest = hashlib.blake2b(f"{seed}:{step}{'' if rank is None else f':{rank}'}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

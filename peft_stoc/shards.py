@@ -128,3 +128,9 @@ def shard_group(params) -> dist.ProcessGroup | None | bool:
         if is_shard(param):
             return param.device_mesh.get_group()
     return False
+
+
+def held_locally(index: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """The whole-tensor flat indices `index` that fall in [start, start + size), made local to that range."""
+    inside = (index >= start) & (index < start + size)
+    return index.masked_select(inside) - start
