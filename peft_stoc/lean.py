@@ -105,6 +105,7 @@ class LeanStep:
         """Forget the step (after it ran, or when it was abandoned)."""
         self.stream = None
         self.nonfinite = []
+        self.peak_grad_bytes = 0
 
     def clear_gradients(self) -> None:
         """Drop the consumed-gradient placeholders of an abandoned step."""

@@ -61,7 +61,9 @@ class ActivationTracker:
         self._training_forward = False  # the running forward records gradients
         self._scopes: list[torch.Tensor | None] = []  # (batch, seq) masks of the token scopes entered (None: unknown)
         self._scope_outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # a scope output -> its mask
-        self._seen: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}  # per-forward cache by input tensor
+        # Per-forward cache of sums by input tensor. The input is held weakly: a strong reference would keep every
+        # layer's input alive until the forward ends, which activation checkpointing exists to avoid.
+        self._seen: dict[tuple, tuple[weakref.ref, torch.Tensor, float]] = {}
         self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}  # per-forward: mask -> weights
         self._sums: dict[int, _Sum] = {}
         self._layouts: dict[int, set[str]] = {}  # layouts each module's inputs had whenever they were unambiguous
@@ -206,7 +208,7 @@ class ActivationTracker:
         weights = self._token_weights(module, values.shape[:-1], self._mask_for(values), values.dtype, values.device)
         key = (id(values), None if weights is None else id(weights[0]))
         cached = self._seen.get(key) if shared else None
-        if cached is not None and cached[0] is values:
+        if cached is not None and cached[0]() is values:
             total, tokens = cached[1], cached[2]
         else:
             flat = values.reshape(-1, values.shape[-1])
@@ -219,7 +221,7 @@ class ActivationTracker:
             else:
                 total, tokens = (weights[0].reshape(-1) @ flat).float(), weights[1]
             if shared:  # q, k and v projections read the same tensor: sum it once per forward.
-                self._seen[key] = (values, total, tokens)
+                self._seen[key] = (weakref.ref(values), total, tokens)
         self._sums.setdefault(id(module), _Sum()).add(total, tokens)
 
     def _count_rows(self, module: nn.Module, rows: torch.Tensor) -> None:

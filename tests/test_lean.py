@@ -280,3 +280,25 @@ def test_lazy_rule_advances_only_the_drawn_entries_state():
     trained = dict(model.base_model._base_params())
     for n in names:
         assert torch.allclose(trained[n], params[n], rtol=0, atol=2e-6), n
+
+
+def test_grad_bytes_are_those_of_the_latest_step():
+    """`memory="auto"` holds the first step's gradients densely (a plain loop shows no sign of accumulation before
+    its first step ends), then streams them: the figure of each step is its own, not the largest so far."""
+    model = get_peft_model(tiny_model(hidden_size=128, intermediate_size=512, num_hidden_layers=2, vocab_size=4000,
+                                      num_attention_heads=4),
+                           StocTuningConfig(k=200, task_type="SEQ_CLS"))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    figures = []
+    for step in range(2):
+        model(**batch(seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        figures.append(model.stoc_stats()["grad_bytes"])
+    from peft_stoc.streaming import PACK_BELOW
+
+    nbytes = [c.param.numel() * c.param.element_size() for c in model.base_model.stoc_engine().candidates]
+    small = sum(n for n, c in zip(nbytes, model.base_model.stoc_engine().candidates) if c.param.numel() < PACK_BELOW)
+    assert figures[0] == sum(nbytes)
+    assert figures[1] <= max(nbytes) + small < figures[0]

@@ -415,3 +415,25 @@ def test_untraced_types_warn_once_per_model_at_the_callers_line(tmp_path):
         PeftModel.from_pretrained(_vit(), tmp_path)  # for inference: μ plays no part
         PeftModel.from_pretrained(_vit(), tmp_path, is_trainable=True)  # a new model to train: warned once
     assert len([w for w in caught if "does not trace" in str(w.message)]) == 1
+
+
+def test_statistics_keep_no_layer_input_alive():
+    """μ's per-forward cache (the q, k and v projections read one tensor: summed once) must not hold the inputs:
+    under activation checkpointing a strong reference kept every layer's input alive to the end of the forward."""
+    import weakref
+
+    model, engine = _tracked()
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    layers = model.base_model.model.bert.encoder.layer
+    inputs, alive = [], []
+    # The input of layer 0's intermediate projection lives only inside that layer's checkpointed forward.
+    handles = [
+        layers[0].intermediate.dense.register_forward_hook(lambda m, args, out: inputs.append(weakref.ref(args[0]))),
+        layers[1].attention.self.query.register_forward_hook(lambda m, a, out: alive.append(inputs[0]() is not None)),
+    ]
+    model(**batch()).loss.backward()
+    for handle in handles:
+        handle.remove()
+    assert engine.tracker.state()  # μ was tracked
+    assert alive and not alive[0]
