@@ -21,6 +21,7 @@ $(VENV)/.ready: pyproject.toml
 
 test: $(VENV)/.ready
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests --ignore=tests/peft_battery
 	$(MAKE) --no-print-directory peft-battery
 
@@ -40,6 +41,7 @@ causal-lm: $(VENV)/.ready
 
 lint: $(VENV)/.ready
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

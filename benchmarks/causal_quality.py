@@ -32,8 +32,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-METHODS = {"stoc": "Stoc (k = 0.1%)", "stoc-lazy": "Stoc, lazy (k = 0.1%)", "lora": "LoRA (r=8, q/v)",
-           "full": "Full-FT"}
+METHODS = {
+    "stoc": "Stoc (k = 0.1%)",
+    "stoc-lazy": "Stoc, lazy (k = 0.1%)",
+    "lora": "LoRA (r=8, q/v)",
+    "full": "Full-FT",
+}
 CENTRES = {"stoc": 1e-3, "stoc-lazy": 1e-3, "lora": 1e-3, "full": 3e-5}
 K_FRACTION = 1e-3
 
@@ -92,8 +96,9 @@ def prepare(model, method: str, seed: int):
 
     if method.startswith("stoc"):
         rule = "lazy" if method == "stoc-lazy" else "masked_grad"
-        return get_peft_model(model, peft_stoc.StocTuningConfig(k=K_FRACTION, seed=seed, update_rule=rule,
-                                                                task_type="CAUSAL_LM"))
+        return get_peft_model(
+            model, peft_stoc.StocTuningConfig(k=K_FRACTION, seed=seed, update_rule=rule, task_type="CAUSAL_LM")
+        )
     if method == "lora":
         return get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     return model  # full: every parameter trains
@@ -164,7 +169,7 @@ def train_once(run: CausalRun, folder: Path) -> dict:
     times, losses = [], []
     for step in range(run.steps):
         start = time.perf_counter()
-        batch = collate(rows[step * run.batch_size:(step + 1) * run.batch_size], tokenizer.pad_token_id)
+        batch = collate(rows[step * run.batch_size : (step + 1) * run.batch_size], tokenizer.pad_token_id)
         loss = model(**{k: v.to(run.device) for k, v in batch.items()}).loss
         loss.backward()
         optimizer.step()
@@ -181,12 +186,18 @@ def train_once(run: CausalRun, folder: Path) -> dict:
     stats = model.stoc_stats() if run.method.startswith("stoc") else {}
     lean = model.base_model.stoc_engine().lean_active if run.method.startswith("stoc") else None
     return {
-        **asdict(run), "score": after, "saved_bytes": size, "peak_bytes": peak,
+        **asdict(run),
+        "score": after,
+        "saved_bytes": size,
+        "peak_bytes": peak,
         "lean": lean() if callable(lean) else lean,
-        "step_seconds": statistics.median(times[1:] or times), "train_seconds": sum(times),
-        "changed_entries": stats.get("changed"), "entries": entries,
+        "step_seconds": statistics.median(times[1:] or times),
+        "train_seconds": sum(times),
+        "changed_entries": stats.get("changed"),
+        "entries": entries,
         "trainable": sum(p.numel() for p in params) if not run.method.startswith("stoc") else None,
-        "final_loss": statistics.mean(losses[-5:]), "device_name": device_name(run.device),
+        "final_loss": statistics.mean(losses[-5:]),
+        "device_name": device_name(run.device),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -198,8 +209,17 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65
 
 def launch(run: CausalRun, args, folder: Path, before: bool = False) -> dict:
     """`train_once` (or `score_before`) in a fresh process; its result is the last line of its output, as JSON."""
-    command = [sys.executable, "-m", "benchmarks.causal_quality", "--worker", run.key(), "--model-folder", str(folder),
-               "--threads", str(args.threads)] + (["--before"] if before else [])
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.causal_quality",
+        "--worker",
+        run.key(),
+        "--model-folder",
+        str(folder),
+        "--threads",
+        str(args.threads),
+    ] + (["--before"] if before else [])
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **FIXED_MALLOC})
     if done.returncode != 0:
         raise RuntimeError(f"causal run {run.key()} failed:\n{done.stderr[-4000:]}")
@@ -215,9 +235,13 @@ def study(args) -> None:
     grid_args = argparse.Namespace(grid_size=args.grid_size, max_grid=args.max_grid)
 
     def records(method):
-        return [r for r in read_results(args.runs) if r["method"] == method
-                and (r["steps"], r["batch_size"], r["dev_rows"], r["device"]) ==
-                (args.steps, args.batch_size, args.dev_rows, args.device)]
+        return [
+            r
+            for r in read_results(args.runs)
+            if r["method"] == method
+            and (r["steps"], r["batch_size"], r["dev_rows"], r["device"])
+            == (args.steps, args.batch_size, args.dev_rows, args.device)
+        ]
 
     def train(method, lr, seed):
         run = CausalRun(method, lr, seed, args.steps, args.batch_size, args.dev_rows, device=args.device)
@@ -277,11 +301,16 @@ def report_section(path: Path) -> list[str]:
         chosen = {r["seed"]: r for r in mine if r["learning_rate"] == lr}
         chosen = [chosen[s] for s in sorted(chosen)]
         scores = [r["score"] for r in chosen]
-        grid = ", ".join(f"{'**' if k == lr else ''}{k:g}: {v:.1f}{'**' if k == lr else ''}"
-                         for k, v in quality.grid_scores(mine).items())
+        grid = ", ".join(
+            f"{'**' if k == lr else ''}{k:g}: {v:.1f}{'**' if k == lr else ''}"
+            for k, v in quality.grid_scores(mine).items()
+        )
         changed = [r["changed_entries"] for r in chosen if r.get("changed_entries") is not None]
-        changed_text = (f"{np.mean(changed) / 1e6:.2f}M ({100 * np.mean(changed) / chosen[0]['entries']:.2f}%)"
-                        if changed else ("all" if method == "full" else "dense in q/v when merged"))
+        changed_text = (
+            f"{np.mean(changed) / 1e6:.2f}M ({100 * np.mean(changed) / chosen[0]['entries']:.2f}%)"
+            if changed
+            else ("all" if method == "full" else "dense in q/v when merged")
+        )
         lines.append(
             f"| {label} | {np.mean(scores):.1f} ± {quality.sample_std(scores):.1f} | {len(scores)} | {grid} | "
             f"{quality._size(np.mean([r['saved_bytes'] for r in chosen]))} | {changed_text} | "
@@ -303,8 +332,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--runs", type=Path, default=None, help="default docs/results-causal.jsonl (cuda: -cuda)")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get(
-        "PEFT_STOC_CACHE", Path.home() / ".cache" / "peft-stoc")))
+    parser.add_argument(
+        "--cache", type=Path, default=Path(os.environ.get("PEFT_STOC_CACHE", Path.home() / ".cache" / "peft-stoc"))
+    )
     parser.add_argument("--no-report", action="store_true", help="do not rewrite docs/results.md at the end")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-folder", type=Path, help=argparse.SUPPRESS)

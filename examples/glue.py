@@ -147,8 +147,10 @@ def select_rows(data, max_train: int | None, max_dev: int | None):
     n_train = len(train) if max_train is None else min(max_train, len(train))
     extra = 0 if max_dev is None else max(0, max_dev - len(dev))
     if extra and n_train + extra > len(train):
-        raise ValueError(f"{max_dev} dev rows need {extra} rows from the training split's end, which overlaps the "
-                         f"{n_train} training rows ({len(train)} in all).")
+        raise ValueError(
+            f"{max_dev} dev rows need {extra} rows from the training split's end, which overlaps the "
+            f"{n_train} training rows ({len(train)} in all)."
+        )
     data["train"] = train.select(range(n_train))
     data["validation"] = dev.select(range(min(max_dev, len(dev)))) if max_dev is not None else dev
     if extra:
@@ -170,8 +172,16 @@ def tokenize(data, tokenizer, task: Task, max_length: int):
 
 # The GLUE metric module of `evaluate` for each task (the stand-ins use the GLUE task they stand in for), and the
 # names it gives the paper's metrics.
-EVALUATE_CONFIG = {"cola": "cola", "sst2": "sst2", "mrpc": "mrpc", "stsb": "stsb", "qnli": "qnli", "rte": "rte",
-                   "rt-sentences": "sst2", "tweets": "stsb"}
+EVALUATE_CONFIG = {
+    "cola": "cola",
+    "sst2": "sst2",
+    "mrpc": "mrpc",
+    "stsb": "stsb",
+    "qnli": "qnli",
+    "rte": "rte",
+    "rt-sentences": "sst2",
+    "tweets": "stsb",
+}
 EVALUATE_NAMES = {"matthews_correlation": "mcc", "spearmanr": "spearman"}
 
 
@@ -210,8 +220,7 @@ def hub_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> dict
     return {EVALUATE_NAMES.get(name, name): value for name, value in out.items()}
 
 
-def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray,
-                    backend: str = "auto") -> dict[str, float]:
+def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray, backend: str = "auto") -> dict[str, float]:
     """The paper's dev metric as `score` (in %), plus the usual companions, and `backend` the one that computed them.
 
     `backend`: "evaluate" (the GLUE module from the Hub; raises when it cannot be fetched), "local" (scikit-learn
@@ -239,8 +248,10 @@ def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray,
 
 @functools.lru_cache(maxsize=1)
 def _warn_local_once(reason: str) -> None:
-    warnings.warn(f"Metrics computed locally with scikit-learn/scipy: evaluate's GLUE metric is unavailable "
-                  f"({reason}).", stacklevel=3)
+    warnings.warn(
+        f"Metrics computed locally with scikit-learn/scipy: evaluate's GLUE metric is unavailable ({reason}).",
+        stacklevel=3,
+    )
 
 
 # -- models ------------------------------------------------------------------------------------------------------
@@ -278,8 +289,14 @@ def bias_entries(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if name.endswith(".bias") and not is_head(name))
 
 
-def prepare(model, method: str, seed: int, k_factor: float = 1.0, activation_stat: str = "mean",
-            update_rule: str = "masked_grad"):
+def prepare(
+    model,
+    method: str,
+    seed: int,
+    k_factor: float = 1.0,
+    activation_stat: str = "mean",
+    update_rule: str = "masked_grad",
+):
     """`model` set up for `method`: a PEFT model for stoc/top/random/lora, else the right `requires_grad` flags.
 
     `k_factor`, `activation_stat` and `update_rule` apply to StocTuning only (k = k_factor x BitFit's count).
@@ -290,9 +307,14 @@ def prepare(model, method: str, seed: int, k_factor: float = 1.0, activation_sta
         raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     if method in STOC_SELECTION:
         k = "bitfit" if k_factor == 1 else round(k_factor * bias_entries(model))
-        config = peft_stoc.StocTuningConfig(k=k, selection=STOC_SELECTION[method], seed=seed,
-                                            activation_stat=activation_stat, update_rule=update_rule,
-                                            task_type="SEQ_CLS")
+        config = peft_stoc.StocTuningConfig(
+            k=k,
+            selection=STOC_SELECTION[method],
+            seed=seed,
+            activation_stat=activation_stat,
+            update_rule=update_rule,
+            task_type="SEQ_CLS",
+        )
         return get_peft_model(model, config)
     if (k_factor, activation_stat, update_rule) != (1.0, "mean", "masked_grad"):
         raise ValueError(f"k_factor, activation_stat and update_rule are StocTuning options, not {method!r}'s.")
@@ -493,10 +515,15 @@ def run_grid(configs: list[RunConfig], results_path: Path, progress: bool = True
         if config.key() in done:
             out.append(done[config.key()])
             continue
-        options = "".join(f" {name}={getattr(config, name)}" for name, default in LATER_DEFAULTS.items()
-                          if getattr(config, name) != default)
-        log(f"[{i}/{len(configs)}] {config.task} {config.method} lr={config.learning_rate:g} seed={config.seed} "
-            f"epochs={config.epochs:g}{options}")
+        options = "".join(
+            f" {name}={getattr(config, name)}"
+            for name, default in LATER_DEFAULTS.items()
+            if getattr(config, name) != default
+        )
+        log(
+            f"[{i}/{len(configs)}] {config.task} {config.method} lr={config.learning_rate:g} seed={config.seed} "
+            f"epochs={config.epochs:g}{options}"
+        )
         result = run(config, progress=progress)
         append_result(results_path, config, result)
         log(f"    score {result['score']:.2f}  ({result['train_seconds']:.0f} s)")
@@ -529,17 +556,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activation-stat", default="mean", choices=("mean", "abs_mean", "rms"))
     parser.add_argument("--update-rule", default="masked_grad", choices=("masked_grad", "strict", "lazy"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--results", type=Path, default=Path("outputs/glue/results.jsonl"),
-                        help="JSONL file of finished runs; runs already in it are skipped")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=Path("outputs/glue/results.jsonl"),
+        help="JSONL file of finished runs; runs already in it are skipped",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     configs = [
-        RunConfig(task=args.task, method=args.method, learning_rate=lr, seed=seed, model=args.model,
-                  epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
-                  max_train=args.max_train, max_dev=args.max_dev, weight_decay=args.weight_decay,
-                  k_factor=args.k_factor, activation_stat=args.activation_stat, update_rule=args.update_rule,
-                  device=args.device)
+        RunConfig(
+            task=args.task,
+            method=args.method,
+            learning_rate=lr,
+            seed=seed,
+            model=args.model,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            max_train=args.max_train,
+            max_dev=args.max_dev,
+            weight_decay=args.weight_decay,
+            k_factor=args.k_factor,
+            activation_stat=args.activation_stat,
+            update_rule=args.update_rule,
+            device=args.device,
+        )
         for lr in args.lr
         for seed in args.seeds
     ]

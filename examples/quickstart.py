@@ -32,8 +32,14 @@ def accuracy(model, batch) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=200,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=32,
+    )
     base = BertForSequenceClassification(config)
     model = get_peft_model(base, StocTuningConfig(k="bitfit", task_type="SEQ_CLS"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -47,8 +53,10 @@ def main() -> None:
         optimizer.zero_grad()
         if step % 50 == 0:
             stats = model.stoc_stats()
-            print(f"step {step}: drawn {stats['drawn']}, changed so far {stats['changed']:,} "
-                  f"({stats['density']:.2%} of candidates), adapter ≈ {stats['adapter_bytes'] / 1024:.1f} KB")
+            print(
+                f"step {step}: drawn {stats['drawn']}, changed so far {stats['changed']:,} "
+                f"({stats['density']:.2%} of candidates), adapter ≈ {stats['adapter_bytes'] / 1024:.1f} KB"
+            )
     trained = accuracy(model, held_out)
     print(f"accuracy after:  {trained:.3f}")
 

@@ -66,8 +66,9 @@ class Expected:
         # An entry is its key and ~100 bytes of dtype, shape and offsets; the shapes metadata repeats each name.
         # A changed tensor has up to four entries: indices, deltas, and exact deltas with their positions.
         per_entry = sum(4 * len(key) + 512 for key in keys)
-        return Limits(max_tensors=len(DELTA_SUFFIXES) * len(self.numels) + len(self.heads),
-                      max_header_bytes=2**20 + 2 * per_entry)
+        return Limits(
+            max_tensors=len(DELTA_SUFFIXES) * len(self.numels) + len(self.heads), max_header_bytes=2**20 + 2 * per_entry
+        )
 
 
 # -- reading -----------------------------------------------------------------------------------------------------
@@ -103,8 +104,10 @@ class AdapterFile:
         if counts is None and META_COUNTS not in self.metadata:
             return {}
         if not isinstance(counts, dict) or not all(is_count(v) for v in counts.values()):
-            raise AdapterFileError(f"{self.path}: header entry '{META_COUNTS}' must be a JSON object of counts, "
-                                   f"got {fingerprints.json_kind(counts)}.")
+            raise AdapterFileError(
+                f"{self.path}: header entry '{META_COUNTS}' must be a JSON object of counts, "
+                f"got {fingerprints.json_kind(counts)}."
+            )
         return counts
 
     @property
@@ -116,8 +119,10 @@ class AdapterFile:
         if not isinstance(shapes, dict) or not all(
             isinstance(s, list) and all(is_count(n) for n in s) for s in shapes.values()
         ):
-            raise AdapterFileError(f"{self.path}: header entry '{META_SHAPES}' must map tensor names to shapes, "
-                                   f"got {fingerprints.json_kind(shapes)}.")
+            raise AdapterFileError(
+                f"{self.path}: header entry '{META_SHAPES}' must map tensor names to shapes, "
+                f"got {fingerprints.json_kind(shapes)}."
+            )
         return shapes
 
     def numels(self) -> dict[str, int]:
@@ -128,8 +133,9 @@ class AdapterFile:
         return parse_delta(self.tensors, self.numels(), source=self.path)
 
 
-def read(path: str, require_format: bool = True, expected: Expected | None = None,
-         limits: Limits | None = DEFAULT_LIMITS) -> AdapterFile:
+def read(
+    path: str, require_format: bool = True, expected: Expected | None = None, limits: Limits | None = DEFAULT_LIMITS
+) -> AdapterFile:
     """Read an adapter file; raise `AdapterFileError` for unreadable files and for files of another format.
 
     With `expected`, the header must fit that model (limits derived from it, names, dtypes, shapes) before any
@@ -186,12 +192,15 @@ def check_entries(entries: dict[str, dict], expected: Expected | None, path: str
             if key not in pair:
                 raise AdapterFileError(f"Tensor '{key}' is missing from {path}: each changed tensor needs both.")
         if pair[index_key] != pair[values_key]:
-            raise AdapterFileError(f"Tensors '{index_key}' ({pair[index_key]}) and '{values_key}' "
-                                   f"({pair[values_key]}) differ in length.")
+            raise AdapterFileError(
+                f"Tensors '{index_key}' ({pair[index_key]}) and '{values_key}' ({pair[values_key]}) differ in length."
+            )
         exact = [pair.get(stem + EXACT_AT_SUFFIX), pair.get(stem + EXACT_SUFFIX)]
         if exact != [None, None] and (None in exact or exact[0] != exact[1] or exact[0] > pair[index_key]):
-            raise AdapterFileError(f"Tensors '{stem}{EXACT_AT_SUFFIX}' and '{stem}{EXACT_SUFFIX}' must both be "
-                                   f"present, of one length, at most that of '{index_key}'.")
+            raise AdapterFileError(
+                f"Tensors '{stem}{EXACT_AT_SUFFIX}' and '{stem}{EXACT_SUFFIX}' must both be "
+                f"present, of one length, at most that of '{index_key}'."
+            )
         if expected is not None:
             _check_fits(index_key, pair[index_key], stem.removeprefix(MODEL_PREFIX), expected.numels)
     if unexpected:
@@ -200,8 +209,9 @@ def check_entries(entries: dict[str, dict], expected: Expected | None, path: str
 
 def _check_fits(key: str, length: int, name: str, numels: dict[str, int]) -> None:
     if name not in numels:
-        raise AdapterFileError(f"Tensor '{key}' refers to '{name}', which is not a candidate parameter of this base "
-                               "model.")
+        raise AdapterFileError(
+            f"Tensor '{key}' refers to '{name}', which is not a candidate parameter of this base model."
+        )
     if length > numels[name]:
         raise AdapterFileError(f"Tensor '{key}' has {length:,} entries, more than the {numels[name]:,} of '{name}'.")
 
@@ -237,8 +247,10 @@ def _check_head_spec(key: str, dtype: torch.dtype, shape: tuple[int, ...], spec)
     if want_dtype is None:
         return
     if want_dtype.is_floating_point and not dtype.is_floating_point:
-        raise AdapterFileError(f"Tensor '{key}' is a {dtype} tensor; the model's is {want_dtype}: a task-head "
-                               "weight must be a floating-point tensor.")
+        raise AdapterFileError(
+            f"Tensor '{key}' is a {dtype} tensor; the model's is {want_dtype}: a task-head "
+            "weight must be a floating-point tensor."
+        )
     if not want_dtype.is_floating_point and dtype != want_dtype:
         raise AdapterFileError(f"Tensor '{key}' is a {dtype} tensor; the model's is {want_dtype}.")
 
@@ -263,15 +275,17 @@ def parse_delta(
         _check_delta_spec(index_key, index.dtype, tuple(index.shape))
         _check_delta_spec(values_key, values.dtype, tuple(values.shape))
         if index.numel() != values.numel():
-            raise AdapterFileError(f"Tensors '{index_key}' ({index.numel()}) and '{values_key}' ({values.numel()}) "
-                                   "differ in length.")
+            raise AdapterFileError(
+                f"Tensors '{index_key}' ({index.numel()}) and '{values_key}' ({values.numel()}) differ in length."
+            )
         index = index.long()
         if index.numel():
             if int(index.min()) < 0 or int(index.max()) >= numels[name]:
                 raise AdapterFileError(f"Tensor '{index_key}' has indices outside [0, {numels[name]}) for '{name}'.")
             if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
-                raise AdapterFileError(f"Tensor '{index_key}' is not strictly increasing: indices must be sorted "
-                                       "and unique.")
+                raise AdapterFileError(
+                    f"Tensor '{index_key}' is not strictly increasing: indices must be sorted and unique."
+                )
         if not bool(torch.isfinite(values).all()):
             raise AdapterFileError(f"Tensor '{values_key}' contains NaN or infinite values.")
         out[name] = (index, _with_exact(tensors, stem, values.float(), source))
@@ -290,11 +304,18 @@ def _with_exact(tensors: dict[str, torch.Tensor], stem: str, values: torch.Tenso
     _check_delta_spec(at_key, at.dtype, tuple(at.shape))
     _check_delta_spec(exact_key, exact.dtype, tuple(exact.shape))
     at = at.long()
-    if at.shape != exact.shape or (at.numel() and (
-            int(at.min()) < 0 or int(at.max()) >= values.numel()
-            or (at.numel() > 1 and not bool((at[1:] > at[:-1]).all())))):
-        raise AdapterFileError(f"Tensor '{at_key}' must hold sorted, unique positions below {values.numel()}, as many "
-                               f"as '{exact_key}' has values.")
+    if at.shape != exact.shape or (
+        at.numel()
+        and (
+            int(at.min()) < 0
+            or int(at.max()) >= values.numel()
+            or (at.numel() > 1 and not bool((at[1:] > at[:-1]).all()))
+        )
+    ):
+        raise AdapterFileError(
+            f"Tensor '{at_key}' must hold sorted, unique positions below {values.numel()}, as many "
+            f"as '{exact_key}' has values."
+        )
     if not bool(torch.isfinite(exact).all()):
         raise AdapterFileError(f"Tensor '{exact_key}' contains NaN or infinite values.")
     return values.double().index_copy_(0, at, exact)
@@ -316,15 +337,18 @@ def check_other_tensors(tensors: dict[str, torch.Tensor], expected: dict, source
             raise AdapterFileError(f"Tensor '{key}' contains NaN or infinite values.")
         dtype = None if isinstance(spec, torch.Size) else spec[1]
         if dtype is not None and dtype.is_floating_point and not bool(torch.isfinite(tensor.to(dtype)).all()):
-            raise AdapterFileError(f"Tensor '{key}' has values beyond the range of {dtype}, the model's dtype for it "
-                                   f"(largest magnitude {float(tensor.abs().max()):.3g}).")
+            raise AdapterFileError(
+                f"Tensor '{key}' has values beyond the range of {dtype}, the model's dtype for it "
+                f"(largest magnitude {float(tensor.abs().max()):.3g})."
+            )
     unexpected = sorted(set(others) - set(expected))
     if unexpected:
         raise AdapterFileError(f"{source} holds tensors this model has no place for: {unexpected[:5]}.")
 
 
-def check_ranges(delta: SparseDelta, dtypes: dict[str, torch.dtype], base_values=None,
-                 source: str = "the adapter file") -> None:
+def check_ranges(
+    delta: SparseDelta, dtypes: dict[str, torch.dtype], base_values=None, source: str = "the adapter file"
+) -> None:
     """Refuse deltas that would turn base weights into inf: beyond the range of the base tensor's dtype on their
     own, or, given `base_values(name, positions)`, once added to the base as applying does."""
     for name, (index, values) in delta.tensors.items():
@@ -334,15 +358,18 @@ def check_ranges(delta: SparseDelta, dtypes: dict[str, torch.dtype], base_values
         key = MODEL_PREFIX + name + VALUES_SUFFIX
         largest, limit = float(values.abs().max()), torch.finfo(dtype).max
         if largest > limit:
-            raise AdapterFileError(f"Tensor '{key}' in {source} holds a delta of {largest:.3g}, beyond the largest "
-                                   f"{dtype} value ({limit:.3g}) of '{name}'.")
+            raise AdapterFileError(
+                f"Tensor '{key}' in {source} holds a delta of {largest:.3g}, beyond the largest "
+                f"{dtype} value ({limit:.3g}) of '{name}'."
+            )
         if base_values is None:
             continue
         base = base_values(name, index)
         total = add_delta(base, values)
         if bool((torch.isfinite(base) & ~torch.isfinite(total)).any()):
-            raise AdapterFileError(f"Tensor '{key}' in {source}: added to the base values of '{name}' its deltas "
-                                   f"overflow {dtype}.")
+            raise AdapterFileError(
+                f"Tensor '{key}' in {source}: added to the base values of '{name}' its deltas overflow {dtype}."
+            )
 
 
 # -- writing -----------------------------------------------------------------------------------------------------
@@ -368,8 +395,10 @@ def delta_tensors(delta: SparseDelta, numels: dict[str, int], dtype: torch.dtype
 
 def _refuse_non_finite(key: str, tensor: torch.Tensor) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise AdapterFileError(f"Tensor '{key}' has NaN or infinite values (as {tensor.dtype}); refusing to write "
-                               "an adapter file that cannot be loaded.")
+        raise AdapterFileError(
+            f"Tensor '{key}' has NaN or infinite values (as {tensor.dtype}); refusing to write "
+            "an adapter file that cannot be loaded."
+        )
 
 
 def write(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

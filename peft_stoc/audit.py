@@ -44,8 +44,12 @@ class Audit:
         if not self.candidates:
             return torch.empty(0)
         device = self.candidates[0].param.device  # a model spread over devices is checked on the first one's
-        return torch.cat([shards.local_entries(c.param)[0].index_select(0, p).to(device)
-                          for c, p in zip(self.candidates, self.positions)])
+        return torch.cat(
+            [
+                shards.local_entries(c.param)[0].index_select(0, p).to(device)
+                for c, p in zip(self.candidates, self.positions)
+            ]
+        )
 
     def refresh(self) -> None:
         self.values = self._gather()
@@ -63,8 +67,9 @@ class Audit:
         moved = (self.values != current) & ~(torch.isnan(self.values) & torch.isnan(current))
         if bool(moved.any()):
             sizes = [p.numel() for p in self.positions]
-            for candidate, positions, start, moved_here in zip(self.candidates, self.positions, self.starts,
-                                                               moved.split(sizes)):
+            for candidate, positions, start, moved_here in zip(
+                self.candidates, self.positions, self.starts, moved.split(sizes)
+            ):
                 if not bool(moved_here.any()):
                     continue
                 if allowed is not None and candidate.name in allowed.index:

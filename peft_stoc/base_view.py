@@ -35,10 +35,12 @@ class BaseView:
             for module in scope:
                 per_module.setdefault(id(module), (module, []))[1].append(name)
         for module, names in per_module.values():
-            self._handles.append(module.register_forward_pre_hook(
-                lambda m, args, names=names: self._swap_in(m, names), prepend=True))
-            self._handles.append(module.register_forward_hook(
-                lambda m, args, output: self._swap_out(m), always_call=True))
+            self._handles.append(
+                module.register_forward_pre_hook(lambda m, args, names=names: self._swap_in(m, names), prepend=True)
+            )
+            self._handles.append(
+                module.register_forward_hook(lambda m, args, output: self._swap_out(m), always_call=True)
+            )
 
     def _swap_in(self, module: nn.Module, names: list[str]) -> None:
         swapped = self._swapped.setdefault(id(module), [])

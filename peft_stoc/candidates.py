@@ -67,8 +67,12 @@ def is_rms_norm(module: nn.Module) -> bool:
     if isinstance(module, getattr(nn, "RMSNorm", ())) or type(module).__name__.endswith("RMSNorm"):
         return True
     name = type(module).__name__
-    return (name.endswith("LayerNorm") and not isinstance(module, nn.LayerNorm) and hasattr(module, "variance_epsilon")
-            and getattr(module, "bias", None) is None)
+    return (
+        name.endswith("LayerNorm")
+        and not isinstance(module, nn.LayerNorm)
+        and hasattr(module, "variance_epsilon")
+        and getattr(module, "bias", None) is None
+    )
 
 
 def use_kind(module: nn.Module, param_name: str) -> UseKind | None:
@@ -166,4 +170,3 @@ def resolve_count(value, candidates: list[Candidate], name: str) -> int:
             "k must be smaller (use full fine-tuning to update everything)."
         )
     return count
-

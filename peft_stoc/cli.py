@@ -79,8 +79,11 @@ def inspect_adapter(directory: str) -> dict:
         "density": delta.num_changed / candidates if candidates else None,
         "file_bytes": os.path.getsize(file.path),
         "tensors": {
-            name: {"changed": int(index.numel()), "numel": numels[name],
-                   "density": index.numel() / numels[name] if numels[name] else 0.0}
+            name: {
+                "changed": int(index.numel()),
+                "numel": numels[name],
+                "density": index.numel() / numels[name] if numels[name] else 0.0,
+            }
             for name, (index, _) in delta.tensors.items()
         },
         "modules_to_save": head,
@@ -98,13 +101,17 @@ def _print_inspection(report: dict) -> None:
     print(f"adapter      {report['path']}")
     print(f"base model   {report['base_model']}")
     print(f"task         {report['task_type']}")
-    print(f"k            {report['k']!r} -> {_count(report['k_entries'])} entries per step, "
-          f"selection={report['selection']}")
+    print(
+        f"k            {report['k']!r} -> {_count(report['k_entries'])} entries per step, "
+        f"selection={report['selection']}"
+    )
     print(f"changed      {report['changed']:,} of {_count(report['candidates'])} candidate entries ({density})")
     print(f"file         {human_bytes(report['file_bytes'])} (format {report['format']})")
     fp = report["fingerprint"] or {}
-    print(f"fingerprint  structure {str(fp.get('structure'))[:16]}…, values {str(fp.get('checksum'))[:16]}…, "
-          f"{fp.get('num_tensors')} tensors, dtypes {fp.get('dtypes')}")
+    print(
+        f"fingerprint  structure {str(fp.get('structure'))[:16]}…, values {str(fp.get('checksum'))[:16]}…, "
+        f"{fp.get('num_tensors')} tensors, dtypes {fp.get('dtypes')}"
+    )
     print("per tensor:")
     width = max([len(n) for n in report["tensors"]] + [6])
     for name, row in sorted(report["tensors"].items()):
@@ -152,8 +159,10 @@ def merge(base: str, directory: str, output: str, num_labels: int | None = None)
     if task in ("SEQ_CLS", "TOKEN_CLS"):
         saved = _num_labels(file)
         if num_labels is not None and saved is not None and num_labels != saved:
-            raise CliError(f"--num-labels {num_labels} does not match the adapter's task head, which has {saved} "
-                           "outputs; drop --num-labels to use the head's size.")
+            raise CliError(
+                f"--num-labels {num_labels} does not match the adapter's task head, which has {saved} "
+                "outputs; drop --num-labels to use the head's size."
+            )
         labels = num_labels or saved
         if labels:
             kwargs["num_labels"] = labels
@@ -176,8 +185,15 @@ def merge(base: str, directory: str, output: str, num_labels: int | None = None)
     return output
 
 
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def _has_tokenizer(base: str) -> bool:
@@ -199,8 +215,10 @@ def _architectures(base: str) -> list[str] | None:
 def _base_of(directory: str, file: adapter_file.AdapterFile) -> tuple[str, str]:
     recorded = file.fingerprint
     if recorded is None:
-        raise CliError(f"{directory} has no base-model fingerprint in its header, so its base is unknown; compose "
-                       "adapters saved by peft-stoc's save_pretrained.")
+        raise CliError(
+            f"{directory} has no base-model fingerprint in its header, so its base is unknown; compose "
+            "adapters saved by peft-stoc's save_pretrained."
+        )
     return recorded["structure"], recorded["checksum"]
 
 
@@ -236,8 +254,12 @@ def compose(directories: list[str], weights: list[float] | None, output: str) ->
         adapter_file.META_SHAPES: json.dumps({n: shapes[n] for n in combined.tensors}, separators=(",", ":")),
         adapter_file.META_FINGERPRINT: first.metadata[adapter_file.META_FINGERPRINT],
     }
-    config = dict(config, inference_mode=True, target_modules=union_of_targets(configs),
-                  exclude_modules=union_of_excludes(configs))
+    config = dict(
+        config,
+        inference_mode=True,
+        target_modules=union_of_targets(configs),
+        exclude_modules=union_of_excludes(configs),
+    )
     from peft import PeftConfig
 
     with atomic_folder.staged_folder(output) as stage:
@@ -269,8 +291,9 @@ def _split_compose(positional: list[str], weight_words: list[str] | None) -> tup
         weights = [float(word) for word in weight_words[:n]]
         words = positional + weight_words[n:]
         if len(words) == len(weights):
-            raise CliError(f"compose needs the output folder after the adapters (got {len(words)} adapters and as "
-                           "many weights).")
+            raise CliError(
+                f"compose needs the output folder after the adapters (got {len(words)} adapters and as many weights)."
+            )
     if len(words) < 2:
         raise CliError("compose needs at least two adapters, then the output folder.")
     return words[:-1], weights, words[-1]
@@ -308,12 +331,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder for the merged model")
     p.add_argument("--num-labels", type=int, help="task head size (default: read from the adapter's head)")
     p = commands.add_parser(
-        "compose", help="Weighted sum of adapters of the same base into a new adapter.",
+        "compose",
+        help="Weighted sum of adapters of the same base into a new adapter.",
         usage="%(prog)s ADAPTER ADAPTER [ADAPTER ...] [--weights W W [W ...]] OUTPUT",
     )
     p.add_argument("adapters", nargs="*", help="adapter folders, then the output folder last")
-    p.add_argument("--weights", nargs="+", metavar="W",
-                   help="one weight per adapter (default: 1 each); the output folder may follow the weights")
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        metavar="W",
+        help="one weight per adapter (default: 1 each); the output folder may follow the weights",
+    )
     return parser
 
 

@@ -202,8 +202,10 @@ class StocTuningConfig(PeftConfig):
         _check_choice("memory", self.memory, MEMORY_MODES)
         for name in ("base_fingerprint", "saved_counts"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
-                raise ValueError(f"`{name}` is written by save_pretrained and must be a dict or None, got "
-                                 f"{type(getattr(self, name)).__name__}: adapter_config.json was edited or damaged.")
+                raise ValueError(
+                    f"`{name}` is written by save_pretrained and must be a dict or None, got "
+                    f"{type(getattr(self, name)).__name__}: adapter_config.json was edited or damaged."
+                )
         if self.update_rule == "lazy" and self.memory == "dense":
             raise ValueError("update_rule='lazy' is applied by the memory-lean mode; use memory='auto' or 'lean'.")
         if isinstance(self.mask_interval, bool) or not isinstance(self.mask_interval, int) or self.mask_interval < 1:

@@ -91,7 +91,7 @@ class RankSync:
         missing = torch.iinfo(torch.int64).max
         header = torch.tensor(local + [-(missing if n < 0 else n) for n in local], dtype=torch.int64, device=device)
         dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group)
-        largest, smallest = header[: len(sums)].tolist(), [-v for v in header[len(sums):].tolist()]
+        largest, smallest = header[: len(sums)].tolist(), [-v for v in header[len(sums) :].tolist()]
         for n_max, n_min in zip(largest, smallest):
             if n_max >= 0 and n_min != n_max:
                 raise RuntimeError(
@@ -189,8 +189,10 @@ def _sharding_engine(root: nn.Module, candidates: list[Candidate]) -> str | None
                     return f"parameter '{candidate.name}' {problem}"
                 continue  # FSDP2 registers its unsharded copy on the module while it computes
             if any(dtensor is not None and isinstance(param, dtensor) for param in owned):
-                return (f"parameter '{candidate.name}' is a DTensor that StocTuning did not find among FSDP2's "
-                        "shards (tensor parallelism?)")
+                return (
+                    f"parameter '{candidate.name}' is a DTensor that StocTuning did not find among FSDP2's "
+                    "shards (tensor parallelism?)"
+                )
             if not any(param is candidate.param for param in owned):
                 return (
                     f"parameter '{candidate.name}' is no longer the one StocTuning was set up with (FSDP, FSDP2 or "

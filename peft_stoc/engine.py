@@ -59,8 +59,17 @@ class StepStats:
 class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
     """Stochastic Tuning for one trainable adapter: tracking, drawing and confining every optimizer step."""
 
-    def __init__(self, root: nn.Module, candidates: list[Candidate], config, patch: Patch, k: int, max_changed,
-                 state_key: str = "peft_stoc", step: int = 0):
+    def __init__(
+        self,
+        root: nn.Module,
+        candidates: list[Candidate],
+        config,
+        patch: Patch,
+        k: int,
+        max_changed,
+        state_key: str = "peft_stoc",
+        step: int = 0,
+    ):
         self.candidates = candidates
         self.config = config
         self.patch = patch
@@ -117,8 +126,11 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
             self._root_hooks.before(self.tracker.root, self._on_forward, opaque_hooks.nothing)
         if not self._grad_handles:
             for position, candidate in enumerate(self.candidates):
-                self._grad_handles.append(candidate.param.register_post_accumulate_grad_hook(
-                    lambda param, position=position: self._on_gradient(position, param)))
+                self._grad_handles.append(
+                    candidate.param.register_post_accumulate_grad_hook(
+                        lambda param, position=position: self._on_gradient(position, param)
+                    )
+                )
         optimizer_hooks.ENGINES.add(self)
         optimizer_hooks.PAUSED.discard(self)
 
@@ -371,8 +383,11 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         given, self._given_draw = self._given_draw, None
         bad = [] if given is not None else self._nonfinite_candidates()
         if bad:
-            self._skip(optimizer, reason=f"the gradients or activations of {', '.join(bad[:3])} are not finite "
-                                         "(inf or NaN). No weight changed.")
+            self._skip(
+                optimizer,
+                reason=f"the gradients or activations of {', '.join(bad[:3])} are not finite "
+                "(inf or NaN). No weight changed.",
+            )
             return
         if given is not None:
             drawn = given

@@ -74,8 +74,9 @@ def mismatch(recorded: dict, params: dict[str, torch.Tensor], base_values: BaseV
         return "its sampled values differ"
     # Either side may be the coarser one (a bf16 adapter onto an fp32 base, or the other way round): values match
     # when rounding the finer one to the coarser dtype makes them equal.
-    recorded_dtypes = [getattr(torch, d) for d in recorded.get("dtypes", []) if isinstance(getattr(torch, d, None),
-                                                                                             torch.dtype)]
+    recorded_dtypes = [
+        getattr(torch, d) for d in recorded.get("dtypes", []) if isinstance(getattr(torch, d, None), torch.dtype)
+    ]
     plan = _sample_plan({n: (tuple(p.shape), "") for n, p in params.items()})
     for (name, _), expected, actual in zip(plan, recorded_values, current["values"]):
         if float(expected.to(params[name].dtype).float()) == actual:

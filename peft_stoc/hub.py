@@ -63,9 +63,14 @@ def _usage(config, repo_or_path: str, architectures: list[str] | None = None) ->
     )
 
 
-def write_model_card(save_directory: str, configs: dict, repo_id: str | None = None,
-                     extra_tags: list[str] | None = None, load_from: str | None = None,
-                     architectures: list[str] | None = None) -> None:
+def write_model_card(
+    save_directory: str,
+    configs: dict,
+    repo_id: str | None = None,
+    extra_tags: list[str] | None = None,
+    load_from: str | None = None,
+    architectures: list[str] | None = None,
+) -> None:
     """Add StocTuning's metadata and section to the README.md in `save_directory` (idempotent).
 
     `configs` maps the saved adapters' names to their configs; the first one is the usage example's, which loads
@@ -86,26 +91,29 @@ def write_model_card(save_directory: str, configs: dict, repo_id: str | None = N
         card.data["base_model"] = base
     elif not card.data.get("base_model"):
         card.data.pop("base_model", None)
-    section = "\n".join([
-        SECTION_START,
-        "## StocTuning adapter",
-        "",
-        "A sparse-delta adapter trained with [peft-stoc](https://pypi.org/project/peft-stoc/) (Stochastic Tuning, "
-        "Akbar-Tajari & Pilehvar): at every optimizer step, k entries of the whole model were drawn with probability "
-        "∝ |activation · weight · gradient|² and only those were updated. The file stores the changed entries only "
-        "(indices and deltas, safetensors).",
-        "",
-        "| adapter | k per step | selection | changed entries | adapter size |",
-        "|---|---|---|---|---|",
-        *_adapter_rows(save_directory, configs),
-        "",
-        "### Usage",
-        "",
-        "`pip install peft-stoc`, then:",
-        "",
-        _usage(first, repo_id or load_from or save_directory, architectures),
-        SECTION_END,
-    ])
+    section = "\n".join(
+        [
+            SECTION_START,
+            "## StocTuning adapter",
+            "",
+            "A sparse-delta adapter trained with [peft-stoc](https://pypi.org/project/peft-stoc/) (Stochastic Tuning, "
+            "Akbar-Tajari & Pilehvar): at every optimizer step, k entries of the whole model were drawn with "
+            "probability ∝ |activation · weight · gradient|² and only those were updated. The file stores the changed "
+            "entries only "
+            "(indices and deltas, safetensors).",
+            "",
+            "| adapter | k per step | selection | changed entries | adapter size |",
+            "|---|---|---|---|---|",
+            *_adapter_rows(save_directory, configs),
+            "",
+            "### Usage",
+            "",
+            "`pip install peft-stoc`, then:",
+            "",
+            _usage(first, repo_id or load_from or save_directory, architectures),
+            SECTION_END,
+        ]
+    )
     text = card.text
     if SECTION_START in text and SECTION_END in text:
         before, rest = text.split(SECTION_START, 1)
@@ -117,9 +125,19 @@ def write_model_card(save_directory: str, configs: dict, repo_id: str | None = N
     card.save(path)
 
 
-def push_to_hub(peft_model, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
-                private: bool | None = None, token: str | bool | None = None, revision: str | None = None,
-                create_pr: bool = False, tags: list[str] | None = None, **save_kwargs):
+def push_to_hub(
+    peft_model,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    tags: list[str] | None = None,
+    **save_kwargs,
+):
     """Upload the adapter(s) with their model card to `repo_id`; returns the commit info."""
     api = HfApi(token=token if isinstance(token, str) else None)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id

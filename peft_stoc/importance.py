@@ -65,8 +65,9 @@ def mean_factor(source: Source, rows: slice | torch.Tensor) -> torch.Tensor | fl
     return mu
 
 
-def importance(source: Source, rows: slice | torch.Tensor, scale: float = 1.0,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def importance(
+    source: Source, rows: slice | torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """scale·|θ ⊙ g ⊙ μ| of `rows` (a range or row indices) of a tensor, flattened, in float32; written into `out`
     (exactly as many entries as the rows hold) when given, so a sampler's chunk buffer is reused."""
     param, grad = rows_view(source.param.detach()), rows_view(source.grad)

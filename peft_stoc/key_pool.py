@@ -63,8 +63,9 @@ class KeyPool:
             self._pending_count = 0
             self.add(*parts)
 
-    def add(self, keys: torch.Tensor, tensor: torch.Tensor, index: torch.Tensor,
-            values: torch.Tensor | None = None) -> None:
+    def add(
+        self, keys: torch.Tensor, tensor: torch.Tensor, index: torch.Tensor, values: torch.Tensor | None = None
+    ) -> None:
         """Merge these keys into the pool now."""
         device = self.keys.device
         self.keys = torch.cat([self.keys, keys.to(device)])
@@ -84,8 +85,12 @@ class KeyPool:
         other.flush()
         merged = KeyPool(self.size if size is None else size, self.keys.device, carry=self.values is not None)
         values = None if self.values is None else torch.cat([self.values, other.values])
-        merged.add(torch.cat([self.keys, other.keys]), torch.cat([self.tensor, other.tensor]),
-                   torch.cat([self.index, other.index]), values)
+        merged.add(
+            torch.cat([self.keys, other.keys]),
+            torch.cat([self.tensor, other.tensor]),
+            torch.cat([self.index, other.index]),
+            values,
+        )
         return merged
 
     def split(self, sources: list) -> list[torch.Tensor]:

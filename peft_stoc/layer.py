@@ -38,15 +38,16 @@ class AdapterSlot(StateHolder):
             destination[f"{prefix}delta.{name}.values"] = values
         destination[f"{prefix}step"] = torch.tensor(step)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        ours = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        ours = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
         if not ours:
             return
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in ours.items():
             if key.startswith("delta."):
-                name, _, field = key[len("delta."):].rpartition(".")
+                name, _, field = key[len("delta.") :].rpartition(".")
                 parts.setdefault(name, {})[field] = value.clone()
         self.delta = SparseDelta({name: (p["index"], p["values"]) for name, p in parts.items()})
         if "step" in ours:
@@ -124,8 +125,9 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
             group = shards.shard_group(params.values())
             if group is not False:
                 gathered = sharded_draw.gather_entries(delta.tensors, list(params), group)
-                delta = SparseDelta({n: (i.to(params[n].device), v.to(params[n].device))
-                                     for n, (i, v) in gathered.items()})
+                delta = SparseDelta(
+                    {n: (i.to(params[n].device), v.to(params[n].device)) for n, (i, v) in gathered.items()}
+                )
             self.stoc_adapters[name].delta = delta
             if isinstance(hidden, ShardedBaseView):
                 hidden.open()
@@ -186,10 +188,13 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         group = shards.shard_group(params.values())
         if group is False:
             return parts
-        gathered = sharded_draw.gather_entries(parts, list(params), group,
-                                              dtypes={name: p.dtype for name, p in params.items()})
-        return {name: (index.to(params[name].device), values.to(params[name].device))
-                for name, (index, values) in gathered.items()}
+        gathered = sharded_draw.gather_entries(
+            parts, list(params), group, dtypes={name: p.dtype for name, p in params.items()}
+        )
+        return {
+            name: (index.to(params[name].device), values.to(params[name].device))
+            for name, (index, values) in gathered.items()
+        }
 
     # -- BaseTunerLayer bookkeeping ----------------------------------------------------------------------------
     # This layer wraps no module: BaseTunerLayer's `weight` / `bias` would look for a base layer and recurse.

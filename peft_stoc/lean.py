@@ -119,8 +119,9 @@ class LeanStep:
         holder = optimizer.state[self.state_key]
         return holder.setdefault("tensors", {})
 
-    def update(self, optimizer, kind: str, rule: str, drawn, values, factors, record, done: set[int],
-               param_of=None) -> None:
+    def update(
+        self, optimizer, kind: str, rule: str, drawn, values, factors, record, done: set[int], param_of=None
+    ) -> None:
         """Apply the step to the candidates this optimizer holds (and that have not been updated in this step).
         `param_of(candidate)`: the tensor `drawn` indexes (under FSDP2, this process's rows of the parameter)."""
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}

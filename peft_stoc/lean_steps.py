@@ -86,12 +86,28 @@ class LeanSteps:
         kind = sparse_optim.kind_of(optimizer) or kind
         if self.sharded:  # indices local to the rows held here; the record of originals keeps whole-tensor indices
             starts = {id(c): self._start_of(i) for i, c in enumerate(self.candidates)}
-            self.lean.update(optimizer, kind, self.config.update_rule, drawn, values, factors,
-                             lambda c, index: self.patch.record(c.name, c.param, index + starts[id(c)]), done,
-                             param_of=lambda c: c.param.detach().to_local())
+            self.lean.update(
+                optimizer,
+                kind,
+                self.config.update_rule,
+                drawn,
+                values,
+                factors,
+                lambda c, index: self.patch.record(c.name, c.param, index + starts[id(c)]),
+                done,
+                param_of=lambda c: c.param.detach().to_local(),
+            )
         else:
-            self.lean.update(optimizer, kind, self.config.update_rule, drawn, values, factors,
-                             lambda c, index: self.patch.record(c.name, c.param, index), done)
+            self.lean.update(
+                optimizer,
+                kind,
+                self.config.update_rule,
+                drawn,
+                values,
+                factors,
+                lambda c, index: self.patch.record(c.name, c.param, index),
+                done,
+            )
         self._sparse_states = self.lean.states(optimizer)
 
     def masters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -39,8 +39,9 @@ class Merging:
         self.stoc_layer.merged_adapters = []
         self._apply_adapter_state()
 
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "linear", **options) -> None:
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "linear", **options
+    ) -> None:
         """Add `adapter_name` = Σ weights[i] · delta(adapters[i]) (union of entries). It is not made active.
 
         Args:
@@ -48,8 +49,10 @@ class Merging:
                 low-rank factors, which StocTuning adapters do not have).
         """
         if combination_type != "linear":
-            raise ValueError(f"combination_type={combination_type!r} does not apply to StocTuning adapters, which are "
-                             "sparse deltas: use combination_type='linear' (a weighted sum of the deltas).")
+            raise ValueError(
+                f"combination_type={combination_type!r} does not apply to StocTuning adapters, which are "
+                "sparse deltas: use combination_type='linear' (a weighted sum of the deltas)."
+            )
         given = {key: value for key, value in options.items() if value is not None}
         if given:
             raise ValueError(f"{sorted(given)} only apply to other combination types; StocTuning combines linearly.")
@@ -66,8 +69,10 @@ class Merging:
         combined = SparseDelta.weighted_sum([self.adapter_delta(a) for a in adapters], list(weights))
         for name, (_, values) in combined.tensors.items():
             if not bool(torch.isfinite(values.float()).all()):
-                raise ValueError(f"The weighted sum overflows in '{name}' (values beyond float range); use smaller "
-                                 "weights. Nothing was added.")
+                raise ValueError(
+                    f"The weighted sum overflows in '{name}' (values beyond float range); use smaller "
+                    "weights. Nothing was added."
+                )
         config = copy.deepcopy(self.peft_config[adapters[0]])
         config.inference_mode = True
         config.target_modules = union_of_targets([self.peft_config[a] for a in adapters])

@@ -161,8 +161,11 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
         for candidate in candidates:
             candidate.param = replaced.get(id(candidate.param), candidate.param)
         managed = shards.fsdp2_shards()
-        now = {key: managed[(id(module), name)] for key, (module, name) in self._homes.items()
-               if (id(module), name) in managed}
+        now = {
+            key: managed[(id(module), name)]
+            for key, (module, name) in self._homes.items()
+            if (id(module), name) in managed
+        }
         following = {}
         for key, (param, requires_grad) in self._requires_grad_before.items():
             param = now.get(key, param)
@@ -297,10 +300,16 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
             engine = self._engines.get(training)
             if engine is None:
                 k, max_changed = self._counts[training]
-                engine = StepEngine(self.model, self._trainable_candidates(training), self.peft_config[training],
-                                    layer.patch,
-                                    k, max_changed, state_key=f"peft_stoc.{training}",
-                                    step=self._steps_loaded.get(training, 0))
+                engine = StepEngine(
+                    self.model,
+                    self._trainable_candidates(training),
+                    self.peft_config[training],
+                    layer.patch,
+                    k,
+                    max_changed,
+                    state_key=f"peft_stoc.{training}",
+                    step=self._steps_loaded.get(training, 0),
+                )
                 self._engines[training] = engine
                 self._captured_at[training] = engine.stats.step
                 engine.driven_by_trainer = getattr(self, "_driven_by_trainer", False)
@@ -387,8 +396,9 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
         if adapter_name not in layer.stoc_adapters:
             raise ValueError(f"Adapter {adapter_name} does not exist")
         if adapter_name in layer.merged_adapters:
-            raise ValueError(f"Cannot delete adapter(s) ['{adapter_name}'] while they are merged. Please unmerge them "
-                             "first.")
+            raise ValueError(
+                f"Cannot delete adapter(s) ['{adapter_name}'] while they are merged. Please unmerge them first."
+            )
         self._drop_engine(adapter_name)
         if adapter_name in layer.applied:
             layer.restore(self._base_params())
@@ -400,8 +410,11 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
         if adapter_name in self.active_adapters:
             self.active_adapter = remaining[:1]
             if remaining:
-                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                              f"{remaining[0]}.", stacklevel=2)
+                warnings.warn(
+                    f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                    f"{remaining[0]}.",
+                    stacklevel=2,
+                )
         for module in self.model.modules():
             if isinstance(module, AuxiliaryTrainingWrapper):
                 module.delete_adapter(adapter_name, new_active_adapters=self.active_adapters or None)
@@ -426,8 +439,14 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
         else:
             candidates = sum(c.numel for c in self._candidates[name])
             changed = self.adapter_delta(name).num_changed
-            stats = {"step": self._steps_loaded.get(name, 0), "drawn": 0, "changed": changed,
-                     "density": changed / candidates, "grad_bytes": 0, "optimizer_state_bytes": 0}
+            stats = {
+                "step": self._steps_loaded.get(name, 0),
+                "drawn": 0,
+                "changed": changed,
+                "density": changed / candidates,
+                "grad_bytes": 0,
+                "optimizer_state_bytes": 0,
+            }
         value_bytes = torch.finfo(getattr(torch, self.peft_config[name].save_dtype)).bits // 8
         head_bytes = sum(
             p.numel() * p.element_size()

@@ -66,15 +66,22 @@ class HookSet:
     def before(self, module: torch.nn.Module, body: Callable[..., None], select, prepend: bool = False) -> None:
         """`body(*select(module, args, kwargs))` before `module`'s forward."""
         call = self._body(body)
-        self._handles.append(module.register_forward_pre_hook(
-            lambda m, args, kwargs: call(*select(m, args, kwargs)), with_kwargs=True, prepend=prepend))
+        self._handles.append(
+            module.register_forward_pre_hook(
+                lambda m, args, kwargs: call(*select(m, args, kwargs)), with_kwargs=True, prepend=prepend
+            )
+        )
 
     def after(self, module: torch.nn.Module, body: Callable[..., None], select, always_call: bool = False) -> None:
         """`body(*select(module, args, kwargs, output))` after `module`'s forward."""
         call = self._body(body)
-        self._handles.append(module.register_forward_hook(
-            lambda m, args, kwargs, output: call(*select(m, args, kwargs, output)), with_kwargs=True,
-            always_call=always_call))
+        self._handles.append(
+            module.register_forward_hook(
+                lambda m, args, kwargs, output: call(*select(m, args, kwargs, output)),
+                with_kwargs=True,
+                always_call=always_call,
+            )
+        )
 
     def _body(self, body: Callable[..., None]) -> OpaqueBody:
         call = OpaqueBody(body)

@@ -30,9 +30,13 @@ class OptimizerChecks:
         if holder and holder.get("tensors"):
             saved = tuple(holder["shards"]) if holder.get("shards") is not None else None
             if saved != layout:
+
                 def where(shards):
-                    return (f"rank {shards[0]} of {shards[1]} processes under FSDP2 (the rows that rank holds)"
-                            if shards else "whole parameters (one process or DDP)")
+                    return (
+                        f"rank {shards[0]} of {shards[1]} processes under FSDP2 (the rows that rank holds)"
+                        if shards
+                        else "whole parameters (one process or DDP)"
+                    )
 
                 raise distributed.UnsupportedDistributedSetup(
                     f"The optimizer's StocTuning state ({self.state_key!r}) indexes the entries of {where(saved)}, "
@@ -68,8 +72,11 @@ class OptimizerChecks:
         if cached is None or cached[0] != count:
             held = {id(p) for g in optimizer.param_groups for p in g["params"]}
             allowed = set(self._ids) | self._trained_copies()
-            found = [(n, p) for n, p in self.tracker.root.named_parameters(remove_duplicate=True)
-                     if id(p) in held and id(p) not in allowed]
+            found = [
+                (n, p)
+                for n, p in self.tracker.root.named_parameters(remove_duplicate=True)
+                if id(p) in held and id(p) not in allowed
+            ]
             cached = (count, found)
             self._strays[optimizer] = cached
         return cached[1]
@@ -77,5 +84,10 @@ class OptimizerChecks:
     def _trained_copies(self) -> set[int]:
         from peft.utils.other import AuxiliaryTrainingWrapper
 
-        return {id(p) for m in self.tracker.root.modules() if isinstance(m, AuxiliaryTrainingWrapper)
-                for name, p in m.named_parameters() if not name.startswith("original_module.")}
+        return {
+            id(p)
+            for m in self.tracker.root.modules()
+            if isinstance(m, AuxiliaryTrainingWrapper)
+            for name, p in m.named_parameters()
+            if not name.startswith("original_module.")
+        }

@@ -86,9 +86,10 @@ class Patch(StateHolder):
             destination[f"{prefix}{name}.original"] = original
         destination[f"{prefix}applied"] = torch.tensor(list(",".join(self.applied).encode()), dtype=torch.uint8)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        ours = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        ours = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
         if not ours:
             return  # a state dict from a plain model
         index, original = {}, {}
@@ -134,7 +135,8 @@ class Patch(StateHolder):
             for name, index in self.index.items():
                 flat, start = shards.local_entries(params[name])
                 flat[index.to(flat.device) - start if start else index.to(flat.device)] = self.original[name].to(
-                    flat.device)
+                    flat.device
+                )
         self.index.clear()
         self.original.clear()
         shards.reshard(params.values())
@@ -185,7 +187,6 @@ class Patch(StateHolder):
             hit = index[slot] == positions
             values[hit.to(values.device)] = self.original[name][slot[hit]].to(values.device)
         return values
-
 
     def _sharded_base_values(self, name: str, param: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         flat, start = shards.local_entries(param)

@@ -47,8 +47,10 @@ def check_adapter_name(name) -> None:
     if bad is None and os.path.isabs(name):
         bad = "an absolute path"
     if bad is None and hasattr(nn.Module, name):
-        raise ValueError(f"Adapter name {name!r} is the name of a torch Module attribute; adapter names become module "
-                         "keys, so pick another name (e.g. 'default', 'task_a').")
+        raise ValueError(
+            f"Adapter name {name!r} is the name of a torch Module attribute; adapter names become module "
+            "keys, so pick another name (e.g. 'default', 'task_a')."
+        )
     if bad is not None:
         raise ValueError(
             f"Adapter name {name!r} contains {bad}: adapter names are module keys and, when saved, folder names "
@@ -78,8 +80,12 @@ def _wrap_save_pretrained(original):
             for name in names:
                 path = os.path.join(hub.adapter_folder(stage, name), adapter_file.WEIGHTS_NAME)
                 adapter_file.add_metadata(path, tuner.file_metadata(name))
-            hub.write_model_card(stage, {name: self.peft_config[name] for name in names}, load_from=directory,
-                                 architectures=getattr(getattr(tuner.model, "config", None), "architectures", None))
+            hub.write_model_card(
+                stage,
+                {name: self.peft_config[name] for name in names},
+                load_from=directory,
+                architectures=getattr(getattr(tuner.model, "config", None), "architectures", None),
+            )
 
     return save_pretrained
 

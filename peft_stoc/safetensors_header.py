@@ -15,8 +15,15 @@ from . import fingerprint as fingerprints
 
 # The safetensors dtypes an adapter file may use (task heads may hold integer buffers).
 FILE_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -82,8 +89,9 @@ def _check_raw_counts(raw: bytes, limits: Limits, path: str) -> None:
             f"{limits.max_tensors:,}. Refusing to read it."
         )
     if raw.count(b",") > limits.max_values:
-        raise AdapterFileError(f"{path} has a header with more values than an adapter file {limits.scope} can "
-                               "hold. Refusing to read it.")
+        raise AdapterFileError(
+            f"{path} has a header with more values than an adapter file {limits.scope} can hold. Refusing to read it."
+        )
 
 
 def _parse_header(raw: bytes, path: str) -> dict:
@@ -109,12 +117,17 @@ def _check_layout(entries: dict, data_bytes: int, path: str) -> None:
             raise corrupt(path, f"its header entry {name!r} is not a tensor description")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in FILE_DTYPES:
-            raise AdapterFileError(f"Tensor '{name}' in {path} has dtype {dtype!r}; adapter files hold "
-                                   f"{', '.join(FILE_DTYPES)}.")
+            raise AdapterFileError(
+                f"Tensor '{name}' in {path} has dtype {dtype!r}; adapter files hold {', '.join(FILE_DTYPES)}."
+            )
         if not isinstance(shape, list) or not all(is_count(s) for s in shape):
             raise corrupt(path, f"tensor '{name}' has an invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)
-                and offsets[0] <= offsets[1] <= data_bytes):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1] <= data_bytes
+        ):
             raise corrupt(path, f"tensor '{name}' lies outside the file's {data_bytes:,} data bytes")
         if offsets[1] - offsets[0] != math.prod(shape) * FILE_DTYPES[dtype].itemsize:
             raise corrupt(path, f"tensor '{name}' has {offsets[1] - offsets[0]:,} bytes for shape {shape}")

@@ -43,7 +43,8 @@ def draw_uniform(sources: list[Source], k: int, generator: torch.Generator) -> l
         stream = torch.cat([chosen, more])
         values, inverse = torch.unique(stream, return_inverse=True)
         first = torch.full_like(values, stream.numel()).scatter_reduce_(
-            0, inverse, torch.arange(stream.numel(), device=device), "amin")
+            0, inverse, torch.arange(stream.numel(), device=device), "amin"
+        )
         chosen = values[first.argsort()]
     chosen = chosen[:k]
     tensor = torch.searchsorted(ends, chosen, right=True)

@@ -91,8 +91,11 @@ class ShardSync:
         order = _ordered(keys).to(device)
         present = order.masked_select(valid.to(device)).sort().values
         sentinel = -(1 << 62)
-        ends = torch.tensor([present[-1] if present.numel() else sentinel,
-                             -present[0] if present.numel() else sentinel], dtype=torch.int64, device=device)
+        ends = torch.tensor(
+            [present[-1] if present.numel() else sentinel, -present[0] if present.numel() else sentinel],
+            dtype=torch.int64,
+            device=device,
+        )
         self.all_reduce(ends, dist.ReduceOp.MAX)
         low, high = -int(ends[1]), int(ends[0])  # count(>= low) >= k > count(>= high + 1)
         while low < high:
@@ -192,8 +195,12 @@ def _count_new(pool, changed: list[torch.Tensor | None] | None) -> int:
 _INDEX_BITS = 40  # flat indices below 2**40 entries per tensor; tensor numbers above them
 
 
-def gather_entries(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], names: list[str], group,
-                   dtypes: dict[str, torch.dtype] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def gather_entries(
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    names: list[str],
+    group,
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per tensor name, the sorted flat indices and values that all ranks hold in `parts` (each rank its own
     entries, in whole-tensor coordinates), on every rank. Values travel as float64, exact for float32, bfloat16 and
     float16; they come back in `dtypes[name]`, or as float32 unless some rank holds float64 values for the name.

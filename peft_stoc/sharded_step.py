@@ -61,8 +61,11 @@ class ShardedSteps:
                 handle.remove()
             self._grad_handles.clear()
             for position, candidate in enumerate(self.candidates):
-                self._grad_handles.append(candidate.param.register_post_accumulate_grad_hook(
-                    lambda param, position=position: self._on_gradient(position, param)))
+                self._grad_handles.append(
+                    candidate.param.register_post_accumulate_grad_hook(
+                        lambda param, position=position: self._on_gradient(position, param)
+                    )
+                )
 
     def _start_of(self, position: int) -> int:
         """Flat index in the whole tensor of the first entry held here."""
@@ -84,18 +87,25 @@ class ShardedSteps:
             fixed = [(d - start).to(local.device) for d, start, local in zip(self.last_draw, starts, locals_)]
         elif self.config.selection == "random" and not budgeted:
             whole = draw_uniform([Source(c.param, None, []) for c in self.candidates], self.k, self._generator(device))
-            fixed = [shards.held_locally(index, start, local.numel())
-                     for index, start, local in zip(whole, starts, locals_)]
+            fixed = [
+                shards.held_locally(index, start, local.numel()) for index, start, local in zip(whole, starts, locals_)
+            ]
         changed = None
         if budgeted:
-            changed = [shards.held_locally(self.patch.index[c.name], start, local.numel())
-                       if c.name in self.patch.index else None
-                       for c, start, local in zip(self.candidates, starts, locals_)]
+            changed = [
+                shards.held_locally(self.patch.index[c.name], start, local.numel())
+                if c.name in self.patch.index
+                else None
+                for c, start, local in zip(self.candidates, starts, locals_)
+            ]
         rank = torch.distributed.get_rank(sync.group)
         stream = StreamingDraw(
-            locals_, self.k, self.config.selection,
+            locals_,
+            self.k,
+            self.config.selection,
             torch.Generator(device=device).manual_seed(step_seed(self.config.seed, self.stats.step, rank)),
-            fixed=fixed, changed=changed,
+            fixed=fixed,
+            changed=changed,
             max_new=max(0, self.max_changed - self._changed_count()) if budgeted else None,
         )
         order = list(self._gradient_order)
@@ -116,8 +126,10 @@ class ShardedSteps:
             stream.add(position, grad, means)
         if sync.total(len(bad)):  # a shard anywhere with inf/NaN: every process skips
             where = ", ".join(bad[:3]) or "tensors held by another process"
-            self._skip(optimizer, reason=f"the gradients or activations of {where} are not finite (inf or NaN). "
-                                         "No weight changed.")
+            self._skip(
+                optimizer,
+                reason=f"the gradients or activations of {where} are not finite (inf or NaN). No weight changed.",
+            )
             return
         if fixed is not None:
             drawn, values = stream.finish()

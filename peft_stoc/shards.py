@@ -66,8 +66,10 @@ def shard_problem(param, managed: dict) -> str | None:
     from torch.distributed.tensor import Shard
 
     if param.device_mesh.ndim != 1 or len(param.placements) != 1 or param.placements[0] != Shard(0):
-        return (f"is sharded as {tuple(param.placements)} over a {param.device_mesh.ndim}-D mesh; StocTuning follows "
-                "FSDP2's dim-0 shards over a 1-D mesh (not HSDP or tensor parallelism)")
+        return (
+            f"is sharded as {tuple(param.placements)} over a {param.device_mesh.ndim}-D mesh; StocTuning follows "
+            "FSDP2's dim-0 shards over a 1-D mesh (not HSDP or tensor parallelism)"
+        )
     return None
 
 

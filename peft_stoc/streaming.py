@@ -75,8 +75,9 @@ class StreamingDraw:
     def add(self, tensor_id: int, grad: torch.Tensor, means: list) -> None:
         """Take the complete gradient of tensor `tensor_id` (μ factors `means`); it may be freed afterwards, except
         that a small tensor's gradient is kept until its pack is processed."""
-        source = Source(self.sources[tensor_id].param, grad, means,
-                        self.changed[tensor_id] if self.changed is not None else None)
+        source = Source(
+            self.sources[tensor_id].param, grad, means, self.changed[tensor_id] if self.changed is not None else None
+        )
         self.received.add(tensor_id)
         if self.fixed is not None:
             index = self.fixed[tensor_id].to(grad.device)
@@ -150,8 +151,9 @@ class StreamingDraw:
         """Per tensor: the sorted flat indices drawn and the gradient values there (None: no gradient arrived)."""
         if self.fixed is not None:
             empty = torch.empty(0, device=self.device)
-            values = [v if v is not None else (None if i not in self.received else empty)
-                      for i, v in enumerate(self._values)]
+            values = [
+                v if v is not None else (None if i not in self.received else empty) for i, v in enumerate(self._values)
+            ]
             return [f.to(self.sources[i].param.device) for i, f in enumerate(self.fixed)], values
         self._flush_small()
         if self.max_new is not None:

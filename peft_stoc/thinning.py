@@ -47,8 +47,9 @@ class Round:
 class Thinning:
     """The fast exact draw of k entries (``stochastic`` or ``top``) over chunks of tensors."""
 
-    def __init__(self, k: int, method: str, generator: torch.Generator, device, chunk_entries: int,
-                 carry: bool = False):
+    def __init__(
+        self, k: int, method: str, generator: torch.Generator, device, chunk_entries: int, carry: bool = False
+    ):
         self.k = k
         self.top = method == "top"
         self.generator = generator
@@ -294,8 +295,9 @@ class Thinning:
             rate.index_copy_(0, heavy, part)
         self._key_hit_entries(segments, torch.arange(rate.shape[0], device=rate.device), rate, counts, scale, round_)
 
-    def _key_certain_entries(self, segments, blocks: torch.Tensor, rate: torch.Tensor, scale: float,
-                             round_: Round) -> torch.Tensor:
+    def _key_certain_entries(
+        self, segments, blocks: torch.Tensor, rate: torch.Tensor, scale: float, round_: Round
+    ) -> torch.Tensor:
         """Entries with λ ≥ 1 in `blocks` (rows of `rate`, λ = (scale·I)²) get a key directly and leave the
         thinning; returns the Poisson counts of what is left of each block."""
         certain = rate >= 1.0
@@ -317,8 +319,9 @@ class Thinning:
             counts.index_add_(0, where, torch.ones_like(point)).masked_fill_(rates <= 0, 0.0)
         return counts
 
-    def _key_hit_entries(self, segments, blocks, rate: torch.Tensor, counts: torch.Tensor, scale: float,
-                         round_: Round) -> None:
+    def _key_hit_entries(
+        self, segments, blocks, rate: torch.Tensor, counts: torch.Tensor, scale: float, round_: Round
+    ) -> None:
         """Drop counts[i] points on block blocks[i], each on an entry with probability ∝ λ (rows of `rate`); every
         entry hit gets a key, conditioned on beating the threshold."""
         hit = counts.nonzero().squeeze(1)
@@ -359,8 +362,15 @@ class Thinning:
             if index is not None:
                 buffer.index_fill_(0, segment.positions(index), 0.0)
 
-    def _offer(self, segments, local: torch.Tensor, values: torch.Tensor, round_: Round, scale: float | None = None,
-               hit: bool = False) -> None:
+    def _offer(
+        self,
+        segments,
+        local: torch.Tensor,
+        values: torch.Tensor,
+        round_: Round,
+        scale: float | None = None,
+        hit: bool = False,
+    ) -> None:
         """Offer buffer positions `local` to the pool with the key log I - ½ log E, E ~ Exp(1) conditioned on
         E > I²/previous (keys of earlier rounds were below the round's `previous`) and, for entries the thinning
         hit, on beating the threshold: E ≤ I²/previous + λ. `values`: the entries' I (`scale` None) or

@@ -44,8 +44,9 @@ def scope_arguments(root: nn.Module) -> dict[nn.Module, ScopeArguments]:
     for module in root.modules():
         params = _forward_parameters(module)
         if "decoder_input_ids" in params or "decoder_attention_mask" in params:
-            scopes[module] = ScopeArguments(params, "decoder_attention_mask",
-                                             ("decoder_input_ids", "decoder_inputs_embeds"))
+            scopes[module] = ScopeArguments(
+                params, "decoder_attention_mask", ("decoder_input_ids", "decoder_inputs_embeds")
+            )
         elif "attention_mask" in params and any(arg in params for arg in TOKEN_INPUTS):
             scopes[module] = ScopeArguments(params, "attention_mask", ("input_ids", "inputs_embeds"))
         elif module is root:

@@ -95,8 +95,12 @@ class ActivationTracker:
         for module, kind in self._modules.values():
             if kind is UseKind.EMBEDDING_ROW and type(module).forward is not nn.Embedding.forward:
                 hooks.before(module, functools.partial(self._start_recording, module), opaque_hooks.nothing)
-                hooks.after(module, functools.partial(self._on_recorded_embedding, module), opaque_hooks.nothing,
-                            always_call=True)
+                hooks.after(
+                    module,
+                    functools.partial(self._on_recorded_embedding, module),
+                    opaque_hooks.nothing,
+                    always_call=True,
+                )
             else:
                 hooks.after(module, functools.partial(self._hook_for(kind), module), _first_input)
 
@@ -143,8 +147,14 @@ class ActivationTracker:
         if arguments is None:
             return None, None
         mask = arguments.find(arguments.mask, args, kwargs)
-        tokens = next((t for t in (arguments.find(name, args, kwargs) for name in arguments.tokens)
-                       if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
+        tokens = next(
+            (
+                t
+                for t in (arguments.find(name, args, kwargs) for name in arguments.tokens)
+                if isinstance(t, torch.Tensor) and t.dim() >= 2
+            ),
+            None,
+        )
         return (mask if isinstance(mask, torch.Tensor) else None), tokens
 
     def _enter_scope(self, module, mask, tokens):
@@ -173,8 +183,11 @@ class ActivationTracker:
     def _layout(self, module: nn.Module, shape: torch.Size, mask: torch.Tensor, broadcast: bool) -> str:
         """How `shape` (a value's token dimensions) lines up with `mask`; learnt per module from unambiguous shapes."""
         batch, seq = mask.shape
-        fits = [layout for layout, target in ((BATCH_FIRST, (batch, seq)), (SEQ_FIRST, (seq, batch)))
-                if _fits(shape, target, broadcast)]
+        fits = [
+            layout
+            for layout, target in ((BATCH_FIRST, (batch, seq)), (SEQ_FIRST, (seq, batch)))
+            if _fits(shape, target, broadcast)
+        ]
         if (len(fits) == 1 and batch != seq) or not fits:
             found = fits[0] if fits else UNALIGNED
             self._layouts.setdefault(id(module), set()).add(found)
@@ -183,8 +196,9 @@ class ActivationTracker:
         seen = self._layouts.get(id(module), set())
         return next(iter(seen)) if len(seen) == 1 else UNALIGNED
 
-    def _token_weights(self, module: nn.Module, shape: torch.Size, mask: torch.Tensor | None, dtype, device,
-                       broadcast: bool = False) -> tuple[torch.Tensor, float] | None:
+    def _token_weights(
+        self, module: nn.Module, shape: torch.Size, mask: torch.Tensor | None, dtype, device, broadcast: bool = False
+    ) -> tuple[torch.Tensor, float] | None:
         """Weights (1 real, 0 padding) for tokens laid out as `shape` and their sum, or None to count every token.
 
         The weights have the mask's layout, (batch, seq) or (seq, batch), for `shape` to be expanded to."""
@@ -227,8 +241,9 @@ class ActivationTracker:
     def _count_rows(self, module: nn.Module, rows: torch.Tensor) -> None:
         """Add how many real tokens gathered each row of `module`'s table."""
         rows = rows.to(torch.long)
-        found = self._token_weights(module, rows.shape, self._mask_for(rows), torch.float32, rows.device,
-                                    broadcast=True)
+        found = self._token_weights(
+            module, rows.shape, self._mask_for(rows), torch.float32, rows.device, broadcast=True
+        )
         if found is None:
             flat, weights, tokens = rows.reshape(-1), None, float(rows.numel())
         else:
@@ -314,10 +329,15 @@ class ActivationTracker:
         if self._bypassed_now is None:
             bypassed = [c for c in self.candidates if self._bypassed(c)]
             self._bypassed_now = {id(c.param) for c in bypassed}
-            names = {_describe(use.module_name, use.module) for c in bypassed for use in c.uses
-                     if use.kind is not UseKind.CONSTANT}
-            names |= {_describe(name, module) for name, module in self.root.named_modules()
-                      if id(module) in self._untraced}
+            names = {
+                _describe(use.module_name, use.module)
+                for c in bypassed
+                for use in c.uses
+                if use.kind is not UseKind.CONSTANT
+            }
+            names |= {
+                _describe(name, module) for name, module in self.root.named_modules() if id(module) in self._untraced
+            }
             _warn_once(self.root, names, UNTRACED_USES)
         return self._bypassed_now
 
@@ -363,11 +383,11 @@ def _fits(shape: torch.Size, target: tuple[int, int], broadcast: bool) -> bool:
 def _first_input(module, args, kwargs, output) -> tuple[torch.Tensor | None]:
     """The tensor a module's forward reads first: its input values, ids or hidden states."""
     values = args[0] if args else next(iter(kwargs.values()), None)
-    return (values if isinstance(values, torch.Tensor) else None),
+    return ((values if isinstance(values, torch.Tensor) else None),)
 
 
 def _output_tensor(module, args, kwargs, output) -> tuple[torch.Tensor | None]:
-    return _first_tensor(output),
+    return (_first_tensor(output),)
 
 
 def _first_tensor(output) -> torch.Tensor | None:
@@ -411,9 +431,12 @@ def _warn_once(model: nn.Module, names: set[str], message: str) -> None:
 
 def _caller_stacklevel() -> int:
     """The stacklevel of the first frame outside this package, PEFT, transformers, torch and accelerate."""
-    internal = tuple(os.path.dirname(module.__file__) + os.sep for name, module in list(sys.modules.items())
-                     if name in ("peft_stoc", "peft", "transformers", "torch", "accelerate", "trl")
-                     and getattr(module, "__file__", None))
+    internal = tuple(
+        os.path.dirname(module.__file__) + os.sep
+        for name, module in list(sys.modules.items())
+        if name in ("peft_stoc", "peft", "transformers", "torch", "accelerate", "trl")
+        and getattr(module, "__file__", None)
+    )
     frame, level = sys._getframe(2), 2  # level 1 is `_warn_once`, the function calling warnings.warn
     while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
         frame, level = frame.f_back, level + 1

@@ -29,8 +29,9 @@ def main(out: str, selection: str, memory: str, mode: str, checkpoint: str | Non
     os.makedirs(out, exist_ok=True)
     set_seed(0)
     accelerator = Accelerator(cpu=True)
-    model = get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS", selection=selection,
-                                                          memory=memory, seed=5))
+    model = get_peft_model(
+        tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS", selection=selection, memory=memory, seed=5)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -46,8 +47,11 @@ def main(out: str, selection: str, memory: str, mode: str, checkpoint: str | Non
     if mode == "first":
         accelerator.save_state(f"{out}/checkpoint")
     unwrapped = accelerator.unwrap_model(model)
-    save_file({k: v.contiguous() for k, v in unwrapped.state_dict().items()}, f"{out}/state.safetensors",
-              metadata={"step": str(unwrapped.stoc_stats()["step"])})
+    save_file(
+        {k: v.contiguous() for k, v in unwrapped.state_dict().items()},
+        f"{out}/state.safetensors",
+        metadata={"step": str(unwrapped.stoc_stats()["step"])},
+    )
     unwrapped.save_pretrained(f"{out}/adapter")
 
 

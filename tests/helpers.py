@@ -18,21 +18,36 @@ VOCAB = 96
 def tiny_config(arch: str):
     if arch == "bert":
         return transformers.BertConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=48,
             max_position_embeddings=64,
         )
     if arch == "roberta":
         return transformers.RobertaConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-            max_position_embeddings=70, pad_token_id=1,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=70,
+            pad_token_id=1,
         )
     if arch == "gpt2":
-        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                       pad_token_id=0)
+        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=0)
     if arch == "llama":
         return transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            pad_token_id=0,
         )
     raise ValueError(arch)
 
@@ -54,8 +69,9 @@ def tiny_model(arch: str = "bert", task: str = "SEQ_CLS", seed: int = 0, **confi
     return model
 
 
-def batch(task: str = "SEQ_CLS", size: int = 4, length: int = 12, seed: int = 0, pad_from: int | None = 9,
-          num_labels: int = 2):
+def batch(
+    task: str = "SEQ_CLS", size: int = 4, length: int = 12, seed: int = 0, pad_from: int | None = 9, num_labels: int = 2
+):
     """A batch with padding at the end of each row (from column `pad_from`)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (size, length), generator=generator)

@@ -64,8 +64,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, {"url": f"{self.server.endpoint}/{repo}"})
         if re.fullmatch(rf"/api/models/{_REPO}/preupload/[^/]+", self.path):
             files = json.loads(body)["files"]
-            return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                              for f in files]})
+            return self._send(
+                200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
         if match := re.fullmatch(rf"/api/models/{_REPO}/commit/[^/]+", self.path):
             repo = match["repo"]
             for line in map(json.loads, body.splitlines()):

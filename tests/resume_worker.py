@@ -35,17 +35,31 @@ class Rows(torch.utils.data.Dataset):
 
 
 def main(out: str, memory: str, selection: str, checkpoint: str | None = None) -> None:
-    model = get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS", memory=memory,
-                                                          selection=selection, seed=3))
+    model = get_peft_model(
+        tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS", memory=memory, selection=selection, seed=3)
+    )
     args = TrainingArguments(
-        output_dir=out, per_device_train_batch_size=4, learning_rate=1e-2, max_steps=STEPS, save_steps=SAVE_AT,
-        save_strategy="steps", logging_steps=1, report_to=[], disable_tqdm=True, use_cpu=True, seed=0,
-        weight_decay=0.01, warmup_steps=2,
+        output_dir=out,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=STEPS,
+        save_steps=SAVE_AT,
+        save_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        weight_decay=0.01,
+        warmup_steps=2,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Rows())
     trainer.train(resume_from_checkpoint=checkpoint)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/state.safetensors",
-              metadata={"step": str(model.stoc_stats()["step"])})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        f"{out}/state.safetensors",
+        metadata={"step": str(model.stoc_stats()["step"])},
+    )
     model.save_pretrained(f"{out}/adapter")
 
 

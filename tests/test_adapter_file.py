@@ -82,7 +82,8 @@ def _hostile_header(count: int, pairs: bool = False) -> bytes:
     suffixes = (b".stoc_delta", b".stoc_indices") if pairs else (b".stoc_delta",)
     entries = b",".join(
         b'"%s%d%s":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % (name.encode(), i, suffix)
-        for i in range(count) for suffix in suffixes
+        for i in range(count)
+        for suffix in suffixes
     )
     return b'{"__metadata__":{"format":"pt","peft_stoc_format":"1"},' + entries + b"}"
 
@@ -131,8 +132,14 @@ def test_million_tensor_header_is_refused_in_under_a_second_with_little_memory(g
     folders = {name: _raw_variant(good, tmp_path / name, header) for name, (header, _) in files.items()}
     assert (folders["million"] / adapter_file.WEIGHTS_NAME).stat().st_size > 90e6
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-c", HOSTILE_PROBE, *map(str, folders.values())], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", HOSTILE_PROBE, *map(str, folders.values())],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for name, folder in folders.items():
@@ -155,13 +162,19 @@ MALFORMED_HEADERS = {
     "header a JSON list": (b"[1, 2]", "not a JSON object"),
     "deeply nested header": (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
     "metadata not strings": (json.dumps({"__metadata__": {"a": 1}}).encode(), "map strings to strings"),
-    "unknown dtype": (json.dumps({"__metadata__": META, KEY: _entry(dtype="F8_E4M3", offsets=(0, 1))}).encode(),
-                      "has dtype 'F8_E4M3'"),
+    "unknown dtype": (
+        json.dumps({"__metadata__": META, KEY: _entry(dtype="F8_E4M3", offsets=(0, 1))}).encode(),
+        "has dtype 'F8_E4M3'",
+    ),
     "negative shape": (json.dumps({"__metadata__": META, KEY: _entry(shape=(-1,))}).encode(), "invalid shape"),
-    "data beyond the file": (json.dumps({"__metadata__": META, KEY: _entry(offsets=(0, 400))}).encode(),
-                             "outside the file"),
-    "data size does not match the shape": (json.dumps({"__metadata__": META, KEY: _entry(shape=(2,))}).encode(),
-                                           "bytes for shape"),
+    "data beyond the file": (
+        json.dumps({"__metadata__": META, KEY: _entry(offsets=(0, 400))}).encode(),
+        "outside the file",
+    ),
+    "data size does not match the shape": (
+        json.dumps({"__metadata__": META, KEY: _entry(shape=(2,))}).encode(),
+        "bytes for shape",
+    ),
     "entry not an object": (json.dumps({"__metadata__": META, KEY: [1]}).encode(), "not a tensor description"),
 }
 
@@ -198,11 +211,16 @@ MALFORMED_ENTRIES = {
     "fingerprint a JSON list": (adapter_file.META_FINGERPRINT, "[1, 2]", "must be a JSON object, got a JSON list"),
     "fingerprint null": (adapter_file.META_FINGERPRINT, "null", "must be a JSON object, got null"),
     "fingerprint a string": (adapter_file.META_FINGERPRINT, '"abc"', "got a JSON string"),
-    "fingerprint with null values": (adapter_file.META_FINGERPRINT, '{"structure": null, "checksum": null}',
-                                     "needs a string 'structure', got null"),
-    "fingerprint with string values": (adapter_file.META_FINGERPRINT,
-                                       '{"structure": "s", "checksum": "c", "values": "1,2"}',
-                                       "needs a list of numbers as 'values'"),
+    "fingerprint with null values": (
+        adapter_file.META_FINGERPRINT,
+        '{"structure": null, "checksum": null}',
+        "needs a string 'structure', got null",
+    ),
+    "fingerprint with string values": (
+        adapter_file.META_FINGERPRINT,
+        '{"structure": "s", "checksum": "c", "values": "1,2"}',
+        "needs a list of numbers as 'values'",
+    ),
 }
 
 
@@ -216,8 +234,12 @@ def test_malformed_fingerprint_gives_one_clear_error(good, tmp_path, case):
 
 
 def test_malformed_counts_and_shapes_give_one_clear_error(good, tmp_path):
-    cases = ((adapter_file.META_COUNTS, "[1]"), (adapter_file.META_COUNTS, '{"k": "x"}'),
-             (adapter_file.META_SHAPES, '{"a": "32"}'), (adapter_file.META_SHAPES, "nope"))
+    cases = (
+        (adapter_file.META_COUNTS, "[1]"),
+        (adapter_file.META_COUNTS, '{"k": "x"}'),
+        (adapter_file.META_SHAPES, '{"a": "32"}'),
+        (adapter_file.META_SHAPES, "nope"),
+    )
     for number, (key, value) in enumerate(cases):
         folder = _variant(good, tmp_path / str(number), _set_meta(key, value))
         file = adapter_file.read(str(folder / adapter_file.WEIGHTS_NAME))

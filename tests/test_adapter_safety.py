@@ -63,11 +63,15 @@ def _drop(key):
 
 
 CORRUPTIONS = {
-    "index out of range": (_set(QUERY + ".stoc_indices", lambda t: torch.cat([t[:-1], t.new_tensor([32 * 32])])),
-                           "outside"),
+    "index out of range": (
+        _set(QUERY + ".stoc_indices", lambda t: torch.cat([t[:-1], t.new_tensor([32 * 32])])),
+        "outside",
+    ),
     "negative index": (_set(QUERY + ".stoc_indices", lambda t: torch.cat([t.new_tensor([-1]), t[1:]])), "outside"),
-    "duplicate index": (_set(QUERY + ".stoc_indices", lambda t: torch.cat([t[:1], t[:1], t[2:]])),
-                        "strictly increasing"),
+    "duplicate index": (
+        _set(QUERY + ".stoc_indices", lambda t: torch.cat([t[:1], t[:1], t[2:]])),
+        "strictly increasing",
+    ),
     "float indices": (_set(QUERY + ".stoc_indices", lambda t: t.float()), "int32/int64"),
     "integer values": (_set(QUERY + ".stoc_delta", lambda t: (t * 1e4).int()), "float tensor"),
     "lengths differ": (_set(QUERY + ".stoc_delta", lambda t: t[:-1]), "differ in length"),
@@ -78,8 +82,7 @@ CORRUPTIONS = {
     "nan value": (_set(QUERY + ".stoc_delta", lambda t: torch.cat([t[:1] * float("nan"), t[1:]])), "NaN"),
     "inf value": (_set(QUERY + ".stoc_delta", lambda t: torch.cat([t[:1] + float("inf"), t[1:]])), "infinite"),
     "inf in head": (_set("base_model.model.classifier.weight", lambda t: t + float("inf")), "classifier.weight"),
-    "unknown tensor": (_set(QUERY.replace("query", "nonexistent") + ".stoc_indices", lambda t: t),
-                       "not a candidate"),
+    "unknown tensor": (_set(QUERY.replace("query", "nonexistent") + ".stoc_indices", lambda t: t), "not a candidate"),
 }
 
 

@@ -70,14 +70,17 @@ def test_save_dtype_and_no_pickle(tmp_path):
 
 def _fresh_process(code: str) -> list[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
-                            cwd=str(REPO))
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=str(REPO)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip().splitlines()
 
 
-@pytest.mark.parametrize("arch, task, auto", [("bert", "SEQ_CLS", "AutoPeftModelForSequenceClassification"),
-                                              ("llama", "CAUSAL_LM", "AutoPeftModelForCausalLM")])
+@pytest.mark.parametrize(
+    "arch, task, auto",
+    [("bert", "SEQ_CLS", "AutoPeftModelForSequenceClassification"), ("llama", "CAUSAL_LM", "AutoPeftModelForCausalLM")],
+)
 def test_fresh_process_load_reproduces_outputs(tmp_path, arch, task, auto):
     import transformers
 
@@ -94,7 +97,7 @@ import transformers
 from peft import PeftModel, {auto}
 from safetensors.torch import load_file
 from tests.helpers import predict
-expected = load_file(r"{tmp_path / 'expected.safetensors'}")["expected"]
+expected = load_file(r"{tmp_path / "expected.safetensors"}")["expected"]
 base = transformers.{auto_base}.from_pretrained(r"{base_dir}")
 model = PeftModel.from_pretrained(base, r"{adapter_dir}")
 print(float((predict(model, "{task}") - expected).abs().max()))
@@ -119,7 +122,7 @@ from safetensors.torch import load_file
 from tests.helpers import predict
 base = AutoModelForSequenceClassification.from_pretrained(r"{base_dir}")
 model = PeftModel.from_pretrained(base, r"{adapter_dir}")
-expected = load_file(r"{tmp_path / 'expected.safetensors'}")["expected"]
+expected = load_file(r"{tmp_path / "expected.safetensors"}")["expected"]
 print(float((predict(model) - expected).abs().max()))
 """
     assert float(_fresh_process(code)[-1]) <= 1e-6

@@ -44,13 +44,28 @@ class Arch:
 
 
 def _text(cls, **extra):
-    return cls(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
-               max_position_embeddings=32, **extra)
+    return cls(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        **extra,
+    )
 
 
 def _decoder(cls, **extra):
-    return cls(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
-               max_position_embeddings=32, pad_token_id=0, **extra)
+    return cls(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        **extra,
+    )
 
 
 def _archs() -> dict[str, Arch]:
@@ -60,60 +75,159 @@ def _archs() -> dict[str, Arch]:
         "bert": Arch(_text(t.BertConfig), seq_cls, "SEQ_CLS", "text"),
         "roberta": Arch(_text(t.RobertaConfig, pad_token_id=1), seq_cls, "SEQ_CLS", "text"),
         "deberta-v2": Arch(
-            _text(t.DebertaV2Config, relative_attention=True, position_buckets=8, norm_rel_ebd="layer_norm",
-                  pos_att_type=["p2c", "c2p"]),
-            seq_cls, "SEQ_CLS", "text", untraced=["deberta.encoder.rel_embeddings (Embedding)"],
-            caveat="the relative-position table is read as a whole tensor, not looked up"),
-        "distilbert": Arch(t.DistilBertConfig(vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, hidden_dim=24,
-                                              max_position_embeddings=32), seq_cls, "SEQ_CLS", "text"),
-        "albert": Arch(_text(t.AlbertConfig, embedding_size=8), seq_cls, "SEQ_CLS", "text",
-                       caveat="shared layers: μ covers every call of a module"),
+            _text(
+                t.DebertaV2Config,
+                relative_attention=True,
+                position_buckets=8,
+                norm_rel_ebd="layer_norm",
+                pos_att_type=["p2c", "c2p"],
+            ),
+            seq_cls,
+            "SEQ_CLS",
+            "text",
+            untraced=["deberta.encoder.rel_embeddings (Embedding)"],
+            caveat="the relative-position table is read as a whole tensor, not looked up",
+        ),
+        "distilbert": Arch(
+            t.DistilBertConfig(
+                vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, hidden_dim=24, max_position_embeddings=32
+            ),
+            seq_cls,
+            "SEQ_CLS",
+            "text",
+        ),
+        "albert": Arch(
+            _text(t.AlbertConfig, embedding_size=8),
+            seq_cls,
+            "SEQ_CLS",
+            "text",
+            caveat="shared layers: μ covers every call of a module",
+        ),
         "electra": Arch(_text(t.ElectraConfig, embedding_size=8), seq_cls, "SEQ_CLS", "text"),
         "xlm-roberta": Arch(_text(t.XLMRobertaConfig, pad_token_id=1), seq_cls, "SEQ_CLS", "text"),
-        "xlnet": Arch(t.XLNetConfig(vocab_size=VOCAB, d_model=16, n_layer=1, n_head=2, d_inner=24),
-                      seq_cls, "SEQ_CLS", "text", modules_to_save=["sequence_summary", "logits_proj"],
-                      untraced=["transformer.layer.0.rel_attn (XLNetRelativeAttention)",
-                                "transformer (XLNetModel)"],
-                      caveat="sequence-first activations: the padding mask is transposed; attention weights are "
-                             "parameters used in einsums"),
-        "gpt2": Arch(t.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32, pad_token_id=0),
-                     causal, "CAUSAL_LM", "causal"),
+        "xlnet": Arch(
+            t.XLNetConfig(vocab_size=VOCAB, d_model=16, n_layer=1, n_head=2, d_inner=24),
+            seq_cls,
+            "SEQ_CLS",
+            "text",
+            modules_to_save=["sequence_summary", "logits_proj"],
+            untraced=["transformer.layer.0.rel_attn (XLNetRelativeAttention)", "transformer (XLNetModel)"],
+            caveat="sequence-first activations: the padding mask is transposed; attention weights are "
+            "parameters used in einsums",
+        ),
+        "gpt2": Arch(
+            t.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32, pad_token_id=0),
+            causal,
+            "CAUSAL_LM",
+            "causal",
+        ),
         "gpt-neox": Arch(_decoder(t.GPTNeoXConfig, rotary_pct=0.5), causal, "CAUSAL_LM", "causal"),
-        "opt": Arch(t.OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                ffn_dim=24, max_position_embeddings=32, word_embed_proj_dim=16, pad_token_id=1),
-                    causal, "CAUSAL_LM", "causal", caveat="learned positions are the rows really gathered (offset 2)"),
-        "bart": Arch(t.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
-                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
-                                  decoder_ffn_dim=24, max_position_embeddings=32),
-                     seq2seq, "SEQ_2_SEQ_LM", "seq2seq",
-                     caveat="learned positions are the rows really gathered (offset 2); cross-attention keys and "
-                            "values take the encoder's padding"),
-        "t5": Arch(t.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1,
-                              num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0),
-                   seq2seq, "SEQ_2_SEQ_LM", "seq2seq",
-                   caveat="`T5LayerNorm` is an RMS norm; the relative-position buckets count every (query, key) pair"),
-        "llama": Arch(_decoder(t.LlamaConfig, num_key_value_heads=1, tie_word_embeddings=True),
-                      causal, "CAUSAL_LM", "causal"),
+        "opt": Arch(
+            t.OPTConfig(
+                vocab_size=VOCAB,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                ffn_dim=24,
+                max_position_embeddings=32,
+                word_embed_proj_dim=16,
+                pad_token_id=1,
+            ),
+            causal,
+            "CAUSAL_LM",
+            "causal",
+            caveat="learned positions are the rows really gathered (offset 2)",
+        ),
+        "bart": Arch(
+            t.BartConfig(
+                vocab_size=VOCAB,
+                d_model=16,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=24,
+                decoder_ffn_dim=24,
+                max_position_embeddings=32,
+            ),
+            seq2seq,
+            "SEQ_2_SEQ_LM",
+            "seq2seq",
+            caveat="learned positions are the rows really gathered (offset 2); cross-attention keys and "
+            "values take the encoder's padding",
+        ),
+        "t5": Arch(
+            t.T5Config(
+                vocab_size=VOCAB,
+                d_model=16,
+                d_kv=8,
+                d_ff=24,
+                num_layers=1,
+                num_decoder_layers=1,
+                num_heads=2,
+                relative_attention_num_buckets=8,
+                decoder_start_token_id=0,
+            ),
+            seq2seq,
+            "SEQ_2_SEQ_LM",
+            "seq2seq",
+            caveat="`T5LayerNorm` is an RMS norm; the relative-position buckets count every (query, key) pair",
+        ),
+        "llama": Arch(
+            _decoder(t.LlamaConfig, num_key_value_heads=1, tie_word_embeddings=True), causal, "CAUSAL_LM", "causal"
+        ),
         "mistral": Arch(_decoder(t.MistralConfig, num_key_value_heads=1), causal, "CAUSAL_LM", "causal"),
         "qwen2": Arch(_decoder(t.Qwen2Config, num_key_value_heads=1), causal, "CAUSAL_LM", "causal"),
-        "gemma": Arch(_decoder(t.GemmaConfig, num_key_value_heads=1, head_dim=8), causal, "CAUSAL_LM", "causal",
-                      caveat="norm gains scale by 1 + weight: μ is the mean normalised input all the same"),
+        "gemma": Arch(
+            _decoder(t.GemmaConfig, num_key_value_heads=1, head_dim=8),
+            causal,
+            "CAUSAL_LM",
+            "causal",
+            caveat="norm gains scale by 1 + weight: μ is the mean normalised input all the same",
+        ),
         "phi": Arch(_decoder(t.PhiConfig, partial_rotary_factor=0.5), causal, "CAUSAL_LM", "causal"),
-        "vit": Arch(t.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=24),
-                    transformers.AutoModelForImageClassification, None, "image", modules_to_save=["classifier"],
-                    untraced=["vit.embeddings (ViTEmbeddings)",
-                              "vit.embeddings.patch_embeddings.projection (Conv2d)"],
-                    caveat="no padding: every patch counts; `[CLS]` and the position table are additive parameters"),
-        "whisper": Arch(t.WhisperConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
-                                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
-                                        decoder_ffn_dim=24, num_mel_bins=8, max_source_positions=10,
-                                        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                        decoder_start_token_id=1),
-                        transformers.AutoModelForSpeechSeq2Seq, None, "speech",
-                        untraced=["model.encoder.conv1 (Conv1d)", "model.encoder.conv2 (Conv1d)"],
-                        caveat="the encoder's sinusoidal position table, frozen by transformers, becomes a candidate: "
-                               "add `exclude_modules=[\"model.encoder.embed_positions\"]` to keep it fixed"),
+        "vit": Arch(
+            t.ViTConfig(
+                image_size=8,
+                patch_size=4,
+                num_channels=3,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=24,
+            ),
+            transformers.AutoModelForImageClassification,
+            None,
+            "image",
+            modules_to_save=["classifier"],
+            untraced=["vit.embeddings (ViTEmbeddings)", "vit.embeddings.patch_embeddings.projection (Conv2d)"],
+            caveat="no padding: every patch counts; `[CLS]` and the position table are additive parameters",
+        ),
+        "whisper": Arch(
+            t.WhisperConfig(
+                vocab_size=VOCAB,
+                d_model=16,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=24,
+                decoder_ffn_dim=24,
+                num_mel_bins=8,
+                max_source_positions=10,
+                max_target_positions=32,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+                decoder_start_token_id=1,
+            ),
+            transformers.AutoModelForSpeechSeq2Seq,
+            None,
+            "speech",
+            untraced=["model.encoder.conv1 (Conv1d)", "model.encoder.conv2 (Conv1d)"],
+            caveat="the encoder's sinusoidal position table, frozen by transformers, becomes a candidate: "
+            'add `exclude_modules=["model.encoder.embed_positions"]` to keep it fixed',
+        ),
     }
 
 
@@ -149,8 +263,10 @@ def micro_batch(name: str, index: int) -> dict[str, torch.Tensor]:
     length, decoder_length = ENCODER_LENGTHS[index], DECODER_LENGTHS[index]
     pad = getattr(arch.config, "pad_token_id", None) or 0
     if arch.inputs == "image":
-        return {"pixel_values": torch.randn(BATCH, 3, 8, 8, generator=generator),
-                "labels": torch.randint(0, 2, (BATCH,), generator=generator)}
+        return {
+            "pixel_values": torch.randn(BATCH, 3, 8, 8, generator=generator),
+            "labels": torch.randint(0, 2, (BATCH,), generator=generator),
+        }
     if arch.inputs in ("text", "causal"):
         ids, mask = _ids_and_mask(length, pad, left=index == 1 and arch.inputs == "causal", generator=generator)
         if arch.inputs == "text":
@@ -193,8 +309,9 @@ class Reference:
     def __init__(self, model: nn.Module, params: list[nn.Parameter]):
         self.masks: list[torch.Tensor] = []
         self.sums: dict[int, list] = {}  # id(module) -> [total, tokens]
-        self.owners = {id(p): [m for m in model.modules() if any(q is p for q in m._parameters.values())]
-                       for p in params}
+        self.owners = {
+            id(p): [m for m in model.modules() if any(q is p for q in m._parameters.values())] for p in params
+        }
         modules = {id(m): m for owners in self.owners.values() for m in owners}
         self.handles = [m.register_forward_hook(self._hook) for m in modules.values()]
 
@@ -231,8 +348,9 @@ class Reference:
 
     def _add_values(self, module: nn.Module, values: torch.Tensor) -> None:
         real = self._real(values.shape[:-1])
-        self._add(module, (values.double() * real.unsqueeze(-1)).reshape(-1, values.shape[-1]).sum(0),
-                  float(real.sum()))
+        self._add(
+            module, (values.double() * real.unsqueeze(-1)).reshape(-1, values.shape[-1]).sum(0), float(real.sum())
+        )
 
     def _add_rows(self, module: nn.Module, output: torch.Tensor) -> None:
         """Which rows the lookup gathered, read off its output: each output vector is a row of the table, possibly
@@ -245,8 +363,9 @@ class Reference:
         zero = norms == 0
         rows[zero] = row_norms.argmin()  # a padding row of zeros
         scale = norms[~zero] / row_norms[rows[~zero]]
-        assert bool((cosine[~zero] > 1 - 1e-9).all()) and float(scale.max() / scale.min()) < 1 + 1e-9, \
+        assert bool((cosine[~zero] > 1 - 1e-9).all()) and float(scale.max() / scale.min()) < 1 + 1e-9, (
             f"{type(module).__name__} is not a lookup"
+        )
         real = self._real(output.shape[:-1]).reshape(-1)
         counts = torch.zeros(table.shape[0], dtype=torch.float64).index_add_(0, rows, real)
         self._add(module, counts, float(real.sum()))
@@ -266,8 +385,11 @@ class Reference:
 
     def _factor(self, module: nn.Module, param: nn.Parameter) -> torch.Tensor:
         one = torch.ones(param.shape, dtype=torch.float64)
-        if param is not getattr(module, "weight", None) or not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)) \
-                and not _is_norm(module):
+        if (
+            param is not getattr(module, "weight", None)
+            or not isinstance(module, (nn.Linear, Conv1D, nn.Embedding))
+            and not _is_norm(module)
+        ):
             return one  # biases, and parameters of modules whose input is not traced
         total, tokens = self.sums[id(module)]
         mean = total / tokens
@@ -277,8 +399,7 @@ class Reference:
 
 
 def _is_norm(module: nn.Module) -> bool:
-    return "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None \
-        and module.weight.dim() == 1
+    return "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None and module.weight.dim() == 1
 
 
 def library_mu(engine, candidate) -> torch.Tensor:
@@ -329,16 +450,18 @@ def check_mu_and_top_draw(name: str, model: nn.Module) -> tuple[set[tuple[str, i
     importance = {}
     for candidate in engine.candidates:
         expected, got = reference.mu(candidate.param), library_mu(engine, candidate)
-        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), \
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (
             f"{name}: μ of {candidate.name} differs by {(got - expected).abs().max():.3g}"
+        )
         grad = candidate.param.grad if candidate.param.grad is not None else torch.zeros_like(candidate.param)
         importance[candidate.name] = (expected * candidate.param.detach().double() * grad.double()).abs()
     wanted, threshold = _top_k(importance, K)
     optimizer.step()
     drawn = _drawn(engine)
     # Entries whose importance ties the k-th within rounding may be swapped; every other one must match.
-    near = {(n, i) for n, i in wanted ^ drawn
-            if abs(float(importance[n].reshape(-1)[i]) - threshold) <= 1e-6 * threshold}
+    near = {
+        (n, i) for n, i in wanted ^ drawn if abs(float(importance[n].reshape(-1)[i]) - threshold) <= 1e-6 * threshold
+    }
     assert len(drawn) == K and wanted ^ drawn <= near, f"{name}: top draw differs from the reference top-k"
     optimizer.zero_grad()
     return drawn, optimizer
@@ -372,13 +495,15 @@ def check_save_load(name: str, model: nn.Module, directory) -> None:
     loaded = PeftModel.from_pretrained(build(name), directory).eval()
     with torch.no_grad():
         got = loaded(**inputs).logits
-    assert torch.allclose(got, expected, atol=1e-5, rtol=0), \
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (
         f"{name}: loaded logits differ by {(got - expected).abs().max()}"
+    )
     merged = loaded.merge_and_unload().eval()  # also heads without `.weight` (RobertaClassificationHead)
     with torch.no_grad():
         got = merged(**inputs).logits
-    assert torch.allclose(got, expected, atol=1e-5, rtol=0), \
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (
         f"{name}: merged logits differ by {(got - expected).abs().max()}"
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -411,8 +536,13 @@ def test_architecture(name, tmp_path):
 
 
 # -- the documentation table -------------------------------------------------------------------------------------
-KIND_NAMES = {"linear_input": "linear", "conv1d_input": "Conv1D", "embedding_row": "embedding rows",
-              "norm_gain": "norm gains", "constant": "biases"}
+KIND_NAMES = {
+    "linear_input": "linear",
+    "conv1d_input": "Conv1D",
+    "embedding_row": "embedding rows",
+    "norm_gain": "norm gains",
+    "constant": "biases",
+}
 
 
 def _merges(model: nn.Module) -> bool:
@@ -435,8 +565,10 @@ def describe(name: str) -> str:
         merges = _merges(model)
     untraced = ", ".join(f"`{m}`" for m in arch.untraced) or "–"
     status = "yes" if merges else "yes, except `merge_and_unload` (head without `.weight`)"
-    return (f"| {name} | `{cls}` | {arch.task_type or '–'} | {status} | {', '.join(kinds)} | {untraced} | "
-            f"{arch.caveat or '–'} |")
+    return (
+        f"| {name} | `{cls}` | {arch.task_type or '–'} | {status} | {', '.join(kinds)} | {untraced} | "
+        f"{arch.caveat or '–'} |"
+    )
 
 
 if __name__ == "__main__":

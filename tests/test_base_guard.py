@@ -99,8 +99,7 @@ def test_failed_load_of_a_second_adapter_removes_only_that_adapter(tmp_path):
 
 def test_non_candidate_made_trainable_after_wrapping_is_refused():
     reference = _plain_base_state()
-    model = get_peft_model(tiny_model(), StocTuningConfig(k=20, task_type="SEQ_CLS",
-                                                          target_modules=["query"]))
+    model = get_peft_model(tiny_model(), StocTuningConfig(k=20, task_type="SEQ_CLS", target_modules=["query"]))
     model.train()
     model.base_model.model.bert.embeddings.word_embeddings.weight.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)

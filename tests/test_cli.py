@@ -117,8 +117,10 @@ def test_compose_refuses_non_finite_weights(saved, tmp_path, capsys, weights):
 def test_compose_refuses_a_sum_that_overflows(saved, tmp_path, capsys):
     root, _, _ = saved
     f16 = _edit_config(root / "a", tmp_path / "f16", save_dtype="float16")
-    cases = (([str(root / "a"), str(root / "b")], ["1e300", "1"], "overflows float32"),
-             ([str(f16), str(root / "b")], ["1e7", "1"], "as torch.float16"))
+    cases = (
+        ([str(root / "a"), str(root / "b")], ["1e300", "1"], "overflows float32"),
+        ([str(f16), str(root / "b")], ["1e7", "1"], "as torch.float16"),
+    )
     for inputs, weights, message in cases:
         assert main(["compose", *inputs, "--weights", *weights, str(tmp_path / "out")]) == 2
         assert message in capsys.readouterr().err
@@ -184,73 +186,142 @@ BAD_INPUTS = {
     "inspect: no such folder": (lambda r, t: ["inspect", str(t / "nowhere")], "does not exist"),
     "inspect: a file": (lambda r, t: ["inspect", str(r / "a" / "README.md")], "is a file, not a folder"),
     "inspect: no config": (lambda r, t: ["inspect", str(t)], "adapter_config.json is missing"),
-    "inspect: config not JSON": (lambda r, t: ["inspect", str(_write_config(r / "a", t / "x", "{oops"))],
-                                 "is not valid JSON"),
-    "inspect: config a JSON list": (lambda r, t: ["inspect", str(_write_config(r / "a", t / "x", "[1, 2]"))],
-                                    "must hold a JSON object, not a JSON list"),
-    "inspect: config of another method": (lambda r, t: ["inspect", str(_edit_config(r / "a", t / "x",
-                                                                                     peft_type="LORA"))],
-                                          "LORA adapter, not a StocTuning"),
-    "inspect: no weights": (lambda r, t: ["inspect", str(_write_config(r / "a", t / "x", '{"peft_type": "STOC"}')
-                                                         .joinpath("adapter_model.safetensors").unlink() or t / "x")],
-                            "No adapter file"),
-    "inspect: truncated weights": (lambda r, t: ["inspect", str(_truncated(r / "a", t / "x"))],
-                                   "truncated or corrupt"),
+    "inspect: config not JSON": (
+        lambda r, t: ["inspect", str(_write_config(r / "a", t / "x", "{oops"))],
+        "is not valid JSON",
+    ),
+    "inspect: config a JSON list": (
+        lambda r, t: ["inspect", str(_write_config(r / "a", t / "x", "[1, 2]"))],
+        "must hold a JSON object, not a JSON list",
+    ),
+    "inspect: config of another method": (
+        lambda r, t: ["inspect", str(_edit_config(r / "a", t / "x", peft_type="LORA"))],
+        "LORA adapter, not a StocTuning",
+    ),
+    "inspect: no weights": (
+        lambda r, t: [
+            "inspect",
+            str(
+                _write_config(r / "a", t / "x", '{"peft_type": "STOC"}').joinpath("adapter_model.safetensors").unlink()
+                or t / "x"
+            ),
+        ],
+        "No adapter file",
+    ),
+    "inspect: truncated weights": (lambda r, t: ["inspect", str(_truncated(r / "a", t / "x"))], "truncated or corrupt"),
     "inspect: hostile header": (lambda r, t: ["inspect", str(_huge_header(r / "a", t / "x"))], "Refusing to read it"),
-    "inspect: not our format": (lambda r, t: ["inspect", str(_edit_header(r / "a", t / "x",
-                                                                          lambda _, m: m.clear()))],
-                                "not a peft-stoc adapter file"),
-    "inspect: fingerprint not JSON": (lambda r, t: ["inspect", str(_edit_header(r / "a", t / "x",
-                                                                                _set_meta(FP, "{")))],
-                                      "'peft_stoc_fingerprint' is not valid JSON"),
-    "inspect: fingerprint a list": (lambda r, t: ["inspect", str(_edit_header(r / "a", t / "x",
-                                                                              _set_meta(FP, "[]")))],
-                                    "must be a JSON object, got a JSON list"),
-    "inspect: fingerprint of nulls": (lambda r, t: ["inspect", str(_edit_header(
-        r / "a", t / "x", _set_meta(FP, '{"structure": null, "checksum": "x"}')))], "needs a string 'structure'"),
-    "inspect: counts a list": (lambda r, t: ["inspect", str(_edit_header(
-        r / "a", t / "x", _set_meta(adapter_file.META_COUNTS, "[3]")))], "'peft_stoc_counts' must be a JSON object"),
+    "inspect: not our format": (
+        lambda r, t: ["inspect", str(_edit_header(r / "a", t / "x", lambda _, m: m.clear()))],
+        "not a peft-stoc adapter file",
+    ),
+    "inspect: fingerprint not JSON": (
+        lambda r, t: ["inspect", str(_edit_header(r / "a", t / "x", _set_meta(FP, "{")))],
+        "'peft_stoc_fingerprint' is not valid JSON",
+    ),
+    "inspect: fingerprint a list": (
+        lambda r, t: ["inspect", str(_edit_header(r / "a", t / "x", _set_meta(FP, "[]")))],
+        "must be a JSON object, got a JSON list",
+    ),
+    "inspect: fingerprint of nulls": (
+        lambda r, t: [
+            "inspect",
+            str(_edit_header(r / "a", t / "x", _set_meta(FP, '{"structure": null, "checksum": "x"}'))),
+        ],
+        "needs a string 'structure'",
+    ),
+    "inspect: counts a list": (
+        lambda r, t: ["inspect", str(_edit_header(r / "a", t / "x", _set_meta(adapter_file.META_COUNTS, "[3]")))],
+        "'peft_stoc_counts' must be a JSON object",
+    ),
     "inspect: no arguments": (lambda r, t: ["inspect"], "the following arguments are required: adapter"),
     "no command": (lambda r, t: [], "the following arguments are required: command"),
     "unknown command": (lambda r, t: ["squash"], "invalid choice: 'squash'"),
-    "compose: output is an input": (lambda r, t: ["compose", str(r / "a"), str(r / "b"), str(r / "b")],
-                                    "is the input adapter #2"),
-    "compose: NaN weight": (lambda r, t: ["compose", str(r / "a"), str(r / "b"), "--weights", "nan", "1",
-                                          str(t / "o")], "Weights must be finite numbers"),
-    "compose: weight not a number": (lambda r, t: ["compose", str(r / "a"), str(r / "b"), "--weights", "x", "y",
-                                                   str(t / "o")], "--weights needs numbers, got 'x'"),
-    "compose: too few weights": (lambda r, t: ["compose", str(r / "a"), str(r / "b"), str(t / "o"), "--weights",
-                                               "1"], "2 adapters but 1 weights"),
-    "compose: no output": (lambda r, t: ["compose", str(r / "a"), str(r / "b"), "--weights", "1", "1"],
-                           "needs the output folder"),
+    "compose: output is an input": (
+        lambda r, t: ["compose", str(r / "a"), str(r / "b"), str(r / "b")],
+        "is the input adapter #2",
+    ),
+    "compose: NaN weight": (
+        lambda r, t: ["compose", str(r / "a"), str(r / "b"), "--weights", "nan", "1", str(t / "o")],
+        "Weights must be finite numbers",
+    ),
+    "compose: weight not a number": (
+        lambda r, t: ["compose", str(r / "a"), str(r / "b"), "--weights", "x", "y", str(t / "o")],
+        "--weights needs numbers, got 'x'",
+    ),
+    "compose: too few weights": (
+        lambda r, t: ["compose", str(r / "a"), str(r / "b"), str(t / "o"), "--weights", "1"],
+        "2 adapters but 1 weights",
+    ),
+    "compose: no output": (
+        lambda r, t: ["compose", str(r / "a"), str(r / "b"), "--weights", "1", "1"],
+        "needs the output folder",
+    ),
     "compose: one adapter": (lambda r, t: ["compose", str(r / "a"), str(t / "o")], "at least two adapters"),
-    "compose: output is a file": (lambda r, t: ["compose", str(r / "a"), str(r / "b"),
-                                                str(r / "a" / "README.md")], "is a file, not a folder"),
-    "compose: no fingerprint": (lambda r, t: ["compose", str(_edit_header(r / "a", t / "x",
-                                                                          lambda _, m: m.pop(FP))),
-                                              str(r / "b"), str(t / "o")], "no base-model fingerprint"),
-    "compose: bad regex in a config": (lambda r, t: ["compose", str(_edit_config(r / "a", t / "x",
-                                                                                 target_modules="(query")),
-                                                     str(r / "b"), str(t / "o")],
-                                       "`target_modules` is not a valid regular expression"),
-    "compose: an input missing": (lambda r, t: ["compose", str(r / "a"), str(t / "nowhere"), str(t / "o")],
-                                  "does not exist"),
-    "merge: head of another size": (lambda r, t: ["merge", str(r / "base"), str(r / "a"), str(t / "m"),
-                                                  "--num-labels", "7"], "--num-labels 7 does not match"),
-    "merge: zero labels": (lambda r, t: ["merge", str(r / "base"), str(r / "a"), str(t / "m"), "--num-labels", "0"],
-                           "--num-labels must be at least 1"),
-    "merge: labels not a number": (lambda r, t: ["merge", str(r / "base"), str(r / "a"), str(t / "m"),
-                                                 "--num-labels", "x"], "invalid int value: 'x'"),
-    "merge: no base": (lambda r, t: ["merge", str(t / "nowhere"), str(r / "a"), str(t / "m")],
-                       "Cannot load the base model"),
-    "merge: output is the adapter": (lambda r, t: ["merge", str(r / "base"), str(r / "a"), str(r / "a")],
-                                     "is the adapter folder"),
-    "merge: output is the base": (lambda r, t: ["merge", str(r / "base"), str(r / "a"), str(r / "base")],
-                                  "is the base model"),
-    "merge: adapter for a bigger head": (lambda r, t: ["merge", str(r / "base"), str(_edit_header(
-        r / "a", t / "x", _head_of(3))), str(t / "m"), "--num-labels", "2"], "does not match"),
-    "merge: corrupt adapter": (lambda r, t: ["merge", str(r / "base"), str(_truncated(r / "a", t / "x")),
-                                             str(t / "m")], "truncated or corrupt"),
+    "compose: output is a file": (
+        lambda r, t: ["compose", str(r / "a"), str(r / "b"), str(r / "a" / "README.md")],
+        "is a file, not a folder",
+    ),
+    "compose: no fingerprint": (
+        lambda r, t: [
+            "compose",
+            str(_edit_header(r / "a", t / "x", lambda _, m: m.pop(FP))),
+            str(r / "b"),
+            str(t / "o"),
+        ],
+        "no base-model fingerprint",
+    ),
+    "compose: bad regex in a config": (
+        lambda r, t: [
+            "compose",
+            str(_edit_config(r / "a", t / "x", target_modules="(query")),
+            str(r / "b"),
+            str(t / "o"),
+        ],
+        "`target_modules` is not a valid regular expression",
+    ),
+    "compose: an input missing": (
+        lambda r, t: ["compose", str(r / "a"), str(t / "nowhere"), str(t / "o")],
+        "does not exist",
+    ),
+    "merge: head of another size": (
+        lambda r, t: ["merge", str(r / "base"), str(r / "a"), str(t / "m"), "--num-labels", "7"],
+        "--num-labels 7 does not match",
+    ),
+    "merge: zero labels": (
+        lambda r, t: ["merge", str(r / "base"), str(r / "a"), str(t / "m"), "--num-labels", "0"],
+        "--num-labels must be at least 1",
+    ),
+    "merge: labels not a number": (
+        lambda r, t: ["merge", str(r / "base"), str(r / "a"), str(t / "m"), "--num-labels", "x"],
+        "invalid int value: 'x'",
+    ),
+    "merge: no base": (
+        lambda r, t: ["merge", str(t / "nowhere"), str(r / "a"), str(t / "m")],
+        "Cannot load the base model",
+    ),
+    "merge: output is the adapter": (
+        lambda r, t: ["merge", str(r / "base"), str(r / "a"), str(r / "a")],
+        "is the adapter folder",
+    ),
+    "merge: output is the base": (
+        lambda r, t: ["merge", str(r / "base"), str(r / "a"), str(r / "base")],
+        "is the base model",
+    ),
+    "merge: adapter for a bigger head": (
+        lambda r, t: [
+            "merge",
+            str(r / "base"),
+            str(_edit_header(r / "a", t / "x", _head_of(3))),
+            str(t / "m"),
+            "--num-labels",
+            "2",
+        ],
+        "does not match",
+    ),
+    "merge: corrupt adapter": (
+        lambda r, t: ["merge", str(r / "base"), str(_truncated(r / "a", t / "x")), str(t / "m")],
+        "truncated or corrupt",
+    ),
 }
 
 

@@ -40,8 +40,16 @@ def test_fresh_process_imports_twice():
 
 
 def test_config_round_trips_through_json(tmp_path):
-    config = StocTuningConfig(k=0.001, selection="top", seed=7, activation_stat="rms", mask_interval=3,
-                              update_rule="strict", target_modules=["query", "value"], task_type="SEQ_CLS")
+    config = StocTuningConfig(
+        k=0.001,
+        selection="top",
+        seed=7,
+        activation_stat="rms",
+        mask_interval=3,
+        update_rule="strict",
+        target_modules=["query", "value"],
+        task_type="SEQ_CLS",
+    )
     config.save_pretrained(tmp_path)
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, StocTuningConfig)

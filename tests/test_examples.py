@@ -49,8 +49,14 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny random BERT that reads MiniLM's tokenizer, saved like a pretrained model."""
     folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -108,7 +114,8 @@ def test_metrics_follow_the_paper():
     assert scores["score"] == scores["spearman"] == pytest.approx(100.0)  # same ranking, not linear
     assert scores["pearson"] < 100
     assert glue.compute_metrics(glue.TASKS["tweets"], np.array([[3], [2], [1.0]]), np.array([1, 2, 3]))[
-        "score"] == pytest.approx(-100.0)
+        "score"
+    ] == pytest.approx(-100.0)
 
 
 def test_glue_tasks_need_the_hub_and_say_so():
@@ -120,8 +127,17 @@ def test_glue_tasks_need_the_hub_and_say_so():
 
 # -- training: the method switch -----------------------------------------------------------------------------------
 def _run(model, method, task="rt-sentences", **overrides):
-    config = glue.RunConfig(task=task, method=method, learning_rate=1e-2, model=model, epochs=1.0, max_length=32,
-                            max_train=32, max_dev=32, batch_size=16)
+    config = glue.RunConfig(
+        task=task,
+        method=method,
+        learning_rate=1e-2,
+        model=model,
+        epochs=1.0,
+        max_length=32,
+        max_train=32,
+        max_dev=32,
+        batch_size=16,
+    )
     for key, value in overrides.items():
         setattr(config, key, value)
     return glue.run(config, progress=False)
@@ -176,8 +192,9 @@ def test_grid_resumes_and_ignores_a_cut_line(tmp_path, monkeypatch):
     path = tmp_path / "runs.jsonl"
     configs = [glue.RunConfig(task="rt-sentences", method="stoc", learning_rate=lr) for lr in (1e-3, 3e-3)]
     calls = []
-    monkeypatch.setattr(glue, "run", lambda config, progress: calls.append(config) or {"score": 50.0,
-                                                                                         "train_seconds": 1.0})
+    monkeypatch.setattr(
+        glue, "run", lambda config, progress: calls.append(config) or {"score": 50.0, "train_seconds": 1.0}
+    )
     glue.run_grid(configs[:1], path, log=lambda *_: None)
     with open(path, "a") as f:
         f.write('{"key": "cut sho')  # an interrupted write
@@ -216,12 +233,20 @@ print(json.dumps(out))
 
 def test_local_metrics_match_the_evaluate_glue_module():
     """Both paths give the same figures on fixed predictions; the evaluate path is skipped when it cannot load."""
-    local = {task: glue.compute_metrics(glue.TASKS[task], np.array(p), np.array(y), backend="local")
-             for task, (p, y) in FIXED_PREDICTIONS.items()}
+    local = {
+        task: glue.compute_metrics(glue.TASKS[task], np.array(p), np.array(y), backend="local")
+        for task, (p, y) in FIXED_PREDICTIONS.items()
+    }
     assert {m["backend"] for m in local.values()} == {"local"}
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    done = subprocess.run([sys.executable, "-c", EVALUATE_SCRIPT, json.dumps(FIXED_PREDICTIONS)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", EVALUATE_SCRIPT, json.dumps(FIXED_PREDICTIONS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     hub = json.loads(done.stdout.strip().splitlines()[-1])
     if "skip" in hub:

@@ -32,15 +32,40 @@ from .test_selection import _importance_of, _model_like_sources, _numpy_frequenc
 WEIGHT_TOLERANCE = 1e-6
 LOGIT_TOLERANCE = 1e-5
 ARCHS = ["bert", "gpt2", "llama"]
-SCENARIOS = ["train_bert", "train_gpt2", "train_llama", "stochastic", "budget", "resume", "load_bert", "load_gpt2",
-             "load_llama", "frequency", "fill", "accelerate", "trainer"]
+SCENARIOS = [
+    "train_bert",
+    "train_gpt2",
+    "train_llama",
+    "stochastic",
+    "budget",
+    "resume",
+    "load_bert",
+    "load_gpt2",
+    "load_llama",
+    "frequency",
+    "fill",
+    "accelerate",
+    "trainer",
+]
 
 
 @pytest.fixture(scope="module")
 def fsdp_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "--master_port", str(_free_port()), "-m", "tests.fsdp_worker", str(out), *SCENARIOS]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "tests.fsdp_worker",
+        str(out),
+        *SCENARIOS,
+    ]
     _launch(command, tmp_path_factory.mktemp("home"))
     return out
 
@@ -228,8 +253,7 @@ def test_loading_onto_a_sharded_model_and_merging_are_exact(fsdp_out, arch):
         torch.testing.assert_close(record["logits"], trained["logits"], rtol=0, atol=LOGIT_TOLERANCE)
         torch.testing.assert_close(record["merged_logits"], trained["logits"], rtol=0, atol=LOGIT_TOLERANCE)
         if "onto_sharded_logits" in record:  # loaded onto a model sharded already: each rank applied its rows
-            torch.testing.assert_close(record["onto_sharded_logits"], trained["logits"], rtol=0,
-                                       atol=LOGIT_TOLERANCE)
+            torch.testing.assert_close(record["onto_sharded_logits"], trained["logits"], rtol=0, atol=LOGIT_TOLERANCE)
     assert arch != "llama" or "onto_sharded_logits" in rank0
     merged = PeftModel.from_pretrained(worker.base_model(arch), str(fsdp_out / f"{arch}_adapter")).merge_and_unload()
     expected = dict(merged.named_parameters())
@@ -354,8 +378,11 @@ def test_accelerate_fsdp_plugin_version(monkeypatch, version, refused):
     class Plugin:
         fsdp_version = version
 
-    monkeypatch.setattr(accelerate.state.AcceleratorState, "_shared_state",
-                        {"distributed_type": DistributedType.FSDP, "fsdp_plugin": Plugin()})
+    monkeypatch.setattr(
+        accelerate.state.AcceleratorState,
+        "_shared_state",
+        {"distributed_type": DistributedType.FSDP, "fsdp_plugin": Plugin()},
+    )
     # accelerate copies the distributed type, not the plugin, to PartialState
     monkeypatch.setattr(accelerate.state.PartialState, "_shared_state", {"distributed_type": DistributedType.FSDP})
     if refused:

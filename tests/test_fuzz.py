@@ -26,8 +26,10 @@ class Scenario:
     def __init__(self, seed: int, folder):
         self.rng = random.Random(seed)
         self.folder = folder
-        self.model = get_peft_model(tiny_model(), StocTuningConfig(k=30, task_type="SEQ_CLS", seed=seed,
-                                                                    memory=self.rng.choice(["dense", "lean"])))
+        self.model = get_peft_model(
+            tiny_model(),
+            StocTuningConfig(k=30, task_type="SEQ_CLS", seed=seed, memory=self.rng.choice(["dense", "lean"])),
+        )
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.05)
         self.saved: list = []
@@ -117,8 +119,21 @@ class Scenario:
         with pytest.raises(adapter_file.AdapterFileError):
             self.model.load_adapter(bad, adapter_name=f"bad{self.count}")
 
-    OPERATIONS = ("train", "train", "step_while_disabled", "switch", "merge", "unmerge", "toggle", "add", "delete",
-                  "weighted", "save", "load", "failed_load")
+    OPERATIONS = (
+        "train",
+        "train",
+        "step_while_disabled",
+        "switch",
+        "merge",
+        "unmerge",
+        "toggle",
+        "add",
+        "delete",
+        "weighted",
+        "save",
+        "load",
+        "failed_load",
+    )
 
 
 @pytest.mark.parametrize("chunk", range(4))

@@ -27,8 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _worker(out: Path, selection: str, mode: str, checkpoint: Path | None = None) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_NO_ADVISORY_WARNINGS="1", ACCELERATE_USE_CPU="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+        ACCELERATE_USE_CPU="1",
+    )
     command = [sys.executable, "-m", "tests.accelerate_worker", str(out), selection, "auto", mode]
     if checkpoint is not None:
         command.append(str(checkpoint))
@@ -51,8 +57,10 @@ def test_accelerate_save_state_then_load_state_in_a_fresh_process_resumes_exactl
 
 
 def _training_pair(seed=3):
-    model = get_peft_model(tiny_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-                           StocTuningConfig(k=40, task_type="SEQ_CLS", seed=seed))
+    model = get_peft_model(
+        tiny_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        StocTuningConfig(k=40, task_type="SEQ_CLS", seed=seed),
+    )
     model.train()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
@@ -134,24 +142,58 @@ def test_low_cpu_mem_usage_loads_correctly(tmp_path, path):
 def _task_models():
     """(name, task_type, build, inputs) for every task type StocTuning adapts."""
     ids = batch(seed=1)
-    qa = dict(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
-              start_positions=torch.tensor([1, 2, 3, 4]), end_positions=torch.tensor([2, 3, 4, 5]))
-    t5 = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=2,
-                               decoder_start_token_id=0, pad_token_id=0)
+    qa = dict(
+        input_ids=ids["input_ids"],
+        attention_mask=ids["attention_mask"],
+        start_positions=torch.tensor([1, 2, 3, 4]),
+        end_positions=torch.tensor([2, 3, 4, 5]),
+    )
+    t5 = transformers.T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
     labels = batch("CAUSAL_LM", seed=1)
-    vit = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=48, num_labels=3)
+    vit = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=48,
+        num_labels=3,
+    )
     return [
         ("roberta", "SEQ_CLS", lambda: tiny_model("roberta"), batch(seed=1)),
         ("bert-token", "TOKEN_CLS", lambda: tiny_model("bert", "TOKEN_CLS"), batch("TOKEN_CLS", seed=1)),
-        ("bert-qa", "QUESTION_ANS",
-         lambda: transformers.AutoModelForQuestionAnswering.from_config(tiny_config("bert")), qa),
+        (
+            "bert-qa",
+            "QUESTION_ANS",
+            lambda: transformers.AutoModelForQuestionAnswering.from_config(tiny_config("bert")),
+            qa,
+        ),
         ("llama", "CAUSAL_LM", lambda: tiny_model("llama", "CAUSAL_LM"), labels),
-        ("t5", "SEQ_2_SEQ_LM", lambda: transformers.T5ForConditionalGeneration(t5),
-         dict(input_ids=labels["input_ids"], attention_mask=labels["attention_mask"], labels=labels["input_ids"])),
-        ("vit", None, lambda: transformers.ViTForImageClassification(vit),
-         dict(pixel_values=torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
-              labels=torch.tensor([0, 1, 2, 0]))),
+        (
+            "t5",
+            "SEQ_2_SEQ_LM",
+            lambda: transformers.T5ForConditionalGeneration(t5),
+            dict(input_ids=labels["input_ids"], attention_mask=labels["attention_mask"], labels=labels["input_ids"]),
+        ),
+        (
+            "vit",
+            None,
+            lambda: transformers.ViTForImageClassification(vit),
+            dict(
+                pixel_values=torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+                labels=torch.tensor([0, 1, 2, 0]),
+            ),
+        ),
     ]
 
 

@@ -123,8 +123,9 @@ def test_after_a_lean_step_no_candidate_holds_a_gradient_or_optimizer_state():
 
 
 def test_gradient_memory_held_is_one_tensor_not_the_model():
-    base = tiny_model(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=8000,
-                      num_attention_heads=4)
+    base = tiny_model(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=8000, num_attention_heads=4
+    )
     model = get_peft_model(base, StocTuningConfig(k=500, memory="lean", task_type="SEQ_CLS"))
     model.train()
     candidates = model.base_model._candidates["default"]
@@ -132,8 +133,13 @@ def test_gradient_memory_held_is_one_tensor_not_the_model():
     held = []
 
     def measure(_param):  # runs after StocTuning's own hook on the same parameter
-        held.append(sum(c.param.grad.numel() * 4 for c in candidates
-                        if c.param.grad is not None and type(c.param.grad) is torch.Tensor))
+        held.append(
+            sum(
+                c.param.grad.numel() * 4
+                for c in candidates
+                if c.param.grad is not None and type(c.param.grad) is torch.Tensor
+            )
+        )
 
     handles = [c.param.register_post_accumulate_grad_hook(measure) for c in candidates]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -150,9 +156,12 @@ def test_gradient_memory_held_is_one_tensor_not_the_model():
     assert max(held) <= bound < sum(nbytes) / 2
     assert model.stoc_stats()["grad_bytes"] <= bound
     # Dense mode holds every candidate's gradient at the step.
-    dense = get_peft_model(tiny_model(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                      vocab_size=8000, num_attention_heads=4),
-                           StocTuningConfig(k=500, memory="dense", task_type="SEQ_CLS"))
+    dense = get_peft_model(
+        tiny_model(
+            hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=8000, num_attention_heads=4
+        ),
+        StocTuningConfig(k=500, memory="dense", task_type="SEQ_CLS"),
+    )
     dense.train()
     optimizer = torch.optim.AdamW(dense.parameters(), lr=1e-3)
     dense(**batch(seed=0)).loss.backward()
@@ -238,8 +247,9 @@ def test_lazy_rule_advances_only_the_drawn_entries_state():
     # Reference: a hand-written per-entry Adam/AdamW on the masked gradient whose moments and step counts advance
     # only at the drawn entries (SparseAdam's treatment of entries a sparse gradient leaves out).
     no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = get_peft_model(tiny_model(**no_dropout),
-                           StocTuningConfig(k=40, task_type="SEQ_CLS", selection="top", update_rule="lazy"))
+    model = get_peft_model(
+        tiny_model(**no_dropout), StocTuningConfig(k=40, task_type="SEQ_CLS", selection="top", update_rule="lazy")
+    )
     reference = tiny_model(**no_dropout)
     model.train()
     reference.train()
@@ -249,8 +259,10 @@ def test_lazy_rule_advances_only_the_drawn_entries_state():
     head_optimizer = torch.optim.AdamW(head, lr=lr, weight_decay=decay)
     names = [c.name for c in model.base_model._candidates["default"]]
     params = dict(reference.named_parameters())
-    state = {n: (torch.zeros(params[n].numel()), torch.zeros(params[n].numel()), torch.zeros(params[n].numel()))
-             for n in names}
+    state = {
+        n: (torch.zeros(params[n].numel()), torch.zeros(params[n].numel()), torch.zeros(params[n].numel()))
+        for n in names
+    }
     moved_outside = 0
     for step in range(6):
         before = {n: p.detach().clone() for n, p in model.base_model._base_params().items()}
@@ -285,9 +297,10 @@ def test_lazy_rule_advances_only_the_drawn_entries_state():
 def test_grad_bytes_are_those_of_the_latest_step():
     """`memory="auto"` holds the first step's gradients densely (a plain loop shows no sign of accumulation before
     its first step ends), then streams them: the figure of each step is its own, not the largest so far."""
-    model = get_peft_model(tiny_model(hidden_size=128, intermediate_size=512, num_hidden_layers=2, vocab_size=4000,
-                                      num_attention_heads=4),
-                           StocTuningConfig(k=200, task_type="SEQ_CLS"))
+    model = get_peft_model(
+        tiny_model(hidden_size=128, intermediate_size=512, num_hidden_layers=2, vocab_size=4000, num_attention_heads=4),
+        StocTuningConfig(k=200, task_type="SEQ_CLS"),
+    )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     figures = []

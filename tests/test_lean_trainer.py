@@ -24,9 +24,19 @@ def _trainer_run(tmp_path, memory, **overrides):
     # A wide initialisation gives gradient norms above Trainer's default max_grad_norm=1.0, so clipping acts.
     base = tiny_model(initializer_range=0.5)
     model = get_peft_model(base, StocTuningConfig(k=40, task_type="SEQ_CLS", memory=memory, selection="top"))
-    defaults = dict(output_dir=str(tmp_path / memory), per_device_train_batch_size=4, learning_rate=1e-3,
-                    max_steps=6, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
-                    seed=0, weight_decay=0.01)
+    defaults = dict(
+        output_dir=str(tmp_path / memory),
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=6,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        weight_decay=0.01,
+    )
     defaults.update(overrides)
     trainer = Trainer(model=model, args=TrainingArguments(**defaults), train_dataset=_Rows(n=48))
     trainer.train()
@@ -53,8 +63,9 @@ def test_trainer_lean_equals_dense_with_default_clipping(tmp_path, accumulation)
 
 
 def _run_worker(out: Path, memory: str, selection: str, checkpoint: Path | None = None) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1"
+    )
     command = [sys.executable, "-m", "tests.resume_worker", str(out), memory, selection]
     if checkpoint is not None:
         command.append(str(checkpoint))

@@ -21,8 +21,13 @@ def saved(tmp_path_factory):
 
 def _tables(model):
     tuner = model.base_model
-    return (list(model.peft_config), list(tuner.stoc_layer.stoc_adapters), list(tuner._candidates),
-            list(tuner._counts), list(tuner._trainable))
+    return (
+        list(model.peft_config),
+        list(tuner.stoc_layer.stoc_adapters),
+        list(tuner._candidates),
+        list(tuner._counts),
+        list(tuner._trainable),
+    )
 
 
 @pytest.mark.parametrize("name", ["x.y", "../x", "", "/tmp/elsewhere", "a/b", "a\\b", None])

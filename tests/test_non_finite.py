@@ -16,8 +16,9 @@ LARGE = dict(hidden_size=128, intermediate_size=256, vocab_size=2000)  # enough 
 
 
 def _model(size, memory, selection, budget):
-    config = StocTuningConfig(k=40, task_type="SEQ_CLS", memory=memory, selection=selection,
-                              max_changed=400 if budget else None)
+    config = StocTuningConfig(
+        k=40, task_type="SEQ_CLS", memory=memory, selection=selection, max_changed=400 if budget else None
+    )
     model = get_peft_model(tiny_model(**size), config)
     model.train()
     return model
@@ -34,13 +35,17 @@ def _inf_gradient(model, inputs):
     return model(**inputs).loss
 
 
-CASES = {"nan_loss": (_nan_loss, False), "inf_gradient": (_inf_gradient, False),
-         "inf_gradient_then_clipping": (_inf_gradient, True)}
+CASES = {
+    "nan_loss": (_nan_loss, False),
+    "inf_gradient": (_inf_gradient, False),
+    "inf_gradient_then_clipping": (_inf_gradient, True),
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("selection, budget", [("stochastic", False), ("top", False), ("random", False),
-                                               ("stochastic", True)])
+@pytest.mark.parametrize(
+    "selection, budget", [("stochastic", False), ("top", False), ("random", False), ("stochastic", True)]
+)
 @pytest.mark.parametrize("size", ["small", "large"])
 @pytest.mark.parametrize("memory", ["dense", "lean"])
 def test_a_non_finite_step_is_skipped_with_one_warning(case, selection, budget, size, memory):

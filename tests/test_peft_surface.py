@@ -120,8 +120,11 @@ def test_merge_command_writes_no_tokenizer_for_a_base_without_one(tmp_path):
 
 def test_print_trainable_parameters_states_k_per_step_and_the_candidates(capsys):
     model = get_peft_model(tiny_model("bert"), StocTuningConfig(k=40, task_type="SEQ_CLS"))
-    candidates = sum(p.numel() for name, p in model.named_parameters()
-                     if p.requires_grad and "modules_to_save" not in name and "classifier" not in name)
+    candidates = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if p.requires_grad and "modules_to_save" not in name and "classifier" not in name
+    )
     head = sum(p.numel() for name, p in model.named_parameters() if "modules_to_save.default" in name)
     everything = sum(p.numel() for p in model.parameters())
 

@@ -21,8 +21,14 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny random BERT that reads MiniLM's tokenizer, saved like a pretrained model."""
     folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -53,8 +59,12 @@ def test_grid_starts_around_the_centre_and_grows_past_the_best_edge():
 
 def test_every_run_is_identified_by_its_variant():
     for name, v in quality.VARIANTS.items():
-        record = {"method": v.method, "k_factor": v.k_factor, "activation_stat": v.activation_stat,
-                  "update_rule": v.update_rule}
+        record = {
+            "method": v.method,
+            "k_factor": v.k_factor,
+            "activation_stat": v.activation_stat,
+            "update_rule": v.update_rule,
+        }
         assert quality.variant_of(record) == name
     assert quality.variant_of({"method": "stoc"}) == "stoc"  # runs recorded before the options existed
     assert quality.variant_of({"method": "frozen"}) is None
@@ -65,14 +75,59 @@ def test_whole_study_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(glue, "hub_metrics", lambda *a: "not fetched in this test")  # the Hub path: test_examples
     runs, report = tmp_path / "runs.jsonl", tmp_path / "results.md"
     causal = tmp_path / "causal.jsonl"
-    causal.write_text(json.dumps({
-        "key": "k", "method": "stoc", "learning_rate": 1e-3, "seed": 0, "steps": 2, "batch_size": 8,
-        "dev_rows": 8, "device": "cpu", "score": 75.0, "before": 50.0, "saved_bytes": 4000, "peak_bytes": 2**30,
-        "step_seconds": 1.5, "changed_entries": 10, "entries": 1000, "device_name": "test CPU"}) + "\n")
-    argv = ["--model", tiny_model_dir, "--train-rows", "16", "--dev-rows", "24", "--max-length", "24",
-            "--budgets", "1", "2", "3", "--seeds", "0", "--grid-size", "1", "--max-grid", "1",
-            "--stages", "tweets-small", "tweets-small-more", "k-and-mu", "--runs", str(runs),
-            "--causal-runs", str(causal), "--report", str(report)]
+    causal.write_text(
+        json.dumps(
+            {
+                "key": "k",
+                "method": "stoc",
+                "learning_rate": 1e-3,
+                "seed": 0,
+                "steps": 2,
+                "batch_size": 8,
+                "dev_rows": 8,
+                "device": "cpu",
+                "score": 75.0,
+                "before": 50.0,
+                "saved_bytes": 4000,
+                "peak_bytes": 2**30,
+                "step_seconds": 1.5,
+                "changed_entries": 10,
+                "entries": 1000,
+                "device_name": "test CPU",
+            }
+        )
+        + "\n"
+    )
+    argv = [
+        "--model",
+        tiny_model_dir,
+        "--train-rows",
+        "16",
+        "--dev-rows",
+        "24",
+        "--max-length",
+        "24",
+        "--budgets",
+        "1",
+        "2",
+        "3",
+        "--seeds",
+        "0",
+        "--grid-size",
+        "1",
+        "--max-grid",
+        "1",
+        "--stages",
+        "tweets-small",
+        "tweets-small-more",
+        "k-and-mu",
+        "--runs",
+        str(runs),
+        "--causal-runs",
+        str(causal),
+        "--report",
+        str(report),
+    ]
     start = time.perf_counter()
     quality.main(argv)
     records = glue.read_results(runs)
@@ -108,10 +163,22 @@ def test_dev_rows_beyond_the_dev_split_come_from_the_training_end():
 
 def test_causal_section_reads_its_runs(tmp_path):
     path = tmp_path / "causal.jsonl"
-    base = {"steps": 30, "batch_size": 8, "dev_rows": 200, "device": "cpu", "before": None, "entries": 1000,
-            "device_name": "test CPU", "step_seconds": 2.0, "peak_bytes": 2**29, "saved_bytes": 2000}
-    rows = [{"method": "lora", "learning_rate": lr, "seed": 0, "score": s, **base}
-            for lr, s in ((3e-4, 70.0), (1e-3, 80.0), (3e-3, 75.0))]
+    base = {
+        "steps": 30,
+        "batch_size": 8,
+        "dev_rows": 200,
+        "device": "cpu",
+        "before": None,
+        "entries": 1000,
+        "device_name": "test CPU",
+        "step_seconds": 2.0,
+        "peak_bytes": 2**29,
+        "saved_bytes": 2000,
+    }
+    rows = [
+        {"method": "lora", "learning_rate": lr, "seed": 0, "score": s, **base}
+        for lr, s in ((3e-4, 70.0), (1e-3, 80.0), (3e-3, 75.0))
+    ]
     rows.append({"method": "lora", "learning_rate": 1e-3, "seed": 1, "score": 90.0, **base})
     path.write_text("".join(json.dumps({"key": str(i), **r}) + "\n" for i, r in enumerate(rows)))
     text = "\n".join(causal_quality.report_section(path))
@@ -131,15 +198,40 @@ def test_causal_study_on_a_tiny_llama(tmp_path):
         pytest.skip(f"SmolLM2 is not installed: {error}")
     folder = tmp_path / "smollm2-135m-instruct-float32"
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                      tie_word_embeddings=True)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     runs = tmp_path / "causal.jsonl"
-    causal_quality.main(["--steps", "2", "--batch-size", "2", "--dev-rows", "4", "--seeds", "0", "--grid-size", "1",
-                         "--max-grid", "1", "--cache", str(tmp_path), "--runs", str(runs), "--no-report"])
+    causal_quality.main(
+        [
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--dev-rows",
+            "4",
+            "--seeds",
+            "0",
+            "--grid-size",
+            "1",
+            "--max-grid",
+            "1",
+            "--cache",
+            str(tmp_path),
+            "--runs",
+            str(runs),
+            "--no-report",
+        ]
+    )
     records = glue.read_results(runs)
     assert [r["method"] for r in records] == ["before", "stoc", "lora", "full"]
     stoc, lora, full = records[1:]

@@ -21,8 +21,9 @@ def test_dpo_style_steps_with_a_reference_pass_under_disable_adapter(memory, arc
     base = tiny_model(arch, "CAUSAL_LM", **no_dropout).eval()
     with torch.no_grad():
         expected = [base(**x).logits for x in inputs]
-    model = get_peft_model(tiny_model(arch, "CAUSAL_LM", **no_dropout),
-                           StocTuningConfig(k=40, task_type="CAUSAL_LM", memory=memory))
+    model = get_peft_model(
+        tiny_model(arch, "CAUSAL_LM", **no_dropout), StocTuningConfig(k=40, task_type="CAUSAL_LM", memory=memory)
+    )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step, x in enumerate(inputs):
@@ -45,17 +46,37 @@ def test_trl_dpo_trainer_runs_with_stoc_tuning():
 
     words = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(VOCAB)}, unk_token="w1"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w1", pad_token="w0",
-                                                     eos_token="w2", bos_token="w3")
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="w1", pad_token="w0", eos_token="w2", bos_token="w3"
+    )
     rows = range(12)
-    data = Dataset.from_dict({"prompt": [f"w{5 + i} w{7 + i}" for i in rows],
-                              "chosen": [f" w{9 + i} w2" for i in rows], "rejected": [f" w{30 + i} w2" for i in rows]})
-    args = trl.DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, max_steps=3, report_to=[],
-                         use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True, max_length=16,
-                         learning_rate=1e-2)
+    data = Dataset.from_dict(
+        {
+            "prompt": [f"w{5 + i} w{7 + i}" for i in rows],
+            "chosen": [f" w{9 + i} w2" for i in rows],
+            "rejected": [f" w{30 + i} w2" for i in rows],
+        }
+    )
+    args = trl.DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=16,
+        learning_rate=1e-2,
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    trainer = trl.DPOTrainer(model=tiny_model("llama", "CAUSAL_LM"), args=args, train_dataset=data,
-                             processing_class=tokenizer, peft_config=StocTuningConfig(k=30, task_type="CAUSAL_LM"))
+    trainer = trl.DPOTrainer(
+        model=tiny_model("llama", "CAUSAL_LM"),
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=StocTuningConfig(k=30, task_type="CAUSAL_LM"),
+    )
     trainer.train()
     assert trainer.model.stoc_stats()["step"] == 3
     assert trainer.model.stoc_stats()["changed"] >= 30

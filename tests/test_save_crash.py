@@ -50,8 +50,7 @@ def _fresh_folder(root, models):
 
 def _same_delta(first, second) -> bool:
     return first.tensors.keys() == second.tensors.keys() and all(
-        all(torch.equal(x, y) for x, y in zip(first.tensors[n], second.tensors[n]))
-        for n in first.tensors
+        all(torch.equal(x, y) for x, y in zip(first.tensors[n], second.tensors[n])) for n in first.tensors
     )
 
 
@@ -114,8 +113,16 @@ def _kill_at_call(number: int) -> None:
 
         return wrapper
 
-    for module, name in ((os, "rename"), (os, "replace"), (os, "link"), (os, "fsync"), (os, "mkdir"),
-                         (shutil, "rmtree"), (atomic_folder, "_exchange"), (adapter_file, "save_file")):
+    for module, name in (
+        (os, "rename"),
+        (os, "replace"),
+        (os, "link"),
+        (os, "fsync"),
+        (os, "mkdir"),
+        (shutil, "rmtree"),
+        (atomic_folder, "_exchange"),
+        (adapter_file, "save_file"),
+    ):
         setattr(module, name, counted(getattr(module, name)))
 
 
@@ -170,8 +177,9 @@ def test_kill_at_random_moments_during_save_keeps_a_loadable_adapter(adapters, t
         mid_save += log.count("b") > log.count("e")
         seen[_which(folder, base, expected)] += 1
         _check_foreign(folder)
-    print(f"{mode}: save {seconds * 1000:.1f} ms; 30 kills, {mid_save} inside a save; loaded as {seen}",
-          file=sys.stderr)
+    print(
+        f"{mode}: save {seconds * 1000:.1f} ms; 30 kills, {mid_save} inside a save; loaded as {seen}", file=sys.stderr
+    )
     assert mid_save >= 20, "most kills should land inside a save"
 
 

@@ -11,8 +11,10 @@ from .helpers import base_snapshot, batch, tiny_model
 
 def _model(memory, **config):
     config.setdefault("selection", "top")
-    model = get_peft_model(tiny_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-                           StocTuningConfig(k=40, task_type="SEQ_CLS", memory=memory, **config))
+    model = get_peft_model(
+        tiny_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        StocTuningConfig(k=40, task_type="SEQ_CLS", memory=memory, **config),
+    )
     model.train()
     return model
 

@@ -37,11 +37,13 @@ def test_top_matches_brute_force_over_mu_theta_grad():
     grads = [torch.randn(t.shape, generator=g) for t in theta]
     mus = [[(torch.rand(5, generator=g), 1)], [(None, 0)], [(torch.rand(11, generator=g), 0)]]
     sources = [Source(t, gr, m) for t, gr, m in zip(theta, grads, mus)]
-    brute = torch.cat([
-        (theta[0] * grads[0] * mus[0][0][0][None, :]).abs().flatten(),
-        (theta[1] * grads[1]).abs().flatten(),
-        (theta[2] * grads[2] * mus[2][0][0][:, None]).abs().flatten(),
-    ])
+    brute = torch.cat(
+        [
+            (theta[0] * grads[0] * mus[0][0][0][None, :]).abs().flatten(),
+            (theta[1] * grads[1]).abs().flatten(),
+            (theta[2] * grads[2] * mus[2][0][0][:, None]).abs().flatten(),
+        ]
+    )
     k = 9
     drawn = draw(sources, k, "top", torch.Generator().manual_seed(0), chunk_entries=4)
     expected = sorted(torch.topk(brute, k).indices.tolist())
@@ -73,8 +75,9 @@ def test_stochastic_matches_numpy_choice_without_replacement(chunk, one_thread):
     generator = torch.Generator().manual_seed(0)
     sizes = [3, 5]
     for _ in range(trials):
-        drawn = draw(_sources([importance_values[:3], importance_values[3:]]), k, "stochastic", generator,
-                     chunk_entries=chunk)
+        drawn = draw(
+            _sources([importance_values[:3], importance_values[3:]]), k, "stochastic", generator, chunk_entries=chunk
+        )
         ours[_flat_ids(drawn, sizes)] += 1
     reference, ours = reference / trials, ours / trials
     assert ours[6] == 0  # zero importance is never drawn while enough entries have importance
@@ -150,7 +153,7 @@ def test_same_seed_same_draw_different_seed_different_draw():
 def test_single_tensor_over_2_pow_24_entries():
     n = (1 << 24) + 17
     theta = torch.full((n,), 1e-5)
-    theta[n - 5:] = 1.0  # the heaviest entries sit past index 2^24
+    theta[n - 5 :] = 1.0  # the heaviest entries sit past index 2^24
     source = Source(theta, torch.ones(n), [(None, 0)])
     drawn = draw([source], 5, "stochastic", torch.Generator().manual_seed(0))[0]
     assert drawn.numel() == 5 and drawn.max() < n and drawn.unique().numel() == 5
@@ -229,8 +232,9 @@ def test_fast_stochastic_matches_numpy_on_a_model_sized_problem(chunk, threshold
     k, trials = 30, 1000
     if threshold_factor is not None:
         estimate = thinning.Thinning._first_threshold
-        monkeypatch.setattr(thinning.Thinning, "_first_threshold",
-                            lambda self, *stats: estimate(self, *stats) * threshold_factor)
+        monkeypatch.setattr(
+            thinning.Thinning, "_first_threshold", lambda self, *stats: estimate(self, *stats) * threshold_factor
+        )
     sources = _model_like_sources()
     sizes = [s.numel for s in sources]
     weight = _importance_of(sources)

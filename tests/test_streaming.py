@@ -18,8 +18,9 @@ def stream_draw(sources, k, method, generator, max_new=None, chunk_entries=None,
     """`draw` through `StreamingDraw`: tensors arrive in `order` (default: last first, as a backward runs). Checks
     that the values carried with the drawn entries are the gradients there."""
     changed = [s.changed for s in sources]
-    stream = StreamingDraw([s.param for s in sources], k, method, generator, changed=changed, max_new=max_new,
-                           chunk_entries=chunk_entries)
+    stream = StreamingDraw(
+        [s.param for s in sources], k, method, generator, changed=changed, max_new=max_new, chunk_entries=chunk_entries
+    )
     for i in order if order is not None else reversed(range(len(sources))):
         if sources[i].grad is not None:
             stream.add(i, sources[i].grad, sources[i].means)
@@ -112,8 +113,10 @@ def test_streamed_fill_reaches_tensors_without_gradient():
 
 
 def test_streamed_random_is_uniform_and_carries_gradients(one_thread):
-    sources = [Source(torch.zeros(3), torch.arange(3.0), [(None, 0)]),
-               Source(torch.zeros(40, 5), torch.randn(40, 5), [(None, 0)])]
+    sources = [
+        Source(torch.zeros(3), torch.arange(3.0), [(None, 0)]),
+        Source(torch.zeros(40, 5), torch.randn(40, 5), [(None, 0)]),
+    ]
     counts = torch.zeros(203)
     generator = torch.Generator().manual_seed(9)
     for _ in range(3000):
@@ -134,8 +137,13 @@ def test_streamed_budget_limits_new_entries_and_prefers_changed_ones():
 
 def test_reused_mask_picks_up_the_gradients_at_fixed_entries():
     sources = _model_like_sources(1)
-    fixed = [torch.tensor([1, 5]), torch.tensor([0]), torch.empty(0, dtype=torch.long), torch.tensor([7]),
-             torch.tensor([255])]
+    fixed = [
+        torch.tensor([1, 5]),
+        torch.tensor([0]),
+        torch.empty(0, dtype=torch.long),
+        torch.tensor([7]),
+        torch.tensor([255]),
+    ]
     stream = StreamingDraw([s.param for s in sources], 5, "stochastic", torch.Generator(), fixed=fixed)
     for i in (4, 3, 1, 0):  # tensor 2 gets no gradient
         stream.add(i, sources[i].grad, sources[i].means)

@@ -16,8 +16,9 @@ from .helpers import batch, tiny_model
 
 
 def _tracked(arch="bert", task="SEQ_CLS", model_kwargs=None, **config):
-    model = get_peft_model(tiny_model(arch, task, **(model_kwargs or {})),
-                           StocTuningConfig(k=20, task_type=task, **config))
+    model = get_peft_model(
+        tiny_model(arch, task, **(model_kwargs or {})), StocTuningConfig(k=20, task_type=task, **config)
+    )
     engine = model.base_model.stoc_engine()
     return model, engine
 
@@ -44,10 +45,10 @@ def test_linear_mean_over_real_tokens_only():
     handle.remove()
     x, mask = seen[0], inputs["attention_mask"].bool()
     expected = x[mask].mean(0)
-    (mu, dim), = _means(engine, "bert.encoder.layer.0.attention.self.query.weight")
+    ((mu, dim),) = _means(engine, "bert.encoder.layer.0.attention.self.query.weight")
     assert dim == 1 and mu.shape == (32,)  # per input feature, never the weight's full size
     assert torch.allclose(mu, expected, atol=1e-6)
-    (one, _), = _means(engine, "bert.encoder.layer.0.attention.self.query.bias")
+    ((one, _),) = _means(engine, "bert.encoder.layer.0.attention.self.query.bias")
     assert one is None  # a bias connection starts from the constant 1
 
 
@@ -62,7 +63,7 @@ def test_other_statistics(stat):
     handle.remove()
     x = seen[0][inputs["attention_mask"].bool()]
     expected = x.abs().mean(0) if stat == "abs_mean" else x.square().mean(0).sqrt()
-    (mu, _), = _means(engine, "bert.encoder.layer.1.intermediate.dense.weight")
+    ((mu, _),) = _means(engine, "bert.encoder.layer.1.intermediate.dense.weight")
     assert torch.allclose(mu, expected, atol=1e-5)
 
 
@@ -73,10 +74,10 @@ def test_embedding_rows_get_token_shares():
     model(**inputs)
     real = inputs["input_ids"][inputs["attention_mask"].bool()]
     expected = torch.bincount(real, minlength=96).float() / real.numel()
-    (mu, dim), = _means(engine, "bert.embeddings.word_embeddings.weight")
+    ((mu, dim),) = _means(engine, "bert.embeddings.word_embeddings.weight")
     assert dim == 0 and torch.allclose(mu, expected)
     # Position ids come as (1, seq) and stand for every row: each real position's share of the tokens.
-    (pos, _), = _means(engine, "bert.embeddings.position_embeddings.weight")
+    ((pos, _),) = _means(engine, "bert.embeddings.position_embeddings.weight")
     assert torch.allclose(pos[:6], torch.full((6,), 1 / 6)) and pos[6:].sum() == 0
 
 
@@ -90,9 +91,9 @@ def test_layernorm_gain_gets_mean_normalised_input():
     handle.remove()
     x = seen[0][inputs["attention_mask"].bool()]
     expected = F.layer_norm(x, (32,), eps=norm.eps).mean(0)
-    (mu, dim), = _means(engine, "bert.encoder.layer.0.output.LayerNorm.weight")
+    ((mu, dim),) = _means(engine, "bert.encoder.layer.0.output.LayerNorm.weight")
     assert dim == 0 and torch.allclose(mu, expected, atol=1e-5)
-    (one, _), = _means(engine, "bert.encoder.layer.0.output.LayerNorm.bias")
+    ((one, _),) = _means(engine, "bert.encoder.layer.0.output.LayerNorm.bias")
     assert one is None
 
 
@@ -110,7 +111,7 @@ def test_rmsnorm_gain_and_tied_embedding_in_llama():
     mask = inputs["attention_mask"].bool()
     x = seen[0][mask]
     expected = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).mean(0)
-    (mu, _), = _means(engine, "model.layers.0.input_layernorm.weight")
+    ((mu, _),) = _means(engine, "model.layers.0.input_layernorm.weight")
     assert torch.allclose(mu, expected, atol=1e-5)
     # The tied embedding is both the input embedding (rows) and the output head (input features).
     factors = _means(engine, "model.embed_tokens.weight")
@@ -130,7 +131,7 @@ def test_conv1d_weight_varies_along_rows():
     model.train()
     model(**inputs)
     handle.remove()
-    (mu, dim), = _means(engine, "transformer.h.0.attn.c_attn.weight")
+    ((mu, dim),) = _means(engine, "transformer.h.0.attn.c_attn.weight")
     assert dim == 0  # Conv1D stores (in, out)
     assert torch.allclose(mu, seen[0][inputs["attention_mask"].bool()].mean(0), atol=1e-5)
 
@@ -165,10 +166,10 @@ def test_means_cover_all_micro_batches_and_reset_after_step():
     for inputs in (one, two):
         model(**inputs).loss.backward()
     ids = torch.cat([one["input_ids"][one["attention_mask"].bool()], two["input_ids"][two["attention_mask"].bool()]])
-    (mu, _), = _means(engine, "bert.embeddings.word_embeddings.weight")
+    ((mu, _),) = _means(engine, "bert.embeddings.word_embeddings.weight")
     assert torch.allclose(mu, torch.bincount(ids, minlength=96).float() / ids.numel())
     optimizer.step()
-    (mu, _), = _means(engine, "bert.embeddings.word_embeddings.weight")
+    ((mu, _),) = _means(engine, "bert.embeddings.word_embeddings.weight")
     assert mu.sum() == 0  # reset for the next step
 
 
@@ -176,7 +177,7 @@ def test_no_tracking_without_grad_or_in_eval_loop():
     model, engine = _tracked()
     with torch.no_grad():
         model(**batch())
-    (mu, _), = _means(engine, "bert.embeddings.word_embeddings.weight")
+    ((mu, _),) = _means(engine, "bert.embeddings.word_embeddings.weight")
     assert mu.sum() == 0
 
 
@@ -195,8 +196,9 @@ def test_gradient_checkpointing_recompute_is_not_counted_twice():
                 assert inner.is_gradient_checkpointing
         model.train()  # checkpointing only acts in training mode; without dropout both runs see the same values
         model(**batch(pad_from=7)).loss.backward()
-        results.append(([s.tokens for s in engine.tracker.state()],
-                        {c.name: engine.tracker.means(c) for c in engine.candidates}))
+        results.append(
+            ([s.tokens for s in engine.tracker.state()], {c.name: engine.tracker.means(c) for c in engine.candidates})
+        )
     (tokens, means), (tokens_ckpt, means_ckpt) = results
     assert tokens == tokens_ckpt and sum(tokens) > 0  # the recomputed forward adds no tokens
     for name, factors in means.items():
@@ -217,8 +219,16 @@ def _shares(rows: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tenso
 
 
 def _opt():
-    config = transformers.OPTConfig(vocab_size=96, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                    ffn_dim=24, max_position_embeddings=32, word_embed_proj_dim=16, pad_token_id=1)
+    config = transformers.OPTConfig(
+        vocab_size=96,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        ffn_dim=24,
+        max_position_embeddings=32,
+        word_embed_proj_dim=16,
+        pad_token_id=1,
+    )
     return _tiny(config, transformers.AutoModelForCausalLM, "CAUSAL_LM")
 
 
@@ -233,15 +243,23 @@ def test_opt_positions_count_the_rows_really_gathered():
     model(**inputs)
     mask = inputs["attention_mask"]
     rows = (mask.cumsum(1) - 1 + 2).clamp_min(0)
-    (mu, dim), = _means(engine, "model.decoder.embed_positions.weight")
+    ((mu, dim),) = _means(engine, "model.decoder.embed_positions.weight")
     assert dim == 0 and torch.allclose(mu, _shares(rows, mask, mu.numel()))
     assert mu[:2].sum() == 0  # rows 0 and 1 are gathered by no real token
 
 
 def _bart():
-    config = transformers.BartConfig(vocab_size=96, d_model=16, encoder_layers=1, decoder_layers=1,
-                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
-                                     decoder_ffn_dim=24, max_position_embeddings=32)
+    config = transformers.BartConfig(
+        vocab_size=96,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=24,
+        decoder_ffn_dim=24,
+        max_position_embeddings=32,
+    )
     return _tiny(config, transformers.AutoModelForSeq2SeqLM, "SEQ_2_SEQ_LM")
 
 
@@ -251,9 +269,13 @@ def _seq2seq_batch(encoder_length=8, decoder_length=8):
     decoder_mask = decoder["attention_mask"]
     decoder_mask[0, -2:] = 0
     decoder_mask[3, -4:] = 0
-    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-            "decoder_input_ids": decoder["input_ids"], "decoder_attention_mask": decoder_mask,
-            "labels": decoder["input_ids"].masked_fill(decoder_mask == 0, -100)}
+    return {
+        "input_ids": inputs["input_ids"],
+        "attention_mask": inputs["attention_mask"],
+        "decoder_input_ids": decoder["input_ids"],
+        "decoder_attention_mask": decoder_mask,
+        "labels": decoder["input_ids"].masked_fill(decoder_mask == 0, -100),
+    }
 
 
 def test_bart_positions_called_with_embeddings():
@@ -264,7 +286,7 @@ def test_bart_positions_called_with_embeddings():
     model(**inputs)
     for name, mask in (("encoder", inputs["attention_mask"]), ("decoder", inputs["decoder_attention_mask"])):
         positions = torch.arange(mask.shape[1]).expand_as(mask) + 2
-        (mu, _), = _means(engine, f"model.{name}.embed_positions.weight")
+        ((mu, _),) = _means(engine, f"model.{name}.embed_positions.weight")
         assert torch.allclose(mu, _shares(positions, mask, mu.numel())), name
 
 
@@ -275,14 +297,24 @@ def test_cross_attention_keeps_encoder_padding_when_lengths_coincide():
     inputs = _seq2seq_batch(encoder_length=8, decoder_length=8)
     base = model.base_model.model
     layer = base.model.decoder.layers[0]
-    watched = {"self": layer.self_attn.q_proj, "cross_q": layer.encoder_attn.q_proj,
-               "cross_k": layer.encoder_attn.k_proj, "head": base.lm_head, "encoder": base.model.encoder.layers[0].fc1}
+    watched = {
+        "self": layer.self_attn.q_proj,
+        "cross_q": layer.encoder_attn.q_proj,
+        "cross_k": layer.encoder_attn.k_proj,
+        "head": base.lm_head,
+        "encoder": base.model.encoder.layers[0].fc1,
+    }
     seen = {key: _capture_inputs(module) for key, module in watched.items()}
     model.train()
     model(**inputs)
     encoder_mask, decoder_mask = inputs["attention_mask"].bool(), inputs["decoder_attention_mask"].bool()
-    expected_masks = {"self": decoder_mask, "cross_q": decoder_mask, "cross_k": encoder_mask, "head": decoder_mask,
-                      "encoder": encoder_mask}
+    expected_masks = {
+        "self": decoder_mask,
+        "cross_q": decoder_mask,
+        "cross_k": encoder_mask,
+        "head": decoder_mask,
+        "encoder": encoder_mask,
+    }
     for key, module in watched.items():
         seen[key][1].remove()
         expected = seen[key][0][0][expected_masks[key]].mean(0)
@@ -340,11 +372,11 @@ def test_sliced_and_selected_rows_and_untraced_tables():
         means = {name: tracker.means(c) for name, c in candidates.items()}
         tracker.means(candidates["whole.weight"])
     assert len(caught) == 1 and caught[0].filename == __file__  # one warning naming both, at the caller's line
-    (sliced, _), = means["sliced.weight"]
+    ((sliced, _),) = means["sliced.weight"]
     positions = torch.arange(mask.shape[1]).expand_as(mask)
     assert torch.allclose(sliced, _shares(positions, mask, 16))  # one row per position, for every sequence
     # index_select takes flat indices, which do not line up with the (batch, seq) mask: every gathered row counts.
-    (selected, _), = means["selected.weight"]
+    ((selected, _),) = means["selected.weight"]
     assert torch.allclose(selected, _shares(inputs["input_ids"], torch.ones_like(mask), 96))
     assert means["whole.weight"] == means["around.weight"] == [(None, 0)]
     with warnings.catch_warnings():
@@ -356,8 +388,12 @@ def test_sliced_and_selected_rows_and_untraced_tables():
 # -- sequence-first activations ------------------------------------------------------------------------------------
 def _xlnet():
     config = transformers.XLNetConfig(vocab_size=96, d_model=16, n_layer=1, n_head=2, d_inner=24)
-    return _tiny(config, transformers.AutoModelForSequenceClassification, "SEQ_CLS",
-                 modules_to_save=["sequence_summary", "logits_proj"])
+    return _tiny(
+        config,
+        transformers.AutoModelForSequenceClassification,
+        "SEQ_CLS",
+        modules_to_save=["sequence_summary", "logits_proj"],
+    )
 
 
 def _xlnet_step(model, engine, length, pad_from):
@@ -369,7 +405,7 @@ def _xlnet_step(model, engine, length, pad_from):
         warnings.simplefilter("ignore")
         model(**inputs).loss.backward()
     handle.remove()
-    (mu, _), = _means(engine, "transformer.layer.0.ff.layer_1.weight")
+    ((mu, _),) = _means(engine, "transformer.layer.0.ff.layer_1.weight")
     engine.tracker.reset()
     values = seen[0]  # (seq, batch, features)
     return mu, values, inputs["attention_mask"].t().bool()
@@ -397,8 +433,15 @@ def test_square_first_batch_counts_every_token():
 # -- the warning about untraced module types ---------------------------------------------------------------------
 def _vit():
     torch.manual_seed(0)
-    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                                    num_attention_heads=2, intermediate_size=24)
+    config = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+    )
     return transformers.AutoModelForImageClassification.from_config(config)
 
 

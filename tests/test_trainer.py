@@ -37,8 +37,18 @@ def _assert_confined(results, strict=False):
 
 
 def _args(tmp_path, **overrides):
-    defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=1,
-                    logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=0)
+    defaults = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
     defaults.update(overrides)
     return TrainingArguments(**defaults)
 
@@ -84,8 +94,14 @@ def test_trainer_step_changes_only_drawn_entries_and_logs_stats(tmp_path):
 def test_trainer_with_accumulation_clipping_and_bf16(tmp_path):
     model = get_peft_model(tiny_model(), StocTuningConfig(k=30, task_type="SEQ_CLS"))
     engine = model.base_model.stoc_engine()
-    args = _args(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=3,
-                 max_grad_norm=0.5, bf16=True)
+    args = _args(
+        tmp_path,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=3,
+        max_grad_norm=0.5,
+        bf16=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=_Rows(n=24))
     with _RecordDraws(model) as record:
         trainer.train()

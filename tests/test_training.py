@@ -93,9 +93,14 @@ def test_gradient_accumulation_draws_once_on_summed_gradient():
     for candidate in engine.candidates:
         if candidate.param.grad is None:
             continue
-        mu = sum((v if v is not None else torch.tensor(1.0)).reshape(
-            [-1 if d == i else 1 for i in range(max(candidate.param.dim(), 1))]) if candidate.param.dim() else
-            torch.tensor(1.0) for v, d in engine.tracker.means(candidate))
+        mu = sum(
+            (v if v is not None else torch.tensor(1.0)).reshape(
+                [-1 if d == i else 1 for i in range(max(candidate.param.dim(), 1))]
+            )
+            if candidate.param.dim()
+            else torch.tensor(1.0)
+            for v, d in engine.tracker.means(candidate)
+        )
         expected[candidate.name] = (mu * candidate.param.detach() * candidate.param.grad).abs().flatten()
     names = list(expected)
     flat = torch.cat([expected[n] for n in names])

@@ -75,15 +75,28 @@ STOC_CASES = [
 
 # (name, tuner method, config class, kwargs of adapter 1, kwargs of adapter 2) on PEFT's MLP.
 STOC_MULTI_CASES = [
-    ("StocTuning Same", "stoc", StocTuningConfig, {"k": 20, "target_modules": ["lin0"]},
-     {"k": 20, "target_modules": ["lin0"]}),
-    ("StocTuning Different", "stoc", StocTuningConfig, {"k": 20, "target_modules": ["lin0"]},
-     {"k": 5, "target_modules": ["lin1"]}),
+    (
+        "StocTuning Same",
+        "stoc",
+        StocTuningConfig,
+        {"k": 20, "target_modules": ["lin0"]},
+        {"k": 20, "target_modules": ["lin0"]},
+    ),
+    (
+        "StocTuning Different",
+        "stoc",
+        StocTuningConfig,
+        {"k": 20, "target_modules": ["lin0"]},
+        {"k": 5, "target_modules": ["lin1"]},
+    ),
 ]
 
 STOC_MIXED_CASES = [
-    ("StocTuning mixed adapter", StocTuningConfig(target_modules=["lin0"], k=20),
-     StocTuningConfig(target_modules=["lin0"], k=0.1)),
+    (
+        "StocTuning mixed adapter",
+        StocTuningConfig(target_modules=["lin0"], k=20),
+        StocTuningConfig(target_modules=["lin0"], k=0.1),
+    ),
 ]
 
 
