@@ -8,7 +8,8 @@ import copy
 import json
 
 import torch
-from peft.utils.other import ModulesToSaveWrapper
+from peft.utils import _get_submodules
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
 from . import adapter_file, fingerprint, shards
@@ -23,7 +24,7 @@ class AdapterFiles:
     # -- adapter files ---------------------------------------------------------------------------------------
     def _adapter_params(self, adapter_name: str, config=None) -> dict[str, nn.Parameter]:
         if config is None:
-            return {c.name: c.param for c in self._candidates[adapter_name]}
+            return {c.name: c.param for c in self._adapters[adapter_name].candidates}
         return {c.name: c.param for c in find_candidates(self.model, config)}
 
     def _adapter_numels(self, adapter_name: str, config=None) -> dict[str, int]:
@@ -46,11 +47,11 @@ class AdapterFiles:
     def counts(self, adapter_name: str) -> dict[str, int]:
         """Entries changed, tensors changed, candidate entries, k and optimizer steps of `adapter_name`."""
         delta = self.adapter_delta(adapter_name)
-        k, _ = self._counts[adapter_name]
+        k = self._adapters[adapter_name].k
         return {
             "changed": delta.num_changed,
             "tensors": len(delta.tensors),
-            "candidates": sum(c.numel for c in self._candidates[adapter_name]),
+            "candidates": sum(c.numel for c in self._adapters[adapter_name].candidates),
             "k": k,
             "step": self._step_of(adapter_name),
         }
@@ -157,3 +158,40 @@ class AdapterFiles:
         tuner._awaiting.discard(adapter_name)
         tuner._validated.discard(adapter_name)
         return rest
+
+    # -- loading ----------------------------------------------------------------------------------------------
+    def is_fresh(self, adapter_name: str) -> bool:
+        """Not an adapter yet, or one that was only just injected: never trained, loaded or combined."""
+        if adapter_name not in self.stoc_layer.stoc_adapters:
+            return True
+        engine = self._engine_of(adapter_name)
+        delta = self.stoc_layer.stoc_adapters[adapter_name].delta
+        untouched = not delta.tensors and adapter_name not in self._steps_loaded
+        return untouched and (engine is None or engine.stats.step == 0)
+
+    def abandon_load(self, adapter_name: str) -> None:
+        """Undo the injection of an adapter whose loading failed. When it is the only adapter (a failed
+        `PeftModel.from_pretrained`), the base model goes back to exactly what the caller passed in: module types,
+        hooks, `requires_grad` flags, weights."""
+        if adapter_name not in self.stoc_layer.stoc_adapters:
+            self.peft_config.pop(adapter_name, None)
+            return
+        if len(self.stoc_layer.stoc_adapters) > 1:
+            self.delete_adapter(adapter_name)
+            return
+        self._forget_engines()
+        self.stoc_layer.restore(self._base_params())
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "original_module"):
+                parent, _, child = _get_submodules(self.model, key)
+                setattr(parent, child, module.original_module)
+        for param, requires_grad in self._requires_grad_before.values():
+            param.requires_grad_(requires_grad)
+        self._remove_layer()
+        if "peft_config" in vars(self.model):
+            del self.model.peft_config
+
+    def note_loaded(self, adapter_name: str, counts: dict) -> None:
+        """Remember how many optimizer steps a loaded adapter had taken: its draws continue from there."""
+        step = counts.get("step", 0) if isinstance(counts, dict) else 0
+        self._steps_loaded[adapter_name] = step if isinstance(step, int) and step >= 0 else 0

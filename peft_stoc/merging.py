@@ -100,9 +100,7 @@ class Merging:
             layer._disable_adapters = False
             layer.merged_adapters = names
             self._apply_adapter_state()
-        for engine in self._engines.values():
-            engine.retire()
-        self._engines.clear()
+        self._forget_engines()
         if not merge:
             layer.restore(params)
             # `unload` hands back the base exactly as it was given: its original heads, not the trained copies.

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 
 import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import _get_submodules
-from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_additional_trainable_modules
+from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
 from torch import nn
 
 from . import shards
@@ -25,9 +25,22 @@ from .engine import StepEngine
 from .layer import AdapterSlot, StocTuningLayer
 from .merging import Merging
 from .trainer_hooks import register_trainer_callback
+from .training_api import TrainingAPI
 
 
-class StocTuningModel(AdapterFiles, Merging, BaseTuner):
+@dataclass
+class AdapterRecord:
+    """What the tuner keeps of one adapter beside its saved state (`layer.AdapterSlot`)."""
+
+    candidates: list[Candidate]
+    k: int  # entries drawn per step
+    max_changed: int | None  # budget of distinct changed entries
+    trainable: bool
+    engine: StepEngine | None = None  # made the first time the adapter trains; kept while it pauses
+    captured_at: int = 0  # the engine's step at which the adapter's delta was last stored
+
+
+class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
     """Stochastic Tuning of a transformers model (Akbar-Tajari & Pilehvar).
 
     Created by `peft.get_peft_model(model, StocTuningConfig(...))`; not meant to be built directly.
@@ -79,11 +92,7 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
             self._awaiting: set[str] = set()  # adapters configured from a saved file whose deltas were not loaded
             self._validated: set[str] = set()  # adapters whose file was checked against the base before loading
             self._delta_guard = model.register_forward_pre_hook(self._refuse_missing_delta)
-            self._candidates: dict[str, list[Candidate]] = {}
-            self._counts: dict[str, tuple[int, int | None]] = {}
-            self._engines: dict[str, StepEngine] = {}
-            self._trainable: dict[str, bool] = {}
-            self._captured_at: dict[str, int] = {}  # engine step at which each adapter's delta was stored
+            self._adapters: dict[str, AdapterRecord] = {}
             self._steps_loaded: dict[str, int] = {}  # optimizer steps an adapter loaded from a file had taken
             self._stale: set[str] = set()  # adapters whose weights changed without a capture (a state dict load)
             self._requires_grad_before = {id(p): (p, p.requires_grad) for p in model.parameters()}
@@ -117,17 +126,15 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
                 f"max_changed={config.max_changed!r} resolves to {max_changed} entries, fewer than the {k} drawn "
                 "per step; raise max_changed or lower k."
             )
-        self._candidates[adapter_name] = candidates
+        self._adapters[adapter_name] = AdapterRecord(candidates, k, max_changed, trainable=not config.inference_mode)
         if (config.saved_counts or {}).get("changed"):
             self._awaiting.add(adapter_name)
         if not config.inference_mode and not self._trainable_candidates(adapter_name):
-            del self._candidates[adapter_name]
+            del self._adapters[adapter_name]
             raise ValueError(
                 "Every candidate parameter was frozen (requires_grad=False) before wrapping, so there is nothing to "
                 "train. Unfreeze the parameters StocTuning should draw from, or pick them with `target_modules`."
             )
-        self._counts[adapter_name] = (k, max_changed)
-        self._trainable[adapter_name] = not config.inference_mode
         slot = AdapterSlot()
         slot.refresh = lambda name=adapter_name: self._refresh(name)
         self.stoc_layer.stoc_adapters[adapter_name] = slot
@@ -145,13 +152,28 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
     # -- state -------------------------------------------------------------------------------------------------
     def _base_params(self) -> dict[str, nn.Parameter]:
         self._follow_shards()
-        return {c.name: c.param for candidates in self._candidates.values() for c in candidates}
+        return {c.name: c.param for candidates in (r.candidates for r in self._adapters.values()) for c in candidates}
+
+    def _engine_of(self, name: str) -> StepEngine | None:
+        record = self._adapters.get(name)
+        return record.engine if record is not None else None
+
+    def _running_or_paused(self) -> list[StepEngine]:
+        """The step engines of all adapters (of those that trained)."""
+        return [r.engine for r in self._adapters.values() if r.engine is not None]
+
+    def _forget_engines(self) -> None:
+        """Retire every step engine (the adapters' state was replaced, or the tuner is going away)."""
+        for engine in self._running_or_paused():
+            engine.retire()
+        for record in self._adapters.values():
+            record.engine = None
 
     def _follow_shards(self) -> None:
         """FSDP2's `fully_shard` (applied after `get_peft_model`) replaced the parameters with dim-0 shards: every
         adapter follows the shards, and the record of originals keeps the entries of the rows held here (other
         processes keep theirs). Nothing keeps the whole parameters alive afterwards."""
-        candidates = [c for cs in self._candidates.values() for c in cs]
+        candidates = [c for cs in (r.candidates for r in self._adapters.values()) for c in cs]
         attribute = {id(c.param): c.name.rpartition(".")[2] for c in candidates}
         if all(c.uses[0].module._parameters.get(attribute[id(c.param)]) is c.param for c in candidates if c.uses):
             return
@@ -176,7 +198,7 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
         layer.show_adapters()
         layer.patch.hold_only({c.name: c.param for c in candidates})
         self._fingerprints.clear()
-        for engine in self._engines.values():
+        for engine in self._running_or_paused():
             engine.parameters_replaced()
             engine.accept_weights()
 
@@ -188,7 +210,11 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
     def _training_adapter(self) -> str | None:
         active = [a for a in self.active_adapters if a in self.stoc_layer.stoc_adapters]
         layer = self.stoc_layer
-        if len(active) != 1 or layer.disable_adapters or not self._trainable.get(active[0], False):
+        if (
+            len(active) != 1
+            or layer.disable_adapters
+            or not (active[0] in self._adapters and self._adapters[active[0]].trainable)
+        ):
             return None
         if layer.merged_adapters and tuple(layer.merged_adapters) != (active[0],):
             return None
@@ -196,14 +222,14 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
 
     def _capture(self, name: str) -> None:
         """Store what adapter `name` learned in place as its delta, if it trained since the last capture."""
-        engine, layer = self._engines.get(name), self.stoc_layer
+        engine, layer = self._engine_of(name), self.stoc_layer
         if layer.applied != (name,) or (engine is None and name not in self._stale):
             return  # without training (or a state dict load), the weights hold exactly the stored delta
         step = engine.stats.step if engine is not None else self._steps_loaded.get(name, 0)
-        if step == self._captured_at.get(name, 0) and name not in self._stale:
+        if step == self._adapters[name].captured_at and name not in self._stale:
             return
         layer.capture(name, self._base_params(), engine.masters() if engine is not None else None)
-        self._captured_at[name] = step
+        self._adapters[name].captured_at = step
         self._stale.discard(name)
 
     def _remove_layer(self) -> None:
@@ -253,33 +279,34 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
                         self._whole_heads[f"{module_name}.modules_to_save.{adapter}.{name}"] = whole
 
     def _step_of(self, name: str) -> int:
-        engine = self._engines.get(name)
+        engine = self._engine_of(name)
         return engine.stats.step if engine is not None else self._steps_loaded.get(name, 0)
 
     def _after_state_loaded(self) -> None:
         """`load_state_dict` replaced the adapters' state (originals, deltas, steps) along with the weights: what
         the weights hold now is the applied adapters' work, to be captured afresh; training goes on from there."""
         layer = self.stoc_layer
-        for engine in self._engines.values():
-            engine.retire()
-        self._engines.clear()
+        self._forget_engines()
         layer.patch.hold_only(self._base_params())  # FSDP2: a state dict holds the originals of every process
         self._steps_loaded.update({name: slot.step for name, slot in layer.stoc_adapters.items()})
-        self._captured_at.clear()
+        for record in self._adapters.values():
+            record.captured_at = 0
         self._stale.update(layer.applied)
         self._apply_adapter_state()
 
     def _drop_engine(self, name: str) -> None:
-        engine = self._engines.pop(name, None)
+        record = self._adapters.get(name)
+        engine, record.engine = (record.engine, None) if record is not None else (None, None)
         if engine is not None:
             engine.retire()
-        self._captured_at.pop(name, None)
+        if record is not None:
+            record.captured_at = 0
 
     def _apply_adapter_state(self) -> None:
         """Bring weights, trainability and the step engine in line with the active/enabled/merged state."""
         layer, params = self.stoc_layer, self._base_params()
         training = self._training_adapter()
-        for name, engine in self._engines.items():
+        for name, engine in ((n, r.engine) for n, r in self._adapters.items() if r.engine is not None):
             if name != training and engine.running:
                 engine.stop()  # kept: its stats and random stream go on when the adapter trains again
         wanted = self._adapters_to_apply()
@@ -297,21 +324,21 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
         layer.set_active(self.active_adapters, enabled=not layer.disable_adapters)
         self._set_requires_grad(training)
         if training is not None:
-            engine = self._engines.get(training)
+            engine = self._engine_of(training)
             if engine is None:
-                k, max_changed = self._counts[training]
+                record = self._adapters[training]
                 engine = StepEngine(
                     self.model,
                     self._trainable_candidates(training),
                     self.peft_config[training],
                     layer.patch,
-                    k,
-                    max_changed,
+                    record.k,
+                    record.max_changed,
                     state_key=f"peft_stoc.{training}",
                     step=self._steps_loaded.get(training, 0),
                 )
-                self._engines[training] = engine
-                self._captured_at[training] = engine.stats.step
+                record.engine = engine
+                record.captured_at = engine.stats.step
                 engine.driven_by_trainer = getattr(self, "_driven_by_trainer", False)
                 engine.on_shard = self._follow_shards
             if not engine.running:
@@ -320,12 +347,14 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
 
     def _owners(self) -> dict[str, list[nn.Module]]:
         """The modules that own each candidate parameter (a tied weight has several)."""
-        return {c.name: [use.module for use in c.uses] for cs in self._candidates.values() for c in cs}
+        return {
+            c.name: [use.module for use in c.uses] for cs in (r.candidates for r in self._adapters.values()) for c in cs
+        }
 
     def _trainable_candidates(self, name: str) -> list[Candidate]:
         """The candidates training may change: parameters the user froze before wrapping stay frozen."""
         frozen = {key for key, (_, requires_grad) in self._requires_grad_before.items() if not requires_grad}
-        return [c for c in self._candidates[name] if id(c.param) not in frozen]
+        return [c for c in self._adapters[name].candidates if id(c.param) not in frozen]
 
     def _set_requires_grad(self, training: str | None) -> None:
         trainable = {id(c.param) for c in self._trainable_candidates(training)} if training else set()
@@ -381,14 +410,14 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
             self.stoc_layer.merged_adapters = []
         super().set_adapter(names[0], inference_mode=inference_mode)  # modules_to_save wrappers
-        self._trainable[names[0]] = not inference_mode
+        self._adapters[names[0]].trainable = not inference_mode
         self._apply_adapter_state()
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         super().set_requires_grad(names, requires_grad=requires_grad)
         for name in names:
-            self._trainable[name] = requires_grad
+            self._adapters[name].trainable = requires_grad
         self._apply_adapter_state()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -404,8 +433,7 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
             layer.restore(self._base_params())
         del layer.stoc_adapters[adapter_name]
         del self.peft_config[adapter_name]
-        for store in (self._candidates, self._counts, self._trainable):
-            store.pop(adapter_name, None)
+        self._adapters.pop(adapter_name, None)
         remaining = list(layer.stoc_adapters)
         if adapter_name in self.active_adapters:
             self.active_adapter = remaining[:1]
@@ -419,122 +447,3 @@ class StocTuningModel(AdapterFiles, Merging, BaseTuner):
             if isinstance(module, AuxiliaryTrainingWrapper):
                 module.delete_adapter(adapter_name, new_active_adapters=self.active_adapters or None)
         self._apply_adapter_state()
-
-    # -- observability -----------------------------------------------------------------------------------------
-    def stoc_stats(self, adapter_name: str | None = None) -> dict[str, float]:
-        """Figures of an adapter (default: the one being trained): optimizer steps, entries drawn at the last step,
-        distinct entries changed so far, density (changed / candidate entries), and the adapter file's payload in
-        bytes (indices and values of the changed entries plus the modules_to_save weights)."""
-        name = adapter_name or self._training_adapter() or self.active_adapters[0]
-        if name not in self.stoc_layer.stoc_adapters:
-            raise ValueError(f"Adapter {name!r} does not exist; adapters: {list(self.stoc_layer.stoc_adapters)}.")
-        engine = self._engines.get(name)
-        if engine is not None:
-            # The record of originals is shared by the adapters: it counts this one's changes while it trains.
-            if not engine.running:
-                engine.stats.changed = self.adapter_delta(name).num_changed
-            elif not engine.sharded:  # (under FSDP2 each process holds a part: the step counted them all)
-                engine.stats.changed = engine.patch.count
-            stats = engine.stats.as_dict()
-        else:
-            candidates = sum(c.numel for c in self._candidates[name])
-            changed = self.adapter_delta(name).num_changed
-            stats = {
-                "step": self._steps_loaded.get(name, 0),
-                "drawn": 0,
-                "changed": changed,
-                "density": changed / candidates,
-                "grad_bytes": 0,
-                "optimizer_state_bytes": 0,
-            }
-        value_bytes = torch.finfo(getattr(torch, self.peft_config[name].save_dtype)).bits // 8
-        head_bytes = sum(
-            p.numel() * p.element_size()
-            for m in self.model.modules()
-            if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save
-            for p in m.modules_to_save[name].parameters()
-        )
-        stats["adapter_bytes"] = stats["changed"] * (4 + value_bytes) + head_bytes
-        return stats
-
-    def stoc_parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
-        """What one optimizer step trains: `k` entries drawn from `candidates` base entries, plus the `head`
-        parameters of modules_to_save, trained in full."""
-        name = adapter_name or self._training_adapter() or self.active_adapters[0]
-        head = sum(
-            p.numel()
-            for m in self.model.modules()
-            if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save
-            for p in m.modules_to_save[name].parameters()
-        )
-        return {"k": self._counts[name][0], "candidates": sum(c.numel for c in self._candidates[name]), "head": head}
-
-    def stoc_engine(self) -> StepEngine | None:
-        """The step engine of the adapter being trained, if any."""
-        engine = self._engines.get(self._training_adapter() or "")
-        return engine if engine is not None and engine.running else None
-
-    @contextlib.contextmanager
-    def stoc_accumulating(self):
-        """Keep candidate gradients dense during the backwards inside: micro-batches that are not the last of an
-        optimizer step, in a plain loop that accumulates gradients from its very first step (Trainer, TRL,
-        accelerate's `accumulate()` and DDP are detected without it, and any loop from its second step on)."""
-        engine = self.stoc_engine()
-        if engine is None:
-            yield
-            return
-        engine.hold_gradients = True
-        try:
-            yield
-        finally:
-            engine.hold_gradients = False
-
-    def set_driven_by_trainer(self, driven: bool) -> None:
-        """Called by `StocTuningCallback` when a Trainer starts and ends training this model."""
-        self._driven_by_trainer = driven
-        for engine in self._engines.values():
-            engine.driven_by_trainer = driven
-
-    def is_fresh(self, adapter_name: str) -> bool:
-        """Not an adapter yet, or one that was only just injected: never trained, loaded or combined."""
-        if adapter_name not in self.stoc_layer.stoc_adapters:
-            return True
-        engine = self._engines.get(adapter_name)
-        delta = self.stoc_layer.stoc_adapters[adapter_name].delta
-        untouched = not delta.tensors and adapter_name not in self._steps_loaded
-        return untouched and (engine is None or engine.stats.step == 0)
-
-    def abandon_load(self, adapter_name: str) -> None:
-        """Undo the injection of an adapter whose loading failed. When it is the only adapter (a failed
-        `PeftModel.from_pretrained`), the base model goes back to exactly what the caller passed in: module types,
-        hooks, `requires_grad` flags, weights."""
-        if adapter_name not in self.stoc_layer.stoc_adapters:
-            self.peft_config.pop(adapter_name, None)
-            return
-        if len(self.stoc_layer.stoc_adapters) > 1:
-            self.delete_adapter(adapter_name)
-            return
-        for engine in self._engines.values():
-            engine.retire()
-        self._engines.clear()
-        self.stoc_layer.restore(self._base_params())
-        for key, module in list(self.model.named_modules()):
-            if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "original_module"):
-                parent, _, child = _get_submodules(self.model, key)
-                setattr(parent, child, module.original_module)
-        for param, requires_grad in self._requires_grad_before.values():
-            param.requires_grad_(requires_grad)
-        self._remove_layer()
-        if "peft_config" in vars(self.model):
-            del self.model.peft_config
-
-    def note_loaded(self, adapter_name: str, counts: dict) -> None:
-        """Remember how many optimizer steps a loaded adapter had taken: its draws continue from there."""
-        step = counts.get("step", 0) if isinstance(counts, dict) else 0
-        self._steps_loaded[adapter_name] = step if isinstance(step, int) and step >= 0 else 0
-
-    def stoc_sync(self) -> None:
-        """Accept changes made to the base weights outside an optimizer step as the new starting point."""
-        engine = self.stoc_engine()
-        if engine is not None:
-            engine.accept_weights()

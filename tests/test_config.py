@@ -107,7 +107,7 @@ def test_bitfit_k_counts_bias_entries_of_candidates():
     model = get_peft_model(tiny_model("bert"), StocTuningConfig(k="bitfit", task_type="SEQ_CLS"))
     tuner = model.base_model
     expected = sum(p.numel() for n, p in tuner._base_params().items() if n.endswith(".bias"))
-    assert tuner._counts["default"][0] == expected
+    assert tuner._adapters["default"].k == expected
     assert not any("classifier" in n for n in tuner._base_params())
 
 
@@ -133,4 +133,4 @@ def test_float_k_is_a_fraction_of_candidates():
     model = get_peft_model(tiny_model("bert"), StocTuningConfig(k=0.01, task_type="SEQ_CLS"))
     tuner = model.base_model
     total = sum(p.numel() for p in tuner._base_params().values())
-    assert tuner._counts["default"][0] == round(0.01 * total)
+    assert tuner._adapters["default"].k == round(0.01 * total)

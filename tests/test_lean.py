@@ -128,7 +128,7 @@ def test_gradient_memory_held_is_one_tensor_not_the_model():
     )
     model = get_peft_model(base, StocTuningConfig(k=500, memory="lean", task_type="SEQ_CLS"))
     model.train()
-    candidates = model.base_model._candidates["default"]
+    candidates = model.base_model._adapters["default"].candidates
     nbytes = [c.param.numel() * c.param.element_size() for c in candidates]
     held = []
 
@@ -226,7 +226,7 @@ def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale(memory):
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    candidate = model.base_model._candidates["default"][3].param
+    candidate = model.base_model._adapters["default"].candidates[3].param
     before = {k: v.clone() for k, v in model.state_dict().items()}
     handle = candidate.register_hook(lambda g: torch.full_like(g, float("inf")))
     scaler.scale(model(**batch(seed=0)).loss).backward()
@@ -257,7 +257,7 @@ def test_lazy_rule_advances_only_the_drawn_entries_state():
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
     head = [p for n, p in reference.named_parameters() if n.startswith("classifier.")]
     head_optimizer = torch.optim.AdamW(head, lr=lr, weight_decay=decay)
-    names = [c.name for c in model.base_model._candidates["default"]]
+    names = [c.name for c in model.base_model._adapters["default"].candidates]
     params = dict(reference.named_parameters())
     state = {
         n: (torch.zeros(params[n].numel()), torch.zeros(params[n].numel()), torch.zeros(params[n].numel()))

@@ -24,9 +24,7 @@ def _tables(model):
     return (
         list(model.peft_config),
         list(tuner.stoc_layer.stoc_adapters),
-        list(tuner._candidates),
-        list(tuner._counts),
-        list(tuner._trainable),
+        list(tuner._adapters),
     )
 
 

@@ -29,7 +29,7 @@ def _nan_loss(model, inputs):
 
 
 def _inf_gradient(model, inputs):
-    param = model.base_model._candidates["default"][5].param
+    param = model.base_model._adapters["default"].candidates[5].param
     handles = []
     handles.append(param.register_hook(lambda g: (handles[0].remove(), torch.full_like(g, float("inf")))[1]))
     return model(**inputs).loss

@@ -21,7 +21,7 @@ def _model(memory, **config):
 
 def _poison_once(model):
     """The next backward gives one candidate an inf gradient (an fp16 overflow, as a scaler sees it)."""
-    param = model.base_model._candidates["default"][3].param
+    param = model.base_model._adapters["default"].candidates[3].param
     handles = []
     handles.append(param.register_hook(lambda g: (handles[0].remove(), torch.full_like(g, float("inf")))[1]))
 
