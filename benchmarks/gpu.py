@@ -3,7 +3,7 @@
     python benchmarks/gpu.py [--no-write] [--only-llama]  # on a machine with a CUDA GPU
     python benchmarks/gpu.py --device cpu --smoke          # checks the script itself on the CPU, small and fast
 
-Runs `selection.measure` (RoBERTa-base shape, k = 0.08%: fast draw, top, dense draw, numpy's choice on the host,
+Runs `draw_speed.measure` (RoBERTa-base shape, k = 0.08%: fast draw, top, dense draw, numpy's choice on the host,
 full fine-tuning step), `step.measure_time` / `step.measure_memories` (MiniLM-L6 and RoBERTa-base shape: full
 fine-tuning, StocTuning lean and dense, LoRA r=8; peak allocated CUDA memory per method in a fresh process), and the
 memory comparison of a Llama-architecture model of 1.1B parameters (TinyLlama-1.1B's shape, built from a config with
@@ -24,7 +24,7 @@ import sys
 import time
 
 import common
-import selection
+import draw_speed
 import step
 import torch
 import transformers
@@ -238,8 +238,8 @@ def main() -> None:
     sections = []
     if not args.only_llama:
         sections.append(
-            selection.report(
-                selection.measure(device=args.device, **selection_args), f"Selection on {args.device} (draw speed)"
+            draw_speed.report(
+                draw_speed.measure(device=args.device, **selection_args), f"Selection on {args.device} (draw speed)"
             )
         )
         for model in models:

@@ -1,6 +1,6 @@
 """Projected training memory of 1B / 7B / 70B models from per-entry costs measured here.
 
-    python benchmarks/projection.py [--steps 100] [--threads N] [--no-write]
+    python -m benchmarks.projection [--steps 100] [--threads N] [--no-write]
 
 Measures, then projects:
 
@@ -19,16 +19,13 @@ k = 0.08% of the entries; see the assumptions printed with the table. Activation
 from __future__ import annotations
 
 import argparse
-import sys
 
-import common
 import torch
 import transformers
 from peft import get_peft_model
 
 import peft_stoc
-
-sys.path.insert(0, str(common.ROOT / "examples"))
+from benchmarks import common
 
 SHAPES = {  # name: (hidden, intermediate, layers, heads, key/value heads, vocabulary)
     "TinyLlama-1.1B": (2048, 5632, 22, 32, 4, 32000),
@@ -50,8 +47,9 @@ def lean_bytes(model) -> tuple[int, int, int]:
 
 def measure_real(steps: int) -> dict:
     """Distinct changed entries after each of `steps` steps of MiniLM on real sentences, and lean bytes per entry."""
-    from data import load_stand_in
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup, set_seed
+
+    from examples.data import load_stand_in
 
     set_seed(0)
     base, description = common.minilm()

@@ -1,7 +1,7 @@
 """Target 1: the draw (importance + exact stochastic draw over every candidate entry) next to numpy's
 `choice(n, k, replace=False, p=p)` and next to a full fine-tuning step of the same model.
 
-    python benchmarks/selection.py [--model roberta-base] [--k 0.0008] [--repeats 5] [--numpy-repeats 3]
+    python benchmarks/draw_speed.py [--model roberta-base] [--k 0.0008] [--repeats 5] [--numpy-repeats 3]
                                    [--step-repeats 3] [--threads N] [--device cpu|cuda] [--no-write]
 
 The gradients and μ come from one real forward/backward of a 16 × 128 batch (so embedding rows of absent tokens
