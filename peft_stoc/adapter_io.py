@@ -58,9 +58,11 @@ class AdapterFiles:
 
     def check_base(self, config, source: str, ignore_base_mismatch: bool = False) -> None:
         """Refuse to load onto a base whose fingerprint differs from the one `config` was saved with."""
-        recorded = config.base_fingerprint
-        if recorded is None:
-            return  # a state dict that was never saved through save_pretrained: nothing to compare
+        if config.base_fingerprint is not None:  # None: a state dict never saved through save_pretrained
+            self.refuse_other_base(config.base_fingerprint, config, source, ignore_base_mismatch)
+
+    def refuse_other_base(self, recorded: dict, config, source: str, ignore_base_mismatch: bool = False) -> None:
+        """Raise unless the fingerprint `recorded` (of a file or a config) is that of this base."""
         whole = self._fingerprint_params(config)
         reason = fingerprint.mismatch(recorded, whole, self.stoc_layer.patch_base_values(whole))
         if reason is not None and not ignore_base_mismatch:
@@ -88,14 +90,7 @@ class AdapterFiles:
         recorded = file.fingerprint
         if recorded is None:
             raise adapter_file.AdapterFileError(f"{file.path} has no base-model fingerprint in its header.")
-        whole = self._fingerprint_params(config)
-        reason = fingerprint.mismatch(recorded, whole, self.stoc_layer.patch_base_values(whole))
-        if reason is not None and not ignore_base_mismatch:
-            raise adapter_file.AdapterFileError(
-                f"{file.path} was made for another base model: {reason}. Load it onto the base it was trained on "
-                f"(base_model_name_or_path={config.base_model_name_or_path!r}), or pass "
-                "`ignore_base_mismatch=True` to apply it anyway."
-            )
+        self.refuse_other_base(recorded, config, file.path, ignore_base_mismatch)
         adapter_file.parse_delta(file.tensors, self._adapter_numels("", config), source=file.path)
         adapter_file.check_other_tensors(file.tensors, self._head_shapes(config), source=file.path)
 

@@ -84,30 +84,12 @@ class LeanSteps:
     def _lean_update(self, optimizer) -> None:
         drawn, values, factors, kind, done = self._pending
         kind = sparse_optim.kind_of(optimizer) or kind
+        record, local = (lambda c, index: self.patch.record(c.name, c.param, index)), {}
         if self.sharded:  # indices local to the rows held here; the record of originals keeps whole-tensor indices
             starts = {id(c): self._start_of(i) for i, c in enumerate(self.candidates)}
-            self.lean.update(
-                optimizer,
-                kind,
-                self.config.update_rule,
-                drawn,
-                values,
-                factors,
-                lambda c, index: self.patch.record(c.name, c.param, index + starts[id(c)]),
-                done,
-                param_of=lambda c: c.param.detach().to_local(),
-            )
-        else:
-            self.lean.update(
-                optimizer,
-                kind,
-                self.config.update_rule,
-                drawn,
-                values,
-                factors,
-                lambda c, index: self.patch.record(c.name, c.param, index),
-                done,
-            )
+            record = lambda c, index: self.patch.record(c.name, c.param, index + starts[id(c)])  # noqa: E731
+            local = {"param_of": lambda c: c.param.detach().to_local()}
+        self.lean.update(optimizer, kind, self.config.update_rule, drawn, values, factors, record, done, **local)
         self._sparse_states = self.lean.states(optimizer)
 
     def masters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

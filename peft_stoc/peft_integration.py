@@ -26,7 +26,7 @@ from peft import PeftConfig, PeftModel
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from . import adapter_file, atomic_folder, fingerprint, hub
+from . import adapter_file, atomic_folder, hub
 from .layer import find_tuner
 
 _MARK = "_peft_stoc_wrapped"
@@ -132,14 +132,7 @@ def _check_base(tuner, file: adapter_file.AdapterFile, config, ignore_base_misma
     recorded = file.fingerprint
     if recorded is None:
         raise adapter_file.AdapterFileError(f"{file.path} has no base-model fingerprint in its header.")
-    whole = tuner._fingerprint_params(config)
-    reason = fingerprint.mismatch(recorded, whole, tuner.stoc_layer.patch_base_values(whole))
-    if reason is not None and not ignore_base_mismatch:
-        raise adapter_file.AdapterFileError(
-            f"{file.path} was made for another base model: {reason}. Load it onto the base it was trained on "
-            f"(base_model_name_or_path={config.base_model_name_or_path!r}), or pass "
-            "`ignore_base_mismatch=True` to apply it anyway."
-        )
+    tuner.refuse_other_base(recorded, config, file.path, ignore_base_mismatch)
 
 
 def _validate(tuner, path: str, config, ignore_base_mismatch: bool):
