@@ -13,7 +13,15 @@ class StocTuningCallback(TrainerCallback):
     """Adds `stoc/drawn`, `stoc/changed` and `stoc/density` to every log of a Trainer training a StocTuning model.
 
     It is registered among transformers' default callbacks when `peft_stoc` is imported, and does nothing for
-    other models.
+    other models. While a Trainer trains, it also tells the tuner so, which makes accelerate's word on which
+    micro-batch ends an optimizer step the signal for gradient accumulation.
+
+    Example:
+
+        ```py
+        >>> trainer = Trainer(model=get_peft_model(base, StocTuningConfig(k="bitfit")), args=args, ...)
+        >>> trainer.train()  # logs carry stoc/drawn, stoc/changed, stoc/density, with no callback to pass
+        ```
     """
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -11,7 +11,19 @@ import torch
 
 @dataclass
 class SparseDelta:
-    """Per base tensor name: `(indices, values)` with sorted, unique int64 flat indices and float values."""
+    """Per base tensor name: `(indices, values)` with sorted, unique int64 flat indices and float values.
+
+    Args:
+        tensors (`dict[str, tuple[torch.Tensor, torch.Tensor]]`): the changed entries of each base tensor.
+
+    Example:
+
+        ```py
+        >>> delta = model.base_model.adapter_delta("default")  # a trained StocTuning model
+        >>> delta.num_changed  # distinct base entries the adapter changes
+        >>> index, values = delta.tensors["bert.encoder.layer.0.attention.self.query.weight"]
+        ```
+    """
 
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
