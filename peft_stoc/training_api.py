@@ -43,12 +43,7 @@ class TrainingAPI:
                 "optimizer_state_bytes": 0,
             }
         value_bytes = torch.finfo(getattr(torch, self.peft_config[name].save_dtype)).bits // 8
-        head_bytes = sum(
-            p.numel() * p.element_size()
-            for m in self.model.modules()
-            if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save
-            for p in m.modules_to_save[name].parameters()
-        )
+        head_bytes = sum(p.numel() * p.element_size() for p in self._head_parameters(name))
         stats["adapter_bytes"] = stats["changed"] * (4 + value_bytes) + head_bytes
         return stats
 
@@ -56,12 +51,7 @@ class TrainingAPI:
         """What one optimizer step trains: `k` entries drawn from `candidates` base entries, plus the `head`
         parameters of modules_to_save, trained in full."""
         name = adapter_name or self._training_adapter() or self.active_adapters[0]
-        head = sum(
-            p.numel()
-            for m in self.model.modules()
-            if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save
-            for p in m.modules_to_save[name].parameters()
-        )
+        head = sum(p.numel() for p in self._head_parameters(name))
         return {
             "k": self._adapters[name].k,
             "candidates": sum(c.numel for c in self._adapters[name].candidates),
@@ -99,3 +89,12 @@ class TrainingAPI:
         engine = self.stoc_engine()
         if engine is not None:
             engine.accept_weights()
+
+    def _head_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """The parameters of adapter `name`'s trained copies of the modules_to_save (trained in full, saved whole)."""
+        return [
+            p
+            for m in self.model.modules()
+            if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save
+            for p in m.modules_to_save[name].parameters()
+        ]

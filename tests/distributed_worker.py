@@ -224,7 +224,7 @@ class _Rows(torch.utils.data.Dataset):
 
 def run_trainer(output_dir: Path, world: int):
     """transformers Trainer over the data set in order; returns the trained model and the draw of each step."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     class RecordDraws(TrainerCallback):
         def __init__(self):
@@ -234,12 +234,23 @@ def run_trainer(output_dir: Path, world: int):
             self.masks.append(drawn_now(model))
 
     model = make_model()
+    args = trainer_arguments(output_dir, world)
+    recorder = RecordDraws()
+    trainer = Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[recorder])
+    trainer.train()
+    return trainer, model, recorder.masks
+
+
+def trainer_arguments(output_dir: Path, world: int, steps: int = STEPS, **extra):
+    """The Trainer settings of the distributed scenarios: the global batch split over `world` processes."""
+    from transformers import TrainingArguments
+
     # average_tokens_across_devices=False: otherwise Trainer multiplies the loss by the number of processes for
     # models whose forward takes **kwargs, although this classifier's loss is already a mean (gradients double).
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=GLOBAL_BATCH // world,
-        max_steps=STEPS,
+        max_steps=steps,
         learning_rate=LR,
         weight_decay=WEIGHT_DECAY,
         lr_scheduler_type="constant",
@@ -251,11 +262,8 @@ def run_trainer(output_dir: Path, world: int):
         seed=0,
         logging_steps=1,
         average_tokens_across_devices=False,
+        **extra,
     )
-    recorder = RecordDraws()
-    trainer = Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[recorder])
-    trainer.train()
-    return trainer, model, recorder.masks
 
 
 def scenario_trainer(rank: int, world: int, out: Path) -> None:

@@ -381,7 +381,7 @@ class _Rows(torch.utils.data.Dataset):
 def run_trainer(output_dir: Path, world: int, fsdp: bool):
     """transformers Trainer over the data set in order (with `fsdp_config={'version': 2}` when `fsdp`, through
     accelerate's FSDP2 path, see `force_fsdp2`); returns the trainer, the model and the whole draw of each step."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     class FSDP2Trainer(Trainer):
         def create_accelerator_and_postprocess(self):
@@ -412,24 +412,7 @@ def run_trainer(output_dir: Path, world: int, fsdp: bool):
         if fsdp
         else {}
     )
-    # average_tokens_across_devices=False: the classifier's loss is a mean already (see docs/distributed.md).
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=GLOBAL_BATCH // world,
-        max_steps=STEPS,
-        learning_rate=LR,
-        weight_decay=WEIGHT_DECAY,
-        lr_scheduler_type="constant",
-        train_sampling_strategy="sequential",
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        logging_steps=1,
-        average_tokens_across_devices=False,
-        **sharding,
-    )
+    args = ddp_worker.trainer_arguments(output_dir, world, steps=STEPS, **sharding)
     recorder = RecordDraws()
     trainer = FSDP2Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[recorder])
     trainer.train()
