@@ -29,6 +29,7 @@ class CliError(Exception):
 
 
 def _read_config(directory: str) -> dict:
+    atomic_folder.recover(directory, tidy=False)  # a folder an interrupted save left moved away comes back
     if not os.path.isdir(directory):
         problem = "is a file, not a folder" if os.path.exists(directory) else "does not exist"
         raise CliError(f"{directory} {problem}: give an adapter folder.")

@@ -1,40 +1,43 @@
-"""`PeftModel` entry points that offer a tuner no hook, extended for StocTuning adapters.
+"""StocTuning's `PeftModel` classes: the entry points where PEFT offers a tuner no hook, extended for its adapters.
+
+A PEFT model whose tuner is StocTuning becomes an instance of a subclass of its task's class (for instance
+`StocTuningPeftModelForCausalLM(PeftModelForCausalLM)`) the moment PEFT attaches the tuner: `PeftModel.__init__`
+sets `self.base_model`, and torch's module-registration hook (`adopt`) changes that one instance's class. `PeftModel`
+itself is left as PEFT defines it, so models of other methods never meet this code, and `isinstance` checks
+(transformers, TRL, accelerate) still see the task's class. The overrides:
 
 * `save_pretrained`: refuses pickle, adapter names that are not plain folder names, and weights changed outside
   intercepted steps; lets PEFT write into a staged folder, adds the header metadata (format, counts, base
   fingerprint) and the model card section, then swaps the folder in whole (`atomic_folder.staged_folder`).
 * `load_adapter` (also reached by `PeftModel.from_pretrained` and `AutoPeftModel*.from_pretrained`): checks the
-  adapter name, then reads and validates the whole file — header limits, readability, every tensor, the base
-  fingerprint, values in range of the base dtypes — before anything is touched.
-  `ignore_base_mismatch=True` applies an adapter to another base on purpose.
-* `from_pretrained`: first puts back a folder that a save interrupted while it was moved away.
+  adapter name, puts back a folder an interrupted save left moved away, then reads and validates the whole file —
+  header limits, readability, every tensor, the base fingerprint, values in range of the base dtypes — before
+  anything is touched. `ignore_base_mismatch=True` applies an adapter to another base on purpose.
 * `push_to_hub`: transformers' version replaces the README with a bare card; this one uploads the adapter with
   its model card.
 * `print_trainable_parameters`: PEFT counts every parameter that requires a gradient (nearly the whole model for
   StocTuning); this one states what a step trains: k entries drawn from the candidates, plus the heads.
-
-Models of other PEFT methods go straight to PEFT's own methods.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 
 from peft import PeftConfig, PeftModel
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from . import adapter_file, atomic_folder, hub
 from .layer import find_tuner
+from .model import StocTuningModel
 
-_MARK = "_peft_stoc_wrapped"
 _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "force_download", "local_files_only")
 
 
-def _bound(function, self, args, kwargs) -> inspect.BoundArguments:
-    bound = inspect.signature(function).bind(self, *args, **kwargs)
+def _bound(method, args, kwargs) -> inspect.BoundArguments:
+    bound = inspect.signature(method).bind(*args, **kwargs)
     bound.apply_defaults()
     return bound
 
@@ -56,38 +59,6 @@ def check_adapter_name(name) -> None:
             f"Adapter name {name!r} contains {bad}: adapter names are module keys and, when saved, folder names "
             "inside the save folder, so they may not contain '.', '/' or '\\'."
         )
-
-
-def _wrap_save_pretrained(original):
-    @functools.wraps(original)
-    def save_pretrained(self, *args, **kwargs):
-        tuner = find_tuner(self)
-        if tuner is None:
-            return original(self, *args, **kwargs)
-        call = _bound(original, self, args, kwargs)
-        if not call.arguments["safe_serialization"]:
-            raise ValueError("StocTuning adapters are saved as safetensors only; drop `safe_serialization=False`.")
-        names = call.arguments["selected_adapters"] or list(self.peft_config)
-        for name in names:
-            check_adapter_name(name)
-        tuner.verify_integrity()
-        if not call.arguments["is_main_process"]:
-            return original(*call.args, **call.kwargs)  # PEFT writes no file there
-        directory = os.fspath(call.arguments["save_directory"])
-        with atomic_folder.staged_folder(directory) as stage:
-            call.arguments["save_directory"] = stage
-            original(*call.args, **call.kwargs)
-            for name in names:
-                path = os.path.join(hub.adapter_folder(stage, name), adapter_file.WEIGHTS_NAME)
-                adapter_file.add_metadata(path, tuner.file_metadata(name))
-            hub.write_model_card(
-                stage,
-                {name: self.peft_config[name] for name in names},
-                load_from=directory,
-                architectures=getattr(getattr(tuner.model, "config", None), "architectures", None),
-            )
-
-    return save_pretrained
 
 
 def _adapter_path(model_id: str, hub_kwargs: dict) -> str:
@@ -155,12 +126,36 @@ def _validate(tuner, path: str, config, ignore_base_mismatch: bool):
     return file
 
 
-def _wrap_load_adapter(original):
-    @functools.wraps(original)
+class StocTuningPeftModel(PeftModel):
+    """The overrides every StocTuning PEFT model carries; `peft_class` puts them before the task's class."""
+
+    def save_pretrained(self, *args, **kwargs) -> None:
+        tuner = find_tuner(self)
+        call = _bound(super().save_pretrained, args, kwargs)
+        if not call.arguments["safe_serialization"]:
+            raise ValueError("StocTuning adapters are saved as safetensors only; drop `safe_serialization=False`.")
+        names = call.arguments["selected_adapters"] or list(self.peft_config)
+        for name in names:
+            check_adapter_name(name)
+        tuner.verify_integrity()
+        if not call.arguments["is_main_process"]:
+            return super().save_pretrained(*call.args, **call.kwargs)  # PEFT writes no file there
+        directory = os.fspath(call.arguments["save_directory"])
+        with atomic_folder.staged_folder(directory) as stage:
+            call.arguments["save_directory"] = stage
+            super().save_pretrained(*call.args, **call.kwargs)
+            for name in names:
+                path = os.path.join(hub.adapter_folder(stage, name), adapter_file.WEIGHTS_NAME)
+                adapter_file.add_metadata(path, tuner.file_metadata(name))
+            hub.write_model_card(
+                stage,
+                {name: self.peft_config[name] for name in names},
+                load_from=directory,
+                architectures=getattr(getattr(tuner.model, "config", None), "architectures", None),
+            )
+
     def load_adapter(self, model_id, adapter_name, *args, ignore_base_mismatch: bool = False, **kwargs):
         tuner = find_tuner(self)
-        if tuner is None:
-            return original(self, model_id, adapter_name, *args, **kwargs)
         check_adapter_name(adapter_name)
         fresh = tuner.is_fresh(adapter_name)  # injected for this load (PeftModel.from_pretrained) or not there yet
         try:
@@ -170,42 +165,18 @@ def _wrap_load_adapter(original):
             file = _validate(tuner, _adapter_path(str(model_id), hub_kwargs), config, ignore_base_mismatch)
             tuner.note_loaded(adapter_name, file.counts)
             tuner._validated.add(adapter_name)
-            return original(self, model_id, adapter_name, *args, **kwargs)
+            return super().load_adapter(model_id, adapter_name, *args, **kwargs)
         except BaseException:
             if fresh:
                 tuner.abandon_load(adapter_name)  # the model, and the base under it, as they were before
             raise
 
-    return load_adapter
-
-
-def _wrap_from_pretrained(original):
-    @functools.wraps(original)
-    def from_pretrained(cls, model, model_id, *args, **kwargs):
-        _recover(model_id, kwargs.get("subfolder"))
-        return original(cls, model, model_id, *args, **kwargs)
-
-    return from_pretrained
-
-
-def _wrap_push_to_hub(original):
-    @functools.wraps(original)
     def push_to_hub(self, repo_id: str, *args, **kwargs):
-        if find_tuner(self) is None:
-            return original(self, repo_id, *args, **kwargs)
         kwargs.pop("max_shard_size", None)  # an adapter is one small file
         return hub.push_to_hub(self, repo_id, *args, **kwargs)
 
-    return push_to_hub
-
-
-def _wrap_print_trainable_parameters(original):
-    @functools.wraps(original)
     def print_trainable_parameters(self) -> None:
-        tuner = find_tuner(self)
-        if tuner is None:
-            return original(self)
-        counts = tuner.stoc_parameter_counts()
+        counts = find_tuner(self, required=True).stoc_parameter_counts()
         per_step = counts["k"] + counts["head"]
         _, all_params = self.get_nb_trainable_parameters()
         print(
@@ -214,24 +185,35 @@ def _wrap_print_trainable_parameters(original):
             f"all params: {all_params:,d} || trainable%: {100 * per_step / all_params:.4f}"
         )
 
-    return print_trainable_parameters
+
+_CLASSES: dict[type, type] = {}
+
+
+def peft_class(task_class: type) -> type:
+    """The StocTuning subclass of a PEFT model class, made once per class."""
+    if issubclass(task_class, StocTuningPeftModel):
+        return task_class
+    if task_class is PeftModel:
+        return StocTuningPeftModel
+    made = _CLASSES.get(task_class)
+    if made is None:
+        name = f"StocTuning{task_class.__name__}"
+        made = _CLASSES[task_class] = type(name, (StocTuningPeftModel, task_class), {"__module__": __name__})
+    return made
+
+
+def adopt(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    """Module-registration hook: a PEFT model given a StocTuning tuner becomes an instance of its StocTuning class."""
+    if name == "base_model" and isinstance(submodule, StocTuningModel) and isinstance(module, PeftModel):
+        module.__class__ = peft_class(type(module))
+
+
+_registration = globals().get("_registration")  # kept when this module is reloaded
 
 
 def install() -> None:
-    """Wrap the methods once per process (idempotent, also across reloads of peft_stoc)."""
-    for name, wrapper in (
-        ("save_pretrained", _wrap_save_pretrained),
-        ("load_adapter", _wrap_load_adapter),
-        ("push_to_hub", _wrap_push_to_hub),
-        ("print_trainable_parameters", _wrap_print_trainable_parameters),
-    ):
-        current = getattr(PeftModel, name)
-        original = getattr(current, _MARK, current)
-        wrapped = wrapper(original)
-        setattr(wrapped, _MARK, original)
-        setattr(PeftModel, name, wrapped)
-    current = PeftModel.__dict__["from_pretrained"].__func__  # a classmethod
-    original = getattr(current, _MARK, current)
-    wrapped = _wrap_from_pretrained(original)
-    setattr(wrapped, _MARK, original)
-    PeftModel.from_pretrained = classmethod(wrapped)
+    """Register `adopt` once per process (a reload of peft_stoc replaces the earlier registration)."""
+    global _registration
+    if _registration is not None:
+        _registration.remove()
+    _registration = register_module_module_registration_hook(adopt)
