@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -308,7 +309,7 @@ def causal_plan_row(stage: Stage, args) -> list[str]:
 def plan_rows(records: list[dict], args) -> list[list[str]]:
     """Per stage: cells, runs (planned, done), steps per run, estimated hours, from measured step times."""
     rows = []
-    for stage in selected_stages(args):
+    for stage in STAGES:  # the whole study, whichever stages this command runs
         if stage.task == "causal":
             rows.append(causal_plan_row(stage, args))
             continue
@@ -598,8 +599,8 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         "(see below); *masked_grad* is the paper's rule and the default.",
         f"- Machine: {_machine(records, args)}; "
         + (
-            "one torch thread per run, OMP_WAIT_POLICY=PASSIVE, one run at a time, shared with other jobs (load "
-            "average 3–6), so step times are inflated and noisy."
+            f"{_threads(records)}; OMP_WAIT_POLICY=PASSIVE, one run at a time, shared with other jobs "
+            "(load average 3–6), so step times are inflated and noisy."
             if args.device == "cpu"
             else "one run at a time."
         ),
@@ -671,6 +672,15 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
     ]
     args.report.write_text("\n".join(lines) + "\n")
     plot(rows, args, args.report.with_suffix(".png"))
+
+
+def _threads(records: list[dict]) -> str:
+    """How many torch threads the runs used, as the runs recorded it."""
+    counts = Counter(r.get("torch_threads") for r in records)
+    parts = [f"{n} in {counts[n]} runs" for n in sorted(k for k in counts if k)]
+    if counts[None]:
+        parts.append(f"not recorded in {counts[None]} older runs")
+    return "torch threads per run: " + ", ".join(parts)
 
 
 def _machine(records: list[dict], args) -> str:
