@@ -1,16 +1,34 @@
 """Make PEFT know Stochastic Tuning: `register_peft_method` with our config and tuner, idempotently.
 
-PEFT has no plugin entry point, so the method exists only in processes that imported `peft_stoc`.
+PEFT has no plugin entry point, so the method exists only in processes that imported `peft_stoc` (an installed
+package imports it as soon as PEFT is imported: `_peft_stoc_autoload.py`). Registering also gives StocTuning PEFT
+models their own class (`peft_integration.install`) and puts `StocTuningCallback` among transformers Trainer's
+default callbacks (`trainer_hooks`).
 """
 
 from __future__ import annotations
 
 from .config import StocTuningConfig
 from .model import StocTuningModel
+from .peft_integration import install as install_peft_model_classes
 from .peft_type import STOC_NAME, STOC_PEFT_TYPE
+from .trainer_hooks import register_trainer_callback
 
 
 def register() -> None:
+    """Register StocTuning with PEFT, torch's module registration and transformers' Trainer; idempotent."""
+    install_peft_model_classes()
+    register_method()
+    register_trainer_callback()
+    try:
+        from _peft_stoc_autoload import after_import
+    except ImportError:  # a source tree that was not installed: model creation registers the callback
+        pass
+    else:
+        after_import("transformers.trainer", register_trainer_callback)  # Trainer imported later
+
+
+def register_method() -> None:
     """Register `StocTuningConfig` and `StocTuningModel` with PEFT; calling it again does nothing."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method

@@ -46,6 +46,8 @@ def _train(model, forward, steps: int = 3) -> list[float]:
 
 
 def _graph_breaks() -> dict:
+    """Dynamo's graph breaks so far; checked only after it compiled frames (an empty count must mean something)."""
+    assert counters["stats"]["unique_graphs"] >= 1, "dynamo compiled nothing"
     return dict(counters["graph_break"])
 
 

@@ -126,6 +126,38 @@ def test_transformers_loading_refuses_instead_of_dropping_the_deltas(tmp_path):
         predict(plain)
 
 
+def test_transformers_auto_model_from_an_adapter_folder_refuses_instead_of_dropping_the_deltas(tmp_path):
+    """`AutoModelFor….from_pretrained(adapter_dir)` loads the base named in the adapter config, then the adapter
+    through transformers' PEFT integration: the model it returns refuses to run rather than silently run the base."""
+    tiny_model().save_pretrained(tmp_path / "base")
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    model = train_stoc(base=base, k=40, steps=2)
+    model.save_pretrained(tmp_path / "adapter")
+    assert model.peft_config["default"].base_model_name_or_path == str(tmp_path / "base")
+    auto = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+    with pytest.raises(RuntimeError, match="PeftModel.from_pretrained"):
+        predict(auto.eval())
+
+
+def test_hotswap_and_mixed_models_refuse_stoc_tuning_clearly(tmp_path):
+    """PEFT's `hotswap_adapter` and `PeftMixedModel` support other methods only; they say so and change nothing
+    (StocTuning's own hot swap is `set_adapter`, see test_compile.py)."""
+    from peft import PeftMixedModel
+    from peft.utils.hotswap import hotswap_adapter
+
+    train_stoc(k=40, steps=2, seed=1).save_pretrained(tmp_path / "a")
+    train_stoc(k=40, steps=3, seed=2).save_pretrained(tmp_path / "b")
+    model = PeftModel.from_pretrained(tiny_model(), tmp_path / "a").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="Hotswapping only supports"):
+        hotswap_adapter(model, str(tmp_path / "b"), adapter_name="default")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="not compatible with the `PeftMixedModel`"):
+        get_peft_model(tiny_model(), StocTuningConfig(k=20, task_type="SEQ_CLS"), mixed=True)
+    with pytest.raises(ValueError, match="STOC is not supported for mixed models"):
+        PeftMixedModel.from_pretrained(tiny_model(), str(tmp_path / "a"))
+
+
 @pytest.mark.parametrize("path", ["from_pretrained", "load_adapter"])
 def test_low_cpu_mem_usage_loads_correctly(tmp_path, path):
     model = train_stoc(k=40, steps=2)
@@ -200,7 +232,7 @@ def _task_models():
 def _outputs(model, inputs):
     with torch.no_grad():
         out = model(**inputs)
-    return out.logits if hasattr(out, "logits") else out.start_logits
+    return out.logits if hasattr(out, "logits") else torch.cat([out.start_logits, out.end_logits], dim=-1)
 
 
 @pytest.mark.parametrize("name, task, build, inputs", _task_models(), ids=[t[0] for t in _task_models()])
@@ -218,6 +250,9 @@ def test_every_task_type_trains_merges_and_unloads(name, task, build, inputs):
         optimizer.zero_grad()
     model.eval()
     expected = _outputs(model, inputs)
+    torch.manual_seed(0)
+    untrained = _outputs(build().eval(), inputs)
+    assert (expected - untrained).abs().max() > 1e-4, "the adapter changes the outputs (else the merge checks nothing)"
     torch.manual_seed(0)
     merged = get_peft_model(build(), StocTuningConfig(k=30, task_type=task, **extra))
     merged.load_state_dict(model.state_dict())
