@@ -280,6 +280,8 @@ def report_section(path: Path) -> list[str]:
     if not trained:
         return []
     first = trained[0]
+    counts = sorted({r.get("torch_threads") for r in trained}, key=str)
+    threads = "torch threads: " + ", ".join(str(c) if c else "not recorded" for c in counts)
     lines = [
         "## Causal LM: SmolLM2-135M-Instruct, StocTuning next to LoRA and full fine-tuning",
         "",
@@ -287,8 +289,8 @@ def report_section(path: Path) -> list[str]:
         f"examples (the same examples for every run, in a seeded order), scored on {first['dev_rows']} dev reviews "
         f"(answer accuracy{f', {before:.1f}% before training' if before is not None else ''}). "
         "Learning rate per method chosen on seed 0 (grid below). Peak memory: resident high-water mark of a fresh "
-        "process during training (the float32 model alone is 538 MB); *s/step*: median training step, one torch "
-        f"thread on {first['device_name']} shared with other jobs. Run by `benchmarks/causal_quality.py`.",
+        "process during training (the float32 model alone is 538 MB); *s/step*: median training step on "
+        f"{first['device_name']} shared with other jobs ({threads}). Run by `benchmarks/causal_quality.py`.",
         "",
         "| method | accuracy | seeds | lr (seed-0 grid) | saved | changed entries | peak memory | s/step |",
         "|---|---|---|---|---|---|---|---|",
