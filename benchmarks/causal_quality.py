@@ -280,8 +280,6 @@ def report_section(path: Path) -> list[str]:
     if not trained:
         return []
     first = trained[0]
-    counts = sorted({r.get("torch_threads") for r in trained}, key=str)
-    threads = "torch threads: " + ", ".join(str(c) if c else "not recorded" for c in counts)
     lines = [
         "## Causal LM: SmolLM2-135M-Instruct, StocTuning next to LoRA and full fine-tuning",
         "",
@@ -290,7 +288,8 @@ def report_section(path: Path) -> list[str]:
         f"(answer accuracy{f', {before:.1f}% before training' if before is not None else ''}). "
         "Learning rate per method chosen on seed 0 (grid below). Peak memory: resident high-water mark of a fresh "
         "process during training (the float32 model alone is 538 MB); *s/step*: median training step on "
-        f"{first['device_name']} shared with other jobs ({threads}). Run by `benchmarks/causal_quality.py`.",
+        f"{first['device_name']} shared with other jobs ({quality.thread_counts(trained)}). Run by "
+        "`benchmarks/causal_quality.py`.",
         "",
         "| method | accuracy | seeds | lr (seed-0 grid) | saved | changed entries | peak memory | s/step |",
         "|---|---|---|---|---|---|---|---|",

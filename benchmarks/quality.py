@@ -599,7 +599,7 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         "(see below); *masked_grad* is the paper's rule and the default.",
         f"- Machine: {_machine(records, args)}; "
         + (
-            f"{_threads(records)}; OMP_WAIT_POLICY=PASSIVE, one run at a time, shared with other jobs "
+            f"{thread_counts(records)}; OMP_WAIT_POLICY=PASSIVE, one run at a time, shared with other jobs "
             "(load average 3–6), so step times are inflated and noisy."
             if args.device == "cpu"
             else "one run at a time."
@@ -674,7 +674,7 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
     plot(rows, args, args.report.with_suffix(".png"))
 
 
-def _threads(records: list[dict]) -> str:
+def thread_counts(records: list[dict]) -> str:
     """How many torch threads the runs used, as the runs recorded it."""
     counts = Counter(r.get("torch_threads") for r in records)
     parts = [f"{n} in {counts[n]} runs" for n in sorted(k for k in counts if k)]

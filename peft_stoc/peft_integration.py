@@ -30,7 +30,6 @@ from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
 from . import adapter_file, atomic_folder, hub
-from .layer import find_tuner
 from .model import StocTuningModel
 
 _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "force_download", "local_files_only")
@@ -129,8 +128,10 @@ def _validate(tuner, path: str, config, ignore_base_mismatch: bool):
 class StocTuningPeftModel(PeftModel):
     """The overrides every StocTuning PEFT model carries; `peft_class` puts them before the task's class."""
 
+    # `base_model` is the StocTuning tuner: only models given one get this class (`adopt`).
+
     def save_pretrained(self, *args, **kwargs) -> None:
-        tuner = find_tuner(self)
+        tuner = self.base_model
         call = _bound(super().save_pretrained, args, kwargs)
         if not call.arguments["safe_serialization"]:
             raise ValueError("StocTuning adapters are saved as safetensors only; drop `safe_serialization=False`.")
@@ -155,7 +156,7 @@ class StocTuningPeftModel(PeftModel):
             )
 
     def load_adapter(self, model_id, adapter_name, *args, ignore_base_mismatch: bool = False, **kwargs):
-        tuner = find_tuner(self)
+        tuner = self.base_model
         check_adapter_name(adapter_name)
         fresh = tuner.is_fresh(adapter_name)  # injected for this load (PeftModel.from_pretrained) or not there yet
         try:
@@ -176,7 +177,7 @@ class StocTuningPeftModel(PeftModel):
         return hub.push_to_hub(self, repo_id, *args, **kwargs)
 
     def print_trainable_parameters(self) -> None:
-        counts = find_tuner(self, required=True).stoc_parameter_counts()
+        counts = self.base_model.stoc_parameter_counts()
         per_step = counts["k"] + counts["head"]
         _, all_params = self.get_nb_trainable_parameters()
         print(
@@ -186,15 +187,13 @@ class StocTuningPeftModel(PeftModel):
         )
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[type, type] = {PeftModel: StocTuningPeftModel}
 
 
 def peft_class(task_class: type) -> type:
     """The StocTuning subclass of a PEFT model class, made once per class."""
     if issubclass(task_class, StocTuningPeftModel):
         return task_class
-    if task_class is PeftModel:
-        return StocTuningPeftModel
     made = _CLASSES.get(task_class)
     if made is None:
         name = f"StocTuning{task_class.__name__}"
