@@ -263,6 +263,37 @@ def study(args) -> None:
 
 
 # -- the report section ------------------------------------------------------------------------------------------
+def summaries(runs: list[dict]) -> dict[str, dict]:
+    """Per method with a chosen rate: its seeds' scores at that rate (the fields `quality.gap` reads) and figures."""
+    import numpy as np
+
+    from benchmarks import quality
+
+    grid_args = argparse.Namespace(grid_size=3, max_grid=7)
+    out = {}
+    for method in METHODS:
+        mine = [r for r in runs if r["method"] == method]
+        lr = quality.chosen_rate(mine, grid_args)
+        if lr is None:
+            continue
+        chosen = {r["seed"]: r for r in mine if r["learning_rate"] == lr}
+        chosen = [chosen[s] for s in sorted(chosen)]
+        scores = [r["score"] for r in chosen]
+        out[method] = {
+            "lr": lr,
+            "grid": quality.grid_scores(mine),
+            "seeds": [r["seed"] for r in chosen],
+            "mean": float(np.mean(scores)),
+            "std": quality.sample_std(scores),
+            "changed": [r["changed_entries"] for r in chosen if r.get("changed_entries") is not None],
+            "entries": chosen[0]["entries"],
+            "saved_bytes": float(np.mean([r["saved_bytes"] for r in chosen])),
+            "peak_mib": float(np.mean([r["peak_bytes"] for r in chosen])) / 2**20,
+            "step_seconds": float(np.mean([r["step_seconds"] for r in chosen])),
+        }
+    return out
+
+
 def report_section(path: Path) -> list[str]:
     """The causal-LM section of docs/results.md, from the runs in `path` (nothing when there are none)."""
     import numpy as np
@@ -270,15 +301,12 @@ def report_section(path: Path) -> list[str]:
     from examples.glue import read_results
 
     runs = read_results(path)
-    if not runs:
-        return []
-    from benchmarks import quality
-
-    grid_args = argparse.Namespace(grid_size=3, max_grid=7)
-    before = next((r["score"] for r in runs if r["method"] == "before"), None)
     trained = [r for r in runs if r["method"] != "before"]
     if not trained:
         return []
+    from benchmarks import quality
+
+    before = next((r["score"] for r in runs if r["method"] == "before"), None)
     first = trained[0]
     lines = [
         "## Causal LM: SmolLM2-135M-Instruct, StocTuning next to LoRA and full fine-tuning",
@@ -294,31 +322,44 @@ def report_section(path: Path) -> list[str]:
         "| method | accuracy | seeds | lr (seed-0 grid) | saved | changed entries | peak memory | s/step |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for method, label in METHODS.items():
-        mine = [r for r in runs if r["method"] == method]
-        lr = quality.chosen_rate(mine, grid_args)
-        if lr is None:
-            continue
-        chosen = {r["seed"]: r for r in mine if r["learning_rate"] == lr}
-        chosen = [chosen[s] for s in sorted(chosen)]
-        scores = [r["score"] for r in chosen]
+    for method, cell in summaries(trained).items():
         grid = ", ".join(
-            f"{'**' if k == lr else ''}{k:g}: {v:.1f}{'**' if k == lr else ''}"
-            for k, v in quality.grid_scores(mine).items()
+            f"{'**' if k == cell['lr'] else ''}{k:g}: {v:.1f}{'**' if k == cell['lr'] else ''}"
+            for k, v in cell["grid"].items()
         )
-        changed = [r["changed_entries"] for r in chosen if r.get("changed_entries") is not None]
+        changed = cell["changed"]
         changed_text = (
-            f"{np.mean(changed) / 1e6:.2f}M ({100 * np.mean(changed) / chosen[0]['entries']:.2f}%)"
+            f"{np.mean(changed) / 1e6:.2f}M ({100 * np.mean(changed) / cell['entries']:.2f}%)"
             if changed
             else ("all" if method == "full" else "dense in q/v when merged")
         )
         lines.append(
-            f"| {label} | {np.mean(scores):.1f} ± {quality.sample_std(scores):.1f} | {len(scores)} | {grid} | "
-            f"{quality._size(np.mean([r['saved_bytes'] for r in chosen]))} | {changed_text} | "
-            f"{np.mean([r['peak_bytes'] for r in chosen]) / 2**20:.0f} MiB | "
-            f"{np.mean([r['step_seconds'] for r in chosen]):.1f} |"
+            f"| {METHODS[method]} | {cell['mean']:.1f} ± {cell['std']:.1f} | {len(cell['seeds'])} | {grid} | "
+            f"{quality._size(cell['saved_bytes'])} | {changed_text} | {cell['peak_mib']:.0f} MiB | "
+            f"{cell['step_seconds']:.1f} |"
         )
     return lines + [""]
+
+
+def pick_line(path: Path) -> list[str]:
+    """The causal LM's line of the 'when to pick' section: Stoc against LoRA and Full-FT, memory and size."""
+    from benchmarks import quality
+    from examples.glue import read_results
+
+    cells = summaries([r for r in read_results(path) if r["method"] != "before"])
+    stoc = cells.get("stoc")
+    others = [m for m in ("lora", "full") if m in cells]
+    if stoc is None or not others:
+        return []
+    steps = next(r["steps"] for r in read_results(path) if r["method"] == "stoc")
+    gaps = "; ".join(
+        f"vs {METHODS[m]}: {quality.gap(stoc, cells[m])} ({stoc['mean']:.1f} vs {cells[m]['mean']:.1f})" for m in others
+    )
+    figures = ", ".join(
+        f"{METHODS[m]} {quality._size(cells[m]['saved_bytes'])} saved, {cells[m]['peak_mib']:.0f} MiB peak"
+        for m in ("stoc", *others)
+    )
+    return [f"- **Causal LM (SmolLM2-135M, {steps} steps), Stoc** — {gaps}. Size and memory: {figures}."]
 
 
 def parser() -> argparse.ArgumentParser:

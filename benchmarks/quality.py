@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from benchmarks import causal_quality  # noqa: E402
 from examples.glue import TASKS, RunConfig, read_results, run_grid  # noqa: E402
 
 STAND_INS = ("tweets", "rt-sentences")
@@ -227,8 +228,6 @@ def selected_stages(args) -> list[Stage]:
 def run_stage(stage: Stage, args, report) -> None:
     """Seed-0 grids of all the stage's cells first, then the other seeds at the chosen rates."""
     if stage.task == "causal":
-        from benchmarks import causal_quality
-
         causal_quality.study(
             causal_quality.parse(
                 ["--threads", str(args.threads), "--device", args.device, "--runs", str(args.causal_runs)]
@@ -286,7 +285,6 @@ def full_protocol_hours(records: list[dict], args) -> float:
 
 def causal_plan_row(stage: Stage, args) -> list[str]:
     """The causal-LM stage in the plan: its runs (grid + seeds + the untrained score) and measured hours."""
-    from benchmarks import causal_quality
 
     c = causal_quality.parse(["--runs", str(args.causal_runs), "--device", args.device])
     runs = read_results(c.runs)
@@ -556,7 +554,7 @@ def k_mu_lines(rows: list[dict], args) -> list[str]:
     return lines + [""] if lines else []
 
 
-def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
+def write_report(records: list[dict], args) -> None:
     rows = all_summaries(records, args)
     edges = [r for r in rows if r["edge"]]
     lines = [
@@ -567,7 +565,7 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         f"`docs/{args.runs.name}` and `docs/{args.causal_runs.name}` by `python -m benchmarks.quality --report-only`.",
         "",
         "```bash",
-        f"nice -n 10 python -m benchmarks.quality --threads {args.threads}"
+        f"nice -n 10 python -m benchmarks.quality --threads {usual_threads(records, args)}"
         + (f" --device {args.device}" if args.device != "cpu" else "")
         + "   # every stage below in order; resumes where it stopped",
         "python -m benchmarks.quality --report-only" + (f" --device {args.device}" if args.device != "cpu" else ""),
@@ -646,7 +644,7 @@ def write_report(records: list[dict], args, causal_lines: list[str]) -> None:
         "",
         *budget_tables(rows, args, ("stoc", "stoc-k4", "stoc-k16", "stoc-abs", "stoc-rms"), "k and μ"),
         *k_mu_lines(rows, args),
-        *causal_lines,
+        *causal_quality.report_section(args.causal_runs),
         *when_to_pick(rows, args),
         "## Learning-rate grids",
         "",
@@ -681,6 +679,12 @@ def thread_counts(records: list[dict]) -> str:
     if counts[None]:
         parts.append(f"not recorded in {counts[None]} older runs")
     return "torch threads per run: " + ", ".join(parts)
+
+
+def usual_threads(records: list[dict], args) -> int:
+    """The torch thread count most runs used (the command line's when no run recorded one)."""
+    counts = Counter(r["torch_threads"] for r in records if r.get("torch_threads"))
+    return counts.most_common(1)[0][0] if counts else args.threads
 
 
 def _machine(records: list[dict], args) -> str:
@@ -752,6 +756,7 @@ def when_to_pick(rows: list[dict], args) -> list[str]:
         _verdict_line("Stoc, lazy vs LoRA", verdicts(rows, args, "stoc-lazy", "lora")),
         _verdict_line("Stoc, lazy vs Full-FT", verdicts(rows, args, "stoc-lazy", "full")),
         _verdict_line("Top vs Full-FT", verdicts(rows, args, "top", "full")),
+        *causal_quality.pick_line(args.causal_runs),
         "",
     ]
     lines += recommendation(lazy, '`update_rule="lazy"`', "with Adam-family optimizers")
@@ -864,10 +869,9 @@ def parse(argv=None):
 def main(argv=None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    from benchmarks.causal_quality import report_section
 
     def report():
-        write_report(matching(read_results(args.runs), args), args, report_section(args.causal_runs))
+        write_report(matching(read_results(args.runs), args), args)
 
     if args.plan:
         print(

@@ -184,6 +184,15 @@ def test_causal_section_reads_its_runs(tmp_path):
     text = "\n".join(causal_quality.report_section(path))
     assert "| LoRA (r=8, q/v) | 85.0 ± 7.1 | 2 |" in text and "**0.001: 80.0**" in text
     assert causal_quality.report_section(tmp_path / "none.jsonl") == []
+    assert causal_quality.pick_line(path) == []  # no Stoc runs yet: nothing to compare
+
+    stoc = [(1e-4, 0, 60.0), (3e-4, 0, 70.0), (1e-3, 0, 65.0), (3e-4, 1, 72.0)]
+    rows += [{"method": "stoc", "learning_rate": lr, "seed": s, "score": x, **base} for lr, s, x in stoc]
+    path.write_text("".join(json.dumps({"key": str(i), **r}) + "\n" for i, r in enumerate(rows)))
+    (line,) = causal_quality.pick_line(path)
+    # Stoc 71.0 ± 1.4 against LoRA 85.0 ± 7.1: 14 points apart, more than either spread.
+    assert "30 steps" in line and "vs LoRA (r=8, q/v): -14.0 (behind) (71.0 vs 85.0)" in line
+    assert "Full-FT" not in line and "2.0 KB saved, 512 MiB peak" in line
 
 
 def test_causal_study_on_a_tiny_llama(tmp_path):
