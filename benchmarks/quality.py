@@ -538,6 +538,16 @@ def comparisons(rows: list[dict], args) -> list[str]:
     return lines + [""]
 
 
+def cost(variant: dict, base: dict) -> str:
+    """What a larger draw costs against the paper's k: adapter size and step time (nothing at the same k)."""
+    if variant["per_step"] == base["per_step"]:
+        return ""
+    return (
+        f" at {_size(variant['bytes'])} saved vs {_size(base['bytes'])} and {variant['step_s']:.2f} vs "
+        f"{base['step_s']:.2f} s/step"
+    )
+
+
 def k_mu_lines(rows: list[dict], args) -> list[str]:
     e = args.budgets[1] if len(args.budgets) > 1 else args.budgets[0]
     lines = []
@@ -548,7 +558,7 @@ def k_mu_lines(rows: list[dict], args) -> list[str]:
         if base and others:
             lines.append(
                 f"- **{task}, {e:g} epochs**, against the paper's Stoc ({base['mean']:.1f}): "
-                + "; ".join(f"{VARIANTS[v].label}: {gap(s, base)}" for v, s in others)
+                + "; ".join(f"{VARIANTS[v].label}: {gap(s, base)}{cost(s, base)}" for v, s in others)
                 + "."
             )
     return lines + [""] if lines else []
@@ -766,20 +776,20 @@ def when_to_pick(rows: list[dict], args) -> list[str]:
 
 
 def recommendation(v: dict[str, list[str]], name: str, scope: str) -> list[str]:
-    """Whether a departure from the paper's setting is recommended: never behind it and ahead somewhere."""
-    measured = len(v["ahead"]) + len(v["level"]) + len(v["behind"])
+    """Whether a departure from the paper's setting is recommended: never behind it and ahead in most cells (≥ 2)."""
+    ahead, level, behind = len(v["ahead"]), len(v["level"]), len(v["behind"])
+    measured = ahead + level + behind
     if not measured:
         return []
-    if not v["behind"] and v["ahead"]:
+    counts = f"ahead in {ahead}, level in {level}, behind in {behind} of {measured} measured cells"
+    if not behind and ahead >= 2 and 2 * ahead > measured:
         return [
-            f"- {name} is never behind the paper's setting and ahead in {len(v['ahead'])} of {measured} measured "
-            f"cells: recommended{' ' + scope if scope else ''} (a departure from the paper; the library's default "
-            "stays the paper's)."
+            f"- {name} is {counts}: recommended{' ' + scope if scope else ''} (a departure from the paper; the "
+            "library's default stays the paper's)."
         ]
-    return [
-        f"- {name} against the paper's setting: ahead in {len(v['ahead'])}, level in {len(v['level'])}, behind "
-        f"in {len(v['behind'])} of {measured} measured cells: no reason yet to prefer it."
-    ]
+    if not behind and ahead:
+        return [f"- {name} is {counts}: promising, but too few cells to call it consistent; not recommended yet."]
+    return [f"- {name} against the paper's setting: {counts}: no reason yet to prefer it."]
 
 
 def paper_note(rows: list[dict], args) -> list[str]:

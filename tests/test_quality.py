@@ -249,3 +249,25 @@ def test_causal_study_on_a_tiny_llama(tmp_path):
     assert all(r["peak_bytes"] > 0 and r["step_seconds"] > 0 for r in records[1:])
     text = "\n".join(causal_quality.report_section(runs))
     assert "Stoc (k = 0.1%)" in text and "LoRA" in text and "Full-FT" in text
+
+
+def test_a_departure_from_the_paper_is_recommended_only_on_consistent_evidence():
+    def verdicts(ahead=0, level=0, behind=0):
+        return {"ahead": ["c"] * ahead, "level": ["c"] * level, "behind": ["c"] * behind, "one seed": []}
+
+    assert quality.recommendation(verdicts(), "x", "") == []
+    (one_cell,) = quality.recommendation(verdicts(ahead=1), "x", "")
+    assert "not recommended yet" in one_cell
+    (most,) = quality.recommendation(verdicts(ahead=2, level=1), "x", "with Adam")
+    assert "recommended with Adam" in most and "not recommended" not in most
+    (mixed,) = quality.recommendation(verdicts(ahead=3, behind=1), "x", "")
+    assert "no reason yet to prefer it" in mixed
+    (half,) = quality.recommendation(verdicts(ahead=2, level=2), "x", "")
+    assert "not recommended yet" in half
+
+
+def test_a_larger_draw_states_its_cost():
+    base = {"per_step": 100, "bytes": 8.6e6, "step_s": 0.8}
+    larger = {"per_step": 1600, "bytes": 55.3e6, "step_s": 1.36}
+    assert quality.cost(larger, base) == " at 55.3 MB saved vs 8.6 MB and 1.36 vs 0.80 s/step"
+    assert quality.cost(dict(base), base) == ""
