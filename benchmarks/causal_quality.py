@@ -346,12 +346,13 @@ def pick_line(path: Path) -> list[str]:
     from benchmarks import quality
     from examples.glue import read_results
 
-    cells = summaries([r for r in read_results(path) if r["method"] != "before"])
+    trained = [r for r in read_results(path) if r["method"] != "before"]
+    cells = summaries(trained)
     stoc = cells.get("stoc")
     others = [m for m in ("lora", "full") if m in cells]
     if stoc is None or not others:
         return []
-    steps = next(r["steps"] for r in read_results(path) if r["method"] == "stoc")
+    steps = next(r["steps"] for r in trained if r["method"] == "stoc")
     gaps = "; ".join(
         f"vs {METHODS[m]}: {quality.gap(stoc, cells[m])} ({stoc['mean']:.1f} vs {cells[m]['mean']:.1f})" for m in others
     )

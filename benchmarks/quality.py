@@ -285,7 +285,6 @@ def full_protocol_hours(records: list[dict], args) -> float:
 
 def causal_plan_row(stage: Stage, args) -> list[str]:
     """The causal-LM stage in the plan: its runs (grid + seeds + the untrained score) and measured hours."""
-
     c = causal_quality.parse(["--runs", str(args.causal_runs), "--device", args.device])
     runs = read_results(c.runs)
     trained = [r for r in runs if r["method"] != "before"]
@@ -804,8 +803,8 @@ def paper_note(rows: list[dict], args) -> list[str]:
         "study's answer on its own setting, which differs in ways that may matter: MiniLM-L6 (22.7M parameters, a "
         "sentence-embedding model) rather than RoBERTa (125M/355M); 2,000 training rows of two sentiment stand-ins "
         f"rather than GLUE's training sets (up to 393k rows); at most {longest:,} optimizer steps measured so far; "
-        f"{seed_text} seeds per cell. With few steps, a method that "
-        "changes 0.1% of the entries per step has moved far fewer weights than full fine-tuning, so a gap to "
+        f"{seed_text} seeds per cell. With few steps, a method that changes 0.1% of the entries per step has "
+        "moved far fewer weights than full fine-tuning, so a gap to "
         "Full-FT at small budgets does not contradict a result at the paper's budgets.",
         "",
     ]
