@@ -6,9 +6,10 @@
 StocTuning (k = 0.1% of all entries, as in the example: Llama has no biases, so there is no BitFit count), LoRA
 (r=8 on q_proj and v_proj) and full fine-tuning train for the same number of steps on the same examples (batch 8,
 AdamW eps 1e-6, no weight decay, 10% linear warm-up then linear decay). The learning rate of each method is chosen
-on seed 0 from a half-decade grid grown past any edge that holds the best (as in `benchmarks/quality.py`), then the
-other seeds train at it. Figures per run: dev answer accuracy (the right one of `positive`/`negative` has the larger
-next-token logit after the prompt), adapter size, peak resident memory during training and the median step time.
+on seed 0 from a half-decade grid grown past any edge that holds the best, then the other seeds train at it (the
+rule of `benchmarks/cells.py`, shared with `benchmarks/quality.py`). Figures per run: dev answer accuracy (the
+right one of `positive`/`negative` has the larger next-token logit after the prompt), adapter size, peak resident
+memory during training and the median step time.
 
 Each run trains in a fresh process (so its peak memory is its own), loading the model from a float32 copy of the
 GGUF weights made once in the cache folder. Every finished run is appended to `--runs` (JSONL) and skipped when
@@ -29,6 +30,16 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/quality.py
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from benchmarks.cells import (  # noqa: E402
+    chosen_rate,
+    gap,
+    grid_scores,
+    next_rates,
+    sample_std,
+    size_text,
+    thread_counts,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,7 +239,6 @@ def launch(run: CausalRun, args, folder: Path, before: bool = False) -> dict:
 
 # -- the study ---------------------------------------------------------------------------------------------------
 def study(args) -> None:
-    from benchmarks import quality
     from examples.glue import read_results
 
     folder = model_folder(args.cache)
@@ -255,25 +265,23 @@ def study(args) -> None:
 
     train("before", 0.0, 0)  # the untrained model's answer accuracy, once
     for method in args.methods:
-        while rates := quality.next_rates(records(method), CENTRES[method], grid_args):
+        while rates := next_rates(records(method), CENTRES[method], grid_args):
             train(method, rates[0], 0)
     for seed in args.seeds[1:]:
         for method in args.methods:
-            train(method, quality.chosen_rate(records(method), grid_args), seed)
+            train(method, chosen_rate(records(method), grid_args), seed)
 
 
 # -- the report section ------------------------------------------------------------------------------------------
 def summaries(runs: list[dict]) -> dict[str, dict]:
-    """Per method with a chosen rate: its seeds' scores at that rate (the fields `quality.gap` reads) and figures."""
+    """Per method with a chosen rate: its seeds' scores at that rate (the fields `gap` reads) and figures."""
     import numpy as np
-
-    from benchmarks import quality
 
     grid_args = argparse.Namespace(grid_size=3, max_grid=7)
     out = {}
     for method in METHODS:
         mine = [r for r in runs if r["method"] == method]
-        lr = quality.chosen_rate(mine, grid_args)
+        lr = chosen_rate(mine, grid_args)
         if lr is None:
             continue
         chosen = {r["seed"]: r for r in mine if r["learning_rate"] == lr}
@@ -281,10 +289,10 @@ def summaries(runs: list[dict]) -> dict[str, dict]:
         scores = [r["score"] for r in chosen]
         out[method] = {
             "lr": lr,
-            "grid": quality.grid_scores(mine),
+            "grid": grid_scores(mine),
             "seeds": [r["seed"] for r in chosen],
             "mean": float(np.mean(scores)),
-            "std": quality.sample_std(scores),
+            "std": sample_std(scores),
             "changed": [r["changed_entries"] for r in chosen if r.get("changed_entries") is not None],
             "entries": chosen[0]["entries"],
             "saved_bytes": float(np.mean([r["saved_bytes"] for r in chosen])),
@@ -304,8 +312,6 @@ def report_section(path: Path) -> list[str]:
     trained = [r for r in runs if r["method"] != "before"]
     if not trained:
         return []
-    from benchmarks import quality
-
     before = next((r["score"] for r in runs if r["method"] == "before"), None)
     first = trained[0]
     lines = [
@@ -316,7 +322,7 @@ def report_section(path: Path) -> list[str]:
         f"(answer accuracy{f', {before:.1f}% before training' if before is not None else ''}). "
         "Learning rate per method chosen on seed 0 (grid below). Peak memory: resident high-water mark of a fresh "
         "process during training (the float32 model alone is 538 MB); *s/step*: median training step on "
-        f"{first['device_name']} shared with other jobs ({quality.thread_counts(trained)}). Run by "
+        f"{first['device_name']} shared with other jobs ({thread_counts(trained)}). Run by "
         "`benchmarks/causal_quality.py`.",
         "",
         "| method | accuracy | seeds | lr (seed-0 grid) | saved | changed entries | peak memory | s/step |",
@@ -335,7 +341,7 @@ def report_section(path: Path) -> list[str]:
         )
         lines.append(
             f"| {METHODS[method]} | {cell['mean']:.1f} ± {cell['std']:.1f} | {len(cell['seeds'])} | {grid} | "
-            f"{quality._size(cell['saved_bytes'])} | {changed_text} | {cell['peak_mib']:.0f} MiB | "
+            f"{size_text(cell['saved_bytes'])} | {changed_text} | {cell['peak_mib']:.0f} MiB | "
             f"{cell['step_seconds']:.1f} |"
         )
     return lines + [""]
@@ -343,7 +349,6 @@ def report_section(path: Path) -> list[str]:
 
 def pick_line(path: Path) -> list[str]:
     """The causal LM's line of the 'when to pick' section: Stoc against LoRA and Full-FT, memory and size."""
-    from benchmarks import quality
     from examples.glue import read_results
 
     trained = [r for r in read_results(path) if r["method"] != "before"]
@@ -354,10 +359,10 @@ def pick_line(path: Path) -> list[str]:
         return []
     steps = next(r["steps"] for r in trained if r["method"] == "stoc")
     gaps = "; ".join(
-        f"vs {METHODS[m]}: {quality.gap(stoc, cells[m])} ({stoc['mean']:.1f} vs {cells[m]['mean']:.1f})" for m in others
+        f"vs {METHODS[m]}: {gap(stoc, cells[m])} ({stoc['mean']:.1f} vs {cells[m]['mean']:.1f})" for m in others
     )
     figures = ", ".join(
-        f"{METHODS[m]} {quality._size(cells[m]['saved_bytes'])} saved, {cells[m]['peak_mib']:.0f} MiB peak"
+        f"{METHODS[m]} {size_text(cells[m]['saved_bytes'])} saved, {cells[m]['peak_mib']:.0f} MiB peak"
         for m in ("stoc", *others)
     )
     return [f"- **Causal LM (SmolLM2-135M, {steps} steps), Stoc** — {gaps}. Size and memory: {figures}."]

