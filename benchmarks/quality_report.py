@@ -488,6 +488,16 @@ def plot(rows: list[dict], args, path: Path) -> None:
                 linestyle="--" if v.startswith("stoc-") else "-",
                 label=VARIANTS[v].label,
             )
+            # A cell with one seed (no error bar) or a grid still growing is not a result yet: drawn hollow.
+            early = [r for r in cells if len(r["seeds"]) < 2 or not r["complete"]]
+            ax.plot(
+                [r["steps"] * shift for r in early],
+                [r["mean"] for r in early],
+                "o",
+                markerfacecolor="white",
+                markeredgecolor=colors[v],
+                zorder=3,
+            )
         ax.set_xscale("log")
         ticks = [steps_of(args, e) for e in args.budgets]
         ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -495,7 +505,12 @@ def plot(rows: list[dict], args, path: Path) -> None:
         ax.set_xlim(ticks[0] / 1.4, ticks[-1] * 1.4)
         ax.set_xlabel("training steps (batch 16; log scale)")
         ax.set_ylabel(f"dev {TASKS[task].metric} (×100)")
-        ax.set_title(f"{task}: mean ± std over seeds")
+        early = any(
+            len(r["seeds"]) < 2 or not r["complete"]
+            for r in rows
+            if r["task"] == task and r["variant"] in CURVE_VARIANTS
+        )
+        ax.set_title(f"{task}: mean ± std over seeds" + (" (hollow: one seed, or grid still open)" if early else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
