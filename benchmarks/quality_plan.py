@@ -41,6 +41,7 @@ VARIANTS = {
     "stoc-rms": Variant("Stoc, mu = rms", "stoc", 3e-3, activation_stat="rms", relative_to="stoc"),
 }
 CURVE_VARIANTS = ("stoc", "stoc-lazy", "stoc-strict", "top", "bitfit", "lora", "full")
+K_MU_VARIANTS = ("stoc-k4", "stoc-k16", "stoc-abs", "stoc-rms")  # against the paper's Stoc at the middle budget
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ STAGES = (
     Stage("rt-small", "rt-sentences", 0, MAIN),
     Stage("causal-lm", "causal", 0, ("stoc", "lora", "full")),  # benchmarks/causal_quality.py, its defaults
     Stage("tweets-small-more", "tweets", 0, ("top", "stoc-strict")),
-    Stage("k-and-mu", "tweets", 1, ("stoc-k4", "stoc-k16", "stoc-abs", "stoc-rms"), seeds=2),
+    Stage("k-and-mu", "tweets", 1, K_MU_VARIANTS, seeds=2),
     Stage("tweets-large", "tweets", 2, ("stoc", "stoc-lazy", "bitfit", "lora"), seeds=2, core=False),
     Stage("rt-middle", "rt-sentences", 1, MAIN, core=False),
     Stage("more", "tweets", 1, ("top", "stoc-strict"), core=False),
@@ -155,7 +156,7 @@ def cell_hours(records: list[dict], args, variants, budget: int, seeds: int) -> 
 def full_protocol_hours(records: list[dict], args) -> float:
     """Every curve variant at every budget on both tasks, and k/mu on both tasks at the middle budget."""
     curves = sum(cell_hours(records, args, CURVE_VARIANTS, b, len(args.seeds)) for b in range(len(args.budgets)))
-    k_mu = cell_hours(records, args, ("stoc-k4", "stoc-k16", "stoc-abs", "stoc-rms"), 1, len(args.seeds))
+    k_mu = cell_hours(records, args, K_MU_VARIANTS, 1, len(args.seeds))
     return len(STAND_INS) * (curves + k_mu)
 
 

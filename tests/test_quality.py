@@ -271,3 +271,18 @@ def test_a_larger_draw_states_its_cost():
     larger = {"per_step": 1600, "bytes": 55.3e6, "step_s": 1.36}
     assert quality_report.cost(larger, base) == " at 55.3 MB saved vs 8.6 MB and 1.36 vs 0.80 s/step"
     assert quality_report.cost(dict(base), base) == ""
+
+
+def test_a_task_with_only_the_reference_gets_no_sensitivity_table():
+    args = argparse.Namespace(budgets=[1.0, 3.0, 10.0], train_rows=2000)
+    cell = {"mean": 80.0, "std": 0.5, "seeds": [0, 1], "lr": 1e-3, "edge": False, "complete": True}
+    rows = [
+        {**cell, "task": "rt-sentences", "variant": "stoc", "epochs": 3.0},
+        {**cell, "task": "tweets", "variant": "stoc", "epochs": 3.0},
+        {**cell, "task": "tweets", "variant": "stoc-k4", "epochs": 3.0},
+    ]
+    tables = quality_report.budget_tables(rows, args, ("stoc", "stoc-k4"), "k", reference="stoc")
+    assert [line for line in tables if line.startswith("###")] == ["### tweets (dev Spearman ×100): k"]
+    assert "| Stoc, k = 4x | – | 80.0 ± 0.5 (2) @0.001 | – |" in tables
+    curves = quality_report.budget_tables(rows, args, ("stoc",), "curves")
+    assert sum(line.startswith("###") for line in curves) == 2  # a curve with one variant is still shown
