@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from examples import data, glue
@@ -42,25 +41,6 @@ def cached_data(sdist, tmp_path_factory):
     patch.setenv("PEFT_STOC_CACHE", str(folder))
     yield folder
     patch.undo()
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random BERT that reads MiniLM's tokenizer, saved like a pretrained model."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
-    config = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
