@@ -35,6 +35,7 @@ from benchmarks.cells import (  # noqa: E402
     chosen_rate,
     gap,
     grid_scores,
+    grid_text,
     next_rates,
     sample_std,
     size_text,
@@ -329,10 +330,7 @@ def report_section(path: Path) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for method, cell in summaries(trained).items():
-        grid = ", ".join(
-            f"{'**' if k == cell['lr'] else ''}{k:g}: {v:.1f}{'**' if k == cell['lr'] else ''}"
-            for k, v in cell["grid"].items()
-        )
+        grid = grid_text(cell["grid"], cell["lr"])
         changed = cell["changed"]
         changed_text = (
             f"{np.mean(changed) / 1e6:.2f}M ({100 * np.mean(changed) / cell['entries']:.2f}%)"

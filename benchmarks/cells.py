@@ -78,6 +78,11 @@ def gap(a: dict, b: dict) -> str:
 
 
 # -- text both reports share ---------------------------------------------------------------------------------------
+def grid_text(grid: dict[float, float], chosen: float) -> str:
+    """A seed-0 grid as 'lr: score, ...' with the chosen rate in bold."""
+    return ", ".join(f"**{lr:g}: {s:.1f}**" if lr == chosen else f"{lr:g}: {s:.1f}" for lr, s in grid.items())
+
+
 def size_text(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":

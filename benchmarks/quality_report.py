@@ -8,7 +8,17 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import causal_quality
-from benchmarks.cells import LADDER, chosen_rate, gap, grid_scores, next_rates, sample_std, size_text, thread_counts
+from benchmarks.cells import (
+    LADDER,
+    chosen_rate,
+    gap,
+    grid_scores,
+    grid_text,
+    next_rates,
+    sample_std,
+    size_text,
+    thread_counts,
+)
 from benchmarks.quality_plan import (
     CURVE_VARIANTS,
     CUTS,
@@ -120,10 +130,7 @@ def budget_tables(rows: list[dict], args, variants, title: str, reference: str |
 def grid_table(rows: list[dict]) -> list[str]:
     body = []
     for r in rows:
-        grid = ", ".join(
-            f"{'**' if lr == r['lr'] else ''}{lr:g}: {s:.1f}{'**' if lr == r['lr'] else ''}"
-            for lr, s in r["grid"].items()
-        )
+        grid = grid_text(r["grid"], r["lr"])
         status = (
             "grid still growing"
             if not r["complete"]
@@ -462,6 +469,11 @@ def paper_note(rows: list[dict], args) -> list[str]:
     ]
 
 
+def settled(cell: dict) -> bool:
+    """A cell is a result once its grid is complete and at least two seeds back it (else the plot draws it hollow)."""
+    return cell["complete"] and len(cell["seeds"]) >= 2
+
+
 def plot(rows: list[dict], args, path: Path) -> None:
     """Score against training steps per variant, error bars = std over seeds; one panel per task."""
     import matplotlib
@@ -490,8 +502,7 @@ def plot(rows: list[dict], args, path: Path) -> None:
                 linestyle="--" if v.startswith("stoc-") else "-",
                 label=VARIANTS[v].label,
             )
-            # A cell with one seed (no error bar) or a grid still growing is not a result yet: drawn hollow.
-            early = [r for r in cells if len(r["seeds"]) < 2 or not r["complete"]]
+            early = [r for r in cells if not settled(r)]
             ax.plot(
                 [r["steps"] * shift for r in early],
                 [r["mean"] for r in early],
@@ -507,11 +518,7 @@ def plot(rows: list[dict], args, path: Path) -> None:
         ax.set_xlim(ticks[0] / 1.4, ticks[-1] * 1.4)
         ax.set_xlabel("training steps (batch 16; log scale)")
         ax.set_ylabel(f"dev {TASKS[task].metric} (×100)")
-        early = any(
-            len(r["seeds"]) < 2 or not r["complete"]
-            for r in rows
-            if r["task"] == task and r["variant"] in CURVE_VARIANTS
-        )
+        early = any(not settled(r) for r in rows if r["task"] == task and r["variant"] in CURVE_VARIANTS)
         ax.set_title(f"{task}: mean ± std over seeds" + (" (hollow: one seed, or grid still open)" if early else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
