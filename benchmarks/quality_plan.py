@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks import causal_quality
-from benchmarks.cells import chosen_rate
+from benchmarks.cells import chosen_rate, next_rates
 from examples.glue import read_results
 
 STAND_INS = ("tweets", "rt-sentences")
@@ -207,12 +207,32 @@ def plan_rows(records: list[dict], args) -> list[list[str]]:
     return rows
 
 
+def stage_finished(records: list[dict], stage: Stage, args) -> bool:
+    """Every cell of the stage has a closed learning-rate grid and a run for each of its seeds."""
+    if stage.task == "causal":
+        c = causal_quality.parse(["--runs", str(args.causal_runs), "--device", args.device])
+        done = causal_quality.summaries(read_results(c.runs))
+        return all(m in done and len(done[m]["seeds"]) >= len(c.seeds) for m in c.methods)
+    epochs = args.budgets[stage.budget]
+    for variant in stage.variants:
+        runs = cell_runs(records, stage.task, variant, epochs)
+        if next_rates(runs, centre(records, args, stage.task, variant, stage.budget), args):
+            return False
+        lr = chosen_rate(runs, args)
+        if not set(args.seeds[: stage.seeds]) <= {r["seed"] for r in runs if r["learning_rate"] == lr}:
+            return False
+    return True
+
+
+def plan_finished(records: list[dict], args) -> bool:
+    return all(stage_finished(records, stage, args) for stage in STAGES)
+
+
 # What the stages leave out of the issue's full protocol, and why (kept with the code that decides it).
 CUTS = (
     "Cut: Top and the *strict* rule at the smallest budget on tweets only in the core (the middle budget on "
     "tweets and the smallest on rt-sentences are extensions); k/μ on tweets only, with two seeds; the largest "
     "budget (10 epochs, ~35 min per Stoc run) is an extension, on tweets only, for Stoc, Stoc-lazy, BitFit and "
     "LoRA with two seeds, without Full-FT and Top; rt-sentences has no largest budget and its middle budget is an "
-    "extension. The order puts the main comparison (Stoc, Stoc-lazy, BitFit, LoRA, Full-FT) first. Cells not run "
-    "yet show *–*."
+    "extension. The order puts the main comparison (Stoc, Stoc-lazy, BitFit, LoRA, Full-FT) first."
 )

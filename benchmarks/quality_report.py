@@ -30,6 +30,7 @@ from benchmarks.quality_plan import (
     cell_runs,
     centre,
     full_protocol_hours,
+    plan_finished,
     plan_rows,
     steps_of,
 )
@@ -244,6 +245,8 @@ def k_mu_lines(rows: list[dict], args) -> list[str]:
 def write_report(records: list[dict], args) -> None:
     rows = all_summaries(records, args)
     edges = [r for r in rows if r["edge"]]
+    plan = plan_rows(records, args)
+    finished = plan_finished(records, args)
     lines = [
         "# Quality: StocTuning against BitFit, LoRA and full fine-tuning",
         "",
@@ -298,19 +301,20 @@ def write_report(records: list[dict], args) -> None:
         "the median measured step time per method once runs exist. The stages run in this order; *done* counts "
         "finished runs (grid extensions add runs).",
         "",
-        f"Finished so far: {len(records)} MiniLM runs ({sum(r['train_seconds'] for r in records) / 3600:.1f} hours "
-        "of training).",
+        f"{'Every stage finished' if finished else 'Finished so far'}: {len(records)} MiniLM runs "
+        f"({sum(r['train_seconds'] for r in records) / 3600:.1f} hours of training).",
         "",
         *table(
             ["stage", "task", "budget (epochs)", "variants", "seeds", "runs planned", "done", "hours (est.)"],
-            plan_rows(records, args),
+            plan,
         ),
         f"The complete protocol (both tasks × {len(CURVE_VARIANTS)} variants × {len(args.budgets)} budgets, "
         f"and the four k/μ variants on both tasks at the middle budget, each a {args.grid_size}-rate grid and "
         f"{len(args.seeds) - 1} more seeds) would take about {full_protocol_hours(records, args):.0f} hours of one "
         "core here; the stages above take about "
-        f"{sum(float(r[-1]) for r in plan_rows(records, args)):.0f}, the core ones (not marked *ext.*) about "
-        f"{sum(float(r[-1]) for r in plan_rows(records, args) if 'ext.' not in r[0]):.0f}. {CUTS}",
+        f"{sum(float(r[-1]) for r in plan):.0f}, the core ones (not marked *ext.*) about "
+        f"{sum(float(r[-1]) for r in plan if 'ext.' not in r[0]):.0f}. {CUTS} "
+        f"Cells {'cut' if finished else 'not run yet'} show *–*.",
         "",
         "## Budget curves",
         "",
@@ -332,7 +336,7 @@ def write_report(records: list[dict], args) -> None:
         *budget_tables(rows, args, ("stoc", *K_MU_VARIANTS), "k and μ", reference="stoc"),
         *k_mu_lines(rows, args),
         *causal_quality.report_section(args.causal_runs),
-        *when_to_pick(rows, args),
+        *when_to_pick(rows, args, finished),
         "## Learning-rate grids",
         "",
         f"Chosen rates at an edge of a finished grid: {len(edges)}"
@@ -408,14 +412,14 @@ def _verdict_line(title: str, v: dict[str, list[str]]) -> str:
     return f"- **{title}** — " + (". ".join(parts) if parts else "no cell measured yet") + "."
 
 
-def when_to_pick(rows: list[dict], args) -> list[str]:
+def when_to_pick(rows: list[dict], args, finished: bool) -> list[str]:
     """The 'when to pick StocTuning' section, written from the measured cells only."""
     lazy = verdicts(rows, args, "stoc-lazy", "stoc")
     lines = [
         "## When to pick StocTuning (from these measurements only)",
         "",
-        "Each line lists the measured cells (task, training steps: mean vs mean) by verdict; a cell missing here has "
-        "not been run yet.",
+        "Each line lists the measured cells (task, training steps: mean vs mean) by verdict; a cell missing here "
+        + ("was cut (see *Plan and what ran*)." if finished else "has not been run yet."),
         "",
         _verdict_line("Stoc vs BitFit (same number of entries per step)", verdicts(rows, args, "stoc", "bitfit")),
         _verdict_line("Stoc vs LoRA", verdicts(rows, args, "stoc", "lora")),
@@ -430,7 +434,7 @@ def when_to_pick(rows: list[dict], args) -> list[str]:
     lines += recommendation(lazy, '`update_rule="lazy"`', "with Adam-family optimizers")
     for variant in K_MU_VARIANTS:
         lines += recommendation(verdicts(rows, args, variant, "stoc"), VARIANTS[variant].label, "")
-    return lines + ["", *paper_note(rows, args)]
+    return lines + ["", *paper_note(rows, args, finished)]
 
 
 def recommendation(v: dict[str, list[str]], name: str, scope: str) -> list[str]:
@@ -450,18 +454,19 @@ def recommendation(v: dict[str, list[str]], name: str, scope: str) -> list[str]:
     return [f"- {name} against the paper's setting: {counts}: no reason yet to prefer it."]
 
 
-def paper_note(rows: list[dict], args) -> list[str]:
+def paper_note(rows: list[dict], args, finished: bool) -> list[str]:
     """How this evidence relates to the paper's claim; the figures it refers to are the lines above it."""
     stoc = [r for r in rows if r["variant"] in ("stoc", "top")]
     longest = max((steps_of(args, r["epochs"]) for r in stoc), default=0)
     seeds = sorted({len(r["seeds"]) for r in stoc}) or [0]
     seed_text = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+    measured = "measured" if finished else "measured so far"
     return [
         "**Against the paper.** The paper reports Stoc and Top above full fine-tuning on GLUE (RoBERTa-base/large, "
         "full training sets, 10 epochs, 7 seeds). The *Stoc vs Full-FT* and *Top vs Full-FT* lines above are this "
         "study's answer on its own setting, which differs in ways that may matter: MiniLM-L6 (22.7M parameters, a "
         "sentence-embedding model) rather than RoBERTa (125M/355M); 2,000 training rows of two sentiment stand-ins "
-        f"rather than GLUE's training sets (up to 393k rows); at most {longest:,} optimizer steps measured so far; "
+        f"rather than GLUE's training sets (up to 393k rows); at most {longest:,} optimizer steps {measured}; "
         f"{seed_text} seeds per cell. With few steps, a method that changes 0.1% of the entries per step has "
         "moved far fewer weights than full fine-tuning, so a gap to "
         "Full-FT at small budgets does not contradict a result at the paper's budgets.",

@@ -267,3 +267,24 @@ def test_a_task_with_only_the_reference_gets_no_sensitivity_table():
     assert "| Stoc, k = 4x | – | 80.0 ± 0.5 (2) @0.001 | – |" in tables
     curves = quality_report.budget_tables(rows, args, ("stoc",), "curves")
     assert sum(line.startswith("###") for line in curves) == 2  # a curve with one variant is still shown
+
+
+def test_a_stage_is_finished_once_every_grid_is_closed_and_every_seed_ran():
+    args = argparse.Namespace(**vars(_grid_args()), budgets=[1.0, 3.0, 10.0], seeds=[0, 1, 2])
+    stage = quality_plan.Stage("rt", "rt-sentences", 0, ("top",))
+
+    def run(lr, seed, score):
+        return {
+            "task": "rt-sentences",
+            "method": "top",
+            "epochs": 1.0,
+            "learning_rate": lr,
+            "seed": seed,
+            "score": score,
+        }
+
+    grid = [run(1e-3, 0, 70.0), run(3e-3, 0, 76.0), run(1e-2, 0, 47.0)]
+    assert not quality_plan.stage_finished(grid[:2], stage, args)  # best at the top edge: the grid grows
+    assert not quality_plan.stage_finished(grid, stage, args)  # seeds 1 and 2 still to run
+    assert not quality_plan.stage_finished([*grid, run(3e-3, 1, 52.0), run(1e-3, 2, 74.0)], stage, args)
+    assert quality_plan.stage_finished([*grid, run(3e-3, 1, 52.0), run(3e-3, 2, 74.0)], stage, args)
