@@ -7,6 +7,7 @@ through the parameter's connections.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -14,6 +15,13 @@ from enum import Enum
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+logger = logging.getLogger(__name__)
+
+# k="bitfit" on a model without biases: the share of entries BitFit trains in the paper's RoBERTa-base (102,912 bias
+# entries of 124.6M, 0.083%), so the default draws about as many entries per step on any model.
+BITFIT_SHARE = 0.0008
+_announced: set[int] = set()  # candidate counts whose fallback k was logged (once per process)
 
 # PEFT wraps these heads in `ModulesToSaveWrapper` for the task types below; they are trained fully, not drawn from.
 TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
@@ -153,13 +161,37 @@ def find_candidates(model: nn.Module, config) -> list[Candidate]:
     return candidates
 
 
+def bitfit_count(candidates: list[Candidate]) -> tuple[int, bool]:
+    """k="bitfit": the number of bias entries among the candidates (the paper's setting) and True; on a model
+    without biases (Llama, Mistral, Qwen2, T5), `BITFIT_SHARE` of the candidate entries and False."""
+    biases = sum(c.numel for c in candidates if c.is_bias)
+    if biases:
+        return biases, True
+    total = sum(c.numel for c in candidates)
+    return max(1, round(BITFIT_SHARE * total)), False
+
+
+def _suggestion(total: int) -> str:
+    """A value of k that fits a model with `total` candidate entries."""
+    share = max(1, round(BITFIT_SHARE * total))
+    return f"k={share} ({BITFIT_SHARE:.2%} of the {total:,} candidate entries)"
+
+
 def resolve_count(value, candidates: list[Candidate], name: str) -> int:
     """Turn `k` / `max_changed` (int, fraction or 'bitfit') into a number of entries, validated against the model."""
     total = sum(c.numel for c in candidates)
     if value == "bitfit":
-        count = sum(c.numel for c in candidates if c.is_bias)
-        if count == 0:
-            raise ValueError("k='bitfit' needs bias parameters among the candidates, and this model has none.")
+        count, has_biases = bitfit_count(candidates)
+        if not has_biases and total not in _announced:
+            _announced.add(total)
+            logger.warning(
+                "k='bitfit': this model has no bias parameters among its candidates, so k is %s entries per step, "
+                "the share of entries BitFit trains in the paper's RoBERTa-base (%.2f%% of %s candidate entries). "
+                "Pass an int or a fraction as k to choose another count.",
+                f"{count:,}",
+                100 * BITFIT_SHARE,
+                f"{total:,}",
+            )
     elif isinstance(value, float):
         count = max(1, int(round(value * total)))
     else:
@@ -167,6 +199,7 @@ def resolve_count(value, candidates: list[Candidate], name: str) -> int:
     if name == "k" and count >= total:
         raise ValueError(
             f"k={value!r} resolves to {count} entries, but the model has only {total} candidate entries; "
-            "k must be smaller (use full fine-tuning to update everything)."
+            f"k must be smaller (use full fine-tuning to update everything), for instance {_suggestion(total)} "
+            "or k=0.01."
         )
     return count

@@ -17,21 +17,26 @@ SAVE_DTYPES = ("float32", "bfloat16", "float16")
 MEMORY_MODES = ("auto", "lean", "dense")
 
 
+# What an error about `k` suggests: the default, and the fraction it comes to on a model without biases.
+K_SUGGESTION = "for instance k='bitfit' (the default: the paper's count) or k=0.0008 (0.08% of the candidate entries)"
+
+
 def _check_count_or_fraction(name: str, value) -> None:
     """`value` must be a positive int or a float fraction in (0, 1)."""
+    hint = f"; {K_SUGGESTION}" if name == "k" else ""
     if isinstance(value, bool):
-        raise ValueError(f"`{name}` must be an int or a float in (0, 1), got the bool {value!r}.")
+        raise ValueError(f"`{name}` must be an int or a float in (0, 1), got the bool {value!r}{hint}.")
     if isinstance(value, int):
         if value <= 0:
-            raise ValueError(f"`{name}` must be a positive number of entries, got {value}.")
+            raise ValueError(f"`{name}` must be a positive number of entries, got {value}{hint}.")
     elif isinstance(value, float):
         if not 0.0 < value < 1.0:
             raise ValueError(
                 f"A float `{name}` is a fraction of the candidate entries and must lie in (0, 1), got {value}. "
-                f"Pass an int for an absolute count."
+                f"Pass an int for an absolute count{hint}."
             )
     else:
-        raise ValueError(f"`{name}` must be an int or a float in (0, 1), got {type(value).__name__} {value!r}.")
+        raise ValueError(f"`{name}` must be an int or a float in (0, 1), got {type(value).__name__} {value!r}{hint}.")
 
 
 @dataclass
@@ -47,7 +52,8 @@ class StocTuningConfig(PeftConfig):
 
     Args:
         k (`int`, `float` or `"bitfit"`): entries drawn per optimizer step; a float is a fraction of the candidate
-            entries, `"bitfit"` the number of bias entries among them.
+            entries, `"bitfit"` the number of bias entries among them (on a model without biases, 0.08% of the
+            candidate entries: BitFit's share in the paper's RoBERTa-base, logged once).
         selection (`str`): `"stochastic"` (the paper), `"top"` or `"random"`.
         seed (`int`): seed of the draws; the same seed and data give the same masks.
         target_modules, exclude_modules (`list[str]` or `str`): modules whose parameters are (not) candidates;
@@ -79,7 +85,8 @@ class StocTuningConfig(PeftConfig):
         metadata={
             "help": (
                 "Entries drawn per optimizer step: an int count, a float in (0, 1) as a fraction of all candidate "
-                "entries, or 'bitfit' for the number of bias entries among the candidates (the paper's setting)."
+                "entries, or 'bitfit' for the number of bias entries among the candidates (the paper's setting; on a "
+                "model without biases, 0.08% of the candidate entries, BitFit's share in RoBERTa-base)."
             )
         },
     )
@@ -190,7 +197,7 @@ class StocTuningConfig(PeftConfig):
         self.peft_type = STOC_PEFT_TYPE
         if isinstance(self.k, str):
             if self.k != "bitfit":
-                raise ValueError(f"`k` as a string must be 'bitfit', got {self.k!r}.")
+                raise ValueError(f"`k` as a string must be 'bitfit', got {self.k!r}; {K_SUGGESTION}.")
         else:
             _check_count_or_fraction("k", self.k)
         if self.max_changed is not None:
