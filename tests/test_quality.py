@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import pytest
 import torch
@@ -109,7 +108,6 @@ def test_whole_study_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
         "--report",
         str(report),
     ]
-    start = time.perf_counter()
     quality.main(argv)
     records = glue.read_results(runs)
     variants = {quality_plan.variant_of(r) for r in records}
@@ -128,7 +126,6 @@ def test_whole_study_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     report.unlink()
     quality.main([*argv, "--report-only"])
     assert report.read_text() == text
-    assert time.perf_counter() - start < 60
 
 
 def test_dev_rows_beyond_the_dev_split_come_from_the_training_end():
