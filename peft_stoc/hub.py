@@ -8,6 +8,7 @@ import tempfile
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from . import adapter_file
+from .safetensors_header import read_header
 from .tasks import auto_class_name
 
 TAGS = ("peft", "peft-stoc", "stochastic-tuning", "sparse-delta")
@@ -48,19 +49,46 @@ def _adapter_rows(save_directory: str, configs: dict) -> list[str]:
     return rows
 
 
-def _usage(config, repo_or_path: str, architectures: list[str] | None = None) -> str:
+def head_size(entries: dict[str, dict]) -> int | None:
+    """The output size of an adapter's trained head (a classifier's number of labels), read from its file's tensors:
+    the last layer of the modules_to_save weights, the one whose output no other head weight takes as input."""
+    weights = {
+        key: entry["shape"]
+        for key, entry in entries.items()
+        if not adapter_file.is_delta_key(key) and key.endswith(".weight") and len(entry.get("shape", [])) == 2
+    }
+    if not weights:
+        return None
+    finals = [
+        key
+        for key, shape in weights.items()
+        if not any(other[1] == shape[0] for name, other in weights.items() if name != key)
+    ]
+    return weights[sorted(finals or weights)[-1]][0]
+
+
+def _usage(config, repo_or_path: str, architectures: list[str] | None = None, labels: int | None = None) -> str:
     base = config.base_model_name_or_path or "<base model>"
     auto = auto_class_name(config.task_type, architectures)
+    # A classifier's head is new to the base: it must be built with the adapter's number of labels to load (2 is what
+    # transformers builds for a base whose config names no labels).
+    extra = f", num_labels={labels}" if labels not in (None, 2) and "Classification" in auto else ""
     return (
         "```python\n"
         "import peft_stoc  # registers StocTuning with PEFT: needed before loading\n"
         "from peft import PeftModel\n"
         f"from transformers import {auto}\n\n"
-        f'base = {auto}.from_pretrained("{base}")\n'
+        f'base = {auto}.from_pretrained("{base}"{extra})\n'
         f'model = PeftModel.from_pretrained(base, "{repo_or_path}")\n'
         "merged = model.merge_and_unload()  # optional: a plain transformers model with the deltas in it\n"
         "```\n"
     )
+
+
+def _labels(save_directory: str, name: str) -> int | None:
+    path = os.path.join(adapter_folder(save_directory, name), adapter_file.WEIGHTS_NAME)
+    entries, _ = read_header(path, limits=None)  # a file this process just wrote
+    return head_size(entries)
 
 
 def write_model_card(
@@ -108,9 +136,15 @@ def write_model_card(
             "",
             "### Usage",
             "",
-            "`pip install peft-stoc`, then:",
+            "Install [peft-stoc](https://pypi.org/project/peft-stoc/) (`pip install peft-stoc`; from a clone of its "
+            "repository, `pip install .`), then:",
             "",
-            _usage(first, repo_id or load_from or save_directory, architectures),
+            _usage(
+                first,
+                repo_id or load_from or save_directory,
+                architectures,
+                _labels(save_directory, next(iter(configs))),
+            ),
             SECTION_END,
         ]
     )
