@@ -29,6 +29,7 @@ from .delta import SparseDelta, add_delta
 from .safetensors_header import (  # noqa: F401 (AdapterFileError and Limits are part of this module's interface)
     DEFAULT_LIMITS,
     FILE_DTYPES,
+    MAX_COUNT,
     AdapterFileError,
     Limits,
     corrupt,
@@ -103,12 +104,7 @@ class AdapterFile:
         counts = self._json_entry(META_COUNTS)
         if counts is None and META_COUNTS not in self.metadata:
             return {}
-        if not isinstance(counts, dict) or not all(is_count(v) for v in counts.values()):
-            raise AdapterFileError(
-                f"{self.path}: header entry '{META_COUNTS}' must be a JSON object of counts, "
-                f"got {fingerprints.json_kind(counts)}."
-            )
-        return counts
+        return check_counts(counts, f"{self.path}: header entry '{META_COUNTS}'")
 
     @property
     def shapes(self) -> dict[str, list[int]]:
@@ -205,6 +201,25 @@ def check_entries(entries: dict[str, dict], expected: Expected | None, path: str
             _check_fits(index_key, pair[index_key], stem.removeprefix(MODEL_PREFIX), expected.numels)
     if unexpected:
         raise AdapterFileError(f"{path} holds tensors this model has no place for: {sorted(unexpected)[:5]}.")
+
+
+MAX_LOADED_STEP = 2**62  # a loaded adapter trains on from its step count, which must stay within int64
+
+
+def check_counts(counts, source: str, loading: bool = False) -> dict[str, int]:
+    """Counts as a header or `saved_counts` records them: whole numbers that int64 holds (the step count goes into
+    the model's state dict). `loading`: the step count also leaves room to train on. Returns `counts`."""
+    if not isinstance(counts, dict) or not all(isinstance(k, str) and is_count(v) for k, v in counts.items()):
+        raise AdapterFileError(
+            f"{source} must be a JSON object of counts (whole numbers from 0 to {MAX_COUNT:,}), "
+            f"got {fingerprints.json_kind(counts)}."
+        )
+    if loading and counts.get("step", 0) > MAX_LOADED_STEP:
+        raise AdapterFileError(
+            f"{source} records {counts['step']:,} optimizer steps; an adapter loaded to train on may have taken at "
+            f"most {MAX_LOADED_STEP:,}."
+        )
+    return counts
 
 
 def _check_fits(key: str, length: int, name: str, numels: dict[str, int]) -> None:

@@ -10,9 +10,12 @@ itself is left as PEFT defines it, so models of other methods never meet this co
   intercepted steps; lets PEFT write into a staged folder, adds the header metadata (format, counts, base
   fingerprint) and the model card section, then swaps the folder in whole (`atomic_folder.staged_folder`).
 * `load_adapter` (also reached by `PeftModel.from_pretrained` and `AutoPeftModel*.from_pretrained`): checks the
-  adapter name, puts back a folder an interrupted save left moved away, then reads and validates the whole file —
-  header limits, readability, every tensor, the base fingerprint, values in range of the base dtypes — before
-  anything is touched. `ignore_base_mismatch=True` applies an adapter to another base on purpose.
+  adapter name and config, puts back a folder an interrupted save left moved away, then reads and validates the
+  whole file — header limits, readability, every tensor, the base fingerprint, values in range of the base dtypes —
+  before anything is touched; a load that fails anyway is undone (`adapter_io.AdapterFiles.attaching`), down to the
+  caller's base for a failed `from_pretrained`. `ignore_base_mismatch=True` applies an adapter to another base on
+  purpose.
+* `add_adapter`: attaching is a transaction too (checks first, everything undone on failure).
 * `push_to_hub`: transformers' version replaces the README with a bare card; this one uploads the adapter with
   its model card.
 * `print_trainable_parameters`: PEFT counts every parameter that requires a gradient (nearly the whole model for
@@ -30,6 +33,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
 from . import adapter_file, atomic_folder, hub
+from .adapter_io import check_adapter_name, check_new_adapter
 from .model import StocTuningModel
 
 _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "force_download", "local_files_only")
@@ -39,25 +43,6 @@ def _bound(method, args, kwargs) -> inspect.BoundArguments:
     bound = inspect.signature(method).bind(*args, **kwargs)
     bound.apply_defaults()
     return bound
-
-
-def check_adapter_name(name) -> None:
-    """Adapter names become module keys and, when saved, folder names: refuse names that break either."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"Adapter name {name!r} is not usable: give a non-empty string such as 'default'.")
-    bad = next((repr(c) for c in (".", "/", "\\", "\0") if c in name), None)
-    if bad is None and os.path.isabs(name):
-        bad = "an absolute path"
-    if bad is None and hasattr(nn.Module, name):
-        raise ValueError(
-            f"Adapter name {name!r} is the name of a torch Module attribute; adapter names become module "
-            "keys, so pick another name (e.g. 'default', 'task_a')."
-        )
-    if bad is not None:
-        raise ValueError(
-            f"Adapter name {name!r} contains {bad}: adapter names are module keys and, when saved, folder names "
-            "inside the save folder, so they may not contain '.', '/' or '\\'."
-        )
 
 
 def _adapter_path(model_id: str, hub_kwargs: dict) -> str:
@@ -114,6 +99,7 @@ def _validate(tuner, path: str, config, ignore_base_mismatch: bool):
         heads=_head_specs(tuner, config),
     )
     file = adapter_file.read_metadata(path, limits=expected.limits())
+    adapter_file.check_counts(file.counts, f"{path}: header entry '{adapter_file.META_COUNTS}'", loading=True)
     _check_base(tuner, file, config, ignore_base_mismatch)
     adapter_file.check_entries(file.entries, expected, path)
     adapter_file.load_tensors(file)
@@ -155,6 +141,11 @@ class StocTuningPeftModel(PeftModel):
                 architectures=getattr(getattr(tuner.model, "config", None), "architectures", None),
             )
 
+    def add_adapter(self, adapter_name: str, peft_config, *args, **kwargs) -> None:
+        with self.base_model.attaching(adapter_name, peft_config):
+            super().add_adapter(adapter_name, peft_config, *args, **kwargs)
+        check_new_adapter(adapter_name, peft_config)  # the task head's names PEFT appended, once each
+
     def load_adapter(self, model_id, adapter_name, *args, ignore_base_mismatch: bool = False, **kwargs):
         tuner = self.base_model
         check_adapter_name(adapter_name)
@@ -163,12 +154,16 @@ class StocTuningPeftModel(PeftModel):
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
             _recover(model_id, hub_kwargs.get("subfolder"))
             config = self.peft_config.get(adapter_name) or PeftConfig.from_pretrained(model_id, **hub_kwargs)
+            check_new_adapter(adapter_name, config)
             file = _validate(tuner, _adapter_path(str(model_id), hub_kwargs), config, ignore_base_mismatch)
             tuner.note_loaded(adapter_name, file.counts)
             tuner._validated.add(adapter_name)
-            return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+            if adapter_name in self.peft_config:
+                return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+            with tuner.attaching(adapter_name, config):
+                return super().load_adapter(model_id, adapter_name, *args, **kwargs)
         except BaseException:
-            if fresh:
+            if fresh and adapter_name in self.peft_config:
                 tuner.abandon_load(adapter_name)  # the model, and the base under it, as they were before
             raise
 

@@ -140,5 +140,8 @@ def corrupt(path: str, why: str) -> AdapterFileError:
     )
 
 
+MAX_COUNT = 2**63 - 1  # counts, sizes and offsets end up in int64 (a step count in a state dict too)
+
+
 def is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT

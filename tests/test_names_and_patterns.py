@@ -41,15 +41,17 @@ def test_load_adapter_with_a_bad_name_is_refused_before_anything_is_touched(save
 
 
 @pytest.mark.parametrize("where", ["absolute", "nested", "backslash"])
-def test_save_refuses_an_adapter_name_that_leaves_the_save_folder(saved, tmp_path, where):
-    """An adapter named like an absolute path was saved outside the save folder. (PEFT itself refuses names with
-    a '.', so '..' cannot get this far.)"""
+def test_an_adapter_name_that_would_leave_the_save_folder_is_refused_when_added(saved, tmp_path, where):
+    """An adapter named like an absolute path was saved outside the save folder; such a name is now refused where
+    it enters, so nothing can be saved under it."""
     name = {"absolute": str(tmp_path / "outside"), "nested": "sub/outside", "backslash": "a\\b"}[where]
     model = PeftModel.from_pretrained(tiny_model(), saved)
-    model.add_adapter(name, peft_stoc.StocTuningConfig(task_type="SEQ_CLS", k=30))
+    tables = _tables(model)
     with pytest.raises(ValueError, match="Adapter name .* contains"):
-        model.save_pretrained(tmp_path / "out")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "outside").exists()
+        model.add_adapter(name, peft_stoc.StocTuningConfig(task_type="SEQ_CLS", k=30))
+    assert _tables(model) == tables
+    model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "out" / "sub").exists()
 
 
 def test_good_names_still_save_into_subfolders(saved, tmp_path):
