@@ -173,6 +173,7 @@ def test_causal_section_reads_its_runs(tmp_path):
     assert "Full-FT" not in line and "2.0 KB saved, 512 MiB peak" in line
 
 
+@pytest.mark.slow  # four processes that each load SmolLM2's tokenizer: `pytest -m slow`
 def test_causal_study_on_a_tiny_llama(tmp_path):
     """Every causal method trains in its own process and the untrained score is recorded once (SmolLM2's tokenizer,
     a tiny random Llama in place of the model)."""
