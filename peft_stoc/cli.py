@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 
 import torch
@@ -29,7 +28,7 @@ class CliError(Exception):
 
 
 def _read_config(directory: str) -> dict:
-    atomic_folder.recover(directory, tidy=False)  # a folder an interrupted save left moved away comes back
+    atomic_folder.recover_for_reading(directory)  # what an interrupted save left is finished or undone
     if not os.path.isdir(directory):
         problem = "is a file, not a folder" if os.path.exists(directory) else "does not exist"
         raise CliError(f"{directory} {problem}: give an adapter folder.")
@@ -267,9 +266,7 @@ def compose(directories: list[str], weights: list[float] | None, output: str) ->
         adapter_file.write(os.path.join(stage, adapter_file.WEIGHTS_NAME), tensors, metadata)
         with open(os.path.join(stage, CONFIG_NAME), "w") as handle:
             json.dump(config, handle, indent=2, sort_keys=True)
-        readme = os.path.join(directories[0], "README.md")
-        if os.path.isfile(readme):
-            shutil.copyfile(readme, os.path.join(stage, "README.md"))
+        atomic_folder.copy_regular_file(os.path.join(directories[0], "README.md"), os.path.join(stage, "README.md"))
         write_model_card(stage, {"default": PeftConfig.from_pretrained(stage)}, load_from=output)
     return output
 

@@ -57,14 +57,8 @@ def _adapter_path(model_id: str, hub_kwargs: dict) -> str:
 
 
 def _recover(model_id, subfolder: str | None) -> None:
-    """Put back a local adapter folder (or the save folder holding it) that an interrupted save left moved away."""
-    path = os.path.realpath(os.path.join(os.fspath(model_id), subfolder or ""))
-    missing = []
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        missing.append(path)
-        path = os.path.dirname(path)
-    for folder in reversed(missing):  # the outermost first: an inner one may come back with it
-        atomic_folder.recover(folder, tidy=False)
+    """Finish or undo what an interrupted save left in a local adapter folder (see `atomic_folder`)."""
+    atomic_folder.recover_for_reading(os.path.join(os.fspath(model_id), subfolder or ""))
 
 
 def _head_specs(tuner, config) -> dict[str, tuple[tuple[int, ...], object]]:

@@ -38,8 +38,8 @@ def adapters(tmp_path_factory):
     return root, base, models, expected
 
 
-def _fresh_folder(root, models):
-    folder = root / "target"
+def _fresh_folder(root, models, mode="exchange"):
+    folder = _target(root, mode)
     shutil.rmtree(folder, ignore_errors=True)
     models["a"].save_pretrained(folder)
     for relative, text in FOREIGN.items():
@@ -55,11 +55,8 @@ def _same_delta(first, second) -> bool:
 
 
 def _which(folder, base, expected, models=None) -> str:
-    """The adapter ('a', 'b' or 'c') the folder loads as, its logits and delta both matching.
-
-    Without an atomic exchange (mode "rename") a kill between the two renames of a swap leaves the old folder
-    beside the target. PEFT reads the config before any StocTuning code runs, so `PeftModel.from_pretrained` cannot
-    put it back; the next StocTuning save or `load_adapter` does — with `models`, that is done first."""
+    """The adapter ('a', 'b' or 'c') the folder loads as through PEFT's own `PeftModel.from_pretrained`, its logits
+    and delta both matching (with `models`, a StocTuning model's `load_adapter` reads it first: legacy leftovers)."""
     if models is not None and not folder.exists():
         models["c"].load_adapter(folder, adapter_name="probe")
         models["c"].delete_adapter("probe")
@@ -71,30 +68,53 @@ def _which(folder, base, expected, models=None) -> str:
     raise AssertionError("the folder loads, but as neither the old adapter nor the new one")
 
 
+def _check_nothing_outside(root, folder):
+    """A save writes only into its folder and its own stages beside it."""
+    assert {p.name for p in root.iterdir() if ".stoc-" not in p.name} <= {"a", "b", "c", "target", LONG}
+
+
 def _check_foreign(folder):
     for relative, text in FOREIGN.items():
         assert (folder / relative).read_text() == text, relative
 
 
 def _without_exchange():
+    """A system or file system without an atomic folder exchange (no renameat2: macOS, some file systems)."""
     atomic_folder._exchange = lambda first, second: False
+    atomic_folder._EXCHANGE_WORKS.clear()
 
 
 def _in_place():
+    """A target that cannot be swapped (a mount point)."""
     atomic_folder._can_swap = lambda target: False
 
 
-MODES = {"exchange": lambda: None, "rename": _without_exchange, "in_place": _in_place}
-# What a save replaces A with: files renamed in one by one (in place) hold old-or-new only while the config stays.
-NEW = {"exchange": "b", "rename": "b", "in_place": "c"}
+MODES = {
+    "exchange": lambda: None,
+    "rename": _without_exchange,
+    "in_place": _in_place,
+    "working_directory": lambda: None,
+    "long_name": lambda: None,
+}
+# What a save replaces A with: B, whose config differs (other candidates and k), in every mode.
+NEW = dict.fromkeys(MODES, "b")
+LONG = "x" * 230  # a folder name with no room for a stage name built from it
+
+
+def _target(root, mode):
+    return root / (LONG if mode == "long_name" else "target")
 
 
 def _saver(models, folder, pipe, mode, kill_at=None):
     """In a forked child: save the new adapter, A, the new one, ... over `folder` (which holds A) until killed,
-    logging b(egin)/e(nd) of each save to `pipe`."""
+    logging b(egin)/e(nd) of each save to `pipe`. In mode "working_directory" the child works inside `folder` and
+    saves to "."."""
     try:
         torch.set_num_threads(1)
         MODES[mode]()
+        if mode == "working_directory":
+            os.chdir(folder)
+            folder = "."
         if kill_at is not None:
             _kill_at_call(kill_at)
         os.write(pipe, b"s")
@@ -165,11 +185,11 @@ def _save_seconds(models, tmp_path) -> float:
 
 
 def _skip_without_exchange(mode):
-    if mode == "exchange" and not atomic_folder._renameat2():
+    if mode in ("exchange", "working_directory", "long_name") and not atomic_folder._renameat2():
         pytest.skip("no renameat2 here")
 
 
-@pytest.mark.parametrize("mode", ["exchange", "rename", "in_place"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_kill_at_random_moments_during_save_keeps_a_loadable_adapter(adapters, tmp_path, mode):
     """30 SIGKILLs at seeded random moments of saves over an existing adapter: the folder always loads as the old
     adapter or the new one, with the user's other files in it."""
@@ -177,31 +197,36 @@ def test_kill_at_random_moments_during_save_keeps_a_loadable_adapter(adapters, t
     root, base, models, expected = adapters
     rng = random.Random(12)
     seconds = _save_seconds(models, tmp_path)
-    folder = _fresh_folder(root, models)
+    folder = _fresh_folder(root, models, mode)
     seen, mid_save = {"a": 0, NEW[mode]: 0}, 0
     for _ in range(30):
         log = _run_and_kill(models, folder, mode, delay=rng.uniform(0, 3 * seconds))
         mid_save += log.count("b") > log.count("e")
-        seen[_which(folder, base, expected, models if mode == "rename" else None)] += 1
+        seen[_which(folder, base, expected)] += 1
         _check_foreign(folder)
+        _check_nothing_outside(root, folder)
     print(
         f"{mode}: save {seconds * 1000:.1f} ms; 30 kills, {mid_save} inside a save; loaded as {seen}", file=sys.stderr
     )
     assert mid_save >= 20, "most kills should land inside a save"
 
 
-@pytest.mark.parametrize("mode", ["exchange", "rename", "in_place"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_kill_before_each_file_step_of_a_save_keeps_a_loadable_adapter(adapters, mode):
     """A kill before every single file-system step of one save: the folder loads as the old or the new adapter
-    each time."""
+    each time, through PEFT's own `from_pretrained`. Saving into the working directory, into a folder that cannot
+    be swapped (a mount point) or whose name leaves no room for a stage name, or without an atomic exchange, used to
+    rename files in one by one (the new config with the old weights at 4 of 27 kill points) or to leave no folder
+    for a moment ("Can't find adapter_config.json")."""
     _skip_without_exchange(mode)
     root, base, models, expected = adapters
     steps, results = 0, set()
     for number in range(1, 200):
-        folder = _fresh_folder(root, models)
+        folder = _fresh_folder(root, models, mode)
         log = _run_and_kill(models, folder, mode, kill_at=number)
-        results.add(_which(folder, base, expected, models if mode == "rename" else None))
+        results.add(_which(folder, base, expected))
         _check_foreign(folder)
+        _check_nothing_outside(root, folder)
         if log.count("e") >= 1:
             break  # the first save completed before step `number`: every step has had its kill
         steps = number
@@ -258,3 +283,48 @@ def test_failed_save_leaves_the_old_adapter(adapters):
         values[0] = saved
     assert _which(folder, base, expected) == "a"
     assert not [p for p in os.listdir(folder.parent) if ".stoc-" in p]
+
+
+def test_a_readme_linked_to_a_file_elsewhere_is_not_copied_into_the_model_card(adapters, tmp_path):
+    """The save kept the README's edits by copying it, following a symbolic link: the linked file (anything the
+    user can read) ended up in the model card."""
+    root, base, models, expected = adapters
+    folder = _fresh_folder(root, models)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key material")
+    (folder / "README.md").unlink()
+    (folder / "README.md").symlink_to(secret)
+    models["b"].save_pretrained(folder)
+    assert not (folder / "README.md").is_symlink()
+    assert "private key material" not in (folder / "README.md").read_text()
+    assert secret.read_text() == "private key material"
+    assert _which(folder, base, expected) == "b"
+
+
+@pytest.mark.parametrize("mode", ["working_directory", "in_place"])
+def test_a_linked_adapter_subfolder_is_never_written_through(adapters, tmp_path, mode, monkeypatch):
+    """Saving into the working directory renamed files in one by one along their paths: a subfolder that was a
+    symbolic link sent the second adapter's files outside the save folder."""
+    root, base, models, expected = adapters
+    folder = _fresh_folder(root, models)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (folder / "other").symlink_to(outside, target_is_directory=True)
+    model = models["a"]
+    model.load_adapter(root / "b", adapter_name="other")
+    try:
+        if mode == "working_directory":
+            monkeypatch.chdir(folder)
+            model.save_pretrained(".")
+            assert os.getcwd() == str(folder.resolve())  # the working directory follows the folder
+            assert (folder / "other" / adapter_file.WEIGHTS_NAME).is_file() and not (folder / "other").is_symlink()
+        else:
+            monkeypatch.setattr(atomic_folder, "_can_swap", lambda target: False)
+            with pytest.raises(ValueError, match="symbolic link"):
+                model.save_pretrained(folder)
+            assert (folder / "other").is_symlink()
+    finally:
+        model.delete_adapter("other")
+    assert list(outside.iterdir()) == []
+    assert _which(folder, base, expected) == "a"
+    _check_foreign(folder)
