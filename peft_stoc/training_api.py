@@ -58,6 +58,13 @@ class TrainingAPI:
             "head": head,
         }
 
+    def stoc_nb_trainable_parameters(self, adapter_name: str | None = None) -> tuple[int, int]:
+        """PEFT's `(trainable, all)` pair as StocTuning counts it: the parameters one optimizer step trains (k drawn
+        entries plus the modules_to_save), and every parameter of the model. `print_trainable_parameters()` prints
+        the same pair, with the candidates the k entries are drawn from."""
+        counts = self.stoc_parameter_counts(adapter_name)
+        return counts["k"] + counts["head"], sum(p.numel() for p in self.model.parameters())
+
     def stoc_engine(self) -> StepEngine | None:
         """The step engine of the adapter being trained, if any."""
         engine = self._engine_of(self._training_adapter() or "")
