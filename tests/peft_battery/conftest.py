@@ -1,16 +1,21 @@
-"""Driver of PEFT's generic custom-model battery (`test_custom_models.py` and `testing_common.py` of PEFT 0.21.2,
-kept as released) for StocTuning. See README.md in this folder.
+"""Driver of PEFT's generic test batteries (`test_custom_models.py`, `test_decoder_models.py`,
+`test_encoder_decoder_models.py`, `testing_common.py` and `testing_utils.py` of PEFT 0.21.2, kept as released) for
+StocTuning. See README.md in this folder.
 
-What it does, before pytest collects PEFT's module:
-* replaces the case lists the battery is parametrised by (`TEST_CASES`, `ALL_PEFT_CONFIG_CLASSES`,
-  `MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`, `MIXED_ADAPTER_TEST_CASES`) with StocTuning cases, in place;
+What it does, before pytest collects PEFT's modules:
+* replaces the case lists the batteries are parametrised by (`TEST_CASES`, `ALL_PEFT_CONFIG_CLASSES`,
+  `MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`, `MIXED_ADAPTER_TEST_CASES` of the custom-model battery; the model ids and
+  `ALL_CONFIGS` of the decoder and encoder-decoder batteries) with StocTuning cases, in place;
 * gives `init_weights=False` a StocTuning meaning (see `_random_initial_delta`);
-and at collection: deselects every test of the module that runs no StocTuning case, and skips the tests named in
+* keeps the Hub offline and resolves the Hub ids of the decoder and encoder-decoder batteries to tiny models built
+  locally (`tiny_models.py`);
+and at collection: deselects every test of the modules that runs no StocTuning case, and skips the tests named in
 `skips.txt` with the reason given there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import re
 import sys
@@ -31,6 +36,10 @@ import peft_stoc  # noqa: E402,F401  registers the method with PEFT
 from peft_stoc import SparseDelta, StocTuningConfig, StocTuningModel  # noqa: E402
 
 from . import test_custom_models as battery  # noqa: E402
+from . import test_decoder_models as decoder_battery  # noqa: E402
+from . import test_encoder_decoder_models as encoder_decoder_battery  # noqa: E402
+from . import testing_common  # noqa: E402
+from .tiny_models import build_tiny_hub  # noqa: E402
 
 HERE = Path(__file__).parent
 SKIP_FILE = HERE / "skips.txt"
@@ -111,6 +120,107 @@ battery.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES[:] = [pytest.param(*c, id=_case_id(c
 battery.MIXED_ADAPTER_TEST_CASES[:] = [pytest.param(*c, id=_case_id(c[0])) for c in STOC_MIXED_CASES]
 
 
+# -- the decoder and encoder-decoder batteries ---------------------------------------------------------------------
+# Each test of these batteries runs every (model id, (config class, kwargs)) pair of its two lists. The models kept
+# are a few of PEFT's own ids (built locally, see tiny_models.py): OPT, GPT-2 (transformers Conv1D layers) and Llama
+# (no biases, RMSNorm) for the decoders; T5 and BART for the encoder-decoders. Short ids name them in test ids.
+DECODER_MODELS = {
+    "opt": "peft-internal-testing/tiny-random-OPTForCausalLM",
+    "gpt2": "peft-internal-testing/tiny-random-GPT2LMHeadModel",
+    "llama": "trl-internal-testing/tiny-random-LlamaForCausalLM",
+}
+ENCODER_DECODER_MODELS = {
+    "t5": "peft-internal-testing/tiny-random-T5ForConditionalGeneration-calibrated",
+    "bart": "peft-internal-testing/tiny-random-BartForConditionalGeneration",
+}
+
+# (name, config kwargs) of the StocTuning cases, with the task type of the battery added. `target_modules=None`
+# makes every parameter of the model a candidate: embeddings (tied to the LM head in OPT, GPT-2, T5 and BART), norms,
+# attention and feed-forward weights and biases.
+# The third case leaves the embeddings out (query and value projections only: their names in every model kept) and
+# keeps dense gradients (`memory="dense"`), as a user of an optimizer outside SGD/Adam/AdamW would.
+STOC_DECODER_CASES = [
+    ("StocTuning k int", {"k": 20}),
+    ("StocTuning fraction top strict", {"k": 0.01, "selection": "top", "update_rule": "strict"}),
+    ("StocTuning qv dense", {"k": 0.05, "target_modules": ["q_proj", "v_proj", "c_attn"], "memory": "dense"}),
+]
+STOC_ENCODER_DECODER_CASES = [
+    ("StocTuning k int", {"k": 20}),
+    ("StocTuning fraction top strict", {"k": 0.01, "selection": "top", "update_rule": "strict"}),
+    ("StocTuning qv dense", {"k": 0.05, "target_modules": ["q", "v", "q_proj", "v_proj"], "memory": "dense"}),
+]
+
+decoder_battery.PEFT_DECODER_MODELS_TO_TEST[:] = [pytest.param(i, id=short) for short, i in DECODER_MODELS.items()]
+decoder_battery.ALL_CONFIGS[:] = [
+    pytest.param(StocTuningConfig, {"task_type": "CAUSAL_LM", **kwargs}, id=_case_id(name))
+    for name, kwargs in STOC_DECODER_CASES
+]
+encoder_decoder_battery.PEFT_ENCODER_DECODER_MODELS_TO_TEST[:] = [
+    pytest.param(i, id=short) for short, i in ENCODER_DECODER_MODELS.items()
+]
+encoder_decoder_battery.ALL_CONFIGS[:] = [
+    pytest.param(StocTuningConfig, {"task_type": "SEQ_2_SEQ_LM", **kwargs}, id=_case_id(name))
+    for name, kwargs in STOC_ENCODER_DECODER_CASES
+]
+
+# Two of PEFT's skip helpers would leave StocTuning out for reasons that concern other methods:
+# `_skip_if_conv1d_not_supported` skips every method but LoRA, IA3, LoHa and LoKr on GPT-2's transformers Conv1D
+# layers in the merge tests (StocTuning supports them), and the decoder battery's `check_beft_config` skips every
+# method on Llama in the merge tests ("no bias term", meant for BEFT: its `isinstance` test on a class is never true).
+# For StocTuning cases both let the test run; other methods keep PEFT's behaviour.
+_original_skip_if_conv1d_not_supported = testing_common._skip_if_conv1d_not_supported
+_original_check_beft_config = decoder_battery.check_beft_config
+
+
+def _skip_if_conv1d_not_supported(model_id, config_cls, config_kwargs):
+    if not (isinstance(config_cls, type) and issubclass(config_cls, StocTuningConfig)):
+        _original_skip_if_conv1d_not_supported(model_id, config_cls, config_kwargs)
+
+
+def _check_beft_config(config_cls, model_id, config_kwargs):
+    if not (isinstance(config_cls, type) and issubclass(config_cls, StocTuningConfig)):
+        _original_check_beft_config(config_cls, model_id, config_kwargs)
+
+
+testing_common._skip_if_conv1d_not_supported = _skip_if_conv1d_not_supported
+decoder_battery.check_beft_config = _check_beft_config
+
+HUB_BATTERIES = {Path(decoder_battery.__file__).name, Path(encoder_decoder_battery.__file__).name}
+BATTERY_FILES = {Path(battery.__file__).name, *HUB_BATTERIES}
+
+
+# -- Hub model ids -------------------------------------------------------------------------------------------------
+# PEFT's `hub_online_once(model_id)` lets the first load of each id go online (then offline). The Hub is never
+# reached here: the context manager is replaced by one that keeps it offline, and the ids resolve to the local Hub
+# cache of `_local_hub`.
+@contextlib.contextmanager
+def _hub_offline(model_id: str):
+    yield
+
+
+for _module in (testing_common, decoder_battery, encoder_decoder_battery):
+    _module.hub_online_once = _hub_offline
+
+
+@pytest.fixture(scope="session")
+def _local_hub(tmp_path_factory):
+    """A Hub cache holding the tiny models of the decoder and encoder-decoder batteries, in use for the session."""
+    from huggingface_hub import constants
+
+    cache = build_tiny_hub(tmp_path_factory.mktemp("hub"), [*DECODER_MODELS.values(), *ENCODER_DECODER_MODELS.values()])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        yield cache
+
+
+@pytest.fixture(autouse=True)
+def _hub_models_local(request):
+    """Tests of the decoder and encoder-decoder batteries load their Hub ids from the local cache."""
+    if request.node.path.name in HUB_BATTERIES:
+        request.getfixturevalue("_local_hub")
+
+
 # -- init_weights=False -------------------------------------------------------------------------------------------
 # PEFT's tests ask for an adapter that is not the identity at creation (`set_init_weights_false`, and the
 # `init_*_weights=False` of every case in the multi-adapter and mixed-batch lists), so that saving, loading and
@@ -130,7 +240,8 @@ def _set_init_weights_false(config_cls, kwargs):
     return _original_set_init_weights_false(config_cls, kwargs)
 
 
-battery.set_init_weights_false = _set_init_weights_false
+for _module in (battery, decoder_battery, encoder_decoder_battery):
+    _module.set_init_weights_false = _set_init_weights_false
 
 
 def _random_initial_delta(tuner: StocTuningModel, adapter_name: str) -> None:
@@ -219,7 +330,11 @@ def pytest_collection_modifyitems(session, config, items):
                 counts[category] = counts.get(category, 0) + 1
                 break
     config.stash[_COUNTS] = counts
-    whole_battery = not any("::" in str(arg) for arg in config.args) and not config.option.keyword
+    whole_battery = (
+        {item.path.name for item in ours} >= BATTERY_FILES
+        and not any("::" in str(arg) for arg in config.args)
+        and not config.option.keyword
+    )
     unused = [pattern for pattern, *_ in entries if pattern not in used]
     if whole_battery and unused:
         raise pytest.UsageError(f"{SKIP_FILE.name}: entries that match no collected test: {unused}")
