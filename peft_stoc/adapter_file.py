@@ -13,6 +13,7 @@ adapter or the new.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -49,6 +50,7 @@ META_FORMAT = "peft_stoc_format"
 META_COUNTS = "peft_stoc_counts"
 META_FINGERPRINT = "peft_stoc_fingerprint"
 META_SHAPES = "peft_stoc_shapes"
+META_HEADS = "peft_stoc_heads"  # the modules_to_save tensors written with the deltas (absent in older files)
 INDEX_DTYPES = (torch.int32, torch.int64)
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -79,15 +81,19 @@ class AdapterFile:
     metadata: dict[str, str]
     tensors: dict[str, torch.Tensor]  # empty until `load_tensors`
     entries: dict[str, dict] = field(default_factory=dict)  # the header's tensor entries: dtype, shape, offsets
+    parsed: SparseDelta | None = None  # the validated delta (`validate`)
 
     def _json_entry(self, key: str):
         raw = self.metadata.get(key)
         if raw is None:
             return None
-        try:
-            return json.loads(raw)
-        except ValueError as error:
-            raise AdapterFileError(f"{self.path}: header entry '{key}' is not valid JSON ({error}).") from error
+        cache = self.__dict__.setdefault("_parsed_entries", {})
+        if key not in cache:
+            try:
+                cache[key] = json.loads(raw)
+            except (ValueError, RecursionError) as error:
+                raise AdapterFileError(f"{self.path}: header entry '{key}' is not valid JSON ({error}).") from None
+        return copy.deepcopy(cache[key]) if isinstance(cache[key], (dict, list)) else cache[key]
 
     @property
     def fingerprint(self) -> dict | None:
@@ -126,7 +132,9 @@ class AdapterFile:
 
     def delta(self) -> SparseDelta:
         """The validated delta, checked against the shapes recorded in the header."""
-        return parse_delta(self.tensors, self.numels(), source=self.path)
+        if self.parsed is None:
+            self.parsed = parse_delta(self.tensors, self.numels(), source=self.path)
+        return self.parsed
 
 
 def read(
@@ -143,10 +151,11 @@ def read(
 
 
 def read_metadata(path: str, require_format: bool = True, limits: Limits | None = DEFAULT_LIMITS) -> AdapterFile:
-    """The file's header only (its `tensors` stay empty), parsed within `limits`."""
+    """The file's header only (its `tensors` stay empty), parsed within `limits`; read without its model (the
+    default limits), within the limits of the base its own fingerprint describes."""
     if not os.path.isfile(path):
         raise AdapterFileError(f"No adapter file at {path}.")
-    entries, metadata = read_header(path, limits)
+    entries, metadata = read_header(path, limits, refine=_limits_of_recorded_base if limits is DEFAULT_LIMITS else None)
     if require_format and metadata.get(META_FORMAT) != FORMAT_VERSION:
         found = metadata.get(META_FORMAT)
         raise AdapterFileError(
@@ -156,14 +165,44 @@ def read_metadata(path: str, require_format: bool = True, limits: Limits | None 
     return AdapterFile(path, metadata, {}, entries)
 
 
+def _limits_of_recorded_base(metadata: dict) -> Limits | None:
+    """Limits for a file read without its model, from the number of base tensors its fingerprint records: at most
+    four entries per changed base tensor and a task head, as `Expected.limits` allows for a model (names of up to
+    256 characters). None when the fingerprint does not say (the default limits stay)."""
+    try:
+        base_tensors = json.loads(metadata.get(META_FINGERPRINT, "")).get("num_tensors")
+    except (ValueError, RecursionError, AttributeError, TypeError):
+        return None
+    if not is_count(base_tensors):
+        return None
+    max_tensors = 5 * base_tensors + 64
+    if max_tensors >= DEFAULT_LIMITS.max_tensors:
+        return None
+    return Limits(
+        max_tensors=max_tensors,
+        max_header_bytes=min(DEFAULT_LIMITS.max_header_bytes, 2**20 + max_tensors * (4 * 256 + 512)),
+        scope=f"for a base of {base_tensors:,} tensors (as its fingerprint says)",
+    )
+
+
 def load_tensors(file: AdapterFile) -> AdapterFile:
     """`file` with its tensors read (check its header first: this allocates what the header describes)."""
     try:
         with safe_open(file.path, framework="pt") as handle:
-            file.tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            file.tensors = {}
+            for key in handle.keys():
+                empty = _empty(file.entries.get(key))
+                file.tensors[key] = empty if empty is not None else handle.get_tensor(key)
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
         raise corrupt(file.path, str(error)) from error
     return file
+
+
+def _empty(entry: dict | None) -> torch.Tensor | None:
+    """A tensor of no entries, made without reading the file (a header may list thousands)."""
+    if entry is None or math.prod(entry["shape"]):
+        return None
+    return torch.empty(entry["shape"], dtype=FILE_DTYPES[entry["dtype"]])
 
 
 def check_entries(entries: dict[str, dict], expected: Expected | None, path: str) -> None:
@@ -387,6 +426,145 @@ def check_ranges(
             )
 
 
+# -- the one validation of an adapter -----------------------------------------------------------------------------
+def check_config(config, counts: dict | None = None, source: str = "the adapter's config") -> None:
+    """What a StocTuning config must satisfy before anything is built from it (PEFT would fail while attaching, or
+    a save would fail later): `modules_to_save` a list of names, the saved counts and fingerprint well formed, and
+    `k` / `max_changed` that fit the candidates `counts` records."""
+    heads = getattr(config, "modules_to_save", None)
+    if heads is not None and (not isinstance(heads, list) or not all(isinstance(h, str) and h for h in heads)):
+        raise AdapterFileError(f"{source}: `modules_to_save` must be a list of module names, got {heads!r}.")
+    saved = getattr(config, "saved_counts", None)
+    if saved is not None:
+        check_counts(saved, f"{source}: `saved_counts`", loading=True)
+    recorded = getattr(config, "base_fingerprint", None)
+    problem = fingerprints.problem(recorded) if recorded is not None else None
+    if problem:
+        raise AdapterFileError(f"{source}: `base_fingerprint` {problem}.")
+    counts = counts or saved or {}
+    candidates = counts.get("candidates")
+    if not (is_count(candidates) and candidates):
+        return
+    k, budget = getattr(config, "k", None), getattr(config, "max_changed", None)
+    drawn = [value for value in (k if isinstance(k, int) and not isinstance(k, bool) else None, counts.get("k"))]
+    for value in (v for v in drawn if is_count(v)):
+        if value >= candidates:
+            raise AdapterFileError(
+                f"{source}: k={k!r} gives {value:,} entries per step, not below the {candidates:,} candidate entries."
+            )
+        if isinstance(budget, int) and not isinstance(budget, bool) and budget < value:
+            raise AdapterFileError(f"{source}: max_changed={budget!r} is below the {value:,} entries drawn per step.")
+
+
+def _head_of(key: str, modules_to_save) -> bool:
+    """Whether file key `key` is a tensor of a module that `modules_to_save` names (PEFT's rule: the module's name
+    ends with an entry)."""
+    if not key.startswith(MODEL_PREFIX):
+        return False
+    parts = key[len(MODEL_PREFIX) :].split(".")[:-1]
+    modules = {".".join(parts[: i + 1]) for i in range(len(parts))}
+    return any(module.endswith(wanted) for module in modules for wanted in modules_to_save or [])
+
+
+def _check_bounds(file: AdapterFile, recorded: dict, expected: Expected | None, modules_to_save) -> dict[str, int]:
+    """Before any tensor is read: what the header lists must fit the base its fingerprint describes (a changed
+    tensor is one of its tensors), every changed tensor needs a recorded shape, and every other tensor belongs to a
+    module in `modules_to_save`. Returns the entries of each changed tensor."""
+    stems = {_stem(key) for key in file.entries if is_delta_key(key)}
+    base_tensors = recorded.get("num_tensors")
+    if is_count(base_tensors) and (len(stems) > base_tensors or len(file.entries) > 5 * base_tensors + 64):
+        raise AdapterFileError(
+            f"{file.path} lists {len(file.entries):,} tensors ({len(stems):,} changed base tensors); its base has "
+            f"{base_tensors:,} tensors. Refusing to read it."
+        )
+    if expected is not None:
+        numels = expected.numels
+    else:
+        shapes = file.shapes
+        numels = {name: math.prod(shape) for name, shape in shapes.items()}
+        missing = sorted(s.removeprefix(MODEL_PREFIX) for s in stems if s.removeprefix(MODEL_PREFIX) not in numels)
+        if missing:
+            raise AdapterFileError(f"{file.path} records no shape for the changed tensors {missing[:5]}.")
+    if META_HEADS in file.metadata:
+        recorded_heads = file._json_entry(META_HEADS)
+        if not isinstance(recorded_heads, list) or not all(isinstance(k, str) for k in recorded_heads):
+            raise AdapterFileError(
+                f"{file.path}: header entry '{META_HEADS}' must list tensor names, "
+                f"got {fingerprints.json_kind(recorded_heads)}."
+            )
+        held = sorted(key for key in file.entries if not is_delta_key(key))
+        missing, extra = sorted(set(recorded_heads) - set(held)), sorted(set(held) - set(recorded_heads))
+        if missing:
+            raise AdapterFileError(
+                f"Tensor '{missing[0]}' (a modules_to_save weight) is missing from {file.path}: its header lists it."
+            )
+        if extra:
+            raise AdapterFileError(f"{file.path} holds tensors its header does not list: {extra[:5]}.")
+    for key, entry in file.entries.items():
+        if is_delta_key(key):
+            continue
+        if expected is None and not _head_of(key, modules_to_save):
+            raise AdapterFileError(
+                f"{file.path} holds '{key}', which is neither a delta nor a weight of the modules_to_save "
+                f"{modules_to_save!r}: an adapter file never holds full base weights."
+            )
+        dtype = FILE_DTYPES[entry["dtype"]]
+        if expected is None and key.endswith((".weight", ".bias")) and not dtype.is_floating_point:
+            raise AdapterFileError(
+                f"Tensor '{key}' in {file.path} is a {dtype} tensor: a task-head weight must be a floating-point "
+                "tensor."
+            )
+    return numels
+
+
+def _widest_float(dtype_names) -> torch.dtype:
+    dtypes = [getattr(torch, d, None) for d in dtype_names or []]
+    floats = [d for d in dtypes if isinstance(d, torch.dtype) and d.is_floating_point]
+    return max(floats, key=lambda d: torch.finfo(d).max, default=torch.float32)
+
+
+def validate(path: str, config, expected: Expected | None = None, check_base=None, base_values=None) -> AdapterFile:
+    """The one validation of an adapter, before anything is built from it or applied: loading (`load_adapter`,
+    `PeftModel.from_pretrained`), `peft-stoc inspect`, `merge` and `compose` all go through it.
+
+    Without `expected` (no model at hand) the header is read within `DEFAULT_LIMITS`, then bounded by the base its
+    own fingerprint describes; deltas are checked against the shapes the header records and task-head values against
+    the widest float dtype of that base. With `expected` (a model), the limits, names, shapes and dtypes are the
+    model's, `check_base(file)` compares fingerprints and `base_values` checks that the deltas added to the base stay
+    finite. Returns the file with its tensors and its `delta`."""
+    source = path
+    file = read_metadata(path, limits=expected.limits() if expected is not None else DEFAULT_LIMITS)
+    counts = check_counts(file.counts, f"{path}: header entry '{META_COUNTS}'", loading=True)
+    check_config(config, counts, source=f"the config of {os.path.dirname(path) or path}")
+    recorded = file.fingerprint
+    if recorded is None:
+        raise AdapterFileError(f"{path} has no base-model fingerprint in its header.")
+    if check_base is not None:
+        check_base(file)
+    heads = getattr(config, "modules_to_save", None)
+    numels = _check_bounds(file, recorded, expected, heads)
+    check_entries(file.entries, expected, path)
+    for stem in {_stem(key) for key in file.entries if is_delta_key(key)}:
+        _check_fits(
+            stem + INDEX_SUFFIX, file.entries[stem + INDEX_SUFFIX]["shape"][0], stem[len(MODEL_PREFIX) :], numels
+        )
+    load_tensors(file)
+    file.parsed = parse_delta(file.tensors, numels, source=source)
+    if expected is not None:
+        dtypes, head_specs = expected.dtypes, expected.heads
+    else:
+        widest = _widest_float(recorded.get("dtypes"))
+        dtypes = dict.fromkeys(numels, widest)
+        head_specs = {
+            key: (tuple(t.shape), widest if t.is_floating_point() else t.dtype)
+            for key, t in file.tensors.items()
+            if not is_delta_key(key)
+        }
+    check_ranges(file.parsed, dtypes, base_values, source=source)
+    check_other_tensors(file.tensors, head_specs, source=source)
+    return file
+
+
 # -- writing -----------------------------------------------------------------------------------------------------
 def delta_tensors(delta: SparseDelta, numels: dict[str, int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The file's tensors for `delta`; refuses values that are not finite once stored as `dtype`."""
@@ -433,5 +611,12 @@ def write(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
 
 
 def add_metadata(path: str, metadata: dict[str, str]) -> None:
-    """Rewrite `path` (a file this process just wrote) with `metadata` in its header, atomically."""
-    write(path, read(path, require_format=False, limits=None).tensors, metadata)
+    """Rewrite `path` (a file this process just wrote) with `metadata` in its header, atomically; the header also
+    records which task-head tensors the file holds."""
+    tensors = read(path, require_format=False, limits=None).tensors
+    write(path, tensors, {**metadata, META_HEADS: heads_entry(tensors)})
+
+
+def heads_entry(tensors: dict[str, torch.Tensor]) -> str:
+    """The `META_HEADS` header entry for a file holding `tensors`."""
+    return json.dumps(sorted(key for key in tensors if not is_delta_key(key)), separators=(",", ":"))

@@ -54,24 +54,10 @@ def check_new_adapter(adapter_name, config) -> None:
     while attaching it, and the counts a saved config carries. `modules_to_save` loses repeated names (PEFT appends
     the task head's names each time a config is attached, so a saved config would grow at every reload)."""
     check_adapter_name(adapter_name)
+    adapter_file.check_config(config, source=f"adapter {adapter_name!r}")
     heads = getattr(config, "modules_to_save", None)
     if heads is not None:
-        if not isinstance(heads, list) or not all(isinstance(h, str) and h for h in heads):
-            raise ValueError(
-                f"`modules_to_save` must be a list of module names, got {heads!r}; adapter {adapter_name!r} "
-                "was not attached."
-            )
         heads[:] = dict.fromkeys(heads)  # in place: PEFT's task classes hold the same list
-    for field_name in ("saved_counts", "base_fingerprint"):
-        value = getattr(config, field_name, None)
-        if value is not None and not isinstance(value, dict):
-            raise ValueError(f"`{field_name}` of adapter {adapter_name!r} must be a dict, got {value!r}.")
-    if getattr(config, "saved_counts", None) is not None:
-        adapter_file.check_counts(config.saved_counts, f"`saved_counts` of adapter {adapter_name!r}", loading=True)
-    if getattr(config, "base_fingerprint", None) is not None:
-        problem = fingerprint.problem(config.base_fingerprint)
-        if problem:
-            raise ValueError(f"`base_fingerprint` of adapter {adapter_name!r} {problem}.")
 
 
 # Hook tables of a module that attaching an adapter may add to.

@@ -48,8 +48,11 @@ def _read_config(directory: str) -> dict:
 
 
 def _read_adapter(directory: str) -> tuple[dict, adapter_file.AdapterFile]:
+    """The adapter's config and file, validated as loading validates them (`adapter_file.validate`) as far as that
+    is possible without the base model: what this accepts, loading onto its base accepts too."""
     config = _read_config(directory)
-    return config, adapter_file.read(os.path.join(directory, adapter_file.WEIGHTS_NAME))
+    stoc = _stoc_config(directory, config)
+    return config, adapter_file.validate(os.path.join(directory, adapter_file.WEIGHTS_NAME), stoc)
 
 
 def _stoc_config(directory: str, config: dict) -> StocTuningConfig:
@@ -57,6 +60,10 @@ def _stoc_config(directory: str, config: dict) -> StocTuningConfig:
         return StocTuningConfig.from_peft_type(**config)
     except (TypeError, ValueError) as error:
         raise CliError(f"{os.path.join(directory, CONFIG_NAME)}: {error}") from None
+
+
+def _heads(file: adapter_file.AdapterFile) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in file.tensors.items() if not adapter_file.is_delta_key(k)}
 
 
 def inspect_adapter(directory: str) -> dict:
@@ -174,7 +181,7 @@ def merge(base: str, directory: str, output: str, num_labels: int | None = None)
         raise CliError(f"Cannot load the base model {base!r}: {error}") from None
     try:
         merged = PeftModel.from_pretrained(model, directory).merge_and_unload()
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, RuntimeError, TypeError, KeyError) as error:
         raise CliError(f"Cannot apply {directory} to {base}: {error}") from None
     merged.save_pretrained(output)
     if _has_tokenizer(base):
@@ -236,6 +243,15 @@ def compose(directories: list[str], weights: list[float] | None, output: str) ->
     if len({_base_of(d, f) for d, (_, f) in zip(directories, loaded)}) != 1:
         raise CliError("The adapters were made for different base models (their fingerprints differ).")
     configs = [_stoc_config(d, c) for d, (c, _) in zip(directories, loaded)]
+    first_heads = _heads(loaded[0][1])
+    for directory, (_, file), stoc in zip(directories[1:], loaded[1:], configs[1:]):
+        if _heads(file) != first_heads:
+            raise CliError(
+                f"{directory} holds other modules_to_save tensors than {directories[0]} (names, shapes or dtypes): "
+                "composed adapters share one task head."
+            )
+        if sorted(stoc.modules_to_save or []) != sorted(configs[0].modules_to_save or []):
+            raise CliError(f"{directory} has other modules_to_save than {directories[0]}.")
     combined = SparseDelta.weighted_sum([f.delta() for _, f in loaded], weights)
     for name, (_, values) in combined.tensors.items():
         if not bool(torch.isfinite(values.float()).all()):
@@ -253,6 +269,7 @@ def compose(directories: list[str], weights: list[float] | None, output: str) ->
         adapter_file.META_COUNTS: json.dumps(counts),
         adapter_file.META_SHAPES: json.dumps({n: shapes[n] for n in combined.tensors}, separators=(",", ":")),
         adapter_file.META_FINGERPRINT: first.metadata[adapter_file.META_FINGERPRINT],
+        adapter_file.META_HEADS: adapter_file.heads_entry(tensors),
     }
     config = dict(
         config,
@@ -267,7 +284,9 @@ def compose(directories: list[str], weights: list[float] | None, output: str) ->
         with open(os.path.join(stage, CONFIG_NAME), "w") as handle:
             json.dump(config, handle, indent=2, sort_keys=True)
         atomic_folder.copy_regular_file(os.path.join(directories[0], "README.md"), os.path.join(stage, "README.md"))
-        write_model_card(stage, {"default": PeftConfig.from_pretrained(stage)}, load_from=output)
+        written = PeftConfig.from_pretrained(stage)
+        adapter_file.validate(os.path.join(stage, adapter_file.WEIGHTS_NAME), written)  # as loading will
+        write_model_card(stage, {"default": written}, load_from=output)
     return output
 
 

@@ -113,10 +113,15 @@ _JSON_KINDS = {dict: "object", list: "list", str: "string", bool: "boolean", int
 
 
 def json_kind(value) -> str:
-    """`value` as an error message names it: 'null', "a JSON list ('[1, 2]')"."""
+    """`value` as an error message names it: 'null', "a JSON list of 2 items", "a JSON string ('abc')". Costs
+    no more than a glance at the value, however large or deep it is."""
     if value is None:
         return "null"
-    return f"a JSON {_JSON_KINDS.get(type(value), type(value).__name__)} ({json.dumps(value)[:40]!r})"
+    kind = _JSON_KINDS.get(type(value), type(value).__name__)
+    if isinstance(value, (list, dict)):
+        return f"a JSON {kind} of {len(value):,} items"
+    text = value[:40] if isinstance(value, str) else value
+    return f"a JSON {kind} ({json.dumps(text)[:40]!r})"
 
 
 def to_json(fingerprint: dict) -> str:

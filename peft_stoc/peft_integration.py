@@ -85,24 +85,21 @@ def _check_base(tuner, file: adapter_file.AdapterFile, config, ignore_base_misma
 
 
 def _validate(tuner, path: str, config, ignore_base_mismatch: bool):
-    """Everything in the file at `path` against the model, before any of it is applied; returns the file."""
+    """Everything in the file at `path` against the model, before any of it is applied (`adapter_file.validate`, the
+    one validation the command line uses too); returns the file."""
     params = tuner._adapter_params("", config)
     expected = adapter_file.Expected(
         numels={name: p.numel() for name, p in params.items()},
         dtypes={name: p.dtype for name, p in params.items()},
         heads=_head_specs(tuner, config),
     )
-    file = adapter_file.read_metadata(path, limits=expected.limits())
-    adapter_file.check_counts(file.counts, f"{path}: header entry '{adapter_file.META_COUNTS}'", loading=True)
-    _check_base(tuner, file, config, ignore_base_mismatch)
-    adapter_file.check_entries(file.entries, expected, path)
-    adapter_file.load_tensors(file)
-    tuner.check_file(file, config, ignore_base_mismatch=ignore_base_mismatch)
-    delta = adapter_file.parse_delta(file.tensors, expected.numels, source=file.path)
-    base_values = tuner.stoc_layer.patch_base_values(params)
-    adapter_file.check_ranges(delta, expected.dtypes, base_values, source=file.path)
-    adapter_file.check_other_tensors(file.tensors, expected.heads, source=file.path)
-    return file
+    return adapter_file.validate(
+        path,
+        config,
+        expected,
+        check_base=lambda file: _check_base(tuner, file, config, ignore_base_mismatch),
+        base_values=tuner.stoc_layer.patch_base_values(params),
+    )
 
 
 class StocTuningPeftModel(PeftModel):

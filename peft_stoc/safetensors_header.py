@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,9 +53,15 @@ class Limits:
 DEFAULT_LIMITS = Limits(max_tensors=2**15, max_header_bytes=16 * 2**20, scope="read without its base model")
 
 
-def read_header(path: str, limits: Limits | None = DEFAULT_LIMITS) -> tuple[dict[str, dict], dict[str, str]]:
+def read_header(
+    path: str, limits: Limits | None = DEFAULT_LIMITS, refine: Callable[[dict], Limits | None] | None = None
+) -> tuple[dict[str, dict], dict[str, str]]:
     """The tensor entries (name -> dtype, shape, offsets) and metadata of a safetensors file, parsed within
-    `limits` (None: none) and checked for consistency with the file's size."""
+    `limits` (None: none) and checked for consistency with the file's size.
+
+    `refine(metadata)` may tighten the limits from the metadata alone (what the file says about its base), read
+    first where it leads the header (as safetensors writes it): the rest of the header is then held to them before
+    it is parsed."""
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -74,6 +81,14 @@ def read_header(path: str, limits: Limits | None = DEFAULT_LIMITS) -> tuple[dict
         raise AdapterFileError(f"Cannot read {path}: {error}.") from error
     if limits is not None:
         _check_raw_counts(raw, limits, path)
+        tighter = refine(_leading_metadata(raw)) if refine is not None else None
+        if tighter is not None:
+            if length > tighter.max_header_bytes:
+                raise AdapterFileError(
+                    f"{path} has a header of {length:,} bytes; an adapter file {tighter.scope} has at most "
+                    f"{tighter.max_header_bytes:,}. Refusing to read it."
+                )
+            _check_raw_counts(raw, tighter, path)
     header = _parse_header(raw, path)
     metadata = _check_metadata(header.pop("__metadata__", {}), path)
     _check_layout(header, size - 8 - length, path)
@@ -92,6 +107,20 @@ def _check_raw_counts(raw: bytes, limits: Limits, path: str) -> None:
         raise AdapterFileError(
             f"{path} has a header with more values than an adapter file {limits.scope} can hold. Refusing to read it."
         )
+
+
+_METADATA_START = b'{"__metadata__":'
+
+
+def _leading_metadata(raw: bytes) -> dict:
+    """The header's metadata when it comes first, parsed alone (its values are strings: cheap); else {}."""
+    if not raw.startswith(_METADATA_START):
+        return {}
+    try:
+        metadata, _ = json.JSONDecoder().raw_decode(raw.decode("utf-8"), len(_METADATA_START))
+    except (ValueError, RecursionError):
+        return {}  # the full parse names the problem
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _parse_header(raw: bytes, path: str) -> dict:
