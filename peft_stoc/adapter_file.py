@@ -50,7 +50,7 @@ META_FORMAT = "peft_stoc_format"
 META_COUNTS = "peft_stoc_counts"
 META_FINGERPRINT = "peft_stoc_fingerprint"
 META_SHAPES = "peft_stoc_shapes"
-META_HEADS = "peft_stoc_heads"  # the modules_to_save tensors written with the deltas (absent in older files)
+META_HEADS = "peft_stoc_heads"  # the modules_to_save tensors written, with their shapes (absent in older files)
 INDEX_DTYPES = (torch.int32, torch.int64)
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -487,17 +487,24 @@ def _check_bounds(file: AdapterFile, recorded: dict, expected: Expected | None, 
             raise AdapterFileError(f"{file.path} records no shape for the changed tensors {missing[:5]}.")
     if META_HEADS in file.metadata:
         recorded_heads = file._json_entry(META_HEADS)
-        if not isinstance(recorded_heads, list) or not all(isinstance(k, str) for k in recorded_heads):
+        if not isinstance(recorded_heads, dict) or not all(
+            isinstance(shape, list) and all(is_count(n) for n in shape) for shape in recorded_heads.values()
+        ):
             raise AdapterFileError(
-                f"{file.path}: header entry '{META_HEADS}' must list tensor names, "
+                f"{file.path}: header entry '{META_HEADS}' must map tensor names to shapes, "
                 f"got {fingerprints.json_kind(recorded_heads)}."
             )
-        held = sorted(key for key in file.entries if not is_delta_key(key))
-        missing, extra = sorted(set(recorded_heads) - set(held)), sorted(set(held) - set(recorded_heads))
-        if missing:
-            raise AdapterFileError(
-                f"Tensor '{missing[0]}' (a modules_to_save weight) is missing from {file.path}: its header lists it."
-            )
+        held = {key: list(entry["shape"]) for key, entry in file.entries.items() if not is_delta_key(key)}
+        for key, shape in recorded_heads.items():
+            if key not in held:
+                raise AdapterFileError(
+                    f"Tensor '{key}' (a modules_to_save weight) is missing from {file.path}: its header lists it."
+                )
+            if held[key] != shape:
+                raise AdapterFileError(
+                    f"Tensor '{key}' in {file.path} has shape {held[key]}; its header records {shape}."
+                )
+        extra = sorted(set(held) - set(recorded_heads))
         if extra:
             raise AdapterFileError(f"{file.path} holds tensors its header does not list: {extra[:5]}.")
     for key, entry in file.entries.items():
@@ -618,5 +625,6 @@ def add_metadata(path: str, metadata: dict[str, str]) -> None:
 
 
 def heads_entry(tensors: dict[str, torch.Tensor]) -> str:
-    """The `META_HEADS` header entry for a file holding `tensors`."""
-    return json.dumps(sorted(key for key in tensors if not is_delta_key(key)), separators=(",", ":"))
+    """The `META_HEADS` header entry for a file holding `tensors`: each task-head tensor's name and shape."""
+    heads = {key: list(tensors[key].shape) for key in sorted(tensors) if not is_delta_key(key)}
+    return json.dumps(heads, separators=(",", ":"))

@@ -56,6 +56,11 @@ def _read_adapter(directory: str) -> tuple[dict, adapter_file.AdapterFile]:
 
 
 def _stoc_config(directory: str, config: dict) -> StocTuningConfig:
+    heads = config.get("modules_to_save")
+    if heads is not None and not isinstance(heads, list):
+        raise CliError(
+            f"{os.path.join(directory, CONFIG_NAME)}: `modules_to_save` must be a list of module names, got {heads!r}."
+        )
     try:
         return StocTuningConfig.from_peft_type(**config)
     except (TypeError, ValueError) as error:

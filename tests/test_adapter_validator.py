@@ -86,6 +86,8 @@ HOSTILE = {
     "an integer head": _set(HEAD, torch.zeros(2, 32, dtype=torch.int64)),
     "a head of 1e300": _set(HEAD, torch.full((2, 32), 1e300, dtype=torch.float64)),
     "a missing head": _file(_drop_head),
+    "a head of another shape": _set("base_model.model.classifier.bias", torch.zeros(5)),
+    "modules_to_save a string": _config(modules_to_save="classifier"),
     "a full base weight": _file(_word_embeddings),
     "a changed tensor without a shape": _file(_unknown_changed_tensor),
     "k not below the candidates": _config(k=10**9),
