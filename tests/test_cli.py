@@ -173,9 +173,12 @@ def _set_meta(key, value):
 
 
 def _head_of(size):
+    """An adapter trained with a head of `size` outputs (its header records the head it holds)."""
+
     def change(tensors, metadata):
         tensors["base_model.model.classifier.weight"] = torch.zeros(size, 32)
         tensors["base_model.model.classifier.bias"] = torch.zeros(size)
+        metadata[adapter_file.META_HEADS] = adapter_file.heads_entry(tensors)
 
     return change
 
