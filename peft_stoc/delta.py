@@ -31,6 +31,9 @@ class SparseDelta:
     def num_changed(self) -> int:
         return sum(index.numel() for index, _ in self.tensors.values())
 
+    def clone(self) -> SparseDelta:
+        return SparseDelta({name: (index.clone(), values.clone()) for name, (index, values) in self.tensors.items()})
+
     @staticmethod
     def weighted_sum(deltas: list[SparseDelta], weights: list[float]) -> SparseDelta:
         """Σ wᵢ·δᵢ over the union of indices; entries that sum to exactly zero are dropped."""

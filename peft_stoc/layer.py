@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from . import sharded_draw, shards
-from .base_view import BaseView, ShardedBaseView
+from .base_view import BaseView
 from .delta import SparseDelta, add_delta
 from .originals import Params, Patch, StateHolder
 
@@ -87,7 +87,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         with torch.no_grad():
             for name, (index, values) in combined.tensors.items():
                 param = params[name]
-                flat, start = shards.local_entries(param)
+                flat, start = shards.writable_entries(param)
                 index = index.to(flat.device)
                 if shards.is_shard(param):  # FSDP2: each process changes the rows it holds
                     inside = (index >= start) & (index < start + flat.numel())
@@ -118,9 +118,9 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         """Store what training changed in place as adapter `name`'s delta (it must be the only one applied). Under
         FSDP2 each process holds the changes of its rows, and the delta gathers them all: call it on every process."""
         if self.applied == (name,):
-            hidden = self._view
-            if isinstance(hidden, ShardedBaseView):
-                hidden.close()  # the adapted values, not the base shown while disabled
+            view = self._view
+            if view is not None:
+                view.close()  # the adapted values, not the base shown while disabled
             delta = self.patch.delta(params, masters)
             group = shards.shard_group(params.values())
             if group is not False:
@@ -129,16 +129,14 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
                     {n: (i.to(params[n].device), v.to(params[n].device)) for n, (i, v) in gathered.items()}
                 )
             self.stoc_adapters[name].delta = delta
-            if isinstance(hidden, ShardedBaseView):
-                hidden.open()
+            if view is not None:
+                view.open()
 
     # -- disabling without forgetting --------------------------------------------------------------------------
-    def show_base(self, params: Params, owners: dict[str, list[nn.Module]], root: nn.Module) -> None:
-        """Show the base to the forward while the adapted values stay in the weights (see `BaseView`; under FSDP2,
-        `ShardedBaseView`)."""
+    def show_base(self, params: Params) -> None:
+        """Show the base in place while the adapted values wait aside (see `BaseView`)."""
         if self._view is None:
-            sharded = any(shards.is_shard(p) for p in params.values())
-            self._view = ShardedBaseView(self.patch, params) if sharded else BaseView(self.patch, params, owners, root)
+            self._view = BaseView(self.patch, params)
 
     def show_adapters(self, params: Params | None = None) -> None:
         if self._view is not None:
@@ -146,8 +144,9 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
             self._view = None
 
     @property
-    def hidden(self) -> bool:
-        return self._view is not None
+    def shown(self) -> tuple[str, ...]:
+        """The adapters whose deltas the weights show now: none while the base is shown."""
+        return () if self._view is not None else self.applied
 
     def patch_base_values(self, params: Params):
         """A reader of base values at given positions that looks through the applied deltas."""
@@ -203,6 +202,14 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         """Deltas follow the parameters they change (see `_apply`); there is no base layer to follow."""
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Switching at this level is the tuner's switch: one adapter at a time, written into the weights."""
+        tuner = self.__dict__.get("tuner")
+        if tuner is not None and not getattr(tuner, "_switching", False):
+            tuner.set_adapter(adapter_names, inference_mode=inference_mode)
+            return
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
 
     def set_active(self, names: list[str], enabled: bool) -> None:
         self._active_adapter = names[0] if len(names) == 1 else list(names)

@@ -26,6 +26,7 @@ from .layer import AdapterSlot, StocTuningLayer
 from .merging import Merging
 from .trainer_hooks import register_trainer_callback
 from .training_api import TrainingAPI
+from .weight_guard import WeightGuard
 
 
 @dataclass
@@ -92,6 +93,12 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             self._awaiting: set[str] = set()  # adapters configured from a saved file whose deltas were not loaded
             self._validated: set[str] = set()  # adapters whose file was checked against the base before loading
             self._delta_guard = model.register_forward_pre_hook(self._refuse_missing_delta)
+            self._weight_guard = WeightGuard(self._showing_trained, self._shown_text)
+            self._base_load_hooks = (
+                model.register_load_state_dict_pre_hook(self._before_base_load),
+                model.register_load_state_dict_post_hook(self._after_base_load),
+            )
+            self._loading_base = False
             self._adapters: dict[str, AdapterRecord] = {}
             self._steps_loaded: dict[str, int] = {}  # optimizer steps an adapter loaded from a file had taken
             self._stale: set[str] = set()  # adapters whose weights changed without a capture (a state dict load)
@@ -135,9 +142,11 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
                 "Every candidate parameter was frozen (requires_grad=False) before wrapping, so there is nothing to "
                 "train. Unfreeze the parameters StocTuning should draw from, or pick them with `target_modules`."
             )
-        slot = AdapterSlot()
+        slot = AdapterSlot(self._delta_shared_with(adapter_name))
         slot.refresh = lambda name=adapter_name: self._refresh(name)
         self.stoc_layer.stoc_adapters[adapter_name] = slot
+        if slot.delta.tensors:
+            self._awaiting.discard(adapter_name)
         owners = {name.rpartition(".")[0] for name in (c.name for c in candidates)}
         self.targeted_module_names.extend(sorted(owners - set(self.targeted_module_names)))
         set_additional_trainable_modules(
@@ -148,6 +157,19 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             activate_adapter=adapter_name in self.active_adapters,
         )
         self._apply_adapter_state()
+
+    def _delta_shared_with(self, adapter_name: str) -> SparseDelta | None:
+        """An adapter added with the very config object of an existing adapter starts as a copy of that adapter.
+
+        A LoRA adapter so added is a fresh one whose parameters the caller copies (TRL's DPO builds its reference
+        adapter from the policy's config and copies every parameter named `.default.`); a StocTuning adapter's
+        state is a sparse delta, not parameters, so the copy is made here. Its own training history starts
+        afresh."""
+        config = self.peft_config[adapter_name]
+        for name, other in self.peft_config.items():
+            if other is config and name != adapter_name and name in self.stoc_layer.stoc_adapters:
+                return self.adapter_delta(name).clone()
+        return None
 
     # -- state -------------------------------------------------------------------------------------------------
     def _base_params(self) -> dict[str, nn.Parameter]:
@@ -220,6 +242,14 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             return None
         return active[0]
 
+    def _showing_trained(self) -> bool:
+        training = self._training_adapter()
+        return training is not None and self.stoc_layer.shown == self._adapters_to_apply()
+
+    def _shown_text(self) -> str:
+        shown = self.stoc_layer.shown
+        return f"adapter(s) {list(shown)}" if shown else "the base model"
+
     def _capture(self, name: str) -> None:
         """Store what adapter `name` learned in place as its delta, if it trained since the last capture."""
         engine, layer = self._engine_of(name), self.stoc_layer
@@ -237,6 +267,9 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         if isinstance(self.model._modules.get(StocTuningLayer.ATTRIBUTE), StocTuningLayer):
             del self.model._modules[StocTuningLayer.ATTRIBUTE]
         self._delta_guard.remove()
+        self._weight_guard.remove()
+        for handle in self._base_load_hooks:
+            handle.remove()
 
     def _refuse_missing_delta(self, module, args) -> None:
         """transformers' `from_pretrained(adapter_dir)` and `load_adapter` load only tensors the model already has:
@@ -294,6 +327,30 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         self._stale.update(layer.applied)
         self._apply_adapter_state()
 
+    def _before_base_load(self, module, state_dict, prefix, *args) -> None:
+        """Base weights loaded while adapters are applied (`get_base_model().load_state_dict(...)`, PEFT's
+        `set_base_model_state_dict`) replace the base under the adapters: the applied deltas are stored and the
+        base restored before the load writes, and `_after_base_load` applies them again on the loaded base. A state
+        dict that carries the adapters' state (a checkpoint of the whole model) is loaded as it is instead."""
+        layer = self.stoc_layer
+        if any(key.startswith(f"{prefix}{StocTuningLayer.ATTRIBUTE}.") for key in state_dict):
+            return
+        if not layer.applied or not any(f"{prefix}{name}" in state_dict for name in layer.patch.index):
+            return
+        for name in layer.applied:
+            self._capture(name)
+        for name, record in self._adapters.items():
+            if record.engine is not None:
+                self._steps_loaded[name] = record.engine.stats.step
+        self._forget_engines()  # their record of the weights (and float32 masters) described the old base
+        layer.restore(self._base_params())
+        self._loading_base = True
+
+    def _after_base_load(self, module, incompatible_keys) -> None:
+        if self._loading_base:
+            self._loading_base = False
+            self._apply_adapter_state()
+
     def _drop_engine(self, name: str) -> None:
         record = self._adapters.get(name)
         engine, record.engine = (record.engine, None) if record is not None else (None, None)
@@ -318,7 +375,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             else:
                 layer.restore(params)
         if layer.disable_adapters:
-            layer.show_base(params, self._owners(), self.model)
+            layer.show_base(params)
         else:
             layer.show_adapters(params)
         layer.set_active(self.active_adapters, enabled=not layer.disable_adapters)
@@ -345,12 +402,6 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
                 engine.start()
             engine.accept_weights()
 
-    def _owners(self) -> dict[str, list[nn.Module]]:
-        """The modules that own each candidate parameter (a tied weight has several)."""
-        return {
-            c.name: [use.module for use in c.uses] for cs in (r.candidates for r in self._adapters.values()) for c in cs
-        }
-
     def _trainable_candidates(self, name: str) -> list[Candidate]:
         """The candidates training may change: parameters the user froze before wrapping stay frozen."""
         frozen = {key for key, (_, requires_grad) in self._requires_grad_before.items() if not requires_grad}
@@ -362,6 +413,8 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         for param in self.model.parameters():
             if id(param) not in aux:
                 param.requires_grad_(id(param) in trainable)
+        # Watched once they can receive gradients (a frozen tensor takes no hook).
+        self._weight_guard.watch(p for p in self.model.parameters() if id(p) in trainable)
 
     def adapter_delta(self, adapter_name: str) -> SparseDelta:
         """The delta of `adapter_name` right now (for the adapter being trained: what changed so far)."""
@@ -409,7 +462,11 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         if self.stoc_layer.merged_adapters:
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
             self.stoc_layer.merged_adapters = []
-        super().set_adapter(names[0], inference_mode=inference_mode)  # modules_to_save wrappers
+        self._switching = True  # PEFT calls the layer's `set_adapter`, which otherwise comes back here
+        try:
+            super().set_adapter(names[0], inference_mode=inference_mode)  # modules_to_save wrappers
+        finally:
+            self._switching = False
         self._adapters[names[0]].trainable = not inference_mode
         self._apply_adapter_state()
 

@@ -133,7 +133,7 @@ class Patch(StateHolder):
         """Write the original values back (bit for bit) and forget them."""
         with torch.no_grad():
             for name, index in self.index.items():
-                flat, start = shards.local_entries(params[name])
+                flat, start = shards.writable_entries(params[name])
                 flat[index.to(flat.device) - start if start else index.to(flat.device)] = self.original[name].to(
                     flat.device
                 )

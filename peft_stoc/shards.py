@@ -110,6 +110,15 @@ def local_entries(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     return local.view(-1), shard_rows(param).start * _per_row(param.shape)
 
 
+def writable_entries(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`local_entries` for writes that change what the weights show (switching adapters, showing the base) rather
+    than train them: through `.data`, so the parameter's version counter stays as it is and a graph built before a
+    switch and run after the switch back stays valid (`weight_guard` refuses a backward between the two)."""
+    if not is_shard(param):
+        return param.data.view(-1), 0
+    return local_entries(param)
+
+
 def _per_row(shape) -> int:
     return int(torch.Size(shape[1:]).numel()) if len(shape) else 1
 
