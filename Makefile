@@ -37,7 +37,8 @@ package: $(VENV)/.ready
 	$(PY) -m build --no-isolation --outdir dist .
 	$(PY) -m pytest -q tests/test_package_install.py
 
-# PEFT's own generic test battery (test_custom_models.py of the pinned PEFT release) on StocTuning cases; see
+# PEFT's own generic test batteries (test_custom_models.py, test_decoder_models.py and test_encoder_decoder_models.py
+# of the pinned PEFT release) on StocTuning cases; see
 # tests/peft_battery/README.md.
 peft-battery: $(VENV)/.ready
 	$(PY) -m pytest -q tests/peft_battery
