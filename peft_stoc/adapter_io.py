@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import ntpath
+import weakref
 
 import torch
 from peft.utils.other import ModulesToSaveWrapper
@@ -78,39 +79,53 @@ _TENSOR_HOOK_TABLES = ("_backward_hooks", "_post_accumulate_grad_hooks")
 
 
 class ModelState:
-    """What attaching an adapter may change in a model, recorded so that it can be put back exactly: every
-    module's children, hooks and attributes, every parameter's `requires_grad` flag and hooks. Weights are not
-    recorded (attaching does not change them; loading restores them through the record of originals)."""
+    """What attaching an adapter may change in a model, recorded so that it can be put back: every module's children,
+    hooks and attribute names, every parameter's `requires_grad` flag and hooks. Weights are not recorded (attaching
+    does not change them; loading restores them through the record of originals).
+
+    Modules and parameters are held weakly: a record kept while the model lives on (for a failed load into a fresh
+    tuner) keeps nothing alive that the model let go of (FSDP2 replaces whole parameters with shards)."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
         self.modules = [
             (
-                module,
-                dict(vars(module)),
-                dict(module._modules),
+                weakref.ref(module),
+                set(vars(module)),
+                {name: None if child is None else weakref.ref(child) for name, child in module._modules.items()},
                 {table: dict(getattr(module, table, None) or {}) for table in _HOOK_TABLES},
             )
             for module in model.modules()
         ]
         self.params = [
-            (param, param.requires_grad, {t: dict(getattr(param, t, None) or {}) for t in _TENSOR_HOOK_TABLES})
+            (
+                weakref.ref(param),
+                param.requires_grad,
+                {table: dict(getattr(param, table, None) or {}) for table in _TENSOR_HOOK_TABLES},
+            )
             for param in model.parameters()
         ]
 
     def restore(self) -> None:
-        for module, attributes, children, hooks in self.modules:
+        for module_ref, attributes, children, hooks in self.modules:
+            module = module_ref()
+            if module is None:
+                continue
             for name in [n for n in vars(module) if n not in attributes]:
                 del module.__dict__[name]
-            module.__dict__.update(attributes)
+            alive = {name: None if ref is None else ref() for name, ref in children.items()}
             module._modules.clear()
-            module._modules.update(children)
+            module._modules.update(
+                {name: child for name, child in alive.items() if child is not None or children[name] is None}
+            )
             for table, saved in hooks.items():
                 current = getattr(module, table, None)
                 if current is not None:
                     current.clear()
                     current.update(saved)
-        for param, requires_grad, hooks in self.params:
+        for param_ref, requires_grad, hooks in self.params:
+            param = param_ref()
+            if param is None:
+                continue
             param.requires_grad_(requires_grad)
             for table, saved in hooks.items():
                 current = getattr(param, table, None)
