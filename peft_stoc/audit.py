@@ -1,7 +1,16 @@
-"""The audit: a few fixed entries per candidate tensor that may only change in an intercepted optimizer step.
+"""The audit: every base entry may only change in an intercepted optimizer step, and there only if it was drawn.
 
 It catches any change to the base that did not pass through a confined step (a manual update, a `param.data`
-assignment, an optimizer outside `torch.optim`) and raises, instead of letting training run dense in silence.
+assignment, an optimizer outside `torch.optim`, an optimizer that moves entries it was not given a gradient for) and
+raises, instead of letting training run dense in silence.
+
+Exact, not sampled: each candidate tensor has a checksum of its *base* — the bit patterns of its current values, with
+the originals in place of the entries the record of originals holds (`originals.Patch`). Training changes only
+recorded entries, and switching adapters only writes recorded entries, so the base checksum stays the same through
+both; any other change to any entry moves it (a change of a single entry always does: the checksum weights every
+64-bit word by an odd number). Computing it reads each weight once, as integers (a few ms per 20M entries), and the
+recorded entries are accounted for in time ∝ changed entries. Between steps not even recorded entries may change:
+their own checksum (`touched`) is kept too.
 """
 
 from __future__ import annotations
@@ -12,8 +21,6 @@ from . import shards
 from .candidates import Candidate
 from .originals import Patch
 
-AUDIT_ENTRIES_PER_TENSOR = 4
-
 BYPASS_HINT = (
     "outside an optimizer step that StocTuning intercepted (a manual update, an assignment to `param.data`, or an "
     "optimizer that is not a torch.optim.Optimizer). StocTuning confines `optimizer.step()` of torch.optim "
@@ -21,61 +28,130 @@ BYPASS_HINT = (
     "through such an optimizer, or call `model.base_model.stoc_sync()` after changing weights on purpose."
 )
 
+_WORDS = 1 << 19  # 64-bit words per chunk (4 MiB of temporaries)
+_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
+_SALT = 0x7F4A7C159E3779B9
+_UNSIGNED = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: -1}
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _word_weights(words: torch.Tensor) -> torch.Tensor:
+    """The odd weight of each 64-bit word (global word positions `words`), wrapping int64 arithmetic."""
+    position, chunk = words % _WORDS, words // _WORDS
+    return ((position * _MIX + _SALT) | 1) * (chunk * 2 + 1)
+
+
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _first_chunk_weights(device: torch.device) -> torch.Tensor:
+    if device not in _WEIGHTS:
+        _WEIGHTS[device] = _word_weights(torch.arange(_WORDS, dtype=torch.int64, device=device))
+    return _WEIGHTS[device]
+
+
+def checksum(flat: torch.Tensor) -> int:
+    """Σ word · weight(word position) mod 2⁶⁴ over the bytes of `flat` (contiguous), read as 64-bit words."""
+    try:
+        raw = flat.view(torch.uint8)
+        raw[: raw.numel() // 8 * 8].view(torch.int64)
+    except RuntimeError:  # entries not aligned to 8 bytes in their storage (a view into a larger buffer)
+        raw = flat.clone().view(torch.uint8)
+    whole = raw.numel() // 8
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    words = raw[: whole * 8].view(torch.int64)
+    weights = _first_chunk_weights(flat.device)
+    for chunk, start in enumerate(range(0, whole, _WORDS)):
+        part = words[start : start + _WORDS]
+        total += (part * weights[: part.numel()]).sum() * (chunk * 2 + 1)
+    tail = raw[whole * 8 :]
+    if tail.numel():  # the last, partial word, its bytes little-endian
+        shifts = torch.arange(tail.numel(), dtype=torch.int64, device=flat.device) * 8
+        word = (tail.to(torch.int64) << shifts).sum()
+        total += word * _word_weights(torch.tensor(whole, device=flat.device))
+    return int(total)
+
+
+def entry_terms(values: torch.Tensor, positions: torch.Tensor) -> int:
+    """What the entries at flat `positions`, holding `values`, contribute to `checksum` of their tensor."""
+    if positions.numel() == 0:
+        return 0
+    size = values.element_size()
+    bits = values.contiguous().view(_INT_OF_SIZE[size]).to(torch.int64) & _UNSIGNED[size]
+    byte = positions.to(torch.int64) * size
+    shifted = bits << ((byte % 8) * 8)
+    return int((shifted * _word_weights(byte // 8).to(shifted.device)).sum())
+
 
 class Audit:
-    """A few fixed entries per candidate tensor whose values must only change through intercepted steps."""
+    """The base checksum of every candidate tensor, and the checksum of its recorded (changed) entries."""
 
-    def __init__(self, candidates: list[Candidate]):
-        generator = torch.Generator().manual_seed(0x5170C)
-        self.candidates = candidates
-        # The entries held here: the whole tensor, or under FSDP2 this process's rows (positions are local to them).
-        held = [shards.local_entries(c.param) for c in candidates]
-        self.starts = [start for _, start in held]
-        self.positions = [
-            torch.randint(max(1, flat.numel()), (min(AUDIT_ENTRIES_PER_TENSOR, flat.numel()),), generator=generator)
-            .unique()
-            .to(flat.device)
-            for flat, _ in held
-        ]
-        self.values: torch.Tensor | None = None
+    def __init__(self, candidates: list[Candidate], patch: Patch):
+        self.candidates, self.patch = candidates, patch
+        self.base: list[int] | None = None  # None: taken at the next check
+        self.touched: list[int] | None = None
 
-    def _gather(self) -> torch.Tensor:
-        """The audited values of all tensors in one vector: one comparison per check, whatever the model's size."""
-        if not self.candidates:
-            return torch.empty(0)
-        device = self.candidates[0].param.device  # a model spread over devices is checked on the first one's
-        return torch.cat(
-            [
-                shards.local_entries(c.param)[0].index_select(0, p).to(device)
-                for c, p in zip(self.candidates, self.positions)
-            ]
-        )
+    def _held(self, candidate: Candidate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The entries held here (under FSDP2: this process's rows), and the recorded positions among them with
+        their originals, positions local to the held entries."""
+        flat, start = shards.local_entries(candidate.param)
+        index = self.patch.index.get(candidate.name)
+        if index is None or index.numel() == 0:
+            empty = torch.empty(0, dtype=torch.int64, device=flat.device)
+            return flat, empty, flat[:0]
+        index = index.to(flat.device)
+        original = self.patch.original[candidate.name].to(flat.device)
+        if start or shards.is_shard(candidate.param):
+            inside = (index >= start) & (index < start + flat.numel())
+            index, original = index[inside] - start, original[inside]
+        return flat, index, original
 
-    def refresh(self) -> None:
-        self.values = self._gather()
+    def _sums(self, candidate: Candidate) -> tuple[int, int]:
+        """(base checksum, checksum of the recorded entries' current values) of one tensor."""
+        flat, index, original = self._held(candidate)
+        current = entry_terms(flat.index_select(0, index), index)
+        return (checksum(flat) - current + entry_terms(original, index)) & (2**64 - 1), current
+
+    def _touched(self, candidate: Candidate) -> int:
+        flat, index, _ = self._held(candidate)
+        return entry_terms(flat.index_select(0, index), index)
+
+    def reset(self) -> None:
+        """Take the weights as they are now as the base (`stoc_sync`: changes made on purpose)."""
+        self.base = self.touched = None
 
     def invalidate(self) -> None:
-        """Our own changes to the weights: take a new baseline at the next check."""
-        self.values = None
+        """Our own writes (an adapter applied, reverted or loaded) changed recorded entries only: the base checksum
+        stays, the recorded entries' checksum is taken anew at the next check."""
+        self.touched = None
+
+    def take_touched(self) -> None:
+        """After a step that moved recorded entries only: their checksum as they are now (∝ changed entries)."""
+        if self.base is not None:
+            self.touched = [self._touched(c) for c in self.candidates]
+
+    def refresh(self) -> None:
+        sums = [self._sums(c) for c in self.candidates]
+        self.base, self.touched = [b for b, _ in sums], [t for _, t in sums]
 
     def verify(self, allowed: Patch | None = None, context: str = "") -> None:
-        """Raise if an audited entry changed since the last refresh (entries in `allowed` may change)."""
-        if self.values is None:
+        """Raise if any entry outside the recorded ones changed since the base was taken, or — without `allowed` —
+        if a recorded entry changed since the last check."""
+        if self.base is None:
             self.refresh()
             return
-        current = self._gather()
-        moved = (self.values != current) & ~(torch.isnan(self.values) & torch.isnan(current))
-        if bool(moved.any()):
-            sizes = [p.numel() for p in self.positions]
-            for candidate, positions, start, moved_here in zip(
-                self.candidates, self.positions, self.starts, moved.split(sizes)
-            ):
-                if not bool(moved_here.any()):
-                    continue
-                if allowed is not None and candidate.name in allowed.index:
-                    changed = allowed.index[candidate.name].to(positions.device) - start
-                    moved_here = moved_here & ~torch.isin(positions, changed).to(moved_here.device)
-                    if not bool(moved_here.any()):
-                        continue
+        sums = [self._sums(c) for c in self.candidates]
+        for candidate, (base, touched), expected, before in zip(
+            self.candidates, sums, self.base, self.touched or [None] * len(sums)
+        ):
+            if base != expected or (allowed is None and before is not None and touched != before):
                 raise RuntimeError(f"StocTuning: base parameter '{candidate.name}' changed {context}")
-        self.values = current
+        self.touched = [t for _, t in sums]
+
+    def verify_touched(self, context: str = "") -> None:
+        """The cheap check between steps (∝ changed entries): no recorded entry changed since the last check."""
+        if self.touched is None:
+            return
+        for candidate, before in zip(self.candidates, self.touched):
+            if self._touched(candidate) != before:
+                raise RuntimeError(f"StocTuning: base parameter '{candidate.name}' changed {context}")

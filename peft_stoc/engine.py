@@ -76,7 +76,7 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         self.k = k
         self.max_changed = max_changed
         self.tracker = ActivationTracker(root, candidates, config.activation_stat)
-        self.audit = Audit(candidates)
+        self.audit = Audit(candidates, patch)
         self.decay = DecayRedirect()
         self.strict = StrictGuard()
         self.stats = StepStats(step=step, candidates=sum(c.numel for c in candidates), changed=patch.count)
@@ -104,6 +104,8 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         self.driven_by_trainer = False
         self._accelerate_accumulates = False
         self._pending = None  # (drawn, values, factors, kind, updated positions) of a lean step under way
+        self._stepped: set[int] = set()  # candidates held by the optimizers stepped since the latest forward
+        self._undo: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # weights before an unknown optimizer's step
         self._state_key = state_key
         self._grad_handles: list = []
         self._rank_sync = None
@@ -140,7 +142,7 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
 
     def stop(self) -> None:
         """Pause: the adapter is not trained for now (disabled, another adapter active, inference mode). Pending
-        gradients stay where they are; an optimizer step while paused is refused (`refuse_pending_gradients`)."""
+        gradients stay where they are; an optimizer step while paused is refused (`refuse_paused_step`)."""
         self._detach()
         optimizer_hooks.PAUSED.add(self)
 
@@ -152,18 +154,22 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
             self.lean.clear_gradients()
             self.lean.reset()
 
-    def refuse_pending_gradients(self) -> None:
-        """Raise, before anything changes, if an optimizer is about to apply gradients of candidates while their
-        adapter is not being trained: the step would change the base outside the record of original values."""
+    def refuse_paused_step(self) -> None:
+        """Raise, before anything changes, when an optimizer holding candidates steps while their adapter is not being
+        trained: the step would train nothing (the candidates do not require gradients then), or apply gradients
+        left from before, which could neither be confined nor saved."""
         pending = [c.name for c in self.candidates if c.param.grad is not None]
-        if pending:
-            raise RuntimeError(
-                f"StocTuning: optimizer.step() would update {len(pending)} base tensors (e.g. '{pending[0]}') whose "
-                "adapter is not being trained right now (it is disabled, inactive or in inference mode), so the "
-                "change could neither be confined nor saved. Step the optimizer where the adapter is enabled and "
-                "active (e.g. after the `with model.disable_adapter():` block), or call `optimizer.zero_grad()` "
-                "first to drop these gradients."
-            )
+        what = (
+            f"would update {len(pending)} base tensors (e.g. '{pending[0]}') outside any adapter"
+            if pending
+            else "would train nothing"
+        )
+        raise RuntimeError(
+            f"StocTuning: optimizer.step() {what}: the adapter is not being trained right now (it is disabled, "
+            "inactive or in inference mode). Step the optimizer where the adapter is enabled and active (e.g. after "
+            "the `with model.disable_adapter():` block, or after `set_adapter(name)`); to drop pending gradients, "
+            "call `optimizer.zero_grad()`."
+        )
 
     def _detach(self) -> None:
         self.tracker.detach()
@@ -176,9 +182,13 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         self.decay.restore()
         self.strict.restore()
 
-    def accept_weights(self) -> None:
-        """The weights were changed on purpose (an adapter applied, reverted or loaded): the audit starts over."""
-        self.audit.invalidate()
+    def accept_weights(self, base_too: bool = False) -> None:
+        """The weights were changed on purpose: an adapter applied, reverted or loaded (recorded entries only), or —
+        `base_too` — the base itself (`stoc_sync`, parameters replaced): the audit starts over for what changed."""
+        if base_too:
+            self.audit.reset()
+        else:
+            self.audit.invalidate()
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
         count = sum(len(g["params"]) for g in optimizer.param_groups)
@@ -201,8 +211,9 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         self._cycle_drawn = False
         self._depth = 0
         self._pending = None
+        self._stepped = set()
         self._check_setup()
-        self.audit.verify(context=BYPASS_HINT)
+        self.audit.verify(context=BYPASS_HINT)  # every entry, against its base checksum (a pass of a few ms)
         if self._backward_seen:
             self._after_backward_without_step()
         self._forwards += 1
@@ -322,6 +333,8 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._depth += 1
         if self._cycle_drawn:
+            if self._depth == 1:
+                self._refuse_second_optimizer(optimizer)
             if self._pending is not None:
                 self._release_gradients(optimizer)  # another optimizer holding other candidates
             else:
@@ -329,8 +342,9 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
                 self.decay.apply(optimizer, self._drawn_by_id)
             return
         self._check_setup()
-        self.audit.verify(context=BYPASS_HINT)
+        self.audit.verify_touched(context=BYPASS_HINT)
         self._refuse_unconfinable(optimizer)
+        self._stepped = self._held_candidates(optimizer)
         kind = sparse_optim.kind_of(optimizer)
         if self.lean is not None and kind is None:
             if self.sharded:
@@ -347,6 +361,8 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         if self.lean is not None:
             self._lean_step(optimizer, kind)
         else:
+            self._refuse_underflowing_eps(optimizer)
+            self._keep_for_undo(optimizer)
             self._dense_step(optimizer)
 
     def _skipped_by_scaler(self, optimizer) -> bool:
@@ -422,13 +438,13 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         self.strict.restore()
         if self._pending is not None:
             self._lean_update(optimizer)
-        self.audit.verify(
-            allowed=self.patch,
-            context=(
-                f"in a step of {type(optimizer).__name__} although it was not drawn: this optimizer moves entries "
-                "whose gradient is zero, so StocTuning cannot confine it. Use SGD, Adam or AdamW from torch.optim."
-            ),
-        )
+        kept, self._undo = self._undo, None
+        if kept is None:
+            # SGD, Adam, AdamW and the like with masked gradients, or StocTuning's own sparse update, move recorded
+            # entries only: their checksum is taken anew, and the next forward checks every entry.
+            self.audit.take_touched()
+        else:
+            self._verify_or_undo(optimizer, kept)
         self.stats.changed = self._changed_count()
         self.stats.optimizer_state_bytes = state_bytes(optimizer, self.candidates, self.state_key)
         if self._forwards:

@@ -222,7 +222,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         self._fingerprints.clear()
         for engine in self._running_or_paused():
             engine.parameters_replaced()
-            engine.accept_weights()
+            engine.accept_weights(base_too=True)
 
     def _adapters_to_apply(self) -> tuple[str, ...]:
         """The adapters whose deltas should be in the weights: the merged ones, else the active one."""

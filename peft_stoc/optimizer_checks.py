@@ -5,6 +5,8 @@ state it holds indexes the entries this process holds.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from . import distributed, optimizer_hooks
@@ -14,8 +16,85 @@ from . import distributed, optimizer_hooks
 UNCONFINABLE = ("ASGD", "LBFGS", "SparseAdam")
 
 
+# torch.optim's update rules that leave an entry alone where its gradient and its state are zero, so that masking the
+# gradient confines their step. Other optimizers (subclasses that override `step`, other libraries') are checked
+# after each step against a copy of the weights they hold, and their step is undone if it moved an entry not drawn.
+_CONFINED_BY_MASKING = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Adadelta")
+
+
+def _update_rule(optimizer_class) -> object:
+    return inspect.unwrap(optimizer_class.step)
+
+
+def confined_by_masking(optimizer) -> bool:
+    rule = _update_rule(type(optimizer))
+    return any(rule is _update_rule(getattr(torch.optim, n)) for n in _CONFINED_BY_MASKING if hasattr(torch.optim, n))
+
+
 class OptimizerChecks:
     """Checks of `StepEngine` on the optimizers it serves."""
+
+    def _held_candidates(self, optimizer) -> set[int]:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return {id(c.param) for c in self.candidates if id(c.param) in held}
+
+    def _refuse_second_optimizer(self, optimizer) -> None:
+        """Two optimizer steps over the same candidates between two forwards would update the drawn entries twice
+        (or, in memory-lean mode, not at all the second time): refused before the second changes anything."""
+        twice = self._held_candidates(optimizer) & self._stepped
+        if twice:
+            name = next(c.name for c in self.candidates if id(c.param) in twice)
+            raise RuntimeError(
+                f"StocTuning: a second optimizer step over '{name}' (and {len(twice) - 1} more candidates) since the "
+                f"latest forward ({type(optimizer).__name__}): one draw is made per step, and an optimizer step "
+                "applies it. Give each candidate to one optimizer and step each optimizer once per step."
+            )
+        self._stepped |= self._held_candidates(optimizer)
+
+    def _refuse_underflowing_eps(self, optimizer) -> None:
+        """A dense step over low-precision weights: an `eps` that rounds to 0 in their dtype makes Adam-like updates
+        0/0 = NaN at every entry whose gradient was masked (zero gradient, zero state). Refused before the step."""
+        names = {id(c.param): c.name for c in self.candidates}
+        for group in optimizer.param_groups:
+            eps = group.get("eps")
+            if not isinstance(eps, (int, float)) or eps <= 0:
+                continue
+            for param in group["params"]:
+                if id(param) in names and param.is_floating_point() and torch.tensor(eps, dtype=param.dtype) == 0:
+                    smallest = torch.finfo(param.dtype).smallest_normal
+                    raise ValueError(
+                        f"{type(optimizer).__name__}'s eps={eps} is 0 in {param.dtype} (the dtype of "
+                        f"'{names[id(param)]}'): its dense step would divide 0 by 0 at every entry that was not drawn "
+                        "and turn them into NaN. Nothing was changed. Train with memory='lean' or 'auto' and SGD, "
+                        "Adam or AdamW (StocTuning's own update keeps float32 values for low-precision weights), set "
+                        f"eps to at least {smallest:.1e}, or train a float32 base."
+                    )
+
+    def _keep_for_undo(self, optimizer) -> None:
+        """Before the dense step of an optimizer whose update rule StocTuning does not know: a copy of the candidates
+        it holds, so that a step that moves an entry not drawn can be undone exactly (`after_step`)."""
+        if confined_by_masking(optimizer):
+            return
+        held = self._held_candidates(optimizer)
+        self._undo = [(c.param, c.param.detach().clone()) for c in self.candidates if id(c.param) in held]
+
+    def _verify_or_undo(self, optimizer, kept: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """After such a step: every entry outside the record of originals must be as it was, or the whole step is
+        undone (the weights it held written back from the copy) and refused."""
+        try:
+            self.audit.verify(
+                allowed=self.patch,
+                context=(
+                    f"in a step of {type(optimizer).__name__} although it was not drawn: this optimizer moves "
+                    "entries whose gradient is zero, so StocTuning cannot confine it. Use SGD, Adam or AdamW from "
+                    "torch.optim."
+                ),
+            )
+        except RuntimeError as error:
+            with torch.no_grad():
+                for param, before in kept:
+                    param.copy_(before)
+            raise RuntimeError(f"{error} The step was undone: every weight is as it was before it.") from None
 
     def _check_sparse_state(self, optimizer) -> None:
         """The sparse optimizer state indexes the entries this process holds: under FSDP2 the rows of its shards.

@@ -30,7 +30,7 @@ def _before_any_step(optimizer, args, kwargs):
     if not running:  # (with an adapter in training, its own checks cover the parameters it does not train)
         for engine in list(PAUSED):
             if engine.owns(optimizer):
-                engine.refuse_pending_gradients()
+                engine.refuse_paused_step()
     for engine in running:
         engine.before_step(optimizer)
 

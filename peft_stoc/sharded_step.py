@@ -50,7 +50,7 @@ class ShardedSteps:
         self.shards = [shards.shard_rows(c.param) for c in self.candidates]
         self.parameters_replaced()
         self._strays = weakref.WeakKeyDictionary()
-        self.audit = Audit(self.candidates)
+        self.audit = Audit(self.candidates, self.patch)
         mesh = next(c.param.device_mesh for c in self.candidates if shards.is_shard(c.param))
         group = mesh.get_group()
         self._shard_sync = sharded_draw.ShardSync(group)

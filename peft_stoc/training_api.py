@@ -95,7 +95,7 @@ class TrainingAPI:
         """Accept changes made to the base weights outside an optimizer step as the new starting point."""
         engine = self.stoc_engine()
         if engine is not None:
-            engine.accept_weights()
+            engine.accept_weights(base_too=True)
 
     def _head_parameters(self, name: str) -> list[torch.nn.Parameter]:
         """The parameters of adapter `name`'s trained copies of the modules_to_save (trained in full, saved whole)."""

@@ -1,0 +1,191 @@
+"""No path changes the base silently: the exact audit (every entry, not a sample), optimizers whose step would move
+entries they were not given, low-precision dense steps that would make NaN, steps while an adapter is disabled, and a
+second optimizer over the same candidates."""
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_stoc import StocTuningConfig
+from peft_stoc.audit import checksum, entry_terms
+
+from .helpers import base_snapshot, batch, tiny_model
+
+
+def _model(memory="auto", dtype=None, **config):
+    base = tiny_model()
+    if dtype is not None:
+        base = base.to(dtype)
+    return get_peft_model(base, StocTuningConfig(k=40, task_type="SEQ_CLS", memory=memory, **config)).train()
+
+
+def _step(model, optimizer, seed=0):
+    model(**batch(seed=seed)).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _untouched_entry(model) -> tuple[str, int]:
+    """A candidate entry no step changed (not in the record of originals)."""
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    recorded = model.base_model.stoc_layer.patch.index.get(name, torch.empty(0, dtype=torch.long))
+    return name, next(i for i in range(1000) if i not in set(recorded.tolist()))
+
+
+def test_checksum_of_entries_adds_up_to_the_checksum_of_the_tensor():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for size in (1, 3, 7, 1000, 4099):
+            flat = torch.randn(size).to(dtype)
+            assert checksum(flat) == entry_terms(flat, torch.arange(size))
+            changed = flat.clone()
+            bits = changed.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[changed.element_size()])
+            bits[size // 2] ^= 1
+            assert checksum(changed) != checksum(flat)  # one entry, one step of its last bit
+
+
+@pytest.mark.parametrize("memory", ["dense", "lean"])
+def test_a_single_entry_edit_is_caught_at_the_next_forward_and_before_a_save(memory, tmp_path):
+    model = _model(memory)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, optimizer)
+    name, entry = _untouched_entry(model)
+    weight = model.base_model._base_params()[name]
+    with torch.no_grad():
+        weight.view(-1)[entry] += 1
+    with pytest.raises(RuntimeError, match="query.weight' changed outside"):
+        model.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    with pytest.raises(RuntimeError, match="query.weight' changed outside"):
+        model(**batch(seed=1))
+
+
+def test_an_edit_of_an_entry_training_changed_is_caught():
+    model = _model("dense")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _step(model, optimizer)
+    name, index = next((n, i) for n, i in model.base_model.stoc_layer.patch.index.items() if i.numel())
+    with torch.no_grad():
+        model.base_model._base_params()[name].view(-1)[index[0]] += 1
+    with pytest.raises(RuntimeError, match="changed outside"):
+        model(**batch(seed=1))
+
+
+def test_weight_clipping_after_the_step_is_caught():
+    """Clipping every weight after an SGD step moves entries the step did not draw."""
+    model = _model("dense")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _step(model, optimizer)
+    with torch.no_grad():
+        for param in model.base_model._base_params().values():
+            param.clamp_(-0.065, 0.065)
+    with pytest.raises(RuntimeError, match="changed outside"):
+        _step(model, optimizer, seed=1)
+
+
+class _CentralisedSGD(torch.optim.SGD):
+    """Gradient-centralised SGD: subtracts each row's mean gradient, which moves entries whose gradient is zero."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and param.dim() > 1:
+                    param.grad.sub_(param.grad.mean(dim=1, keepdim=True))
+        return super().step(closure)
+
+
+class _DecayEverySGD(torch.optim.SGD):
+    """SGD that decays every entry it holds, gradient or not."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        super().step(closure)
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.mul_(0.999)
+
+
+@pytest.mark.parametrize("optimizer_class", [_CentralisedSGD, _DecayEverySGD])
+def test_an_optimizer_that_moves_undrawn_entries_is_undone_exactly(optimizer_class):
+    model = _model()
+    optimizer = optimizer_class(model.parameters(), lr=0.1)
+    before = base_snapshot(model)
+    with pytest.warns(UserWarning, match="dense"), pytest.raises(RuntimeError, match="not drawn.*undone"):
+        _step(model, optimizer)
+    assert _same(base_snapshot(model), before)
+
+
+@pytest.mark.parametrize("setting", [("dense", torch.optim.AdamW), ("auto", torch.optim.RMSprop)])
+def test_a_dense_float16_step_whose_eps_vanishes_is_refused_before_any_nan(setting):
+    memory, optimizer_class = setting
+    model = _model(memory, dtype=torch.float16)
+    optimizer = optimizer_class(model.parameters(), lr=1e-3)
+    before = base_snapshot(model)
+    with pytest.raises(ValueError, match="eps=1e-08 is 0 in torch.float16"):
+        with pytest.warns(UserWarning) if memory == "auto" else _nothing():
+            _step(model, optimizer)
+    assert _same(base_snapshot(model), before)
+    # An eps that float16 can hold trains, and the entries not drawn stay as they were.
+    optimizer = optimizer_class(model.parameters(), lr=1e-3, eps=1e-4)
+    optimizer.zero_grad()
+    _step(model, optimizer, seed=1)
+    after = base_snapshot(model)
+    assert all(bool(torch.isfinite(v).all()) for v in after.values())
+    changed = sum(int((after[k] != before[k]).sum()) for k in before)
+    assert 0 < changed <= 40
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+@pytest.mark.parametrize("memory", ["dense", "lean"])
+def test_a_step_inside_disable_adapter_is_refused(memory):
+    model = _model(memory)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, optimizer)
+    before = base_snapshot(model)
+    with model.disable_adapter():
+        model(**batch(seed=1))  # the base does not require gradients here: a backward would have nothing to do
+        with pytest.raises(RuntimeError, match="not being trained right now"):
+            optimizer.step()
+    assert _same(base_snapshot(model), before)
+
+
+@pytest.mark.parametrize("memory", ["dense", "lean"])
+def test_a_second_optimizer_over_the_same_candidates_is_refused(memory):
+    model = _model(memory)
+    first = torch.optim.SGD(model.parameters(), lr=0.1)
+    second = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(**batch()).loss.backward()
+    first.step()
+    after_first = base_snapshot(model)
+    with pytest.raises(RuntimeError, match="second optimizer step"):
+        second.step()
+    assert _same(base_snapshot(model), after_first)
+
+
+def test_two_optimizers_over_different_candidates_step_together():
+    model = _model("dense")
+    params = model.base_model._base_params()
+    embeddings = [p for n, p in params.items() if "embeddings" in n]
+    rest = [p for n, p in params.items() if "embeddings" not in n]
+    head = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params.values())]
+    first, second = torch.optim.SGD(embeddings, lr=0.1), torch.optim.SGD(rest + head, lr=0.1)
+    before = base_snapshot(model)
+    for seed in range(2):
+        model(**batch(seed=seed)).loss.backward()
+        first.step()
+        second.step()
+        first.zero_grad()
+        second.zero_grad()
+    changed = sum(int((base_snapshot(model)[k] != before[k]).sum()) for k in before)
+    assert 0 < changed <= 80
