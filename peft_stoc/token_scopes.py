@@ -52,3 +52,45 @@ def scope_arguments(root: nn.Module) -> dict[nn.Module, ScopeArguments]:
         elif module is root:
             scopes[module] = ScopeArguments(params, None, ("input_ids", "inputs_embeds"))
     return scopes
+
+
+# The layout of activations is the model's own: every module of a Hugging Face model reads its inputs batch-first,
+# (batch, seq, ...), except inside these classes, whose code lays them out sequence-first, (seq, batch, ...). XLNet's
+# model transposes its inputs on entry and its output back on return (its heads read batch-first values again); FSMT's
+# layers and the local self-attention of Longformer and LED work on transposed hidden states.
+SEQUENCE_FIRST_INSIDE = frozenset(
+    {
+        "transformers.models.xlnet.modeling_xlnet.XLNetModel",
+        "transformers.models.fsmt.modeling_fsmt.EncoderLayer",
+        "transformers.models.fsmt.modeling_fsmt.DecoderLayer",
+        "transformers.models.longformer.modeling_longformer.LongformerSelfAttention",
+        "transformers.models.led.modeling_led.LEDEncoderSelfAttention",
+    }
+)
+
+
+def _sequence_first_class(module: nn.Module) -> bool:
+    return any(f"{cls.__module__}.{cls.__qualname__}" in SEQUENCE_FIRST_INSIDE for cls in type(module).__mro__)
+
+
+def sequence_first_modules(root: nn.Module) -> set[int]:
+    """Ids of the modules of `root` whose inputs are laid out (seq, batch, ...) by the model's code."""
+    found: set[int] = set()
+    for module in root.modules():
+        if _sequence_first_class(module):
+            found.update(id(inner) for inner in module.modules() if inner is not module)
+    return found
+
+
+def fused_head(root: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(backbone, output embedding) of a model whose forward may project the backbone's output through the output
+    embedding's weight itself, without calling that module (TRL's fused LM head: `fused_lm_head=True`)."""
+    get_head = getattr(root, "get_output_embeddings", None)
+    try:
+        head = get_head() if callable(get_head) else None
+    except (AttributeError, NotImplementedError):
+        head = None
+    backbone = getattr(root, "base_model", None)
+    if not isinstance(head, nn.Module) or not isinstance(backbone, nn.Module) or backbone is root:
+        return None
+    return backbone, head

@@ -6,8 +6,13 @@ kept per input feature (or per vocabulary row), never at a weight's full size.
 
 Which tokens are real comes from the padding mask of the *token scope* a module runs in: the model itself and every
 sub-model that takes token inputs (an encoder, a decoder) with its own `attention_mask`. An encoder's output keeps
-its encoder's mask wherever it is read (cross-attention inside a decoder). A mask is only applied to values laid
-out as (batch, seq) or (seq, batch); anything else counts all its rows.
+its encoder's mask wherever it is read (cross-attention inside a decoder). Whether a module's values are laid out
+(batch, seq) or (seq, batch) is the model's own layout (`token_scopes.sequence_first_modules`), not a guess from a
+shape, so a batch as long as it is wide takes its mask like any other; values laid out neither way count all rows.
+
+A model whose forward projects its backbone's output through the output embedding's weight itself (TRL's fused LM
+head, `fused_lm_head=True`) is followed there: μ of the head is the mean of the backbone's output over the positions
+whose next-token label is not -100, the positions that reach the head.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch import nn
 from . import opaque_hooks
 from .candidates import Candidate, UseKind, is_rms_norm
 from .row_gathers import RowGathers
-from .token_scopes import scope_arguments
+from .token_scopes import fused_head, scope_arguments, sequence_first_modules
 
 # A factor of μ: a vector along one weight dimension, or None for the constant 1.
 MeanFactor = tuple[torch.Tensor | None, int]
@@ -66,11 +71,14 @@ class ActivationTracker:
         self._seen: dict[tuple, tuple[weakref.ref, torch.Tensor, float]] = {}
         self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}  # per-forward: mask -> weights
         self._sums: dict[int, _Sum] = {}
-        self._layouts: dict[int, set[str]] = {}  # layouts each module's inputs had whenever they were unambiguous
+        self._sequence_first = sequence_first_modules(root)  # modules whose inputs the model lays out (seq, batch)
+        self._layouts: dict[int, str] = {}  # modules whose inputs, unambiguously, did not have the model's layout
+        self._head_labels: tuple[torch.Tensor, bool] | None = None  # a fused-head forward's labels, and if shifted
         self._recorders: dict[int, RowGathers] = {}  # embedding modules running under a row recorder
         self._untraced: set[int] = set()  # embedding modules that ran this step without a row gather we can follow
         self._forwards = 0  # training forwards this step
         self._bypassed_now: set[int] | None = None  # parameters used around their modules (found at the first means())
+        self._bypassed_heads: dict[int, set[int]] = {}  # tied tables by id -> head modules their weight was read around
         self._modules: dict[int, tuple[nn.Module, UseKind]] = {}
         for candidate in candidates:
             for use in candidate.uses:
@@ -88,6 +96,11 @@ class ActivationTracker:
         hooks = self._hooks
         hooks.before(self.root, functools.partial(self._on_root_start, self.root), self._scope_tensors)
         hooks.after(self.root, self._on_root_end, opaque_hooks.nothing, always_call=True)
+        fused = fused_head(self.root)
+        if fused is not None and id(fused[1]) in self._modules:
+            backbone, head = fused
+            hooks.before(self.root, self._on_head_labels, _fused_head_labels)  # after `_on_root_start`
+            hooks.after(backbone, functools.partial(self._on_backbone_output, head), _output_tensor)
         for module in self._scope_arguments:
             if module is not self.root:
                 hooks.before(module, functools.partial(self._enter_scope, module), self._scope_tensors)
@@ -116,6 +129,7 @@ class ActivationTracker:
     def _on_root_start(self, module, mask, tokens):
         self._forget_forward()
         self._bypassed_now = None
+        self._bypassed_heads.clear()
         self._training_forward = torch.is_grad_enabled()
         self._forwards += self._active()
         self._enter_scope(module, mask, tokens)
@@ -129,6 +143,7 @@ class ActivationTracker:
         self._scope_outputs.clear()
         self._seen.clear()
         self._weights.clear()
+        self._head_labels = None
         for recorder in self._recorders.values():
             recorder.__exit__(None, None, None)
         self._recorders.clear()
@@ -181,20 +196,21 @@ class ActivationTracker:
         return self._scopes[-1] if self._scopes else None
 
     def _layout(self, module: nn.Module, shape: torch.Size, mask: torch.Tensor, broadcast: bool) -> str:
-        """How `shape` (a value's token dimensions) lines up with `mask`; learnt per module from unambiguous shapes."""
+        """How `shape` (a value's token dimensions) lines up with `mask`: the layout the model gives `module`'s inputs.
+
+        A shape that only fits the other layout (a model whose code is sequence-first where no declaration says so)
+        teaches this module's layout for the batches where both fit."""
         batch, seq = mask.shape
-        fits = [
-            layout
-            for layout, target in ((BATCH_FIRST, (batch, seq)), (SEQ_FIRST, (seq, batch)))
-            if _fits(shape, target, broadcast)
-        ]
-        if (len(fits) == 1 and batch != seq) or not fits:
-            found = fits[0] if fits else UNALIGNED
-            self._layouts.setdefault(id(module), set()).add(found)
-            return found
-        # (batch, seq) and (seq, batch) look alike: trust only a layout this module always had.
-        seen = self._layouts.get(id(module), set())
-        return next(iter(seen)) if len(seen) == 1 else UNALIGNED
+        targets = {BATCH_FIRST: (batch, seq), SEQ_FIRST: (seq, batch)}
+        model = SEQ_FIRST if id(module) in self._sequence_first else BATCH_FIRST
+        expected = self._layouts.get(id(module), model)
+        if _fits(shape, targets[expected], broadcast):
+            return expected
+        other = SEQ_FIRST if expected == BATCH_FIRST else BATCH_FIRST
+        if _fits(shape, targets[other], broadcast):
+            self._layouts[id(module)] = other
+            return other
+        return UNALIGNED
 
     def _token_weights(
         self, module: nn.Module, shape: torch.Size, mask: torch.Tensor | None, dtype, device, broadcast: bool = False
@@ -225,18 +241,24 @@ class ActivationTracker:
         if cached is not None and cached[0]() is values:
             total, tokens = cached[1], cached[2]
         else:
-            flat = values.reshape(-1, values.shape[-1])
-            if self.stat == "abs_mean":
-                flat = flat.abs()
-            elif self.stat == "rms":
-                flat = flat.square()
-            if weights is None:
-                total, tokens = flat.sum(0, dtype=torch.float32), float(flat.shape[0])
-            else:
-                total, tokens = (weights[0].reshape(-1) @ flat).float(), weights[1]
+            total, tokens = self._weighted_sum(values, weights)
             if shared:  # q, k and v projections read the same tensor: sum it once per forward.
                 self._seen[key] = (weakref.ref(values), total, tokens)
         self._sums.setdefault(id(module), _Sum()).add(total, tokens)
+
+    def _weighted_sum(
+        self, values: torch.Tensor, weights: tuple[torch.Tensor, float] | None
+    ) -> tuple[torch.Tensor, float]:
+        """The statistic of `values` (..., features) summed over tokens with `weights` (laid out as the tokens; None:
+        every token counts), and the tokens it covers."""
+        flat = values.reshape(-1, values.shape[-1])
+        if self.stat == "abs_mean":
+            flat = flat.abs()
+        elif self.stat == "rms":
+            flat = flat.square()
+        if weights is None:
+            return flat.sum(0, dtype=torch.float32), float(flat.shape[0])
+        return (weights[0].reshape(-1) @ flat).float(), weights[1]
 
     def _count_rows(self, module: nn.Module, rows: torch.Tensor) -> None:
         """Add how many real tokens gathered each row of `module`'s table."""
@@ -277,6 +299,27 @@ class ActivationTracker:
         # nn.Embedding.forward passes its argument to F.embedding unchanged: it is exactly the rows gathered.
         if self._active() and ids is not None:
             self._count_rows(module, ids)
+
+    def _on_head_labels(self, labels, shift_labels):
+        # The root's forward with `fused_lm_head=True`: the positions its head projects are those whose next-token
+        # label is not -100 (`shift_labels` are already next-token labels).
+        if self._active() and (labels is not None or shift_labels is not None):
+            self._head_labels = (labels, False) if shift_labels is None else (shift_labels, True)
+
+    @torch.no_grad()
+    def _on_backbone_output(self, head, hidden):
+        found, self._head_labels = self._head_labels, None
+        if found is None or hidden is None or not self._active():
+            return
+        labels, shifted = found
+        if not shifted:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        if labels.dim() != 2 or hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
+            self._untraced.add(id(head))  # projected in a way these labels do not describe: μ = 1, with a warning
+            return
+        weights = (labels != -100).to(device=hidden.device, dtype=hidden.dtype)
+        total, tokens = self._weighted_sum(hidden, (weights, float(weights.sum())))
+        self._sums.setdefault(id(head), _Sum()).add(total, tokens)
 
     def _start_recording(self, module):
         if torch.compiler.is_compiling() or not self._active() or id(module) in self._recorders:
@@ -324,22 +367,65 @@ class ActivationTracker:
         return grad is not None and bool(grad.any())
 
     def _fallbacks(self) -> set[int]:
-        """Parameters (by id) used around their modules this step; one warning names them and the embedding modules
-        whose lookups could not be followed."""
+        """Parameters (by id) used around their modules this step; one warning names them and the tensors read through
+        modules whose use could not be followed (row lookups, a projection through a fused head), with their share of
+        the candidate entries."""
         if self._bypassed_now is None:
             bypassed = [c for c in self.candidates if self._bypassed(c)]
             self._bypassed_now = {id(c.param) for c in bypassed}
+            unfollowed = bypassed + [
+                c
+                for c in self.candidates
+                if id(c.param) not in self._bypassed_now and any(id(use.module) in self._untraced for use in c.uses)
+            ]
             names = {
-                _describe(use.module_name, use.module)
-                for c in bypassed
-                for use in c.uses
-                if use.kind is not UseKind.CONSTANT
-            }
-            names |= {
-                _describe(name, module) for name, module in self.root.named_modules() if id(module) in self._untraced
+                self._named_share(c, [u for u in c.uses if u.kind is not UseKind.CONSTANT and u.traced])
+                for c in unfollowed
             }
             _warn_once(self.root, names, UNTRACED_USES)
         return self._bypassed_now
+
+    def _named_share(self, candidate: Candidate, uses: list) -> str:
+        """`candidate`'s name, its share of the candidate entries and the modules it belongs to, for a warning."""
+        share = candidate.numel / (sum(c.numel for c in self.candidates) or 1)
+        modules = ", ".join(_describe(u.module_name, u.module) for u in uses)
+        return f"{candidate.name} ({_share(share)} of the candidate entries, in {modules})"
+
+    def _heads_read_around(self, candidate: Candidate) -> set[int]:
+        """Head modules (by id) of a tied table whose weight this step's forwards read without calling them.
+
+        The table's rows were gathered as embeddings, the head never ran, yet rows that no real token gathered have a
+        gradient: the head's projection reached them some other way. Found once the gradient is complete (lean memory
+        asks for μ then), with one warning naming the tensor."""
+        found = self._bypassed_heads.get(id(candidate.param))
+        if found is not None:
+            return found
+        found = set()
+        rows = [u for u in candidate.uses if u.kind is UseKind.EMBEDDING_ROW and id(u.module) not in self._untraced]
+        idle = [
+            u
+            for u in candidate.uses
+            if u.kind is UseKind.LINEAR_INPUT and id(u.module) not in self._sums and id(u.module) not in self._untraced
+        ]
+        grad = candidate.param.grad
+        if grad is not None and hasattr(grad, "to_local"):
+            grad = grad.to_local()
+        counts = [self._sums.get(id(u.module)) for u in rows]
+        if (
+            self._forwards
+            and idle
+            and counts
+            and all(acc is not None and acc.total is not None for acc in counts)
+            and type(grad) is torch.Tensor
+            and grad.dim() == 2
+            and grad.shape[0] == counts[0].total.numel()
+        ):
+            gathered = sum(acc.total.to(grad.device) for acc in counts) > 0
+            if bool(grad[~gathered].any()):
+                found = {id(u.module) for u in idle}
+                _warn_once(self.root, {self._named_share(candidate, idle)}, UNTRACED_USES)
+        self._bypassed_heads[id(candidate.param)] = found
+        return found
 
     def means(self, candidate: Candidate, rows: slice | None = None) -> list[MeanFactor]:
         """μ of `candidate` as factors to broadcast and add: [(vector, dim), ...], (None, 0) meaning 1.
@@ -351,8 +437,9 @@ class ActivationTracker:
             return [(None, 0)]
         factors: list[MeanFactor] = []
         param = candidate.param
+        around = self._heads_read_around(candidate)
         for use in candidate.uses:
-            if use.kind is UseKind.CONSTANT or id(use.module) in self._untraced:
+            if use.kind is UseKind.CONSTANT or id(use.module) in self._untraced or id(use.module) in around:
                 factors.append((None, 0))
             else:
                 mean = self._mean(use.module, param.shape[use.dim], param.device)
@@ -367,6 +454,7 @@ class ActivationTracker:
         self._sums.clear()
         self._untraced.clear()
         self._bypassed_now = None
+        self._bypassed_heads.clear()
         self._forwards = 0
 
 
@@ -386,6 +474,17 @@ def _first_input(module, args, kwargs, output) -> tuple[torch.Tensor | None]:
     return ((values if isinstance(values, torch.Tensor) else None),)
 
 
+def _fused_head_labels(module, args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The labels of a forward that projects through the output embedding's weight itself (TRL's fused LM head)."""
+    if kwargs.get("fused_lm_head") is not True:
+        return None, None
+    labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
+    return (
+        labels if isinstance(labels, torch.Tensor) else None,
+        shift_labels if isinstance(shift_labels, torch.Tensor) else None,
+    )
+
+
 def _output_tensor(module, args, kwargs, output) -> tuple[torch.Tensor | None]:
     return (_first_tensor(output),)
 
@@ -397,6 +496,10 @@ def _first_tensor(output) -> torch.Tensor | None:
     if isinstance(output, (tuple, list)):
         output = output[0] if output else None
     return output if isinstance(output, torch.Tensor) else None
+
+
+def _share(fraction: float) -> str:
+    return f"{fraction:.2%}" if fraction >= 0.0001 else "<0.01%"
 
 
 def _describe(name: str, module: nn.Module) -> str:
@@ -412,9 +515,9 @@ UNTRACED_TYPES = (
     "importance is |weight * gradient|."
 )
 UNTRACED_USES = (
-    "StocTuning could not follow how {names} used their parameters in the forward pass (used without calling the "
-    "module, or gathered rows in a way it does not recognise); their parameters get an activation statistic of 1, "
-    "so their importance is |weight * gradient|."
+    "StocTuning could not follow how the forward pass used these tensors: {names}. They were read without calling "
+    "their module, or their rows were gathered in a way StocTuning does not recognise; for that use they get an "
+    "activation statistic of 1, so their importance is |weight * gradient|."
 )
 
 _WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> module names already warned about
