@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
+import torch
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -122,8 +123,60 @@ def _trained_fully(model: nn.Module, config) -> list[str]:
     return found
 
 
-def find_candidates(model: nn.Module, config) -> list[Candidate]:
-    """The candidate parameters of `model` under `config`, in `named_parameters()` order.
+# Weights held in a quantized form: their storage cannot hold a delta, and their gradient is not computed.
+_QUANTIZED_PARAMETERS = {"Params4bit": "bitsandbytes 4-bit", "Int8Params": "bitsandbytes 8-bit"}
+# Quantizers of transformers whose weights StocTuning cannot draw from or change (`quantization_config.quant_method`).
+_SUPPORTED_QUANTIZERS = ("bitsandbytes",)
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A weight of a matched module that cannot be a candidate, and why."""
+
+    name: str
+    module_type: str
+    reason: str
+    entries: int
+
+
+def why_not_a_candidate(param: nn.Parameter) -> str | None:
+    """Why `param` cannot be drawn from (None when it can): quantized or non-float storage."""
+    quantized = _QUANTIZED_PARAMETERS.get(type(param).__name__)
+    if quantized is not None:
+        return f"{quantized} weights"
+    data_type = type(param.data)
+    if data_type is not torch.Tensor and data_type.__name__ != "DTensor":
+        return f"a quantized tensor ({data_type.__name__})"
+    if not param.is_floating_point():
+        return f"{param.dtype} entries, not floating point"
+    return None
+
+
+def refuse_unsupported_quantization(model: nn.Module) -> None:
+    """Models quantized by a method other than bitsandbytes are refused before anything is attached."""
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quantization is None:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+    method = str(getattr(method, "value", method))
+    if method not in _SUPPORTED_QUANTIZERS:
+        raise ValueError(
+            f"StocTuning cannot tune a model quantized with {method!r}: its weights are stored in a form that "
+            "can neither be drawn from nor hold a sparse delta. Load the base without quantization (e.g. "
+            "torch_dtype=torch.bfloat16), or use a method built for quantized bases (LoRA)."
+        )
+
+
+def _entries(module: nn.Module, param_name: str, param: nn.Parameter) -> int:
+    """Entries of a weight as the layer computes with it (a packed quantized weight holds several per element)."""
+    if param_name == "weight" and hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features) * int(module.out_features)
+    return param.numel()
+
+
+def find_candidates(model: nn.Module, config, left_out: list[LeftOut] | None = None) -> list[Candidate]:
+    """The candidate parameters of `model` under `config`, in `named_parameters()` order. Weights of matched modules
+    that cannot be candidates (`why_not_a_candidate`) are appended to `left_out` when given.
 
     Raises `ValueError` when `target_modules` / `exclude_modules` leave no candidate.
     """
@@ -140,9 +193,15 @@ def find_candidates(model: nn.Module, config) -> list[Candidate]:
             if targeted:
                 selected.add(id(param))
 
-    candidates = []
+    candidates, skipped = [], []
     for name, param in model.named_parameters():
         if id(param) not in selected:
+            continue
+        reason = why_not_a_candidate(param)
+        if reason is not None:
+            module_name, module, param_name = owners[id(param)][0]
+            skipped.append(LeftOut(name, type(module).__name__, reason, _entries(module, param_name, param)))
+            selected.discard(id(param))
             continue
         uses = []
         for module_name, module, param_name in owners[id(param)]:
@@ -152,6 +211,14 @@ def find_candidates(model: nn.Module, config) -> list[Candidate]:
         candidates.append(Candidate(name, param, uses))
         selected.discard(id(param))
 
+    if left_out is not None:
+        left_out.extend(skipped)
+    if not candidates and skipped:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} and exclude_modules={config.exclude_modules!r} match only "
+            f"weights StocTuning cannot draw from: {describe_left_out(skipped)}. Target float weights, or load the "
+            "base without quantization (e.g. torch_dtype=torch.bfloat16)."
+        )
     if not candidates:
         raise ValueError(
             f"No candidate parameters: target_modules={config.target_modules!r} and "
@@ -159,6 +226,12 @@ def find_candidates(model: nn.Module, config) -> list[Candidate]:
             f"modules_to_save. Check the module names with `model.named_modules()`."
         )
     return candidates
+
+
+def describe_left_out(left_out: list[LeftOut], shown: int = 4) -> str:
+    """'name (Module: reason), ... and N more' for a warning or an error."""
+    text = ", ".join(f"'{item.name}' ({item.module_type}: {item.reason})" for item in left_out[:shown])
+    return text + (f" and {len(left_out) - shown} more" if len(left_out) > shown else "")
 
 
 def bitfit_count(candidates: list[Candidate]) -> tuple[int, bool]:

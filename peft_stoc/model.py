@@ -19,7 +19,14 @@ from torch import nn
 
 from . import shards
 from .adapter_io import AdapterFiles
-from .candidates import Candidate, find_candidates, resolve_count
+from .candidates import (
+    Candidate,
+    LeftOut,
+    describe_left_out,
+    find_candidates,
+    refuse_unsupported_quantization,
+    resolve_count,
+)
 from .delta import SparseDelta
 from .engine import StepEngine
 from .layer import AdapterSlot, StocTuningLayer
@@ -125,7 +132,19 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
     ) -> None:
         self._pre_injection_hook(model, self.peft_config[adapter_name], adapter_name)
         config = self.peft_config[adapter_name]
-        candidates = find_candidates(model, config)
+        refuse_unsupported_quantization(model)
+        left_out: list[LeftOut] = []
+        candidates = find_candidates(model, config, left_out)
+        if left_out:
+            drawn_from = sum(c.numel for c in candidates)
+            share = sum(item.entries for item in left_out) / (drawn_from + sum(item.entries for item in left_out))
+            warnings.warn(
+                f"StocTuning leaves {len(left_out)} weights of the matched modules out of the candidates "
+                f"({share:.1%} of their entries): {describe_left_out(left_out)}. They stay as they are and are not "
+                f"tuned; the draw runs over the other {len(candidates)} tensors ({drawn_from:,} entries). To tune "
+                "every weight, load the base without quantization (e.g. torch_dtype=torch.bfloat16).",
+                stacklevel=2,
+            )
         k = resolve_count(config.k, candidates, "k")
         max_changed = None if config.max_changed is None else resolve_count(config.max_changed, candidates, "max")
         if max_changed is not None and max_changed < k:
