@@ -226,6 +226,11 @@ class StocTuningConfig(PeftConfig):
             elif value is not None and not isinstance(value, (list, str)):
                 raise ValueError(f"`{name}` must be None, a list of module names or a regex string, got {value!r}.")
             _check_module_patterns(name, getattr(self, name))
+        if isinstance(self.modules_to_save, str):  # list("classifier") would be its letters
+            raise ValueError(
+                f"`modules_to_save` must be a list of module names, got the string {self.modules_to_save!r}; "
+                f"write modules_to_save=[{self.modules_to_save!r}]."
+            )
         if self.modules_to_save is not None and not isinstance(self.modules_to_save, list):
             self.modules_to_save = list(self.modules_to_save)
 

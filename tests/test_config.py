@@ -134,3 +134,8 @@ def test_float_k_is_a_fraction_of_candidates():
     tuner = model.base_model
     total = sum(p.numel() for p in tuner._base_params().values())
     assert tuner._adapters["default"].k == round(0.01 * total)
+
+
+def test_modules_to_save_as_a_string_is_refused_with_the_list_to_write():
+    with pytest.raises(ValueError, match=r"write modules_to_save=\['classifier'\]"):
+        StocTuningConfig(modules_to_save="classifier")
