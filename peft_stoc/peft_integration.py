@@ -18,8 +18,9 @@ itself is left as PEFT defines it, so models of other methods never meet this co
 * `add_adapter`: attaching is a transaction too (checks first, everything undone on failure).
 * `push_to_hub`: transformers' version replaces the README with a bare card; this one uploads the adapter with
   its model card.
-* `print_trainable_parameters`: PEFT counts every parameter that requires a gradient (nearly the whole model for
-  StocTuning); this one states what a step trains: k entries drawn from the candidates, plus the heads.
+* `get_nb_trainable_parameters` / `print_trainable_parameters`: PEFT counts every parameter that requires a gradient
+  (nearly the whole model for StocTuning); these count what a step trains — k entries drawn from the candidates,
+  plus the heads — and the printed line names the candidates too.
 """
 
 from __future__ import annotations
@@ -162,10 +163,13 @@ class StocTuningPeftModel(PeftModel):
         kwargs.pop("max_shard_size", None)  # an adapter is one small file
         return hub.push_to_hub(self, repo_id, *args, **kwargs)
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) as one step trains: the k entries drawn, plus the modules_to_save."""
+        return self.base_model.stoc_nb_trainable_parameters()
+
     def print_trainable_parameters(self) -> None:
         counts = self.base_model.stoc_parameter_counts()
-        per_step = counts["k"] + counts["head"]
-        _, all_params = self.get_nb_trainable_parameters()
+        per_step, all_params = self.get_nb_trainable_parameters()
         print(
             f"trainable params: {per_step:,d} per step (k = {counts['k']:,d} entries drawn from "
             f"{counts['candidates']:,d} candidates, {counts['head']:,d} in modules_to_save) || "
