@@ -110,6 +110,7 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         self._grad_handles: list = []
         self._rank_sync = None
         self._gradient_order: dict[int, None] = {}
+        self._completed: dict[int, tuple] = {}  # position -> (gradient, version) as the step's latest backward left it
         self._given_draw: list[torch.Tensor] | None = None
         self._sparse_states: dict | None = None  # the sparse optimizer state of the latest lean step
         # FSDP2: candidates are dim-0 shards. `on_shard` (set by the tuner) makes every adapter follow the shards
@@ -224,7 +225,7 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         grads = [c.param.grad for c in self.candidates]
         if any(isinstance(g, ConsumedGrad) and not g.zeroed for g in grads):
             raise RuntimeError(accumulation_error())
-        if all(g is None or isinstance(g, ConsumedGrad) for g in grads):
+        if all(g is None or isinstance(g, ConsumedGrad) for g in grads) or self._gradients_reset(grads):
             # Abandoned: its statistics must not leak into the next draw.
             self._abandon_step()
 
@@ -237,6 +238,7 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         self._backward_seen = False
         self._forwards = 0
         self._gradient_order.clear()
+        self._completed.clear()
 
     def _check_setup(self) -> None:
         """Follow FSDP2's shards and refuse engines StocTuning cannot train under (FSDP1, DeepSpeed), which wrap the
@@ -283,6 +285,22 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         if self.lean is not None and self._streams_now():
             means = self.tracker.means(self.candidates[position])
             self.lean.consume(position, param, means, self._new_stream)
+        self._completed[position] = (weakref.ref(param.grad), param.grad._version)
+
+    def _gradients_reset(self, grads: list) -> bool:
+        """A gradient was dropped or zeroed since the backward that completed it (`zero_grad(set_to_none=False)`
+        zeroes in place): the step was abandoned, as when a gradient scaler skips it, whatever the zero_grad mode.
+        Only gradients changed since (their version counter moved) are read; a reduction across processes changes
+        them without zeroing them."""
+        for position, (ref, version) in self._completed.items():
+            grad = grads[position]
+            if grad is None:
+                return True
+            if (ref() is grad and grad._version == version) or isinstance(grad, ConsumedGrad):
+                continue
+            if not bool((grad.to_local() if hasattr(grad, "to_local") else grad).any()):
+                return True
+        return False
 
     # -- optimizer step ----------------------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -401,8 +419,7 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         if bad:
             self._skip(
                 optimizer,
-                reason=f"the gradients or activations of {', '.join(bad[:3])} are not finite "
-                "(inf or NaN). No weight changed.",
+                reason=f"{self.tracker.nonfinite_reason(bad)}. No weight changed.",
             )
             return
         if given is not None:
@@ -452,6 +469,7 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         self._forwards = 0
         self._steps_here += 1
         self._backward_seen = False
+        self._completed.clear()
         if self.lean is not None:
             self.lean.reset()
         self.tracker.reset()

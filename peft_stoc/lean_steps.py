@@ -54,8 +54,8 @@ class LeanSteps:
         self._sync_statistics_for_lean()
         lean.consume_dense(list(self._gradient_order), self.tracker.means, self._new_stream)
         if lean.nonfinite:
-            names = ", ".join(lean.nonfinite[:3])
-            self._skip(optimizer, reason=f"the gradients of {names} are not finite (inf or NaN). No weight changed.")
+            reason = self.tracker.nonfinite_reason(lean.nonfinite)
+            self._skip(optimizer, reason=f"{reason}. No weight changed.")
             return
         drawn, values, factors = lean.finish(self._new_stream)
         if isinstance(self._rank_sync, distributed.RankSync):

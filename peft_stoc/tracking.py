@@ -446,6 +446,23 @@ class ActivationTracker:
                 factors.append((mean[rows] if rows is not None and use.dim == 0 else mean, use.dim))
         return factors
 
+    def nonfinite_reason(self, names: list[str]) -> str:
+        """Why the step of the candidates `names` cannot be drawn: the activations entering them (μ), their gradients,
+        or both, each named as what it is, in the model's order (a non-finite activation spreads to every later
+        layer: the first one named is where it entered)."""
+        named = set(names)
+        found = [c for c in self.candidates if c.name in named]  # in the model's order: the first use comes first
+        activations = [c.name for c in found if not _finite_factors(self.means(c))]
+        gradients = [c.name for c in found if not _finite_gradient(c.param.grad)]
+        parts = []
+        if activations:
+            parts.append(f"the activations entering {', '.join(activations[:3])}")
+        if gradients:
+            parts.append(f"the gradients of {', '.join(gradients[:3])}")
+        if not parts:
+            parts.append(f"the gradients or activations of {', '.join(names[:3])}")
+        return f"{' and '.join(parts)} are not finite (inf or NaN)"
+
     def state(self) -> list[_Sum]:
         """The running sums in a fixed order (for reducing them across processes)."""
         return [self._sums.setdefault(key, _Sum()) for key in self._modules]
@@ -456,6 +473,19 @@ class ActivationTracker:
         self._bypassed_now = None
         self._bypassed_heads.clear()
         self._forwards = 0
+
+
+def _finite_factors(means: list[MeanFactor]) -> bool:
+    return all(vector is None or bool(torch.isfinite(vector).all()) for vector, _ in means)
+
+
+def _finite_gradient(grad: torch.Tensor | None) -> bool:
+    """A gradient (dense, a shard, or one consumed during the backward, whose norm is kept) free of inf and NaN."""
+    if grad is None:
+        return True
+    if hasattr(grad, "to_local"):
+        grad = grad.to_local()
+    return bool(torch.isfinite(torch.linalg.vector_norm(grad)))
 
 
 def _fits(shape: torch.Size, target: tuple[int, int], broadcast: bool) -> bool:

@@ -79,3 +79,57 @@ def test_fused_optimizer_under_a_scaler_decays_as_the_unfused_one(memory):
             _scaled_step(model, optimizer, scaler, seed)
         results.append(sum(float((p - before[n]).abs().sum()) for n, p in base_snapshot(model).items()))
     assert results[1] == pytest.approx(results[0], rel=1e-5)
+
+
+def _means_at_each_step(model, optimizer) -> list[list]:
+    """μ of every candidate when each optimizer step runs (read before the step resets it)."""
+    engine = model.base_model.stoc_engine()
+    seen = []
+    optimizer.register_step_pre_hook(lambda *_: seen.append([engine.tracker.means(c) for c in engine.candidates]))
+    return seen
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("memory", ["dense", "auto"])
+def test_mu_after_a_skipped_step_covers_the_next_batch_only_whatever_the_zero_grad_mode(memory, set_to_none):
+    runs = []
+    for poisoned in (True, False):
+        model = _model(memory)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        means = _means_at_each_step(model, optimizer)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0 if poisoned else 512.0)
+        seeds = [5, 1, 2] if poisoned else [1, 2]
+        if poisoned:
+            _poison_once(model)
+        for seed in seeds:
+            scaler.scale(model(**batch(seed=seed)).loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=set_to_none)
+        assert model.stoc_stats()["step"] == 2
+        runs.append((means, model.base_model.stoc_engine().last_draw))
+    (skipped, skipped_draw), (fresh, fresh_draw) = runs
+    assert len(skipped) == len(fresh) == 2
+    for step in range(2):
+        for got, expected in zip(skipped[step], fresh[step]):
+            for (a, _), (b, _) in zip(got, expected):
+                assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-6, atol=1e-7), step
+    assert all(torch.equal(x, y) for x, y in zip(skipped_draw, fresh_draw))
+
+
+def test_accumulated_micro_batches_keep_their_statistics_with_zero_grad_set_to_none_false():
+    """Gradients left as the backward made them are an accumulation, not an abandoned step: μ covers both
+    micro-batches."""
+    model = _model("dense")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    means = _means_at_each_step(model, optimizer)
+    inputs = [batch(seed=seed) for seed in (3, 4)]
+    for x in inputs:
+        model(**x).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    engine = model.base_model.stoc_engine()
+    position = next(i for i, c in enumerate(engine.candidates) if c.name.endswith("word_embeddings.weight"))
+    ids = torch.cat([x["input_ids"][x["attention_mask"].bool()] for x in inputs])
+    expected = torch.bincount(ids, minlength=means[0][position][0][0].numel()).float() / ids.numel()
+    assert torch.allclose(means[0][position][0][0], expected)
