@@ -112,9 +112,8 @@ def accumulation_error() -> str:
     return (
         "A second backward before `optimizer.step()` reached a gradient that StocTuning (memory='lean') had already "
         "consumed; the draw needs the summed gradient of all micro-batches. Gradient accumulation is detected "
-        "automatically under transformers Trainer, TRL, accelerate's `accumulate()` and DDP, and in any loop from "
-        "the second optimizer step on; in a plain loop that accumulates from its first step, wrap the micro-batches "
-        "that are not the last in `with model.base_model.stoc_accumulating():`, or use "
+        "automatically under transformers Trainer, TRL, accelerate's `accumulate()` and DDP; in a plain loop, wrap "
+        "the micro-batches that are not the last of a step in `with model.base_model.stoc_accumulating():`, or use "
         "StocTuningConfig(memory='dense')."
     )
 

@@ -17,9 +17,9 @@ from torch import nn
 from . import distributed, opaque_hooks, optimizer_hooks, sharded_draw, shards, sparse_optim
 from .audit import BYPASS_HINT, Audit
 from .candidates import Candidate
-from .consumed_grad import ConsumedGrad, accumulation_error
+from .consumed_grad import ConsumedGrad
 from .importance import Source, finite_means
-from .lean import LeanStep, accelerate_syncs_gradients, state_bytes
+from .lean import PLAIN_LOOP_ACCUMULATION, LeanStep, accelerate_syncs_gradients, state_bytes
 from .lean_steps import LeanSteps
 from .optimizer_checks import OptimizerChecks
 from .originals import Patch
@@ -224,7 +224,7 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         was abandoned (skipped by a gradient scaler, or its gradients set to None)."""
         grads = [c.param.grad for c in self.candidates]
         if any(isinstance(g, ConsumedGrad) and not g.zeroed for g in grads):
-            raise RuntimeError(accumulation_error())
+            raise RuntimeError(PLAIN_LOOP_ACCUMULATION)
         if all(g is None or isinstance(g, ConsumedGrad) for g in grads) or self._gradients_reset(grads):
             # Abandoned: its statistics must not leak into the next draw.
             self._abandon_step()
@@ -267,10 +267,9 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
             return False
         if synced and (self._accelerate_accumulates or self.driven_by_trainer):
             return True  # the last micro-batch of a step, by the word of the loop that runs the micro-batches
-        if self._steps_here == 0 and self.config.memory == "auto":
-            # A plain loop gives no sign of gradient accumulation before its first step ends: that step keeps
-            # gradients dense (the draw is made at the step), and shows how many forwards a step takes.
-            return False
+        # A plain loop: lean from its first step. A loop that accumulates without saying so is refused at its second
+        # micro-batch, before anything changed (`_after_backward_without_step`); one that declared its micro-batches
+        # (`stoc_accumulating()`) at a step is followed from the forwards per step seen there.
         return self._forwards >= self._forwards_per_step
 
     def _on_gradient(self, position: int, param: torch.Tensor) -> None:

@@ -445,7 +445,8 @@ def check_mu_and_top_draw(name: str, model: nn.Module) -> tuple[set[tuple[str, i
     for index in (0, 1):
         batch = micro_batch(name, index)
         reference.masks = token_masks(batch)
-        model(**batch).loss.backward()
+        with model.base_model.stoc_accumulating():  # gradients kept dense: the reference reads them
+            model(**batch).loss.backward()
     reference.remove()
     importance = {}
     for candidate in engine.candidates:

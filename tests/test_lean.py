@@ -1,5 +1,7 @@
 """Memory-lean training: the training dense mode does, without dense gradients or dense optimizer state."""
 
+import contextlib
+import copy
 import warnings
 
 import pytest
@@ -20,7 +22,8 @@ OPTIMIZERS = {
 
 def _train(memory, make_optimizer, steps=20, clip=None, accumulation=1, arch="bert", task="SEQ_CLS", **config):
     """`steps` optimizer steps under a linear learning-rate schedule; returns the model, the draws and the norms
-    `clip_grad_norm_` returned."""
+    `clip_grad_norm_` returned. With `accumulation` > 1 the micro-batches before the last of each step run under
+    `stoc_accumulating()`, as a plain loop declares them."""
     config.setdefault("selection", "top")
     model = get_peft_model(tiny_model(arch, task), StocTuningConfig(k=40, task_type=task, memory=memory, **config))
     model.train()
@@ -30,7 +33,9 @@ def _train(memory, make_optimizer, steps=20, clip=None, accumulation=1, arch="be
     for step in range(steps):
         for micro in range(accumulation):
             torch.manual_seed(100 + step)
-            (model(**batch(task, seed=step * 7 + micro)).loss / accumulation).backward()
+            last = micro == accumulation - 1
+            with contextlib.nullcontext() if last else model.base_model.stoc_accumulating():
+                (model(**batch(task, seed=step * 7 + micro)).loss / accumulation).backward()
         if clip is not None:
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
         optimizer.step()
@@ -72,11 +77,74 @@ def test_lean_equals_dense_on_a_tied_llama_with_rmsnorm():
 
 
 @pytest.mark.parametrize("micro_batches", [2, 3])
-def test_accumulation_draws_once_on_the_summed_gradient_in_a_plain_loop(micro_batches):
+def test_declared_accumulation_draws_once_on_the_summed_gradient_in_a_plain_loop(micro_batches):
     make = OPTIMIZERS["adamw_decay"]
     dense = _train("dense", make, steps=6, accumulation=micro_batches)
-    # The default mode finds the accumulation by itself (the first step keeps gradients dense to see it).
     assert_same_training(dense, _train("auto", make, steps=6, accumulation=micro_batches))
+
+
+def _weights_and_state(model, optimizer):
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = copy.deepcopy(optimizer.state_dict())
+    return weights, state
+
+
+def _assert_same_weights_and_state(before, after):
+    (weights_a, state_a), (weights_b, state_b) = before, after
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert repr(state_a) == repr(state_b)  # the sparse state nests dicts of tensors; repr shows every value
+
+
+@pytest.mark.parametrize("memory", ["auto", "lean"])
+@pytest.mark.parametrize("plain_steps", [0, 2])
+def test_undeclared_accumulation_is_refused_before_anything_changes(memory, plain_steps):
+    """A plain loop that accumulates without `stoc_accumulating()`, from its first step or after plain steps: the
+    second micro-batch raises, naming the one-line fix, and no weight or optimizer state has changed."""
+    model = get_peft_model(tiny_model(), StocTuningConfig(k=40, memory=memory, task_type="SEQ_CLS"))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(plain_steps):
+        model(**batch(seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    before = _weights_and_state(model, optimizer)
+    (model(**batch(seed=10)).loss / 2).backward()
+    with pytest.raises(RuntimeError, match=r"with model\.base_model\.stoc_accumulating\(\):") as error:
+        model(**batch(seed=11))
+    assert "nothing was changed" in str(error.value)
+    _assert_same_weights_and_state(before, _weights_and_state(model, optimizer))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_default_mode_holds_no_dense_candidate_gradient_after_the_first_backward(checkpointing):
+    """`memory="auto"` (the default) in a plain loop: each candidate's gradient is consumed as the first backward
+    completes it, with and without gradient checkpointing; the step then trains as `memory="lean"` does."""
+    from peft_stoc.consumed_grad import ConsumedGrad
+    from peft_stoc.streaming import PACK_BELOW
+
+    models = {}
+    for memory in ("auto", "lean"):
+        base = tiny_model("llama", "CAUSAL_LM", hidden_size=64, intermediate_size=1100, vocab_size=2000)
+        if checkpointing:
+            base.gradient_checkpointing_enable()
+        model = get_peft_model(base, StocTuningConfig(k=40, memory=memory, task_type="CAUSAL_LM"))
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(**batch("CAUSAL_LM", seed=0)).loss.backward()
+        engine = model.base_model.stoc_engine()
+        grads = {c.name: c.param.grad for c in engine.candidates}
+        assert all(g is None or isinstance(g, ConsumedGrad) for g in grads.values()), memory
+        assert any(isinstance(g, ConsumedGrad) for g in grads.values())
+        nbytes = [c.param.numel() * c.param.element_size() for c in engine.candidates]
+        small = sum(n for n, c in zip(nbytes, engine.candidates) if c.param.numel() < PACK_BELOW)
+        # One gradient at a time, and small ones awaiting their pack: never all of them.
+        assert engine.lean.peak_grad_bytes <= max(nbytes) + small < sum(nbytes)
+        optimizer.step()
+        optimizer.zero_grad()
+        models[memory] = model
+    for key, value in models["lean"].state_dict().items():
+        assert torch.equal(value, models["auto"].state_dict()[key]), key
 
 
 def test_accumulation_from_the_first_step_with_explicit_lean_is_refused_clearly_or_declared():
@@ -295,8 +363,8 @@ def test_lazy_rule_advances_only_the_drawn_entries_state():
 
 
 def test_grad_bytes_are_those_of_the_latest_step():
-    """`memory="auto"` holds the first step's gradients densely (a plain loop shows no sign of accumulation before
-    its first step ends), then streams them: the figure of each step is its own, not the largest so far."""
+    """`memory="auto"` streams gradients from the first step on, and declared accumulation holds them densely: the
+    figure of each step is its own, not the largest so far."""
     model = get_peft_model(
         tiny_model(hidden_size=128, intermediate_size=512, num_hidden_layers=2, vocab_size=4000, num_attention_heads=4),
         StocTuningConfig(k=200, task_type="SEQ_CLS"),
@@ -304,8 +372,9 @@ def test_grad_bytes_are_those_of_the_latest_step():
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     figures = []
-    for step in range(2):
-        model(**batch(seed=step)).loss.backward()
+    for step in range(3):
+        with model.base_model.stoc_accumulating() if step == 1 else contextlib.nullcontext():
+            model(**batch(seed=step)).loss.backward()  # step 1: a held micro-batch, drawn from at the step
         optimizer.step()
         optimizer.zero_grad()
         figures.append(model.stoc_stats()["grad_bytes"])
@@ -313,5 +382,6 @@ def test_grad_bytes_are_those_of_the_latest_step():
 
     nbytes = [c.param.numel() * c.param.element_size() for c in model.base_model.stoc_engine().candidates]
     small = sum(n for n, c in zip(nbytes, model.base_model.stoc_engine().candidates) if c.param.numel() < PACK_BELOW)
-    assert figures[0] == sum(nbytes)
-    assert figures[1] <= max(nbytes) + small < figures[0]
+    assert figures[1] == sum(nbytes)
+    assert figures[0] <= max(nbytes) + small < figures[1]
+    assert figures[2] <= max(nbytes) + small < figures[1]

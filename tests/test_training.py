@@ -81,7 +81,7 @@ def test_momentum_moves_earlier_draws_under_masked_grad_but_not_under_strict():
 
 
 def test_gradient_accumulation_draws_once_on_summed_gradient():
-    model = _model(k=25, selection="top")
+    model = _model(k=25, selection="top", memory="dense")  # the reference reads the summed dense gradients
     model.train()
     engine = model.base_model.stoc_engine()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
