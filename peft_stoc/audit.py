@@ -116,10 +116,6 @@ class Audit:
         flat, index, _ = self._held(candidate)
         return entry_terms(flat.index_select(0, index), index)
 
-    def reset(self) -> None:
-        """Take the weights as they are now as the base (`stoc_sync`: changes made on purpose)."""
-        self.base = self.touched = None
-
     def invalidate(self) -> None:
         """Our own writes (an adapter applied, reverted or loaded) changed recorded entries only: the base checksum
         stays, the recorded entries' checksum is taken anew at the next check."""

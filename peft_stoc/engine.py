@@ -186,8 +186,8 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
     def accept_weights(self, base_too: bool = False) -> None:
         """The weights were changed on purpose: an adapter applied, reverted or loaded (recorded entries only), or —
         `base_too` — the base itself (`stoc_sync`, parameters replaced): the audit starts over for what changed."""
-        if base_too:
-            self.audit.reset()
+        if base_too or self.audit.base is None:
+            self.audit.refresh()  # from now on every entry is held to these values (a pass of a few ms)
         else:
             self.audit.invalidate()
 

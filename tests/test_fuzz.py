@@ -1,7 +1,14 @@
-"""Seeded random sequences of adapter operations: after every operation the base seen through `disable_adapter()`
-is the untouched base, bit for bit, and every adapter saved along the way loads."""
+"""Seeded random sequences of adapter operations, hostile ones among them (loads with bad names or configs, manual
+edits of the base, saves into the working directory killed at a random file-system step): after every operation the
+base seen through `disable_adapter()` is the untouched base, bit for bit, and every adapter saved along the way
+loads."""
 
+import json
+import os
 import random
+import shutil
+import signal
+import sys
 import warnings
 
 import pytest
@@ -11,8 +18,9 @@ from peft import PeftModel, get_peft_model
 from peft_stoc import StocTuningConfig, adapter_file
 
 from .helpers import batch, tiny_model
+from .test_save_crash import _kill_at_call
 
-SEQUENCES = 200
+SEQUENCES = 300
 OPERATIONS = 6
 INPUTS = {k: v for k, v in batch(seed=99).items() if k != "labels"}
 
@@ -51,7 +59,10 @@ class Scenario:
 
     def train(self):
         if self.backward():
-            self.optimizer.step()
+            try:
+                self.optimizer.step()
+            except RuntimeError as error:  # the active adapter is disabled, merged with others or not trainable
+                assert "not being trained right now" in str(error)
             self.optimizer.zero_grad()
 
     def step_while_disabled(self):
@@ -119,6 +130,80 @@ class Scenario:
         with pytest.raises(adapter_file.AdapterFileError):
             self.model.load_adapter(bad, adapter_name=f"bad{self.count}")
 
+    def failed_named_load(self):
+        """A load under a name that cannot be an adapter's: refused, and nothing attached."""
+        if not self.saved:
+            return
+        before = self.names()
+        name = self.rng.choice(["a/b", "..", "", "training", "forward", "a\\b", "x\0y", "/abs"])
+        with pytest.raises(ValueError):
+            self.model.load_adapter(self.rng.choice(self.saved), adapter_name=name)
+        assert self.names() == before
+
+    def failed_config_load(self):
+        """A saved adapter whose config PEFT or StocTuning refuses while attaching: refused, and nothing attached."""
+        if not self.saved:
+            return
+        self.count += 1
+        source, bad = self.rng.choice(self.saved), self.folder / f"badconfig{self.count}"
+        shutil.copytree(source, bad)
+        config = json.loads((bad / "adapter_config.json").read_text())
+        field, value = self.rng.choice(
+            [("k", 10**9), ("max_changed", 1), ("target_modules", ["nothing_matches"]), ("modules_to_save", "x")]
+        )
+        config[field] = value
+        (bad / "adapter_config.json").write_text(json.dumps(config))
+        before = self.names()
+        with pytest.raises((ValueError, adapter_file.AdapterFileError)):
+            self.model.load_adapter(bad, adapter_name=f"badconfig{self.count}")
+        assert self.names() == before
+
+    def manual_edit(self):
+        """One base entry changed by hand outside any step: the next training step refuses before it changes
+        anything; the entry is then put back."""
+        name, weight = self.rng.choice(sorted(self.tuner._base_params().items()))
+        recorded = self.tuner.stoc_layer.patch.index.get(name)
+        flat = weight.data.view(-1)
+        entry = self.rng.randrange(flat.numel())
+        if recorded is not None and entry in set(recorded.tolist()):
+            return  # a changed entry: its value depends on what the weights show now
+        value = flat[entry].clone()
+        flat[entry] += 1
+        try:
+            if self.tuner.stoc_engine() is not None:
+                with pytest.raises(RuntimeError, match="changed outside"):
+                    self.model(**batch(seed=self.rng.randrange(100)))
+        finally:
+            flat[entry] = value
+        self.optimizer.zero_grad()
+
+    def killed_save_here(self):
+        """A save into the working directory over a saved adapter, killed at a random file-system step: the folder
+        holds the old adapter or the new one."""
+        if not sys.platform.startswith("linux") or "default" not in self.names():
+            return
+        self.count += 1
+        folder = self.folder / f"here{self.count}"
+        self.model.save_pretrained(folder, selected_adapters=["default"])
+        old = PeftModel.from_pretrained(tiny_model(), folder).base_model.adapter_delta("default")
+        self.train()
+        new = self.tuner.adapter_delta("default")
+        kill_at = self.rng.randint(1, 30)
+        pid = os.fork()
+        if pid == 0:  # the child saves into its working directory and is killed on its way
+            try:
+                torch.set_num_threads(1)
+                os.chdir(folder)
+                _kill_at_call(kill_at)
+                self.model.save_pretrained(".", selected_adapters=["default"])
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL or os.WEXITSTATUS(status) == 0
+        loaded = PeftModel.from_pretrained(tiny_model(), folder).base_model.adapter_delta("default")
+        assert _same_delta(loaded, old) or _same_delta(loaded, new), kill_at
+        self.saved.append(folder)
+
     OPERATIONS = (
         "train",
         "train",
@@ -133,6 +218,16 @@ class Scenario:
         "save",
         "load",
         "failed_load",
+        "failed_named_load",
+        "failed_config_load",
+        "manual_edit",
+        "killed_save_here",
+    )
+
+
+def _same_delta(first, second) -> bool:
+    return first.tensors.keys() == second.tensors.keys() and all(
+        all(torch.equal(x, y) for x, y in zip(first.tensors[n], second.tensors[n])) for n in first.tensors
     )
 
 
