@@ -1,7 +1,9 @@
 """Chunks: rows of one or more tensors laid out in one buffer, so a sampler works on many small tensors at once.
 
 A chunk is a list of `Segment`s, each a run of rows of one tensor placed at an offset of the buffer. Buffer
-positions map back to (tensor id, flat index) with `locate`.
+positions map back to (tensor id, flat index) with `locate`. Every segment starts in a fresh block of `BLOCK` buffer
+positions, at the position its first entry has in its tree node of `BLOCK` entries (`entry_keys`): each block of the
+buffer then holds the entries of one node, and a sampler tests a whole block against that node's minimum.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .entry_keys import BLOCK
 from .importance import Source, importance, row_chunks, rows_view
 
 
@@ -51,9 +54,10 @@ class Segment:
         return self.start + slot.masked_select(inside) * per_row + (index % per_row).masked_select(inside)
 
 
-def chunks(sources: list[Source], chunk_entries: int, ids: list[int] | None = None):
-    """Lists of segments holding about `chunk_entries` entries: rows of a large tensor, or small tensors packed.
-    `ids`: the tensor id of each source (default: its position).
+def chunks(sources: list[Source], chunk_entries: int, ids: list[int] | None = None, offsets: list[int] | None = None):
+    """Lists of segments holding about `chunk_entries` buffer positions: rows of a large tensor, or small tensors
+    packed. `ids`: the tensor id of each source (default: its position); `offsets`: per tensor id, the global flat
+    index of the tensor's first local entry (an FSDP2 shard's start; default 0).
 
     Tensors without a gradient are left out, and so are embedding rows whose μ is 0 in every factor (tokens absent
     from the batch): their importance is 0.
@@ -62,29 +66,47 @@ def chunks(sources: list[Source], chunk_entries: int, ids: list[int] | None = No
     for tensor_id, source in zip(range(len(sources)) if ids is None else ids, sources):
         if source.grad is None:
             continue
-        for rows, size in _row_groups(source, chunk_entries):
-            if filled and filled + size > chunk_entries:
+        offset = 0 if offsets is None else offsets[tensor_id]
+        for rows, size, first in _row_groups(source, chunk_entries, offset):
+            start = -(-filled // BLOCK) * BLOCK + first % BLOCK
+            if filled and start + size > chunk_entries:
                 yield chunk
-                chunk, filled = [], 0
-            chunk.append(Segment(tensor_id, source, rows, filled, size))
-            filled += size
+                chunk, start = [], first % BLOCK
+            chunk.append(Segment(tensor_id, source, rows, start, size))
+            filled = start + size
     if chunk:
         yield chunk
 
 
-def _row_groups(source: Source, chunk_entries: int):
-    """(rows, entries) groups of one tensor: ranges of rows (`row_chunks`), or only the live rows of a table."""
+def _row_groups(source: Source, chunk_entries: int, offset: int = 0):
+    """(rows, entries, global flat index of the first entry) groups of one tensor: ranges of rows (`row_chunks`), or
+    only the live rows of a table whose rows are whole blocks."""
     rows, per_row = rows_view(source.param).shape
-    if rows > 1 and source.means and all(v is not None and d == 0 for v, d in source.means):
+    aligned = per_row % BLOCK == 0 and offset % BLOCK == 0
+    if aligned and rows > 1 and source.means and all(v is not None and d == 0 for v, d in source.means):
         live = (sum(v for v, _ in source.means) != 0).nonzero().squeeze(1)
         if live.numel() < rows // 2:
             step = max(1, chunk_entries // per_row)
             for start in range(0, live.numel(), step):
                 group = live[start : start + step]
-                yield group, group.numel() * per_row
+                yield group, group.numel() * per_row, offset
             return
     for start, stop in row_chunks(source.param.shape, chunk_entries):
-        yield slice(start, stop), (stop - start) * per_row
+        yield slice(start, stop), (stop - start) * per_row, offset + start * per_row
+
+
+def block_nodes(segments: list[Segment], blocks: torch.Tensor, keys) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks of a chunk's buffer → (tensor ids, numbers of the tree nodes of `BLOCK` entries they hold), with the
+    global offsets of `keys` (`entry_keys.EntryKeys`)."""
+    device = blocks.device
+    if len(segments) == 1:
+        position = torch.clamp(blocks * BLOCK, min=segments[0].start)
+    else:
+        starts = torch.tensor([s.start for s in segments], device=device)
+        which = torch.searchsorted(starts.div(BLOCK, rounding_mode="floor"), blocks, right=True) - 1
+        position = torch.maximum(blocks * BLOCK, starts.index_select(0, which))
+    tensor, index = locate(segments, position)
+    return tensor, keys.global_index(tensor, index).div_(BLOCK, rounding_mode="floor")
 
 
 def gather_gradients(segments: list[Segment], tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

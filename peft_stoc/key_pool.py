@@ -1,7 +1,9 @@
 """`KeyPool`: the best `size` keys seen so far, with the entry (tensor id, flat index) each belongs to.
 
 Every draw is the top-k of one key per entry; the pool is its running state. Its k-th key only grows, so it is a
-threshold that later entries must beat.
+threshold that later entries must beat. Keys are float64: two entries whose keys round to the same float32 would
+otherwise tie at the k-th key about once in 10^6/k draws, and which one a top-k keeps depends on the order the
+entries were offered in (dense, streaming and sharded draws visit them in different orders).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ class KeyPool:
 
     def __init__(self, size: int, device, carry: bool = False):
         self.size = size
-        self.keys = torch.empty(0, device=device)
+        self.keys = torch.empty(0, dtype=torch.float64, device=device)
         self.tensor = torch.empty(0, dtype=torch.long, device=device)
         self.index = torch.empty(0, dtype=torch.long, device=device)
         self.values = torch.empty(0, device=device) if carry else None
@@ -68,7 +70,7 @@ class KeyPool:
     ) -> None:
         """Merge these keys into the pool now."""
         device = self.keys.device
-        self.keys = torch.cat([self.keys, keys.to(device)])
+        self.keys = torch.cat([self.keys, keys.to(device=device, dtype=torch.float64)])
         self.tensor = torch.cat([self.tensor, tensor.to(device)])
         self.index = torch.cat([self.index, index.to(device)])
         if self.values is not None:

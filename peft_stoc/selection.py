@@ -6,10 +6,14 @@ Importance of an entry is I = |μ ⊙ θ ⊙ g| (`importance`). The draw picks k
   ``numpy.random.choice(n, k, replace=False, p=I²/ΣI²)``. It is the top-k of the keys ``log I - ½·log E`` with
   E ~ Exp(1) (Efraimidis–Spirakis, equivalent to Gumbel-top-k).
 * ``top``: the k largest I.
-* ``random``: k entries uniformly at random.
+* ``random``: k entries uniformly at random: the k smallest E.
 
 Entries of zero importance are never drawn by ``stochastic`` / ``top`` unless fewer than k entries have non-zero
-importance; the remainder is then filled uniformly from the zero-importance entries.
+importance; the remainder is then filled uniformly from the zero-importance entries (their k' smallest E).
+
+E is a function of (seed, step, entry) alone (`entry_keys`): the draw does not depend on the order in which entries
+are visited, so the dense draw, the streaming draw of memory-lean training and the sharded draw of FSDP2 draw the
+same entries for the same seed, whatever the chunking and the number of processes.
 
 ``strategy="fast"`` (the default) gives keys only to the entries that can win (`thinning`); ``strategy="dense"``
 computes a key for every entry (the reference; also used under a budget): the same distribution at a higher cost.
@@ -24,6 +28,7 @@ import hashlib
 
 import torch
 
+from .entry_keys import EntryKeys
 from .importance import Source, chunk_entries_for, importance, row_chunks
 from .key_pool import KeyPool, split_by_tensor
 from .thinning import Thinning
@@ -31,45 +36,36 @@ from .thinning import Thinning
 STRATEGIES = ("fast", "dense")
 
 
-def draw_uniform(sources: list[Source], k: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """k distinct entries uniformly: the first k distinct values of a stream of uniform indices."""
+def draw_uniform(sources: list[Source], k: int, generator: EntryKeys | torch.Generator) -> list[torch.Tensor]:
+    """k distinct entries uniformly over whole tensors: the k entries of smallest E."""
     device = sources[0].param.device
-    sizes = torch.tensor([s.numel for s in sources], device=device)
-    ends = sizes.cumsum(0)
-    total = int(ends[-1])
-    chosen = torch.empty(0, dtype=torch.long, device=device)
-    while chosen.numel() < k:
-        more = torch.randint(total, (k - chosen.numel() + 64,), generator=generator, device=device)
-        stream = torch.cat([chosen, more])
-        values, inverse = torch.unique(stream, return_inverse=True)
-        first = torch.full_like(values, stream.numel()).scatter_reduce_(
-            0, inverse, torch.arange(stream.numel(), device=device), "amin"
-        )
-        chosen = values[first.argsort()]
-    chosen = chosen[:k]
-    tensor = torch.searchsorted(ends, chosen, right=True)
-    local = chosen - (ends - sizes).index_select(0, tensor)
-    return split_by_tensor(tensor, local, sources)
+    tensor, index = EntryKeys.of(generator).smallest([s.numel for s in sources], k, device)
+    return split_by_tensor(tensor, index, sources)
 
 
-def chunk_keys(source: Source, start: int, stop: int, method: str, generator: torch.Generator) -> torch.Tensor:
-    """Sort keys of rows [start, stop) of one source; -inf marks entries that may not be drawn."""
-    n = (stop - start) * (max(1, source.param.shape[1:].numel()) if source.param.dim() else 1)
+def chunk_keys(
+    source: Source, start: int, stop: int, method: str, keys: EntryKeys | torch.Generator, tensor_id: int = 0
+) -> torch.Tensor:
+    """Sort keys (float64) of rows [start, stop) of source `tensor_id`; -inf marks entries that may not be drawn."""
+    keys = EntryKeys.of(keys)
+    per_row = max(1, source.param.shape[1:].numel()) if source.param.dim() else 1
+    n = (stop - start) * per_row
     device = source.param.device
+    if method != "top":
+        exp = keys.exp_range(tensor_id, keys.offset(tensor_id) + start * per_row, n, device)
     if method == "random":
-        return torch.rand(n, device=device, generator=generator)
+        return exp.neg_()
     if source.grad is None:
         weight = torch.zeros(n, device=device)
     else:
         weight = importance(source, slice(start, stop))
     if method == "fill":
         # Uniform keys for the zero-importance entries only.
-        return torch.rand(n, device=device, generator=generator).masked_fill_(weight > 0, float("-inf"))
+        return exp.neg_().masked_fill_(weight > 0, float("-inf"))
     if method == "top":
-        return weight.masked_fill_(weight == 0, float("-inf"))
+        return weight.double().masked_fill_(weight == 0, float("-inf"))
     # log I - ½ log E with E ~ Exp(1): the top-k of these is successive sampling ∝ I² (Efraimidis–Spirakis).
-    exp = torch.empty_like(weight).exponential_(generator=generator)
-    return weight.log_().sub_(exp.log_().mul_(0.5))
+    return weight.double().log_().sub_(exp.log_().mul_(0.5))
 
 
 def membership(sorted_index: torch.Tensor | None, offset: int, n: int, device) -> torch.Tensor:
@@ -85,7 +81,7 @@ def _draw_pass(
     sources: list[Source],
     k: int,
     method: str,
-    generator: torch.Generator,
+    entry_keys: EntryKeys,
     max_new: int | None,
     chunk_entries: int,
     exclude: list[torch.Tensor] | None = None,
@@ -99,7 +95,7 @@ def _draw_pass(
         per_row = max(1, source.param.shape[1:].numel()) if source.param.dim() else 1
         for start, stop in row_chunks(source.param.shape, chunk_entries):
             offset = start * per_row
-            keys = chunk_keys(source, start, stop, method, generator)
+            keys = chunk_keys(source, start, stop, method, entry_keys, tensor_id)
             if exclude is not None:
                 keys.masked_fill_(membership(exclude[tensor_id], offset, keys.numel(), keys.device), float("-inf"))
             if max_new is None:
@@ -115,7 +111,7 @@ def draw(
     sources: list[Source],
     k: int,
     method: str,
-    generator: torch.Generator,
+    generator: EntryKeys | torch.Generator,
     max_new: int | None = None,
     chunk_entries: int | None = None,
     strategy: str = "fast",
@@ -123,24 +119,26 @@ def draw(
     """Draw k entries over all `sources`; returns the sorted flat indices drawn in each source.
 
     `max_new` (optional) caps the drawn entries outside each source's `changed` set. `strategy="dense"` computes
-    a key for every entry instead of thinning (same distribution, slower); a budget always uses it.
+    a key for every entry instead of thinning (the same draw, slower); a budget always uses it. `generator`: the
+    step's `EntryKeys`, or a generator to take them from (one number drawn from it).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}.")
     device = sources[0].param.device
+    keys = EntryKeys.of(generator)
     if chunk_entries is None:
         chunk_entries = chunk_entries_for(device)
     if max_new is not None or strategy == "dense":
-        drawn = _draw_pass(sources, k, method, generator, max_new, chunk_entries)
+        drawn = _draw_pass(sources, k, method, keys, max_new, chunk_entries)
     elif method == "random":
-        drawn = draw_uniform(sources, k, generator)
+        drawn = draw_uniform(sources, k, keys)
     else:
-        drawn = Thinning(k, method, generator, device, chunk_entries).run(sources)
+        drawn = Thinning(k, method, keys, device, chunk_entries).run(sources)
     count = sum(d.numel() for d in drawn)
     if count < k and method != "random":
         # Fewer than k entries have non-zero importance: fill the rest uniformly from the zero-importance entries.
         remaining_new = None if max_new is None else max_new - _count_new(sources, drawn)
-        fill = _draw_pass(sources, k - count, "fill", generator, remaining_new, chunk_entries, exclude=drawn)
+        fill = _draw_pass(sources, k - count, "fill", keys, remaining_new, chunk_entries, exclude=drawn)
         drawn = [torch.cat([a, b]).sort().values for a, b in zip(drawn, fill)]
     return drawn
 
@@ -158,7 +156,7 @@ def _count_new(sources: list[Source], drawn: list[torch.Tensor]) -> int:
 
 def step_seed(seed: int, step: int, rank: int | None = None) -> int:
     """The seed of draw number `step`: the draws of a run depend only on (seed, step), so a run resumed at any step
-    continues with the draws an uninterrupted run would make. `rank`: the independent stream of one process drawing
-    over its FSDP2 shards."""
+    continues with the draws an uninterrupted run would make. `rank`: an independent stream per process (the draws
+    themselves take the same seed on every process: their keys are indexed by global entry positions)."""
     digest = hashlib.blake2b(f"{seed}:{step}{'' if rank is None else f':{rank}'}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)

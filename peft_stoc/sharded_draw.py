@@ -38,9 +38,14 @@ def gather_draw(drawn: list[torch.Tensor], group: dist.ProcessGroup | None = Non
 
 
 def _ordered(keys: torch.Tensor) -> torch.Tensor:
-    """int64 values in the order of the float32 `keys` (the sign-magnitude bit patterns made two's complement)."""
-    bits = keys.float().contiguous().view(torch.int32).to(torch.int64)
-    magnitude = bits & 0x7FFFFFFF
+    """int64 values in the order of the float `keys` (the sign-magnitude bit patterns made two's complement), for
+    float32 keys or float64 ones."""
+    if keys.dtype == torch.float64:
+        bits = keys.contiguous().view(torch.int64)
+        magnitude = bits & 0x7FFFFFFFFFFFFFFF
+    else:
+        bits = keys.float().contiguous().view(torch.int32).to(torch.int64)
+        magnitude = bits & 0x7FFFFFFF
     return torch.where(bits >= 0, magnitude, -magnitude - 1)
 
 
@@ -51,8 +56,10 @@ class ShardSync:
     top-k of the union, which is what a single process computes over the whole model (for ``stochastic``: a per-rank
     top-k of the keys log I - ½ log E followed by a top-k of the survivors is successive sampling over all entries).
     No key is sent: the ranks agree on the k-th largest key by narrowing its range with all-reduces of how many keys
-    lie above 63 probe values (about 6 rounds of 504 bytes for float32 keys), then split ties at it in rank order
-    with one all-gather of tie counts. Memory and traffic stay independent of k and of the number of ranks.
+    lie above 63 probe values (about 6 rounds of 504 bytes, on the keys rounded to float32), then count the keys tied
+    with it. Float64 keys that round to the same float32 as the k-th are told apart by narrowing again on their float64
+    values (rare: a few rounds more); keys equal in float64 are split in rank order with one all-gather of tie counts.
+    Memory and traffic stay independent of k and of the number of ranks.
     """
 
     PROBES = 63
@@ -78,6 +85,9 @@ class ShardSync:
         self.rounds += 1
         return torch.stack(parts)
 
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
     def total(self, count: int) -> int:
         return int(self.all_reduce(torch.tensor([count], dtype=torch.int64, device=_comm_device())))
 
@@ -88,11 +98,30 @@ class ShardSync:
         total = self.total(int(valid.sum()))
         if total <= k:
             return valid, total
-        order = _ordered(keys).to(device)
-        present = order.masked_select(valid.to(device)).sort().values
-        sentinel = -(1 << 62)
+        chosen = self._top(_ordered(keys.float()).to(device), valid.to(device), k, keys)
+        return chosen.to(keys.device), total
+
+    def _top(self, order: torch.Tensor, valid: torch.Tensor, k: int, keys: torch.Tensor | None) -> torch.Tensor:
+        """Mask of the local members of the global top-k of `order` among the `valid` entries (at least k of them
+        over all ranks); `keys`: float64 values to split ties of `order` by, if any."""
+        low = self._kth(order, valid, k)
+        above = (order > low) & valid
+        tied = (order == low) & valid
+        needed = k - self.total(int(above.sum()))
+        ties = self.all_gather(torch.tensor([int(tied.sum())], dtype=torch.int64, device=order.device)).view(-1)
+        if keys is not None and keys.dtype == torch.float64 and int(ties.sum()) > needed:
+            return above | self._top(_ordered(keys).to(order.device), tied, needed, None)
+        rank = self.rank()
+        take = max(0, min(int(ties[rank]), needed - int(ties[:rank].sum())))
+        return above | (tied & (tied.cumsum(0) <= take))
+
+    def _kth(self, order: torch.Tensor, valid: torch.Tensor, k: int) -> int:
+        """The k-th largest value of `order` among the `valid` entries of all ranks."""
+        device = order.device
+        present = order.masked_select(valid).sort().values
+        none = torch.iinfo(torch.int64).min
         ends = torch.tensor(
-            [present[-1] if present.numel() else sentinel, -present[0] if present.numel() else sentinel],
+            [present[-1] if present.numel() else none, -present[0] if present.numel() else none],
             dtype=torch.int64,
             device=device,
         )
@@ -100,8 +129,8 @@ class ShardSync:
         low, high = -int(ends[1]), int(ends[0])  # count(>= low) >= k > count(>= high + 1)
         while low < high:
             span = high - low
-            steps = torch.arange(1, self.PROBES + 1, dtype=torch.float64, device=device) * (span / self.PROBES)
-            probes = torch.unique((steps.ceil().to(torch.int64) + low).clamp_(max=high))
+            steps = sorted({min(high, low + -(-i * span // self.PROBES)) for i in range(1, self.PROBES + 1)})
+            probes = torch.tensor(steps, dtype=torch.int64, device=device)
             counts = present.numel() - torch.searchsorted(present, probes)
             counts = self.all_reduce(counts.to(torch.int64))
             reach = int((counts >= k).sum())
@@ -109,14 +138,7 @@ class ShardSync:
                 low = int(probes[reach - 1])
             if reach < probes.numel():
                 high = int(probes[reach]) - 1
-        above = (order > low) & valid.to(device)
-        tied = (order == low) & valid.to(device)
-        needed = k - self.total(int(above.sum()))
-        ties = self.all_gather(torch.tensor([int(tied.sum())], dtype=torch.int64, device=device)).view(-1)
-        rank = dist.get_rank(self.group)
-        take = max(0, min(int(ties[rank]), needed - int(ties[:rank].sum())))
-        chosen = above | (tied & (tied.cumsum(0) <= take))
-        return chosen.to(keys.device), total
+        return low
 
 
 def _comm_device() -> torch.device:

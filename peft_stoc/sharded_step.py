@@ -13,8 +13,9 @@ import torch
 from . import distributed, sharded_draw, shards
 from .audit import Audit
 from .consumed_grad import factor_of
+from .entry_keys import EntryKeys
 from .importance import Source, finite_means
-from .selection import draw_uniform, step_seed
+from .selection import draw_uniform
 from .streaming import StreamingDraw
 
 
@@ -98,12 +99,11 @@ class ShardedSteps:
                 else None
                 for c, start, local in zip(self.candidates, starts, locals_)
             ]
-        rank = torch.distributed.get_rank(sync.group)
         stream = StreamingDraw(
             locals_,
             self.k,
             self.config.selection,
-            torch.Generator(device=device).manual_seed(step_seed(self.config.seed, self.stats.step, rank)),
+            EntryKeys.of(self._generator(device), offsets=starts),  # the same keys as one process: global positions
             fixed=fixed,
             changed=changed,
             max_new=max(0, self.max_changed - self._changed_count()) if budgeted else None,

@@ -16,6 +16,10 @@ result is the draw `selection.draw` makes over all tensors at once — the same 
   zero-importance entries. A uniform reservoir of those is kept until the stream has seen k non-zero entries, so the
   fill can be drawn from it.
 
+Every key comes from the entry's own random number (`entry_keys`), so the stream draws exactly the entries the
+dense draw does for the same seed, in whatever order and chunks the gradients arrive. With `EntryKeys` offsets, the
+tensors are FSDP2 shards placed in the whole tensors.
+
 Tensors below `PACK_BELOW` entries (biases, norms) wait and are processed packed together, as the dense draw does.
 """
 
@@ -26,6 +30,7 @@ import math
 import torch
 
 from .chunks import chunks
+from .entry_keys import EntryKeys
 from .importance import Source, chunk_entries_for, importance, row_chunks
 from .key_pool import KeyPool
 from .selection import chunk_keys, draw_uniform, membership
@@ -42,7 +47,7 @@ class StreamingDraw:
         params: list[torch.Tensor],
         k: int,
         method: str,
-        generator: torch.Generator,
+        generator: EntryKeys | torch.Generator,
         fixed: list[torch.Tensor] | None = None,
         changed: list[torch.Tensor | None] | None = None,
         max_new: int | None = None,
@@ -51,25 +56,26 @@ class StreamingDraw:
         self.sources = [Source(p, None, []) for p in params]
         self.k = k
         self.method = method
-        self.generator = generator
+        self.keys = EntryKeys.of(generator)
         self.device = params[0].device
         self.chunk_entries = chunk_entries or chunk_entries_for(self.device)
         self.changed = changed if max_new is not None else None
         self.max_new = max_new
         if fixed is None and method == "random" and max_new is None:
-            fixed = draw_uniform(self.sources, k, generator)
+            fixed = draw_uniform(self.sources, k, self.keys)
         self.fixed = fixed
         self.received: set[int] = set()
         self._values: list[torch.Tensor | None] = [None] * len(params)
         self._small: list[tuple[int, Source]] = []
         self._small_entries = 0
-        self._thinning = Thinning(k, method, generator, self.device, self.chunk_entries, carry=True)
+        self._thinning = Thinning(k, method, self.keys, self.device, self.chunk_entries, carry=True)
         budget = min(k, max(0, max_new)) if max_new is not None else 0
         self._old, self._new = KeyPool(k, self.device, carry=True), KeyPool(budget, self.device, carry=True)
         # Reservoirs of zero-importance entries (already changed / new, when under a budget) for the fill.
         needs_fill = fixed is None and method != "random"
         self._fill = [KeyPool(k, self.device, carry=True), KeyPool(k, self.device, carry=True)] if needs_fill else None
         self._nonzero = 0
+        self._all_keyed = False
 
     # -- feeding ---------------------------------------------------------------------------------------------------
     def add(self, tensor_id: int, grad: torch.Tensor, means: list) -> None:
@@ -107,20 +113,32 @@ class StreamingDraw:
             self._visit(list(sources), list(ids))
 
     def _visit(self, sources: list[Source], ids: list[int]) -> None:
-        for segments in chunks(sources, self.chunk_entries, ids):
+        for segments in chunks(sources, self.chunk_entries, ids, self.keys.offsets):
             self._thinning.stream(segments)
 
     def _feed_budgeted(self, tensor_id: int, source: Source) -> None:
         """A key for every entry; changed and new entries compete in separate pools (see `selection.draw`)."""
         per_row = source.numel // max(1, source.param.shape[0]) if source.param.dim() else 1
-        flat_grad = source.grad.reshape(-1)
+        flat_grad = source.grad.reshape(-1) if source.grad is not None else None
         for start, stop in row_chunks(source.param.shape, self.chunk_entries):
             offset = start * per_row
-            keys = chunk_keys(source, start, stop, self.method, self.generator)
-            values = flat_grad[offset : offset + keys.numel()].float()
+            keys = chunk_keys(source, start, stop, self.method, self.keys, tensor_id)
+            if flat_grad is None:
+                values = torch.zeros(keys.numel(), device=keys.device)
+            else:
+                values = flat_grad[offset : offset + keys.numel()].float()
             is_old = membership(source.changed, offset, keys.numel(), keys.device)
             self._old.offer_chunk(keys.masked_fill(~is_old, -math.inf), tensor_id, offset, values)
             self._new.offer_chunk(keys.masked_fill_(is_old, -math.inf), tensor_id, offset, values)
+
+    def _feed_unreceived(self) -> None:
+        """``random`` under a budget keys every entry, also those of tensors that sent no gradient (as dense does)."""
+        if self.fixed is None and self.max_new is not None and self.method == "random" and not self._all_keyed:
+            self._all_keyed = True
+            for tensor_id, source in enumerate(self.sources):
+                if tensor_id not in self.received:
+                    changed = self.changed[tensor_id] if self.changed is not None else None
+                    self._feed_budgeted(tensor_id, Source(source.param, None, [], changed))
 
     def _feed_fill(self, tensor_id: int, source: Source | None) -> None:
         """Uniform keys for the zero-importance entries of a tensor, while the fill may still be needed."""
@@ -138,7 +156,8 @@ class StreamingDraw:
                 values = source.grad.reshape(-1)[offset : offset + weight.numel()].float()
             zero = weight == 0
             self._nonzero += weight.numel() - int(zero.sum())
-            keys = torch.rand(weight.shape, device=weight.device, generator=self.generator)
+            first = self.keys.offset(tensor_id) + offset
+            keys = self.keys.exp_range(tensor_id, first, weight.numel(), weight.device).neg_()
             keys.masked_fill_(~zero, -math.inf)
             is_old = membership(changed, offset, keys.numel(), keys.device)
             self._fill[0].offer_chunk(keys.masked_fill(~is_old, -math.inf), tensor_id, offset, values)
@@ -156,6 +175,7 @@ class StreamingDraw:
             ]
             return [f.to(self.sources[i].param.device) for i, f in enumerate(self.fixed)], values
         self._flush_small()
+        self._feed_unreceived()
         if self.max_new is not None:
             pool = self._old.merged_with(self._new, size=self.k)
         else:
@@ -172,6 +192,7 @@ class StreamingDraw:
         [the pool], or [already-changed, new] under a budget; and the fill reservoirs [already-changed, new], None
         once k entries of non-zero importance were seen. Tensors that sent no gradient join the reservoirs first."""
         self._flush_small()
+        self._feed_unreceived()
         pools = [self._thinning.pool] if self.max_new is None else [self._old, self._new]
         if self._fill is not None:
             for tensor_id in range(len(self.sources)):

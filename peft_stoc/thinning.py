@@ -1,20 +1,18 @@
-"""The fast exact draw: keys only for the entries that can win, by thinning a Poisson process.
+"""The fast exact draw: keys only for the entries that can win.
 
-A stochastic draw is the top-k of the keys log I - ½·log E, E ~ Exp(1) (`selection`). Tensors are visited in row
-chunks while a pool keeps the best k keys seen so far; its k-th key τ only grows, and is a lower bound of the final
-k-th key. An entry visited later can only be drawn if its key beats τ, which happens with probability
-1 - exp(-λ), λ = I²/e^(2τ), independently of everything generated so far. Entries with λ ≥ 1 get their key
-directly; for the others, the entries that beat τ are sampled exactly as the entries hit by a Poisson process of
-intensity λ laid end to end: per block of entries a Poisson(Σλ) count of points, each landing on an entry with
-probability ∝ λ (an entry is hit with probability exactly 1 - exp(-λ)). Only hit entries get a key, drawn from
-E ~ Exp(1) conditioned on beating τ. The result is the exact top-k of the keys of all entries, at the cost of
-computing λ and a block sum per entry — no random number, no sort.
+A stochastic draw is the top-k of the keys log I - ½·log E, with E ~ Exp(1) a function of (seed, step, entry) alone
+(`entry_keys`). Tensors are visited in row chunks while a pool keeps the best k keys seen so far; its k-th key τ only
+grows, and is a lower bound of the final k-th key. An entry visited later can only be drawn if its key beats τ, that
+is if E ≤ I²/e^(2τ). The E of the entries are the leaves of a tree whose nodes hold the minimum E below them: a block
+of 64 entries is skipped when its minimum exceeds (its largest I)²/e^(2τ), one hash for 64 entries; a block that
+passes is split into 8 groups of 8, tested the same way, and only the entries of groups that pass get their E and a
+key. The result is the exact top-k of the keys of all entries, whatever the chunking and the order of the visits.
 
 A first pass keeps each block's largest I and Σ I², from which a first threshold is estimated; chunks are then
-visited hottest first. A round that ends with fewer than k keys above its threshold is followed by another at a
-lower threshold, which generates the keys in between (memorylessness of Exp(1)). ``top`` uses the same pool and
-skips blocks whose largest I is below the pool's k-th. Embedding rows whose μ is 0 (tokens absent from the batch)
-have zero importance and are never visited.
+visited hottest first, and a chunk none of whose blocks can pass is not even loaded again. A round that ends with
+fewer than k keys above its threshold is followed by another at a lower threshold, which keys the entries in
+between. ``top`` uses the same pool and skips blocks whose largest I is below the pool's k-th. Embedding rows whose
+μ is 0 (tokens absent from the batch) have zero importance and are never visited.
 """
 
 from __future__ import annotations
@@ -24,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunks import Segment, chunks, gather_gradients, locate
+from .chunks import Segment, block_nodes, chunks, gather_gradients, locate
+from .entry_keys import BLOCK, EntryKeys
 from .importance import NAN_MESSAGE, Source
 from .key_pool import KeyPool
 
-BLOCK_ENTRIES = 64  # entries per block: the first pass keeps each block's largest I and Σ I², then one Poisson count
+BLOCK_ENTRIES = BLOCK  # entries per block: the first pass keeps each block's largest I and Σ I²
 SMALL_CHUNK_ENTRIES = 8192  # below this, a key per entry costs less than the thinning pass's fixed work
 LOWER_BY = 16.0  # a round that ends with fewer than k keys above its threshold: the next one lowers it this much
 MAX_ROUNDS = 8  # after this many rounds the threshold drops to 0: every remaining entry gets a key
@@ -36,23 +35,36 @@ MAX_ROUNDS = 8  # after this many rounds the threshold drops to 0: every remaini
 
 @dataclass
 class Round:
-    """One round of the stochastic draw: it generates every key at least `threshold` (as I²/E) that earlier rounds,
-    which generated the keys from `previous` up, did not; `keyed` holds, per tensor id, the entries they keyed."""
+    """One round of the stochastic draw: it keys every entry whose key is at least ½·log `threshold` (on the scale
+    I²/E) that earlier rounds did not; `keyed` holds, per tensor id, the entries they keyed."""
 
     threshold: float
-    previous: float = math.inf
     keyed: dict[int, torch.Tensor] | None = None
 
 
+def _bound(largest: torch.Tensor, floor: float) -> torch.Tensor:
+    """(largest I)²/e^(2·floor) in float64: the largest E with which an entry of this I reaches the key `floor`."""
+    if abs(floor) < 300.0:
+        return largest.double().square_().mul_(math.exp(-2.0 * floor))
+    return largest.double().log_().sub_(floor).mul_(2.0).exp_()  # beyond float64's range of e^(2·floor)
+
+
 class Thinning:
-    """The fast exact draw of k entries (``stochastic`` or ``top``) over chunks of tensors."""
+    """The fast exact draw of k entries (``stochastic`` or ``top``) over chunks of tensors. `generator`: the
+    `EntryKeys` of the step (or a generator to take them from)."""
 
     def __init__(
-        self, k: int, method: str, generator: torch.Generator, device, chunk_entries: int, carry: bool = False
+        self,
+        k: int,
+        method: str,
+        generator: EntryKeys | torch.Generator,
+        device,
+        chunk_entries: int,
+        carry: bool = False,
     ):
         self.k = k
         self.top = method == "top"
-        self.generator = generator
+        self.keys = EntryKeys.of(generator)
         self.pool = KeyPool(k, device, carry=carry)
         self.chunk_entries = chunk_entries
         self._buffer = torch.empty(0, device=device)
@@ -61,7 +73,7 @@ class Thinning:
 
     def run(self, sources: list[Source]) -> list[torch.Tensor]:
         """The draw over all `sources` at once; per source, the sorted flat indices drawn."""
-        chunked = list(chunks(sources, self.chunk_entries))
+        chunked = list(chunks(sources, self.chunk_entries, offsets=self.keys.offsets))
         if chunked:
             stats = [self._block_stats(segments) for segments in chunked]
             # Hottest chunks first: the pool's k-th key, a threshold for every later chunk, then rises early.
@@ -76,15 +88,15 @@ class Thinning:
     def stream(self, segments: list[Segment]) -> None:
         """One chunk of gradients arriving during the backward, against the pool's running k-th key only."""
         if self.top:
-            buffer = self._load(segments, 1.0)
+            buffer = self._load(segments)
             reach = self.pool.threshold() if self.pool.full else 0.0
             self._offer_top(segments, buffer, (buffer > reach).nonzero().squeeze(1))
         else:
             self._thin_chunk(segments, Round(0.0))
 
     # -- the first pass ------------------------------------------------------------------------------------------
-    def _load(self, segments: list[Segment], scale: float) -> torch.Tensor:
-        """scale·I of a chunk, zero-padded to whole blocks."""
+    def _load(self, segments: list[Segment]) -> torch.Tensor:
+        """I of a chunk, laid out as its segments say, zero between them and up to a whole number of blocks."""
         last = segments[-1]
         used = last.start + last.size
         size = -(-used // BLOCK_ENTRIES) * BLOCK_ENTRIES
@@ -92,8 +104,12 @@ class Thinning:
             self._buffer = torch.empty(size, device=self._buffer.device)
         buffer = self._buffer[:size]
         buffer[used:].zero_()
+        end = 0
         for segment in segments:
-            segment.load(buffer[segment.start : segment.start + segment.size], scale)
+            if segment.start > end:
+                buffer[end : segment.start].zero_()
+            segment.load(buffer[segment.start : segment.start + segment.size], 1.0)
+            end = segment.start + segment.size
         return buffer
 
     def _block_stats(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +117,7 @@ class Thinning:
 
         I² leaves float32's range for I below ~1e-19 or above ~1e19: the sums are taken of (I / the chunk's largest I)²
         and scaled back in float64, so the statistics are right at any magnitude."""
-        blocks = self._load(segments, 1.0).view(-1, BLOCK_ENTRIES)
+        blocks = self._load(segments).view(-1, BLOCK_ENTRIES)
         largest = blocks.amax(1)
         peak = float(largest.max()) if largest.numel() else 0.0
         if not 0.0 < peak < math.inf:
@@ -165,7 +181,7 @@ class Thinning:
                 blocks = (largest >= reach).nonzero().squeeze(1)
                 if blocks.numel() == 0:
                     continue
-            buffer = self._load(segments, 1.0)
+            buffer = self._load(segments)
             if reach > 0:
                 part = buffer.view(-1, BLOCK_ENTRIES).index_select(0, blocks)
                 block, col = (part >= reach).nonzero().unbind(1)
@@ -193,11 +209,11 @@ class Thinning:
             else:
                 self._thin_first_round(segments, largest, mass, Round(threshold))
         self.pool.flush()
-        # Every key ≥ threshold has been generated; done once k of them are. If not (unlucky), lower the
-        # threshold and generate the keys in between.
+        # Every key ≥ ½·log threshold has been generated; done once k of them are. If not (unlucky), lower the
+        # threshold and key the entries in between.
         while threshold and not (self.pool.full and self.pool.threshold() >= 0.5 * math.log(threshold)):
             lower = threshold / LOWER_BY if self.rounds < MAX_ROUNDS else 0.0
-            this_round = Round(lower, previous=threshold, keyed=self._keyed_by_tensor())
+            this_round = Round(lower, keyed=self._keyed_by_tensor())
             threshold = lower
             self.rounds += 1
             for segments in chunked:
@@ -210,148 +226,103 @@ class Thinning:
         tensor, index = (torch.cat(parts) for parts in zip(*self._keyed))
         return {t: index.masked_select(tensor == t) for t in tensor.unique().tolist()}
 
-    def _rate_scale(self, round_: Round) -> float | None:
-        """s with λ = (s·I)² = I²/x - I²/previous, x the larger of the round's threshold and the pool's k-th key (as
-        I²/E); 0 when nothing in this round can beat x, None when there is no x yet or s is out of float32's range."""
-        threshold = round_.threshold
-        if self.pool.full:
-            threshold = max(threshold, math.exp(min(2 * self.pool.threshold(), 700.0)))
-        if threshold <= 0:
-            return None
-        if threshold >= round_.previous:
-            return 0.0
-        squared = 1.0 / threshold - 1.0 / round_.previous
-        scale = math.sqrt(squared) if squared > 0 else 0.0
-        return scale if 1e-30 < scale < 1e30 else None
+    def _floor(self, round_: Round) -> float:
+        """The key an entry must reach to matter: the round's threshold (as ½·log of I²/E) or the pool's k-th key."""
+        floor = 0.5 * math.log(round_.threshold) if round_.threshold > 0 else -math.inf
+        return max(floor, self.pool.threshold()) if self.pool.full else floor
+
+    def _crowded(self, largest: torch.Tensor, floor: float) -> bool:
+        """Whether far more blocks than k would pass `floor`: their expected number is at most
+        Σ min(1, 64·(largest I)²/e^(2·floor)), the chance that a block's minimum E lies below its largest bound."""
+        if floor == -math.inf:
+            return True
+        reach = largest.double().log_().sub_(floor).mul_(2.0).add_(math.log(BLOCK_ENTRIES)).exp_().clamp_(max=1.0)
+        return float(reach.sum()) > self.k
 
     def _thin_first_round(self, segments, largest: torch.Tensor, mass: torch.Tensor, round_: Round) -> None:
-        """First round: rates per block from the first pass; λ is only looked at in blocks that need it."""
-        scale = self._rate_scale(round_)
-        if scale is None:
-            return self._thin_chunk(segments, round_)
-        heavy = largest >= 1.0 / scale  # blocks holding an entry with λ ≥ 1
-        rates = (mass.double() * scale**2).masked_fill_(heavy, 0.0)
-        expected = float(heavy.sum() + rates.sum())
-        if math.isnan(expected):
+        """First round: the blocks are tested with the largest I of the first pass; the chunk is only loaded again
+        when one of them passes."""
+        floor = self._floor(round_)
+        if math.isnan(float(mass.sum())):
             raise ValueError(NAN_MESSAGE)
-        if expected > self.k:
-            return self._thin_chunk(segments, round_)  # far too many keys: raise x first
-        counts = self._poisson(rates)
-        hit = counts.nonzero().squeeze(1)
-        heavy = heavy.nonzero().squeeze(1)
-        if hit.numel() == 0 and heavy.numel() == 0:
-            return
-        blocks = torch.cat([heavy, hit])
-        rate = self._load(segments, scale).view(-1, BLOCK_ENTRIES).index_select(0, blocks).square_()
-        counts = counts.index_select(0, hit)
-        if heavy.numel():
-            certain = self._key_certain_entries(segments, heavy, rate[: heavy.numel()], scale, round_)
-            counts = torch.cat([certain, counts])
-        self._key_hit_entries(segments, blocks, rate, counts, scale, round_)
+        if self._crowded(largest, floor):
+            return self._thin_chunk(segments, round_)
+        live = (largest > 0).nonzero().squeeze(1)
+        passing = self._passing_blocks(segments, live, largest.index_select(0, live), floor)
+        if passing[0].numel():
+            self._descend(segments, self._load(segments), passing, floor)
 
     def _thin_chunk(self, segments, round_: Round) -> None:
-        """λ of every entry of the chunk: before there is any threshold, in later rounds, and as a fallback."""
-        scale = self._rate_scale(round_)
-        if scale == 0.0:
-            return
-        last = segments[-1]
-        small = last.start + last.size <= SMALL_CHUNK_ENTRIES
-        out_of_range = scale is None and (self.pool.full or round_.threshold > 0)  # no float32 scale for x
-        if small or out_of_range:
-            buffer = self._load(segments, 1.0)
-            self._exclude(segments, buffer, round_.keyed)
-            local = buffer.nonzero().squeeze(1)
-            return self._offer(segments, local, buffer.index_select(0, local), round_)
-        buffer = self._load(segments, 1.0 if scale is None else scale)
+        """Load the chunk, leave out the entries keyed in earlier rounds, and key those that can reach the floor."""
+        buffer = self._load(segments)
         self._exclude(segments, buffer, round_.keyed)
-        if scale is None:
-            # No threshold yet: the chunk's k largest I get keys directly and set one.
-            self._direct_top_k(segments, buffer, None, round_)
-            scale = self._rate_scale(round_)
-            if not scale:
-                local = buffer.nonzero().squeeze(1)
-                return self._offer(segments, local, buffer.index_select(0, local), round_)
-            buffer.mul_(scale)
-        rate = buffer.square_().view(-1, BLOCK_ENTRIES)
-        heavy = rate.amax(1) >= 1.0
-        expected = float(heavy.sum() + rate.sum(1).masked_fill_(heavy, 0.0).sum())
-        if math.isnan(expected):
+        last = segments[-1]
+        if last.start + last.size <= SMALL_CHUNK_ENTRIES:
+            return self._offer_entries(segments, buffer.nonzero().squeeze(1), buffer)
+        floor = self._floor(round_)
+        blocks = buffer.view(-1, BLOCK_ENTRIES)
+        largest = blocks.amax(1)
+        if math.isnan(float(largest.sum())):
             raise ValueError(NAN_MESSAGE)
-        if expected > self.k:
-            # The threshold is far below this chunk's keys: its k largest get keys directly, which raises it.
-            self._direct_top_k(segments, buffer, scale, round_)
-            new_scale = self._rate_scale(round_)
-            if not new_scale:
-                local = buffer.nonzero().squeeze(1)
-                return self._offer(segments, local, buffer.index_select(0, local), round_, scale=scale)
-            buffer.mul_((new_scale / scale) ** 2)
-            scale = new_scale
-            heavy = rate.amax(1) >= 1.0
-        heavy = heavy.nonzero().squeeze(1)
-        counts = self._poisson(rate.sum(1, dtype=torch.float64).index_fill_(0, heavy, 0.0))
-        if heavy.numel():
-            part = rate.index_select(0, heavy)
-            counts.index_copy_(0, heavy, self._key_certain_entries(segments, heavy, part, scale, round_))
-            rate.index_copy_(0, heavy, part)
-        self._key_hit_entries(segments, torch.arange(rate.shape[0], device=rate.device), rate, counts, scale, round_)
+        if self._crowded(largest, floor):
+            # No threshold yet, or one far below this chunk's keys: its k largest I get keys directly, which raises it.
+            self._direct_top_k(segments, buffer)
+            floor = self._floor(round_)
+            if floor == -math.inf:  # fewer than k keys so far: every entry gets one
+                return self._offer_entries(segments, buffer.nonzero().squeeze(1), buffer)
+            largest = blocks.amax(1)
+        live = (largest > 0).nonzero().squeeze(1)
+        passing = self._passing_blocks(segments, live, largest.index_select(0, live), floor)
+        if passing[0].numel():
+            self._descend(segments, buffer, passing, floor)
 
-    def _key_certain_entries(
-        self, segments, blocks: torch.Tensor, rate: torch.Tensor, scale: float, round_: Round
-    ) -> torch.Tensor:
-        """Entries with λ ≥ 1 in `blocks` (rows of `rate`, λ = (scale·I)²) get a key directly and leave the
-        thinning; returns the Poisson counts of what is left of each block."""
-        certain = rate >= 1.0
-        block, col = certain.nonzero().unbind(1)
-        local = blocks.index_select(0, block) * BLOCK_ENTRIES + col
-        self._offer(segments, local, rate.masked_select(certain), round_, scale=scale)
-        rate.masked_fill_(certain, 0.0)
-        return self._poisson(rate.sum(1, dtype=torch.float64))
+    def _passing_blocks(self, segments, blocks: torch.Tensor, largest: torch.Tensor, floor: float):
+        """The `blocks` (with their largest I) whose minimum E is small enough for their largest I to reach `floor`:
+        (blocks, tensor ids, node numbers, minima, argmin children)."""
+        tensor, node = block_nodes(segments, blocks, self.keys)
+        minimum, argmin = self.keys.minimum(tensor, 2, node)
+        keep = (minimum <= _bound(largest, floor)).nonzero().squeeze(1)
+        return tuple(t.index_select(0, keep) for t in (blocks, tensor, node, minimum, argmin))
 
-    def _poisson(self, rates: torch.Tensor) -> torch.Tensor:
-        """Independent Poisson(rate) counts (float64 rates), drawn as one Poisson total spread ∝ rate."""
-        ends = rates.cumsum(0)
-        counts = torch.zeros_like(rates)
-        total = float(ends[-1]) if ends.numel() else 0.0
-        if total > 0:
-            n = int(torch.poisson(rates.new_tensor([total]), generator=self.generator))
-            point = torch.rand(n, dtype=torch.float64, device=rates.device, generator=self.generator) * total
-            where = torch.searchsorted(ends, point, right=True).clamp_(max=rates.numel() - 1)
-            counts.index_add_(0, where, torch.ones_like(point)).masked_fill_(rates <= 0, 0.0)
-        return counts
-
-    def _key_hit_entries(
-        self, segments, blocks, rate: torch.Tensor, counts: torch.Tensor, scale: float, round_: Round
-    ) -> None:
-        """Drop counts[i] points on block blocks[i], each on an entry with probability ∝ λ (rows of `rate`); every
-        entry hit gets a key, conditioned on beating the threshold."""
-        hit = counts.nonzero().squeeze(1)
-        if hit.numel() == 0:
+    def _descend(self, segments, buffer: torch.Tensor, passing, floor: float) -> None:
+        """Test the groups of 8 of the passing blocks, then key the entries of the groups that pass."""
+        blocks, tensor, node, minimum, argmin = passing
+        values = buffer.view(-1, BLOCK_ENTRIES).index_select(0, blocks).view(-1, 8)  # groups of 8, 8 per block
+        minimum, argmin = self.keys.children(tensor, 2, node, minimum, argmin)
+        keep = (minimum.view(-1) <= _bound(values.amax(1), floor)).nonzero().squeeze(1)
+        if keep.numel() == 0:
             return
-        blocks, rate, counts = blocks.index_select(0, hit), rate.index_select(0, hit), counts.index_select(0, hit)
-        ends = rate.cumsum(1, dtype=torch.float64)
-        offset = torch.cat([ends.new_zeros(1), ends[:, -1].cumsum(0)[:-1]])
-        ends += offset.unsqueeze(1)  # the blocks' λ laid end to end
-        row = torch.repeat_interleave(counts.long())
-        start, width = offset.index_select(0, row), (ends[:, -1] - offset).index_select(0, row)
-        point = start + torch.rand(row.shape, dtype=torch.float64, device=row.device, generator=self.generator) * width
-        slot = torch.searchsorted(ends.view(-1), point, right=True)
-        first = row * BLOCK_ENTRIES
-        slot = torch.minimum(torch.maximum(slot, first), first + BLOCK_ENTRIES - 1)
-        slot = slot.unique()
-        lam = rate.view(-1).index_select(0, slot)
-        landed = lam > 0  # only a point rounded onto the end of its block can land on an entry with λ = 0
-        slot, lam = slot.masked_select(landed), lam.masked_select(landed)
-        local = blocks.index_select(0, slot // BLOCK_ENTRIES) * BLOCK_ENTRIES + slot % BLOCK_ENTRIES
-        self._offer(segments, local, lam, round_, scale=scale, hit=True)
+        block, group = keep.div(8, rounding_mode="floor"), keep.remainder(8)
+        exp, _ = self.keys.children(
+            tensor.index_select(0, block),
+            1,
+            node.index_select(0, block) * 8 + group,
+            minimum.view(-1).index_select(0, keep),
+            argmin.view(-1).index_select(0, keep),
+        )
+        magnitude = values.index_select(0, keep)
+        keys = magnitude.double().log_().sub_(exp.log_().mul_(0.5))
+        win = (keys >= floor) & (magnitude > 0)
+        local = (blocks.index_select(0, block) * BLOCK_ENTRIES + group * 8).unsqueeze(1) + torch.arange(
+            8, device=block.device
+        )
+        self._offer(segments, local[win], keys[win])
 
-    def _direct_top_k(self, segments, values: torch.Tensor, scale: float | None, round_: Round) -> None:
-        """Keys for the chunk's k entries of largest `values` (I, or λ = (scale·I)²); they leave the thinning."""
-        first = torch.topk(values.abs(), min(self.k, values.numel()), sorted=False).indices
-        chosen = values.index_select(0, first)
-        nonzero = chosen != 0
-        first = first.masked_select(nonzero)
-        self._offer(segments, first, chosen.masked_select(nonzero), round_, scale=scale)
-        values.index_fill_(0, first, 0.0)
+    def _offer_entries(self, segments, local: torch.Tensor, buffer: torch.Tensor) -> None:
+        """Key the entries at buffer positions `local`, whatever their key."""
+        if local.numel() == 0:
+            return
+        tensor, index = locate(segments, local)
+        exp = self.keys.exp(tensor, self.keys.global_index(tensor, index))
+        keys = buffer.index_select(0, local).double().log_().sub_(exp.log_().mul_(0.5))
+        self._offer(segments, local, keys, tensor, index)
+
+    def _direct_top_k(self, segments, buffer: torch.Tensor) -> None:
+        """Keys for the chunk's k entries of largest I; they leave the buffer."""
+        first = torch.topk(buffer, min(self.k, buffer.numel()), sorted=False).indices
+        first = first.masked_select(buffer.index_select(0, first) > 0).sort().values
+        self._offer_entries(segments, first, buffer)
+        buffer.index_fill_(0, first, 0.0)
 
     def _exclude(self, segments, buffer: torch.Tensor, keyed: dict[int, torch.Tensor] | None) -> None:
         """Zero the entries that already have a key (from an earlier round)."""
@@ -362,37 +333,12 @@ class Thinning:
             if index is not None:
                 buffer.index_fill_(0, segment.positions(index), 0.0)
 
-    def _offer(
-        self,
-        segments,
-        local: torch.Tensor,
-        values: torch.Tensor,
-        round_: Round,
-        scale: float | None = None,
-        hit: bool = False,
-    ) -> None:
-        """Offer buffer positions `local` to the pool with the key log I - ½ log E, E ~ Exp(1) conditioned on
-        E > I²/previous (keys of earlier rounds were below the round's `previous`) and, for entries the thinning
-        hit, on beating the threshold: E ≤ I²/previous + λ. `values`: the entries' I (`scale` None) or
-        λ = (scale·I)².
-
-        I comes from the chunk's buffer rather than from the parameters: one set of tensor operations for all the
-        tensors packed in a chunk (gathering them tensor by tensor cost a quarter of the step's overhead)."""
+    def _offer(self, segments, local: torch.Tensor, keys: torch.Tensor, tensor=None, index=None) -> None:
+        """Offer the keys of the entries at buffer positions `local` to the pool."""
         if local.numel() == 0:
             return
-        magnitude = values.abs() if scale is None else values.sqrt().div_(scale)
-        if hit:
-            # Inverse CDF of Exp(1) truncated to [0, λ].
-            lam = values.double()
-            uniform = torch.rand(lam.shape, dtype=torch.float64, device=lam.device, generator=self.generator)
-            exp = -torch.log1p(uniform * torch.expm1(-lam))
-        else:
-            exp = torch.empty(local.shape, dtype=torch.float64, device=local.device)
-            exp.exponential_(generator=self.generator)
-        if round_.previous < math.inf:
-            exp += magnitude.double().square() / round_.previous  # memorylessness of Exp(1)
-        keys = magnitude.log_().sub_(exp.log_().mul_(0.5).to(magnitude.dtype))
-        tensor, index = locate(segments, local)
+        if tensor is None:
+            tensor, index = locate(segments, local)
         self._keyed.append((tensor, index))
         self.pool.offer(keys, tensor, index, self._carried(segments, tensor, index))
 

@@ -1,0 +1,196 @@
+"""Random numbers that depend only on (seed, step, entry): the Exp(1) variable of every entry of the model.
+
+A draw is the top-k of one key per entry (`selection`). For the draw to be the same whatever visits the entries —
+the dense draw over all gradients at once, the streaming draw fed one gradient at a time (memory-lean training),
+each FSDP2 rank over its own rows, any chunking — an entry's random number must be a function of the entry alone,
+not of how many numbers were drawn before it. `EntryKeys` gives every entry (tensor id, global flat index) a
+variable E ~ Exp(1), independent across entries, from a counter-based hash (splitmix64 in int64 tensor operations) of
+(seed, tensor id, position); the seed is drawn once per step from the step's generator (`step_seed`).
+
+Computing E for every entry would cost a hash per entry; the samplers only need the entries whose E lies below a
+bound (`thinning`). So the variables are laid out as a tree: a node of level l covers 8**l consecutive entries
+(tensors are padded to whole nodes by virtual entries, which are never drawn), and holds the minimum M of their E.
+The minimum of n independent Exp(1) is Exp(1)/n, its position is uniform, and, given both, the other n - 1 values
+are M + Exp(1) independently (memorylessness). Hence: a root's minimum is Exp(1)/8**L; a child's minimum is its
+parent's if the parent's minimum lies in it (a uniform child), else the parent's plus Exp(1)/8**l; an entry's E is
+its level-1 node's minimum or that plus Exp(1). Each of these Exp(1) and uniform choices is the hash of its node.
+Every entry's E is then exactly Exp(1), independent of all others, yet a sampler can evaluate a node's minimum
+first and skip its 8**l entries when even the minimum cannot win.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+LEVELS = 7  # a root covers 8**7 entries
+BLOCK = 64  # entries of a node of level 2: the block a sampler tests first
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _mix_int(value: int) -> int:
+    """splitmix64's finaliser on a Python int (unsigned 64-bit result)."""
+    z = value & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping products, logical shifts), in place on `z`."""
+    z.bitwise_xor_(z.bitwise_right_shift(30).bitwise_and_((1 << 34) - 1)).mul_(_MIX1)
+    z.bitwise_xor_(z.bitwise_right_shift(27).bitwise_and_((1 << 37) - 1)).mul_(_MIX2)
+    return z.bitwise_xor_(z.bitwise_right_shift(31).bitwise_and_((1 << 33) - 1))
+
+
+def _exp_of(z: torch.Tensor) -> torch.Tensor:
+    """Exp(1) from the top 53 bits of hashes: -log(1 - V), V uniform in (0, 1), float64 (exact near 0)."""
+    uniform = z.bitwise_right_shift(11).bitwise_and_((1 << 53) - 1).double().add_(0.5).mul_(2.0**-53)
+    return uniform.neg_().log1p_().neg_()
+
+
+class EntryKeys:
+    """The Exp(1) variable of every entry for one seed. `offsets[t]`: the global flat index of the first entry that
+    the local tensor with id t holds (an FSDP2 shard's first row times the row size; default 0)."""
+
+    def __init__(self, seed: int, offsets: Sequence[int] | None = None):
+        self.seed = seed & _MASK64
+        self.offsets = None if offsets is None else [int(o) for o in offsets]
+        self._streams: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, source: EntryKeys | torch.Generator, offsets: Sequence[int] | None = None) -> EntryKeys:
+        """Keys from a generator (one seed drawn from it, so a generator seeded per step gives keys per step, and a
+        generator used again gives new keys), or `source` itself."""
+        if isinstance(source, EntryKeys):
+            return source if offsets is None else cls(source.seed, offsets)
+        seed = int(torch.randint(0, 1 << 62, (1,), generator=source, device=source.device))
+        return cls(seed, offsets)
+
+    def offset(self, tensor_id: int) -> int:
+        return 0 if self.offsets is None else self.offsets[tensor_id]
+
+    def global_index(self, tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Local flat indices of tensors (ids) → global flat indices."""
+        if self.offsets is None or not any(self.offsets):
+            return index
+        table = torch.tensor(self.offsets, dtype=torch.int64, device=index.device)
+        return index + table.index_select(0, tensor)
+
+    # -- hashes ----------------------------------------------------------------------------------------------------
+    def _stream(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Per element: the 64-bit stream key of its tensor id."""
+        size = int(tensor.max()) + 1 if tensor.numel() else 1
+        cached = self._streams.get(tensor.device)
+        if cached is None or cached.numel() < size:
+            size = max(size, len(self.offsets or ()))
+            cached = torch.tensor(
+                [_signed(_mix_int(self.seed ^ _mix_int(t * 0x2545F4914F6CDD1D + 1))) for t in range(size)],
+                dtype=torch.int64,
+                device=tensor.device,
+            )
+            self._streams[tensor.device] = cached
+        return cached.index_select(0, tensor.reshape(-1)).view(tensor.shape)
+
+    def _hash(self, tensor: torch.Tensor, node: torch.Tensor, level: int) -> torch.Tensor:
+        """splitmix64 of (tensor's stream, node * 8 + level)."""
+        return _mix(node.mul(8).add_(level).mul_(_GOLDEN).add_(self._stream(tensor)))
+
+    # -- the tree --------------------------------------------------------------------------------------------------
+    def children(
+        self, tensor: torch.Tensor, level: int, node: torch.Tensor, minimum: torch.Tensor, argmin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The minima [n, 8] (float64) and their argmin children [n, 8] of the 8 children of the `node`s of `level`
+        (whose minima and argmin children are given). At level 1 the children are entries: their E."""
+        child = node.unsqueeze(1).mul(8) + torch.arange(8, device=node.device)
+        return self._child_minimum(tensor.unsqueeze(1).expand_as(child), level - 1, child, minimum, argmin)
+
+    def _child_minimum(self, tensor, level, child, parent_min, parent_arg):
+        z = self._hash(tensor, child, level)
+        own = child.bitwise_and(7) == (parent_arg if parent_arg.dim() == child.dim() else parent_arg.unsqueeze(1))
+        extra = _exp_of(z).div_(float(8**level)).masked_fill_(own, 0.0)
+        base = parent_min if parent_min.dim() == child.dim() else parent_min.unsqueeze(1)
+        return extra.add_(base), z.bitwise_and_(7)
+
+    def minimum(self, tensor: torch.Tensor, level: int, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Minima (float64) and argmin children of nodes (tensor ids, node numbers) of `level`; at level 0 the nodes
+        are entries and the minimum is their E. Consecutive equal parents are evaluated once."""
+        if level == LEVELS:
+            z = self._hash(tensor, node, level)
+            return _exp_of(z).div_(float(8**level)), z.bitwise_and_(7)
+        parent = node.bitwise_right_shift(3)
+        n = node.numel()
+        if n > 1:
+            new = torch.ones(n, dtype=torch.bool, device=node.device)
+            new[1:] = (parent[1:] != parent[:-1]) | (tensor[1:] != tensor[:-1])
+            first = new.nonzero().squeeze(1)
+            if first.numel() < n:
+                inverse = new.cumsum(0).sub_(1)
+                parent_min, parent_arg = self.minimum(
+                    tensor.index_select(0, first), level + 1, parent.index_select(0, first)
+                )
+                parent_min, parent_arg = parent_min.index_select(0, inverse), parent_arg.index_select(0, inverse)
+                return self._child_minimum(tensor, level, node, parent_min, parent_arg)
+        parent_min, parent_arg = self.minimum(tensor, level + 1, parent)
+        return self._child_minimum(tensor, level, node, parent_min, parent_arg)
+
+    def exp(self, tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """E of entries (tensor ids, global flat indices), float64. Cheapest when sorted."""
+        return self.minimum(tensor, 0, index)[0]
+
+    def exp_range(self, tensor_id: int, start: int, count: int, device) -> torch.Tensor:
+        """E of the `count` entries of tensor `tensor_id` from global flat index `start`, float64."""
+        if count <= 0:
+            return torch.empty(0, dtype=torch.float64, device=device)
+        first, last = start >> 6, (start + count - 1) >> 6
+        node = torch.arange(first, last + 1, device=device)
+        tensor = torch.full_like(node, tensor_id)
+        minimum, argmin = self.minimum(tensor, 2, node)
+        for level in (2, 1):
+            minimum, argmin = self.children(tensor, level, node, minimum, argmin)
+            node = (node.unsqueeze(1).mul(8) + torch.arange(8, device=device)).reshape(-1)
+            tensor = torch.full_like(node, tensor_id)
+            minimum, argmin = minimum.reshape(-1), argmin.reshape(-1)
+        return minimum[start - (first << 6) : start - (first << 6) + count]
+
+    def smallest(self, sizes: Sequence[int], k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tensor ids, flat indices) of the k entries of smallest E among tensors of `sizes` entries — k entries
+        uniformly without replacement. Descends the tree below a bound on E that about 1.5·k entries meet (doubled
+        until k do): a node whose minimum exceeds the bound holds no such entry."""
+        total = sum(sizes)
+        sizes_t = torch.tensor(sizes, dtype=torch.int64, device=device)
+        if k >= total:
+            tensor = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_t)
+            starts = sizes_t.cumsum(0) - sizes_t
+            return tensor, torch.arange(total, device=device) - starts.index_select(0, tensor)
+        share = min(1.0, (1.5 * k + 16) / total)
+        roots = (sizes_t + 8**LEVELS - 1) // 8**LEVELS
+        while True:
+            bound = float("inf") if share >= 1.0 else -torch.log1p(torch.tensor(-share, dtype=torch.float64)).item()
+            tensor = torch.repeat_interleave(torch.arange(len(sizes), device=device), roots)
+            node = torch.arange(tensor.numel(), device=device) - (roots.cumsum(0) - roots).index_select(0, tensor)
+            minimum, argmin = self.minimum(tensor, LEVELS, node)
+            for level in range(LEVELS, 0, -1):
+                keep = minimum <= bound
+                tensor, node, minimum, argmin = (t[keep] for t in (tensor, node, minimum, argmin))
+                minimum, argmin = self.children(tensor, level, node, minimum, argmin)
+                node = node.unsqueeze(1).mul(8) + torch.arange(8, device=device)
+                tensor = tensor.unsqueeze(1).expand_as(node)
+                real = node.mul(8 ** (level - 1)) < sizes_t.index_select(0, tensor.reshape(-1)).view_as(node)
+                tensor, node, minimum, argmin = (t[real] for t in (tensor, node, minimum, argmin))
+            found = minimum <= bound
+            if int(found.sum()) >= k:
+                best = torch.topk(minimum.masked_fill(~found, float("inf")), k, largest=False, sorted=False).indices
+                return tensor.index_select(0, best), node.index_select(0, best)
+            share = min(1.0, share * 2.0)
