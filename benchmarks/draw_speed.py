@@ -3,17 +3,22 @@
 
     python benchmarks/draw_speed.py [--model roberta-base] [--k 0.0008] [--repeats 5] [--numpy-repeats 3]
                                    [--step-repeats 3] [--threads N] [--device cpu|cuda] [--no-write]
+                                   [--baseline DIR]
 
 The gradients and μ come from one real forward/backward of a 16 × 128 batch (so embedding rows of absent tokens
 have no gradient). Timed, interleaved: the fast draw (`strategy="fast"`, the default), the dense draw (a key per
 entry, the previous implementation), numpy's choice on the same importance (p precomputed: only `choice` is
-timed), `top`, and a full fine-tuning step (forward + backward + AdamW) of the same model.
+timed), `top`, and a full fine-tuning step (forward + backward + AdamW) of the same model. `--baseline DIR` also
+times, interleaved, the fast draw of an earlier version of the package copied to DIR/peft_stoc_before (with an empty
+`__init__.py`), for a before/after ratio measured in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
+import sys
 import time
 
 import common
@@ -30,7 +35,7 @@ def prepare(model_name: str, k: float, device: str):
     torch.manual_seed(0)
     base, description = common.MODELS[model_name]()
     full = copy.deepcopy(base).to(device).train()
-    stoc = get_peft_model(base.to(device), peft_stoc.StocTuningConfig(k=k, task_type="SEQ_CLS")).train()
+    stoc = get_peft_model(base.to(device), peft_stoc.StocTuningConfig(k=k, task_type="SEQ_CLS", memory="dense")).train()
     engine = stoc.base_model.stoc_engine()
     batch = common.zipf_batch(base.config.vocab_size, device=device)
     stoc(**batch).loss.backward()
@@ -65,6 +70,7 @@ def measure(
     repeats: int = 5,
     numpy_repeats: int = 3,
     step_repeats: int = 3,
+    baseline: str | None = None,
 ) -> dict:
     description, engine, sources, full_step = prepare(model_name, k, device)
     count = engine.k
@@ -85,6 +91,13 @@ def measure(
             numpy_repeats,
         ),
     }
+    if baseline is not None:
+        sys.path.insert(0, baseline)
+        before = importlib.import_module("peft_stoc_before.selection")
+        runs["draw (fast, stochastic), baseline"] = (
+            lambda: before.draw(sources, count, "stochastic", generator),
+            repeats,
+        )
     times = {name: [] for name in runs}
     for round_ in range(1 + max(n for _, n in runs.values())):  # round 0 warms up
         for name, (run, wanted) in runs.items():
@@ -147,9 +160,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--baseline", default=None, help="folder holding an earlier copy as peft_stoc_before")
     args = parser.parse_args()
     common.quiet(args.threads)
-    result = measure(args.model, args.k, args.device, args.repeats, args.numpy_repeats, args.step_repeats)
+    result = measure(
+        args.model, args.k, args.device, args.repeats, args.numpy_repeats, args.step_repeats, args.baseline
+    )
     text = report(result, "Selection (draw speed)")
     print(text)
     if not args.no_write:
