@@ -5,7 +5,7 @@ model but sees its own data. What a draw depends on then stands as follows:
 
 * gradients: DDP all-reduces (averages) them before the optimizer step, so every rank holds the same values;
 * parameters: DDP broadcasts rank 0's at construction and every rank applies the same confined step after that;
-* the generator: seeded from `config.seed`, advanced once per draw on every rank;
+* the random numbers: every entry's is a hash of (`config.seed`, step, entry) (`entry_keys`), alike on every rank;
 * μ: each rank's forward hooks only summed its own tokens. `RankSync` all-reduces those running sums (totals and
   token counts) before the draw, so every rank computes μ over the global batch, as a single process with the whole
   batch would.

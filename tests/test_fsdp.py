@@ -126,6 +126,15 @@ def test_each_rank_holds_its_shard_only(fsdp_out, single_process, arch):
     assert sum(held) == stats["grad_bytes"]
 
 
+def test_stochastic_draws_the_single_process_entries_at_every_step(fsdp_out, single_process):
+    # Every entry's random number depends only on (seed, step, entry): two ranks holding half of the rows each draw
+    # the entries one process draws for the same seed.
+    rank0, _ = _ranks(fsdp_out, "stochastic")
+    _, masks = single_process("bert", selection="stochastic")
+    for step, (a, expected) in enumerate(zip(_masks(rank0), masks)):
+        assert torch.equal(a, expected), f"step {step} drew other entries than the single process"
+
+
 def test_stochastic_masks_are_identical_on_every_rank(fsdp_out):
     rank0, rank1 = _ranks(fsdp_out, "stochastic")
     draws = _masks(rank0)
