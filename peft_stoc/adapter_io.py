@@ -17,7 +17,6 @@ import ntpath
 import weakref
 
 import torch
-from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from . import adapter_file, fingerprint, shards
@@ -276,15 +275,6 @@ class AdapterFiles:
             adapter_file.META_FINGERPRINT: fingerprint.to_json(self._fingerprint(self.peft_config[adapter_name])),
         }
 
-    def check_file(self, file: adapter_file.AdapterFile, config, ignore_base_mismatch: bool = False) -> None:
-        """Validate everything in `file` against this model before any of it is applied."""
-        recorded = file.fingerprint
-        if recorded is None:
-            raise adapter_file.AdapterFileError(f"{file.path} has no base-model fingerprint in its header.")
-        self.refuse_other_base(recorded, config, file.path, ignore_base_mismatch)
-        adapter_file.parse_delta(file.tensors, self._adapter_numels("", config), source=file.path)
-        adapter_file.check_other_tensors(file.tensors, self._head_shapes(config), source=file.path)
-
     def _fingerprint(self, config) -> dict:
         whole = self._fingerprint_params(config)
         if shards.shard_group(whole.values()) is False:
@@ -295,19 +285,6 @@ class AdapterFiles:
         if key not in self._fingerprints:
             self._fingerprints[key] = fingerprint.compute(whole, self.stoc_layer.patch_base_values(whole))
         return self._fingerprints[key]
-
-    def _head_shapes(self, config) -> dict[str, torch.Size]:
-        """File keys and shapes of the modules_to_save tensors this model expects."""
-        wanted = list(config.modules_to_save or [])
-        shapes = {}
-        for name, module in self.model.named_modules():
-            # PEFT's own rule for modules_to_save is a plain suffix match.
-            if not name or not any(name.endswith(w) for w in wanted):
-                continue
-            source = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
-            for key, value in source.state_dict().items():
-                shapes[f"{adapter_file.MODEL_PREFIX}{name}.{key}"] = value.shape
-        return shapes
 
     # -- save / load hooks (called by PEFT's get/set_peft_model_state_dict) --------------------------------------
     @classmethod

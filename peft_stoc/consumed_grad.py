@@ -109,12 +109,14 @@ def _refuse_accumulation(func, *args, **kwargs):
 
 
 def accumulation_error() -> str:
+    """The one message for a second micro-batch of a plain loop after the first's gradients were consumed."""
     return (
-        "A second backward before `optimizer.step()` reached a gradient that StocTuning (memory='lean') had already "
-        "consumed; the draw needs the summed gradient of all micro-batches. Gradient accumulation is detected "
-        "automatically under transformers Trainer, TRL, accelerate's `accumulate()` and DDP; in a plain loop, wrap "
-        "the micro-batches that are not the last of a step in `with model.base_model.stoc_accumulating():`, or use "
-        "StocTuningConfig(memory='dense')."
+        "StocTuning: a second micro-batch before `optimizer.step()`, after the first backward's candidate gradients "
+        "were consumed by the draw (memory='auto' and 'lean' free them during the backward, from the first step on). "
+        "The draw needs the summed gradient of every micro-batch, so nothing was changed: no weight and no optimizer "
+        "state. Gradient accumulation is recognised by itself under transformers Trainer, TRL, accelerate's "
+        "`accumulate()` and DDP; in a plain loop, add one line: run each micro-batch that is not the last of its step "
+        "under `with model.base_model.stoc_accumulating():` (or use StocTuningConfig(memory='dense'))."
     )
 
 

@@ -17,9 +17,9 @@ from torch import nn
 from . import distributed, opaque_hooks, optimizer_hooks, sharded_draw, shards, sparse_optim
 from .audit import BYPASS_HINT, Audit
 from .candidates import Candidate
-from .consumed_grad import ConsumedGrad
+from .consumed_grad import ConsumedGrad, accumulation_error
 from .importance import Source, finite_means
-from .lean import PLAIN_LOOP_ACCUMULATION, LeanStep, accelerate_syncs_gradients, state_bytes
+from .lean import LeanStep, accelerate_syncs_gradients, state_bytes
 from .lean_steps import LeanSteps
 from .optimizer_checks import OptimizerChecks
 from .originals import Patch
@@ -116,6 +116,7 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         # FSDP2: candidates are dim-0 shards. `on_shard` (set by the tuner) makes every adapter follow the shards
         # FSDP2 replaced the parameters with; `shards` then holds, per candidate, the rows held here.
         self.on_shard = None
+        self.on_graph = None  # set by the tuner: a forward with gradients is building a graph on the weights shown
         self.shards: list[slice] | None = None
         self._shard_sync: sharded_draw.ShardSync | None = None
 
@@ -213,6 +214,8 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         self._depth = 0
         self._pending = None
         self._stepped = set()
+        if self.on_graph is not None:
+            self.on_graph()
         self._check_setup()
         self.audit.verify(context=BYPASS_HINT)  # every entry, against its base checksum (a pass of a few ms)
         if self._backward_seen:
@@ -224,7 +227,7 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         was abandoned (skipped by a gradient scaler, or its gradients set to None)."""
         grads = [c.param.grad for c in self.candidates]
         if any(isinstance(g, ConsumedGrad) and not g.zeroed for g in grads):
-            raise RuntimeError(PLAIN_LOOP_ACCUMULATION)
+            raise RuntimeError(accumulation_error())
         if all(g is None or isinstance(g, ConsumedGrad) for g in grads) or self._gradients_reset(grads):
             # Abandoned: its statistics must not leak into the next draw.
             self._abandon_step()
@@ -277,7 +280,7 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
             return
         means = None
         self._backward_seen = True
-        # The order gradients complete in: a draw made at the step (first step, accumulation, DDP) visits the tensors
+        # The order gradients complete in: a draw made at the step (accumulation, DDP) visits the tensors
         # in it too, so it consumes the random stream as a streamed draw would — one process and several ranks then
         # draw the same entries.
         self._gradient_order.setdefault(position, None)

@@ -24,6 +24,7 @@ class AdapterSlot(StateHolder):
         super().__init__()
         self.delta = delta or SparseDelta()
         self.step = 0  # optimizer steps taken, as last loaded
+        self.version = 0  # bumped whenever the delta is replaced (not when training extends it in place)
         self.refresh = None  # the tuner's: stores what training changed since, returns the current step count
 
     def _apply(self, fn, recurse: bool = True):
@@ -50,6 +51,7 @@ class AdapterSlot(StateHolder):
                 name, _, field = key[len("delta.") :].rpartition(".")
                 parts.setdefault(name, {})[field] = value.clone()
         self.delta = SparseDelta({name: (p["index"], p["values"]) for name, p in parts.items()})
+        self.version += 1
         if "step" in ours:
             self.step = int(ours["step"])
 

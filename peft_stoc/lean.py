@@ -9,7 +9,7 @@
   accelerate's gradient state, `stoc_accumulating()`, or the number of forwards per step seen at a declared step) and
   under data parallelism (DDP reduces gradients in its own buckets after these hooks run). A plain loop that
   accumulates without saying so is refused at its second micro-batch, before anything changed
-  (`PLAIN_LOOP_ACCUMULATION`);
+  (`consumed_grad.accumulation_error`);
 * optimizer step — the draw is finished, the drawn gradients are scaled by what clipping and unscaling applied, and
   `sparse_optim` updates the candidates held by this optimizer; their gradients are then set to None, so the user's
   optimizer keeps dense state only for the other parameters (task heads).
@@ -28,15 +28,6 @@ from . import sparse_optim
 from .candidates import Candidate
 from .consumed_grad import ConsumedGrad, factor_of
 from .streaming import StreamingDraw
-
-PLAIN_LOOP_ACCUMULATION = (
-    "StocTuning: a second micro-batch before `optimizer.step()`, after the first backward's candidate gradients were "
-    "consumed by the draw (memory='auto' and 'lean' free them during the backward, from the first step on). The draw "
-    "needs the summed gradient of every micro-batch, so nothing was changed: no weight and no optimizer state. "
-    "Gradient accumulation is recognised by itself under transformers Trainer, TRL, accelerate's `accumulate()` and "
-    "DDP; in a plain loop, add one line: run each micro-batch that is not the last of its step under "
-    "`with model.base_model.stoc_accumulating():` (or use StocTuningConfig(memory='dense'))."
-)
 
 
 def accelerate_syncs_gradients() -> bool | None:

@@ -100,7 +100,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             self._awaiting: set[str] = set()  # adapters configured from a saved file whose deltas were not loaded
             self._validated: set[str] = set()  # adapters whose file was checked against the base before loading
             self._delta_guard = model.register_forward_pre_hook(self._refuse_missing_delta)
-            self._weight_guard = WeightGuard(self._showing_trained, self._shown_text)
+            self._weight_guard = WeightGuard(self._trained_view, self._shown_text)
             self._base_load_hooks = (
                 model.register_load_state_dict_pre_hook(self._before_base_load),
                 model.register_load_state_dict_post_hook(self._after_base_load),
@@ -242,6 +242,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         for engine in self._running_or_paused():
             engine.parameters_replaced()
             engine.accept_weights(base_too=True)
+        self._weight_guard.watch(c.param for c in candidates if c.param.requires_grad)  # the shards now
 
     def _adapters_to_apply(self) -> tuple[str, ...]:
         """The adapters whose deltas should be in the weights: the merged ones, else the active one."""
@@ -261,9 +262,13 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             return None
         return active[0]
 
-    def _showing_trained(self) -> bool:
-        training = self._training_adapter()
-        return training is not None and self.stoc_layer.shown == self._adapters_to_apply()
+    def _trained_view(self) -> tuple | None:
+        """What the weights show while an adapter trains — the adapters applied and their deltas' versions — or
+        None (no adapter trains, or the base is shown)."""
+        layer = self.stoc_layer
+        if self._training_adapter() is None or layer.shown != self._adapters_to_apply():
+            return None
+        return tuple((name, layer.stoc_adapters[name].version) for name in layer.shown)
 
     def _shown_text(self) -> str:
         shown = self.stoc_layer.shown
@@ -356,6 +361,12 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             return
         if not layer.applied or not any(f"{prefix}{name}" in state_dict for name in layer.patch.index):
             return
+        if args and args[0].get("assign_to_params_buffers"):  # local_metadata of `load_state_dict(assign=True)`
+            raise ValueError(
+                "load_state_dict(..., assign=True) would replace the parameters that hold the applied StocTuning "
+                "adapter, which could then neither be shown nor removed; nothing was loaded. Load without "
+                "`assign=True` (the loaded base keeps the adapter on it), or `unload()` first."
+            )
         for name in layer.applied:
             self._capture(name)
         for name, record in self._adapters.items():
@@ -393,6 +404,9 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
                 layer.apply(wanted, params)
             else:
                 layer.restore(params)
+            # autocast keeps the low-precision copies it made of trainable weights for its whole region, whatever
+            # was written into them since: forwards after the switch must cast the weights as they are now.
+            torch.clear_autocast_cache()
         if layer.disable_adapters:
             layer.show_base(params)
         else:
@@ -417,6 +431,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
                 record.captured_at = engine.stats.step
                 engine.driven_by_trainer = getattr(self, "_driven_by_trainer", False)
                 engine.on_shard = self._follow_shards
+                engine.on_graph = self._weight_guard.note
             if not engine.running:
                 engine.start()
             engine.accept_weights()
@@ -449,6 +464,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         if adapter_name in layer.applied:
             layer.restore(self._base_params())  # its old values must not be mistaken for the base
         layer.stoc_adapters[adapter_name].delta = delta
+        layer.stoc_adapters[adapter_name].version += 1  # a graph built on the old delta must not run its backward
         self._drop_engine(adapter_name)  # a loaded delta starts a fresh training history
         self._apply_adapter_state()
 

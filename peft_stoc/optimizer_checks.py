@@ -94,7 +94,10 @@ class OptimizerChecks:
             with torch.no_grad():
                 for param, before in kept:
                     param.copy_(before)
-            raise RuntimeError(f"{error} The step was undone: every weight is as it was before it.") from None
+            raise RuntimeError(
+                f"{error} The candidate weights were put back as they were before this step (the optimizer's own "
+                "state did advance: start it afresh before training on)."
+            ) from None
 
     def _check_sparse_state(self, optimizer) -> None:
         """The sparse optimizer state indexes the entries this process holds: under FSDP2 the rows of its shards.

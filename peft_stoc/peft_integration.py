@@ -63,7 +63,7 @@ def _recover(model_id, subfolder: str | None) -> None:
 
 
 def _head_specs(tuner, config) -> dict[str, tuple[tuple[int, ...], object]]:
-    """File keys, shapes and dtypes of the modules_to_save tensors the model expects (as `_head_shapes`)."""
+    """File keys, shapes and dtypes of the modules_to_save tensors the model expects."""
     wanted = list(config.modules_to_save or [])
     specs = {}
     for name, module in tuner.model.named_modules():
@@ -77,7 +77,7 @@ def _head_specs(tuner, config) -> dict[str, tuple[tuple[int, ...], object]]:
 
 
 def _check_base(tuner, file: adapter_file.AdapterFile, config, ignore_base_mismatch: bool) -> None:
-    """The fingerprint in the header against this base (as `check_file` does), before any tensor is read: a file
+    """The fingerprint in the header against this base, before any tensor is read: a file
     for another base is named as such, not by the first tensor that does not fit."""
     recorded = file.fingerprint
     if recorded is None:
@@ -142,6 +142,8 @@ class StocTuningPeftModel(PeftModel):
         tuner = self.base_model
         check_adapter_name(adapter_name)
         fresh = tuner.is_fresh(adapter_name)  # injected for this load (PeftModel.from_pretrained) or not there yet
+        # What this load notes of the file (its step count, its check against the base) is undone with it.
+        noted = (tuner._steps_loaded.get(adapter_name), adapter_name in tuner._validated)
         try:
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
             _recover(model_id, hub_kwargs.get("subfolder"))
@@ -157,6 +159,13 @@ class StocTuningPeftModel(PeftModel):
         except BaseException:
             if fresh and adapter_name in self.peft_config:
                 tuner.abandon_load(adapter_name)  # the model, and the base under it, as they were before
+            step, validated = noted
+            if step is None:
+                tuner._steps_loaded.pop(adapter_name, None)
+            else:
+                tuner._steps_loaded[adapter_name] = step
+            if not validated:
+                tuner._validated.discard(adapter_name)
             raise
 
     def push_to_hub(self, repo_id: str, *args, **kwargs):

@@ -72,9 +72,9 @@ class TrainingAPI:
 
     @contextlib.contextmanager
     def stoc_accumulating(self):
-        """Keep candidate gradients dense during the backwards inside: micro-batches that are not the last of an
-        optimizer step, in a plain loop that accumulates gradients from its very first step (Trainer, TRL,
-        accelerate's `accumulate()` and DDP are detected without it, and any loop from its second step on)."""
+        """Keep candidate gradients dense during the backwards inside: the micro-batches that are not the last of an
+        optimizer step, in a plain loop that accumulates gradients (Trainer, TRL, accelerate's `accumulate()` and DDP
+        are detected without it)."""
         engine = self.stoc_engine()
         if engine is None:
             yield
@@ -92,9 +92,9 @@ class TrainingAPI:
             engine.driven_by_trainer = driven
 
     def stoc_sync(self) -> None:
-        """Accept changes made to the base weights outside an optimizer step as the new starting point."""
-        engine = self.stoc_engine()
-        if engine is not None:
+        """Accept changes made to the base weights outside an optimizer step as the new starting point (for every
+        adapter that has trained, paused ones too)."""
+        for engine in self._running_or_paused():
             engine.accept_weights(base_too=True)
 
     def _head_parameters(self, name: str) -> list[torch.nn.Parameter]:

@@ -3,41 +3,71 @@
 Switching adapters and showing the base (`disable_adapter()`) write into the weights without bumping their version
 counters (`shards.writable_entries`): a graph built before a switch is valid again after the switch back, which is
 what DPO's reference pass needs (TRL switches between the policy's forward and its backward). The case torch's
-version check would have caught — a backward while the weights show something else — is refused here instead.
+version check would have caught — a backward while the weights show something else than its graph was built on —
+is refused here instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Hashable, Iterable
 
 import torch
 
+from . import shards
+
 
 class WeightGuard:
-    """Refuses the gradient of a candidate weight unless the weights show the adapter being trained.
+    """Refuses the gradient of a candidate weight unless the weights show what they showed when the latest forward
+    with gradients ran (`note`): the same adapters, with the same deltas, being trained.
 
-    Candidate weights require gradients only while an adapter trains, so a gradient that reaches one comes from a
-    graph built while that adapter was shown; computing it while the base or another adapter is shown would give
-    gradients of other weights than the graph's (and of no adapter being trained)."""
+    `shown()` names what the weights show now (None while no adapter trains); a gradient that reaches a candidate
+    while it differs from the noted value would be the gradient of other weights than the graph's. Under FSDP2 the
+    gradients reach the shards only once reduced: the check runs there, and the gradient is dropped before raising."""
 
-    def __init__(self, showing_trained: Callable[[], bool], describe: Callable[[], str]):
-        self._showing_trained, self._describe = showing_trained, describe
-        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+    def __init__(self, shown: Callable[[], Hashable | None], describe: Callable[[], str]):
+        self._shown, self._describe = shown, describe
+        self._built_on: Hashable | None = None
+        # id → (the parameter, weakly; its hook): a parameter freed and another made at its address is watched anew.
+        self._handles: dict[int, tuple[weakref.ref, torch.utils.hooks.RemovableHandle]] = {}
+
+    def note(self) -> None:
+        """A forward with gradients ran: its graph is built on what the weights show now."""
+        self._built_on = self._shown()
 
     def watch(self, params: Iterable[torch.nn.Parameter]) -> None:
         for param in params:
-            if id(param) not in self._handles:
-                self._handles[id(param)] = param.register_hook(self._check)
+            known = self._handles.get(id(param))
+            if known is not None and known[0]() is param:
+                continue
+            if shards.is_shard(param):
+                handle = param.register_post_accumulate_grad_hook(self._check_shard)
+            else:
+                handle = param.register_hook(self._check)
+            self._handles[id(param)] = (weakref.ref(param), handle)
+
+    def _refusal(self) -> RuntimeError | None:
+        now = self._shown()
+        if now is not None and now == self._built_on:
+            return None
+        return RuntimeError(
+            f"A backward reached StocTuning's weights while they show {self._describe()}, not what the graph was "
+            "built on. Leave `disable_adapter()` (or switch back with `set_adapter`) before calling backward, and "
+            "keep the adapters' deltas as they were between a forward and its backward; nothing was updated."
+        )
 
     def _check(self, grad: torch.Tensor) -> None:
-        if not self._showing_trained():
-            raise RuntimeError(
-                f"A backward reached StocTuning's weights while they show {self._describe()}, not the adapter the "
-                "graph was built with. Leave `disable_adapter()` (or switch back with `set_adapter`) before calling "
-                "backward; nothing was updated."
-            )
+        error = self._refusal()
+        if error is not None:
+            raise error
+
+    def _check_shard(self, param: torch.Tensor) -> None:
+        error = self._refusal()
+        if error is not None:
+            param.grad = None
+            raise error
 
     def remove(self) -> None:
-        for handle in self._handles.values():
+        for _, handle in self._handles.values():
             handle.remove()
         self._handles.clear()

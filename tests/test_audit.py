@@ -114,7 +114,7 @@ def test_an_optimizer_that_moves_undrawn_entries_is_undone_exactly(optimizer_cla
     model = _model()
     optimizer = optimizer_class(model.parameters(), lr=0.1)
     before = base_snapshot(model)
-    with pytest.warns(UserWarning, match="dense"), pytest.raises(RuntimeError, match="not drawn.*undone"):
+    with pytest.warns(UserWarning, match="dense"), pytest.raises(RuntimeError, match="not drawn.*put back"):
         _step(model, optimizer)
     assert _same(base_snapshot(model), before)
 
@@ -189,3 +189,20 @@ def test_two_optimizers_over_different_candidates_step_together():
         second.zero_grad()
     changed = sum(int((base_snapshot(model)[k] != before[k]).sum()) for k in before)
     assert 0 < changed <= 80
+
+
+def test_stoc_sync_accepts_deliberate_changes_for_paused_adapters_too():
+    model = _model("dense")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _step(model, optimizer)
+    model.add_adapter("other", StocTuningConfig(k=40, task_type="SEQ_CLS", memory="dense"))
+    model.set_adapter("other")
+    _step(model, optimizer, seed=1)
+    model.set_adapter("default")
+    name, entry = _untouched_entry(model)
+    with torch.no_grad():
+        model.base_model._base_params()[name].view(-1)[entry] += 1  # on purpose
+    model.base_model.stoc_sync()
+    _step(model, optimizer, seed=2)
+    model.set_adapter("other")
+    _step(model, optimizer, seed=3)  # the paused adapter's engine took the change too

@@ -195,3 +195,18 @@ def test_modules_to_save_does_not_grow_over_save_load_round_trips(saved, tmp_pat
     model.load_adapter(saved, adapter_name="reloaded")
     model.add_weighted_adapter(["reloaded", "fresh"], [1.0, 1.0], "both_again")
     assert model.peft_config["reloaded"].modules_to_save == ["classifier", "score"]
+
+
+def test_a_failed_load_forgets_the_step_count_and_the_check_it_noted(tmp_path):
+    from peft_stoc import StocTuningConfig as Config
+
+    from .helpers import train_stoc
+
+    train_stoc(k=40, steps=5).save_pretrained(tmp_path / "five")
+    model = get_peft_model(tiny_model(), Config(k=40, task_type="SEQ_CLS"))
+    with pytest.raises(RuntimeError):
+        model.load_adapter(tmp_path / "five", adapter_name="x", torch_device="cuda:3")  # fails after validation
+    tuner = model.base_model
+    assert "x" not in tuner._steps_loaded and "x" not in tuner._validated
+    model.add_adapter("x", Config(k=40, task_type="SEQ_CLS"))
+    assert tuner.is_fresh("x")

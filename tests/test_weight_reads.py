@@ -213,3 +213,51 @@ def test_loading_base_weights_keeps_the_adapter_on_the_loaded_base(how):
     model(**_inputs(task, 20)).loss.backward()
     optimizer.step()
     assert model.base_model.adapter_delta("default").num_changed >= delta.num_changed
+
+
+def test_a_backward_after_switching_to_another_trainable_adapter_is_refused():
+    """The guard compares what the weights show with what they showed at the forward: another trainable adapter is
+    not the graph's."""
+    task, model, _ = _trained("llama-tied")
+    model.add_adapter("other", copy.deepcopy(model.peft_config["default"]))
+    model.base_model.set_adapter_delta("other", model.base_model.adapter_delta("default").clone())
+    model.train()
+    loss = model(**_inputs(task, 3)).loss
+    model.set_adapter("other")  # trainable: its own engine would take these gradients
+    with pytest.raises(RuntimeError, match="not what the graph was built on"):
+        loss.backward()
+    assert all(p.grad is None for p in model.base_model._base_params().values())
+
+
+def test_a_backward_after_the_active_delta_was_replaced_is_refused():
+    task, model, _ = _trained("gpt2")
+    model.train()
+    loss = model(**_inputs(task, 4)).loss
+    model.base_model.set_adapter_delta("default", model.base_model.adapter_delta("default").clone())
+    with pytest.raises(RuntimeError, match="not what the graph was built on"):
+        loss.backward()
+
+
+def test_autocast_after_a_switch_computes_with_the_new_adapter():
+    task, model, _ = _trained("llama-tied")
+    model.add_adapter("other", copy.deepcopy(model.peft_config["default"]))
+    x = _inputs(task, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.set_adapter("other")
+        fresh = model(**x).logits
+        model.set_adapter("default")
+        model.train()
+        model(**x)  # casts (and caches) the trained weights
+        model.eval()
+        model.set_adapter("other")
+        after = model(**x).logits
+    assert torch.equal(after, fresh)
+
+
+def test_loading_base_weights_by_assignment_is_refused_before_anything_changes():
+    task, model, reference = _trained("llama-tied")
+    before = _base_state(model)
+    with pytest.raises(ValueError, match="assign=True"):
+        model.get_base_model().load_state_dict(reference.state_dict(), strict=False, assign=True)
+    assert all(torch.equal(v, before[k]) for k, v in _base_state(model).items())
+    assert model.base_model.stoc_layer.applied == ("default",)
