@@ -116,6 +116,11 @@ class Audit:
         flat, index, _ = self._held(candidate)
         return entry_terms(flat.index_select(0, index), index)
 
+    def forget(self) -> None:
+        """The weights were converted (`.to(dtype)`, `.half()`, a device move): the base is taken anew at the next
+        check, from the converted values."""
+        self.base = self.touched = None
+
     def invalidate(self) -> None:
         """Our own writes (an adapter applied, reverted or loaded) changed recorded entries only: the base checksum
         stays, the recorded entries' checksum is taken anew at the next check."""

@@ -77,6 +77,16 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self._disable_adapters = False
 
+    def _apply(self, fn, recurse: bool = True):
+        # `.to()`, `.half()`, ...: the weights were converted along with this layer's state; the audits' checksums
+        # of their bits are taken anew.
+        result = super()._apply(fn, recurse)
+        tuner = self.__dict__.get("tuner")
+        if tuner is not None:
+            for engine in tuner._running_or_paused():
+                engine.audit.forget()
+        return result
+
     # -- applying deltas ---------------------------------------------------------------------------------------
     def apply(self, names: tuple[str, ...], params: Params) -> None:
         """Make the weights `base + Σ delta(name)`; the base is restored first, so this is also a switch.

@@ -206,3 +206,17 @@ def test_stoc_sync_accepts_deliberate_changes_for_paused_adapters_too():
     _step(model, optimizer, seed=2)
     model.set_adapter("other")
     _step(model, optimizer, seed=3)  # the paused adapter's engine took the change too
+
+
+@pytest.mark.parametrize("memory", ["dense", "lean"])
+def test_converting_the_model_after_a_step_is_no_change_outside_a_step(memory):
+    model = _model(memory)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _step(model, optimizer)
+    model.to(torch.bfloat16).to(torch.float32)  # every weight converted and back: bits moved, on purpose
+    _step(model, optimizer, seed=1)
+    name, entry = _untouched_entry(model)
+    with torch.no_grad():
+        model.base_model._base_params()[name].view(-1)[entry] += 1
+    with pytest.raises(RuntimeError, match="changed outside"):
+        model(**batch(seed=2))
