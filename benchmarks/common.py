@@ -222,3 +222,20 @@ def reset_peak_rss() -> None:
             file.write("5")
     except OSError:
         pass
+
+
+def run_section(doc: str, section: str, measure, report) -> None:
+    """The command line of a benchmark that measures one table: `--steps`, `--threads`, `--no-write`; the table is
+    printed and written into `section` of docs/benchmarks.md."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    quiet(args.threads)
+    text = report(measure(args.steps), args.threads, args.steps)
+    print(text)
+    if not args.no_write:
+        write_section(section, text)

@@ -28,6 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning threads when 
 
 import common  # noqa: E402
 import torch  # noqa: E402
+from step import stepper  # noqa: E402
 
 FULL, LORA, STOC = "full fine-tuning", "LoRA r=8", "StocTuning (defaults)"
 METHODS = (FULL, LORA, STOC)
@@ -55,22 +56,6 @@ def build(method: str, base: torch.nn.Module, model: str) -> torch.nn.Module:
     if method == LORA:
         return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task))
     return get_peft_model(base, peft_stoc.StocTuningConfig(task_type=task))
-
-
-def stepper(model: torch.nn.Module):
-    """One training step of `model` per call; a StocTuning step raises unless it drew exactly k entries."""
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, eps=1e-6)
-    engine = model.base_model.stoc_engine() if hasattr(model, "stoc_stats") else None
-
-    def step(batch):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if engine is not None and model.stoc_stats()["drawn"] != engine.k:
-            raise RuntimeError(f"StocTuning drew {model.stoc_stats()['drawn']} entries, not k = {engine.k}")
-
-    return step
 
 
 def measure_time(model: str, steps: int) -> dict:

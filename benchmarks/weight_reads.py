@@ -13,7 +13,6 @@ process, interleaved, medians:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
@@ -124,16 +123,7 @@ def report(result: dict, threads: int, steps: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    common.quiet(args.threads)
-    text = report(measure(args.steps), args.threads, args.steps)
-    print(text)
-    if not args.no_write:
-        common.write_section("weight-reads", text)
+    common.run_section(__doc__, "weight-reads", measure, report)
 
 
 if __name__ == "__main__":
