@@ -19,9 +19,8 @@ class BaseView:
     adapted values back, bit for bit. Memory and time are ∝ changed entries. The writes leave the parameters' version
     counters alone (`shards.writable_entries`), so a graph built before `disable_adapter()` and run after it — DPO
     computes its reference between the policy's forward and its backward — stays valid; `weight_guard.WeightGuard`
-    refuses a backward while the weights show something else than the graph was built on (not under FSDP2:
-    docs/distributed.md). Under FSDP2 each process writes the rows it holds and FSDP2's unsharded copies are dropped,
-    so every forward gathers what is shown.
+    refuses a backward while the weights show something else than the graph was built on. Under FSDP2 each process
+    writes the rows it holds and FSDP2's unsharded copies are dropped, so every forward gathers what is shown.
     """
 
     def __init__(self, patch: Patch, params: Params):

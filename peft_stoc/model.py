@@ -442,6 +442,14 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         return [c for c in self._adapters[name].candidates if id(c.param) not in frozen]
 
     def _set_requires_grad(self, training: str | None) -> None:
+        layer = self.stoc_layer
+        sharded = any(shards.is_shard(p) for p in self._base_params().values())
+        if training is None and layer.disable_adapters and sharded:
+            # FSDP2 hands a shard its reduced gradient, and calls its hooks, only while it requires one: the shards
+            # keep requiring gradients while the base is shown, so the weight guard sees (and refuses) a backward run
+            # inside `disable_adapter()` instead of FSDP2 dropping its gradients in silence.
+            active = [a for a in self.active_adapters if a in self._adapters and self._adapters[a].trainable]
+            training = active[0] if len(active) == 1 else None
         trainable = {id(c.param) for c in self._trainable_candidates(training)} if training else set()
         aux = {id(p) for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper) for p in m.parameters()}
         for param in self.model.parameters():

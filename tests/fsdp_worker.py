@@ -429,6 +429,29 @@ def scenario_trainer(rank: int, world: int, out: Path) -> None:
     _save(out / f"trainer.rank{rank}.safetensors", tensors)
 
 
+def scenario_disabled(rank: int, world: int, out: Path) -> None:
+    """Under FSDP2: a DPO-style reference pass inside `disable_adapter()` between a forward and its backward trains
+    as usual, and a backward run inside `disable_adapter()` is refused on every rank, with no gradient left."""
+    model = shard(make_model("bert"), "bert")
+    train(model, "bert", rank, world, steps=2)
+    optimizer = adamw(model)
+    loss = model(**local_batch("bert", 2, rank, world)).loss
+    with torch.no_grad(), model.disable_adapter():
+        model(**local_batch("bert", 2, rank, world))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    loss = model(**local_batch("bert", 3, rank, world)).loss
+    refused = 0
+    with model.disable_adapter():
+        try:
+            loss.backward()
+        except RuntimeError as error:
+            refused = int("not what the graph was built on" in str(error))
+    left = sum(int(c.param.grad is not None) for c in model.base_model.stoc_engine().candidates)
+    _save(out / f"disabled.rank{rank}.safetensors", {"figures": torch.tensor([refused, left])})
+
+
 SCENARIOS = {
     "train_bert": lambda r, w, o: scenario_train("bert", r, w, o),
     "train_gpt2": lambda r, w, o: scenario_train("gpt2", r, w, o, per_layer=False),
@@ -443,6 +466,7 @@ SCENARIOS = {
     "fill": scenario_fill,
     "accelerate": scenario_accelerate,
     "trainer": scenario_trainer,
+    "disabled": scenario_disabled,
 }
 
 

@@ -46,6 +46,7 @@ SCENARIOS = [
     "fill",
     "accelerate",
     "trainer",
+    "disabled",
 ]
 
 
@@ -418,3 +419,10 @@ def test_shard_sync_top_agrees_with_topk_on_one_process(one_process_group):
         if mask.any():
             kth = keys[mask].min()
             assert bool((keys[valid & ~mask] <= kth).all())
+
+
+def test_a_backward_inside_disable_adapter_is_refused_on_every_rank(fsdp_out):
+    # A reference pass between the policy's forward and backward trained as usual before (the scenario's first step).
+    for record in _ranks(fsdp_out, "disabled"):
+        refused, left = record["figures"].tolist()
+        assert refused == 1 and left == 0
