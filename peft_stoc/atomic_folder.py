@@ -20,6 +20,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import socket
 import stat
 import sys
 
@@ -122,11 +123,26 @@ def recover_for_reading(path: str | os.PathLike) -> None:
         recover(folder, tidy=False)
 
 
+def _host() -> str:
+    """This machine, as a leftover's name records it (a shared file system is seen from several machines)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owner() -> str:
+    """What a stage, commit or probe is named after: this process, a random part, this machine."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}-{_host()}"
+
+
 def _alive(name: str) -> bool:
-    """Whether the process that made the leftover `name` (its pid follows the tag) still runs."""
+    """Whether the process that made the leftover `name` (its pid, and its machine, follow the tag) may still run.
+    A process of another machine cannot be looked up from here: its leftovers count as alive (that machine's next
+    save or load settles them)."""
     try:
-        pid = int(name.rsplit(".stoc-", 1)[1].split("-")[1])
+        parts = name.rsplit(".stoc-", 1)[1].split("-")
+        pid = int(parts[1])
     except (IndexError, ValueError):
+        return True
+    if len(parts) > 3 and parts[3] != _host():
         return True
     if pid == os.getpid():
         return True
@@ -147,7 +163,7 @@ def _make_stage(target: str) -> tuple[str, bool]:
     parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     if _can_swap(target):
-        stage = os.path.join(parent, f".{_tag(base)}{STAGE_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+        stage = os.path.join(parent, f".{_tag(base)}{STAGE_TAG}{_owner()}")
         try:
             os.mkdir(stage)
         except OSError:
@@ -157,7 +173,7 @@ def _make_stage(target: str) -> tuple[str, bool]:
                 os.chmod(stage, stat.S_IMODE(os.stat(target).st_mode))  # the folder keeps its permissions
             return stage, True
     os.makedirs(target, exist_ok=True)
-    stage = os.path.join(target, f"{STAGE_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+    stage = os.path.join(target, f"{STAGE_TAG}{_owner()}")
     os.mkdir(stage)
     return stage, False
 
@@ -177,7 +193,7 @@ def _exchange_works(parent: str) -> bool:
     except OSError:
         return False
     if device not in _EXCHANGE_WORKS:
-        probe = os.path.join(parent, f"{PROBE_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+        probe = os.path.join(parent, f"{PROBE_TAG}{_owner()}")
         first, second = probe + "-1", probe + "-2"
         try:
             os.mkdir(first)
@@ -226,7 +242,7 @@ def _commit_in_place(stage: str, target: str) -> None:
     """Commit the complete new files of `stage` inside `target` by one rename, then move them in (`_move_in`); a
     crash after the rename is finished by `recover`."""
     _refuse_links_on_the_way(stage, target)
-    commit = os.path.join(target, f"{COMMIT_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+    commit = os.path.join(target, f"{COMMIT_TAG}{_owner()}")
     os.rename(stage, commit)
     _sync_dir(target)
     _move_in(commit, target)

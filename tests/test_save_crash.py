@@ -184,6 +184,11 @@ def _save_seconds(models, tmp_path) -> float:
     return (time.perf_counter() - start) / 5
 
 
+def _leftovers_of(folder) -> list[str]:
+    """Stages beside `folder` named after it (other folders of the module's root keep theirs until their next save)."""
+    return [p for p in os.listdir(folder.parent) if p.startswith(f".{folder.name}.stoc-")]
+
+
 def _skip_without_exchange(mode):
     if mode in ("exchange", "working_directory", "long_name") and not atomic_folder._renameat2():
         pytest.skip("no renameat2 here")
@@ -245,7 +250,7 @@ def test_save_keeps_other_files_permissions_and_adapters_in_subfolders(adapters,
     _check_foreign(folder)
     assert (folder / "tokenizer.json").stat().st_ino == tokenizer_inode, "carried over as a hard link, not copied"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o750
-    assert not [p for p in os.listdir(folder.parent) if ".stoc-" in p], "no staging leftovers"
+    assert not _leftovers_of(folder), "no staging leftovers"
     # A second adapter saved alone goes to its subfolder and leaves the first one in place.
     model = models["a"]
     model.load_adapter(root / "b", adapter_name="other")
@@ -282,7 +287,7 @@ def test_failed_save_leaves_the_old_adapter(adapters):
     finally:
         values[0] = saved
     assert _which(folder, base, expected) == "a"
-    assert not [p for p in os.listdir(folder.parent) if ".stoc-" in p]
+    assert not _leftovers_of(folder)
 
 
 def test_a_readme_linked_to_a_file_elsewhere_is_not_copied_into_the_model_card(adapters, tmp_path):
@@ -328,3 +333,19 @@ def test_a_linked_adapter_subfolder_is_never_written_through(adapters, tmp_path,
     assert list(outside.iterdir()) == []
     assert _which(folder, base, expected) == "a"
     _check_foreign(folder)
+
+
+def test_leftovers_of_another_machine_are_left_to_it(adapters, tmp_path):
+    """On a file system several machines share, a stage or commit named after another machine's process cannot be
+    told dead from here: recovery leaves it alone; one of this machine's dead processes is settled."""
+    root, base, models, expected = adapters
+    folder = _fresh_folder(root, models)
+    dead = 2**22 + 12345  # above every pid this machine hands out
+    foreign = folder / f"{atomic_folder.COMMIT_TAG}{dead}-00000000-ffffffff"
+    ours = folder / f"{atomic_folder.STAGE_TAG}{dead}-00000000-{atomic_folder._host()}"
+    foreign.mkdir()
+    ours.mkdir()
+    atomic_folder.recover(str(folder))
+    assert foreign.exists() and not ours.exists()
+    assert _which(folder, base, expected) == "a"
+    shutil.rmtree(foreign)
