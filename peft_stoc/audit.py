@@ -50,8 +50,9 @@ def _first_chunk_weights(device: torch.device) -> torch.Tensor:
     return _WEIGHTS[device]
 
 
-def checksum(flat: torch.Tensor) -> int:
-    """Σ word · weight(word position) mod 2⁶⁴ over the bytes of `flat` (contiguous), read as 64-bit words."""
+def checksum(flat: torch.Tensor) -> torch.Tensor:
+    """Σ word · weight(word position) mod 2⁶⁴ over the bytes of `flat` (contiguous), read as 64-bit words: an int64
+    scalar on `flat`'s device (read nothing back: a check compares all tensors' sums at once)."""
     try:
         raw = flat.view(torch.uint8)
         raw[: raw.numel() // 8 * 8].view(torch.int64)
@@ -69,18 +70,19 @@ def checksum(flat: torch.Tensor) -> int:
         shifts = torch.arange(tail.numel(), dtype=torch.int64, device=flat.device) * 8
         word = (tail.to(torch.int64) << shifts).sum()
         total += word * _word_weights(torch.tensor(whole, device=flat.device))
-    return int(total)
+    return total
 
 
-def entry_terms(values: torch.Tensor, positions: torch.Tensor) -> int:
-    """What the entries at flat `positions`, holding `values`, contribute to `checksum` of their tensor."""
+def entry_terms(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """What the entries at flat `positions`, holding `values`, contribute to `checksum` of their tensor (an int64
+    scalar on `values`' device)."""
     if positions.numel() == 0:
-        return 0
+        return torch.zeros((), dtype=torch.int64, device=values.device)
     size = values.element_size()
     bits = values.contiguous().view(_INT_OF_SIZE[size]).to(torch.int64) & _UNSIGNED[size]
     byte = positions.to(torch.int64) * size
     shifted = bits << ((byte % 8) * 8)
-    return int((shifted * _word_weights(byte // 8).to(shifted.device)).sum())
+    return (shifted * _word_weights(byte // 8).to(shifted.device)).sum()
 
 
 class Audit:
@@ -88,8 +90,9 @@ class Audit:
 
     def __init__(self, candidates: list[Candidate], patch: Patch):
         self.candidates, self.patch = candidates, patch
-        self.base: list[int] | None = None  # None: taken at the next check
-        self.touched: list[int] | None = None
+        # One int64 sum per candidate tensor, on the first one's device; None: taken at the next check.
+        self.base: torch.Tensor | None = None
+        self.touched: torch.Tensor | None = None
 
     def _held(self, candidate: Candidate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The entries held here (under FSDP2: this process's rows), and the recorded positions among them with
@@ -106,15 +109,32 @@ class Audit:
             index, original = index[inside] - start, original[inside]
         return flat, index, original
 
-    def _sums(self, candidate: Candidate) -> tuple[int, int]:
-        """(base checksum, checksum of the recorded entries' current values) of one tensor."""
-        flat, index, original = self._held(candidate)
-        current = entry_terms(flat.index_select(0, index), index)
-        return (checksum(flat) - current + entry_terms(original, index)) & (2**64 - 1), current
+    def _sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base checksums, checksums of the recorded entries' current values), one per tensor."""
+        bases, touched = [], []
+        for candidate in self.candidates:
+            flat, index, original = self._held(candidate)
+            current = entry_terms(flat.index_select(0, index), index)
+            bases.append(checksum(flat) - current + entry_terms(original, index))
+            touched.append(current)
+        return self._stack(bases), self._stack(touched)
 
-    def _touched(self, candidate: Candidate) -> int:
-        flat, index, _ = self._held(candidate)
-        return entry_terms(flat.index_select(0, index), index)
+    def _touched(self) -> torch.Tensor:
+        sums = []
+        for candidate in self.candidates:
+            flat, index, _ = self._held(candidate)
+            sums.append(entry_terms(flat.index_select(0, index), index))
+        return self._stack(sums)
+
+    def _stack(self, sums: list[torch.Tensor]) -> torch.Tensor:
+        if not sums:
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.stack([value.to(sums[0].device) for value in sums])
+
+    def _raise_for_first(self, differs: torch.Tensor, context: str) -> None:
+        if bool(differs.any()):  # the one value a check reads back
+            name = self.candidates[int(differs.nonzero()[0])].name
+            raise RuntimeError(f"StocTuning: base parameter '{name}' changed {context}")
 
     def forget(self) -> None:
         """The weights were converted (`.to(dtype)`, `.half()`, a device move): the base is taken anew at the next
@@ -129,11 +149,10 @@ class Audit:
     def take_touched(self) -> None:
         """After a step that moved recorded entries only: their checksum as they are now (∝ changed entries)."""
         if self.base is not None:
-            self.touched = [self._touched(c) for c in self.candidates]
+            self.touched = self._touched()
 
     def refresh(self) -> None:
-        sums = [self._sums(c) for c in self.candidates]
-        self.base, self.touched = [b for b, _ in sums], [t for _, t in sums]
+        self.base, self.touched = self._sums()
 
     def verify(self, allowed: Patch | None = None, context: str = "") -> None:
         """Raise if any entry outside the recorded ones changed since the base was taken, or — without `allowed` —
@@ -141,18 +160,14 @@ class Audit:
         if self.base is None:
             self.refresh()
             return
-        sums = [self._sums(c) for c in self.candidates]
-        for candidate, (base, touched), expected, before in zip(
-            self.candidates, sums, self.base, self.touched or [None] * len(sums)
-        ):
-            if base != expected or (allowed is None and before is not None and touched != before):
-                raise RuntimeError(f"StocTuning: base parameter '{candidate.name}' changed {context}")
-        self.touched = [t for _, t in sums]
+        base, touched = self._sums()
+        differs = base != self.base
+        if allowed is None and self.touched is not None:
+            differs |= touched != self.touched
+        self._raise_for_first(differs, context)
+        self.touched = touched
 
     def verify_touched(self, context: str = "") -> None:
         """The cheap check between steps (∝ changed entries): no recorded entry changed since the last check."""
-        if self.touched is None:
-            return
-        for candidate, before in zip(self.candidates, self.touched):
-            if self._touched(candidate) != before:
-                raise RuntimeError(f"StocTuning: base parameter '{candidate.name}' changed {context}")
+        if self.touched is not None:
+            self._raise_for_first(self._touched() != self.touched, context)

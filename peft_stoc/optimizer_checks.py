@@ -41,7 +41,8 @@ class OptimizerChecks:
     def _refuse_second_optimizer(self, optimizer) -> None:
         """Two optimizer steps over the same candidates between two forwards would update the drawn entries twice
         (or, in memory-lean mode, not at all the second time): refused before the second changes anything."""
-        twice = self._held_candidates(optimizer) & self._stepped
+        held = self._held_candidates(optimizer)
+        twice = held & self._stepped
         if twice:
             name = next(c.name for c in self.candidates if id(c.param) in twice)
             raise RuntimeError(
@@ -49,18 +50,20 @@ class OptimizerChecks:
                 f"latest forward ({type(optimizer).__name__}): one draw is made per step, and an optimizer step "
                 "applies it. Give each candidate to one optimizer and step each optimizer once per step."
             )
-        self._stepped |= self._held_candidates(optimizer)
+        self._stepped |= held
 
     def _refuse_underflowing_eps(self, optimizer) -> None:
         """A dense step over low-precision weights: an `eps` that rounds to 0 in their dtype makes Adam-like updates
         0/0 = NaN at every entry whose gradient was masked (zero gradient, zero state). Refused before the step."""
-        names = {id(c.param): c.name for c in self.candidates}
+        names = {id(c.param): c.name for c in self.candidates if c.param.dtype in (torch.float16, torch.bfloat16)}
+        if not names:
+            return  # float32 and float64 hold any eps an optimizer takes
         for group in optimizer.param_groups:
             eps = group.get("eps")
             if not isinstance(eps, (int, float)) or eps <= 0:
                 continue
             for param in group["params"]:
-                if id(param) in names and param.is_floating_point() and torch.tensor(eps, dtype=param.dtype) == 0:
+                if id(param) in names and torch.tensor(eps, dtype=param.dtype) == 0:
                     smallest = torch.finfo(param.dtype).smallest_normal
                     raise ValueError(
                         f"{type(optimizer).__name__}'s eps={eps} is 0 in {param.dtype} (the dtype of "
