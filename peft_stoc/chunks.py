@@ -39,12 +39,13 @@ class Segment:
         local = position - self.start
         per_row = self.per_row
         if isinstance(self.rows, slice):
-            return local + self.rows.start * per_row
-        return self.rows.index_select(0, local // per_row) * per_row + local % per_row
+            return local + self.rows.start * per_row + self.source.first_entry
+        return self.rows.index_select(0, local // per_row) * per_row + local % per_row + self.source.first_entry
 
     def positions(self, index: torch.Tensor) -> torch.Tensor:
         """Flat indices of the tensor → buffer positions, for those inside this segment."""
         per_row = self.per_row
+        index = index - self.source.first_entry
         row = index // per_row
         if isinstance(self.rows, slice):
             inside = (row >= self.rows.start) & (row < self.rows.stop)
@@ -66,7 +67,7 @@ def chunks(sources: list[Source], chunk_entries: int, ids: list[int] | None = No
     for tensor_id, source in zip(range(len(sources)) if ids is None else ids, sources):
         if source.grad is None:
             continue
-        offset = 0 if offsets is None else offsets[tensor_id]
+        offset = (0 if offsets is None else offsets[tensor_id]) + source.first_entry
         for rows, size, first in _row_groups(source, chunk_entries, offset):
             start = -(-filled // BLOCK) * BLOCK + first % BLOCK
             if filled and start + size > chunk_entries:
@@ -82,7 +83,7 @@ def _row_groups(source: Source, chunk_entries: int, offset: int = 0):
     """(rows, entries, global flat index of the first entry) groups of one tensor: ranges of rows (`row_chunks`), or
     only the live rows of a table whose rows are whole blocks."""
     rows, per_row = rows_view(source.param).shape
-    aligned = per_row % BLOCK == 0 and offset % BLOCK == 0
+    aligned = per_row % BLOCK == 0 and offset % BLOCK == 0 and not source.first_row
     if aligned and rows > 1 and source.means and all(v is not None and d == 0 for v, d in source.means):
         live = (sum(v for v, _ in source.means) != 0).nonzero().squeeze(1)
         if live.numel() < rows // 2:
@@ -112,11 +113,15 @@ def block_nodes(segments: list[Segment], blocks: torch.Tensor, keys) -> tuple[to
 def gather_gradients(segments: list[Segment], tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gradient values (float32) at (tensor ids, flat indices) of the tensors laid out in `segments`."""
     if len(segments) == 1:
-        return segments[0].source.grad.reshape(-1).index_select(0, index).float()
+        source = segments[0].source
+        return source.grad.reshape(-1).index_select(0, index - source.first_entry).float()
     out = torch.empty(index.shape, dtype=torch.float32, device=index.device)
-    for tensor_id, source in {s.tensor_id: s.source for s in segments}.items():
-        inside = tensor == tensor_id
-        out.masked_scatter_(inside, source.grad.reshape(-1).index_select(0, index.masked_select(inside)).float())
+    # One source per tensor, or several tiles of rows of one tensor (`Source.first_row`).
+    for tensor_id, source in {id(s.source): (s.tensor_id, s.source) for s in segments}.values():
+        first = source.first_entry
+        inside = (tensor == tensor_id) & (index >= first) & (index < first + source.numel)
+        local = index.masked_select(inside) - first
+        out.masked_scatter_(inside, source.grad.reshape(-1).index_select(0, local).float())
     return out
 
 
@@ -128,7 +133,8 @@ def locate(segments: list[Segment], local: torch.Tensor) -> tuple[torch.Tensor, 
     which = torch.searchsorted(torch.tensor([s.start for s in segments], device=device), local, right=True) - 1
     tensor = torch.tensor([s.tensor_id for s in segments], device=device).index_select(0, which)
     if all(isinstance(s.rows, slice) for s in segments):
-        shift = torch.tensor([s.rows.start * s.per_row - s.start for s in segments], device=device)
+        shift = [s.rows.start * s.per_row + s.source.first_entry - s.start for s in segments]
+        shift = torch.tensor(shift, device=device)
         return tensor, local + shift.index_select(0, which)
     flat = torch.empty_like(local)
     for i in which.unique().tolist():

@@ -28,10 +28,18 @@ class Source:
     grad: torch.Tensor | None
     means: list[MeanFactor]
     changed: torch.Tensor | None = None  # sorted flat indices already changed (only needed under a budget)
+    # `param` and `grad` hold rows [first_row, first_row + their rows) of the tensor: a tile of a tensor whose
+    # gradient is computed a few rows at a time (a quantized weight, `overlay`). Flat indices stay whole-tensor.
+    first_row: int = 0
 
     @property
     def numel(self) -> int:
         return self.param.numel()
+
+    @property
+    def first_entry(self) -> int:
+        """The whole-tensor flat index of the tile's first entry."""
+        return self.first_row * (rows_view(self.param).shape[1] if self.param.dim() else 1)
 
 
 def chunk_entries_for(device: torch.device) -> int:

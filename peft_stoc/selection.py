@@ -52,7 +52,7 @@ def chunk_keys(
     n = (stop - start) * per_row
     device = source.param.device
     if method != "top":
-        exp = keys.exp_range(tensor_id, keys.offset(tensor_id) + start * per_row, n, device)
+        exp = keys.exp_range(tensor_id, keys.offset(tensor_id) + source.first_entry + start * per_row, n, device)
     if method == "random":
         return exp.neg_()
     if source.grad is None:

@@ -34,6 +34,7 @@ from .entry_keys import EntryKeys
 from .importance import Source, chunk_entries_for, importance, row_chunks
 from .key_pool import KeyPool
 from .selection import chunk_keys, draw_uniform, membership
+from .shards import held_locally
 from .thinning import Thinning
 
 PACK_BELOW = 1 << 16
@@ -65,7 +66,7 @@ class StreamingDraw:
             fixed = draw_uniform(self.sources, k, self.keys)
         self.fixed = fixed
         self.received: set[int] = set()
-        self._values: list[torch.Tensor | None] = [None] * len(params)
+        self._values: list[list[torch.Tensor] | None] = [None] * len(params)  # per tensor, its tiles' values
         self._small: list[tuple[int, Source]] = []
         self._small_entries = 0
         self._thinning = Thinning(k, method, self.keys, self.device, self.chunk_entries, carry=True)
@@ -78,16 +79,25 @@ class StreamingDraw:
         self._all_keyed = False
 
     # -- feeding ---------------------------------------------------------------------------------------------------
-    def add(self, tensor_id: int, grad: torch.Tensor, means: list) -> None:
+    def add(
+        self, tensor_id: int, grad: torch.Tensor, means: list, theta: torch.Tensor | None = None, first_row: int = 0
+    ) -> None:
         """Take the complete gradient of tensor `tensor_id` (μ factors `means`); it may be freed afterwards, except
-        that a small tensor's gradient is kept until its pack is processed."""
-        source = Source(
-            self.sources[tensor_id].param, grad, means, self.changed[tensor_id] if self.changed is not None else None
-        )
+        that a small tensor's gradient is kept until its pack is processed.
+
+        `theta` and `first_row`: the gradient is that of rows [first_row, ...) only, and `theta` holds the weights of
+        those rows (a quantized weight, fed a tile at a time: `overlay`). Tiles come in row order, each entry of the
+        tensor once."""
+        param = self.sources[tensor_id].param if theta is None else theta
+        changed = self.changed[tensor_id] if self.changed is not None else None
+        source = Source(param, grad, means, changed, first_row)
         self.received.add(tensor_id)
         if self.fixed is not None:
             index = self.fixed[tensor_id].to(grad.device)
-            self._values[tensor_id] = grad.reshape(-1).index_select(0, index).float()
+            if theta is not None:
+                index = held_locally(index, source.first_entry, grad.numel())
+            parts = self._values[tensor_id] = self._values[tensor_id] or []
+            parts.append(grad.reshape(-1).index_select(0, index).float())
             return
         if self._fill is not None:
             self._feed_fill(tensor_id, source)
@@ -121,12 +131,13 @@ class StreamingDraw:
         per_row = source.numel // max(1, source.param.shape[0]) if source.param.dim() else 1
         flat_grad = source.grad.reshape(-1) if source.grad is not None else None
         for start, stop in row_chunks(source.param.shape, self.chunk_entries):
-            offset = start * per_row
+            local = start * per_row
+            offset = source.first_entry + local  # in the whole tensor
             keys = chunk_keys(source, start, stop, self.method, self.keys, tensor_id)
             if flat_grad is None:
                 values = torch.zeros(keys.numel(), device=keys.device)
             else:
-                values = flat_grad[offset : offset + keys.numel()].float()
+                values = flat_grad[local : local + keys.numel()].float()
             is_old = membership(source.changed, offset, keys.numel(), keys.device)
             self._old.offer_chunk(keys.masked_fill(~is_old, -math.inf), tensor_id, offset, values)
             self._new.offer_chunk(keys.masked_fill_(is_old, -math.inf), tensor_id, offset, values)
@@ -141,23 +152,26 @@ class StreamingDraw:
                     self._feed_budgeted(tensor_id, Source(source.param, None, [], changed))
 
     def _feed_fill(self, tensor_id: int, source: Source | None) -> None:
-        """Uniform keys for the zero-importance entries of a tensor, while the fill may still be needed."""
-        param = self.sources[tensor_id].param
+        """Uniform keys for the zero-importance entries of a tensor (or of a tile of its rows), while the fill may
+        still be needed."""
+        param = self.sources[tensor_id].param if source is None else source.param
+        first = 0 if source is None else source.first_entry
         per_row = param.numel() // max(1, param.shape[0]) if param.dim() else 1
         changed = self.changed[tensor_id] if self.changed is not None else None
         for start, stop in row_chunks(param.shape, self.chunk_entries):
-            offset = start * per_row
+            local = start * per_row
+            offset = first + local  # in the whole tensor
             if source is None:  # a tensor without a gradient: every entry has zero importance
                 size = (stop - start) * per_row
                 weight = torch.zeros(size, device=param.device)
                 values = weight
             else:
                 weight = importance(source, slice(start, stop))
-                values = source.grad.reshape(-1)[offset : offset + weight.numel()].float()
+                values = source.grad.reshape(-1)[local : local + weight.numel()].float()
             zero = weight == 0
             self._nonzero += weight.numel() - int(zero.sum())
-            first = self.keys.offset(tensor_id) + offset
-            keys = self.keys.exp_range(tensor_id, first, weight.numel(), weight.device).neg_()
+            keys = self.keys.exp_range(tensor_id, self.keys.offset(tensor_id) + offset, weight.numel(), weight.device)
+            keys = keys.neg_()
             keys.masked_fill_(~zero, -math.inf)
             is_old = membership(changed, offset, keys.numel(), keys.device)
             self._fill[0].offer_chunk(keys.masked_fill(~is_old, -math.inf), tensor_id, offset, values)
@@ -171,7 +185,8 @@ class StreamingDraw:
         if self.fixed is not None:
             empty = torch.empty(0, device=self.device)
             values = [
-                v if v is not None else (None if i not in self.received else empty) for i, v in enumerate(self._values)
+                torch.cat(v) if v is not None else (None if i not in self.received else empty)
+                for i, v in enumerate(self._values)
             ]
             return [f.to(self.sources[i].param.device) for i, f in enumerate(self.fixed)], values
         self._flush_small()
