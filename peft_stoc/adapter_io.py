@@ -23,6 +23,7 @@ from . import adapter_file, fingerprint, shards
 from .audit import BYPASS_HINT
 from .candidates import find_candidates
 from .layer import find_tuner
+from .overlay import Overlay
 
 # -- checks before anything is attached ---------------------------------------------------------------------------
 _MODULE_DICT = nn.ModuleDict()  # adapter names become keys of module dicts (the adapters' slots, the heads' copies)
@@ -215,7 +216,15 @@ class AdapterFiles:
     def _adapter_params(self, adapter_name: str, config=None) -> dict[str, nn.Parameter]:
         if config is None:
             return {c.name: c.param for c in self._adapters[adapter_name].candidates}
-        return {c.name: c.param for c in find_candidates(self.model, config)}
+        return {c.name: c.param for c in find_candidates(self.model, config, overlay_for=self._overlay_reader)}
+
+    def _overlay_reader(self, name: str, module: nn.Module) -> Overlay:
+        """The overlay through which a file is checked against the quantized weight `name`: its own if an adapter
+        tunes it, else one that reads the weight without being hooked onto its layer."""
+        for overlay in self.stoc_layer.overlays.values():
+            if overlay.name == name:
+                return overlay
+        return Overlay(module, name)
 
     def _adapter_numels(self, adapter_name: str, config=None) -> dict[str, int]:
         """Entries per candidate tensor: what a delta's indices are checked against."""
@@ -226,7 +235,7 @@ class AdapterFiles:
         base share a fingerprint."""
         whole = copy.copy(config)
         whole.target_modules = whole.exclude_modules = None
-        return {c.name: c.param for c in find_candidates(self.model, whole)}
+        return {c.name: c.param for c in find_candidates(self.model, whole, overlay_for=self._overlay_reader)}
 
     def verify_integrity(self) -> None:
         """Raise if the base changed outside an intercepted optimizer step (an adapter saved now would be wrong)."""

@@ -52,7 +52,10 @@ def _first_chunk_weights(device: torch.device) -> torch.Tensor:
 
 def checksum(flat: torch.Tensor) -> torch.Tensor:
     """Σ word · weight(word position) mod 2⁶⁴ over the bytes of `flat` (contiguous), read as 64-bit words: an int64
-    scalar on `flat`'s device (read nothing back: a check compares all tensors' sums at once)."""
+    scalar on `flat`'s device (read nothing back: a check compares all tensors' sums at once). A quantized weight's
+    overlay has its own (`overlay.Overlay.checksum`)."""
+    if not isinstance(flat, torch.Tensor):
+        return flat.checksum()
     try:
         raw = flat.view(torch.uint8)
         raw[: raw.numel() // 8 * 8].view(torch.int64)

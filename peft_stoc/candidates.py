@@ -17,6 +17,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import quantized
+
 logger = logging.getLogger(__name__)
 
 # k="bitfit" on a model without biases: the share of entries BitFit trains in the paper's RoBERTa-base (102,912 bias
@@ -67,6 +69,12 @@ class Candidate:
     @property
     def is_bias(self) -> bool:
         return self.name == "bias" or self.name.endswith(".bias")
+
+    @property
+    def overlay(self):
+        """The `overlay.Overlay` holding this quantized weight's changed entries (`param` is its handle); None for
+        a float weight."""
+        return getattr(self.param, "stoc_overlay", None)
 
 
 def is_rms_norm(module: nn.Module) -> bool:
@@ -123,8 +131,6 @@ def _trained_fully(model: nn.Module, config) -> list[str]:
     return found
 
 
-# Weights held in a quantized form: their storage cannot hold a delta, and their gradient is not computed.
-_QUANTIZED_PARAMETERS = {"Params4bit": "bitsandbytes 4-bit", "Int8Params": "bitsandbytes 8-bit"}
 # Quantizers of transformers whose weights StocTuning cannot draw from or change (`quantization_config.quant_method`).
 _SUPPORTED_QUANTIZERS = ("bitsandbytes",)
 
@@ -140,10 +146,11 @@ class LeftOut:
 
 
 def why_not_a_candidate(param: nn.Parameter) -> str | None:
-    """Why `param` cannot be drawn from (None when it can): quantized or non-float storage."""
-    quantized = _QUANTIZED_PARAMETERS.get(type(param).__name__)
-    if quantized is not None:
-        return f"{quantized} weights"
+    """Why `param` cannot be drawn from as it is (None when it can): quantized or non-float storage. bitsandbytes
+    weights are drawn from through an overlay (`find_candidates`' `overlay_for`)."""
+    kind = quantized.kind(param)
+    if kind is not None:
+        return f"{kind} weights"
     data_type = type(param.data)
     if data_type is not torch.Tensor and data_type.__name__ != "DTensor":
         return f"a quantized tensor ({data_type.__name__})"
@@ -174,9 +181,14 @@ def _entries(module: nn.Module, param_name: str, param: nn.Parameter) -> int:
     return param.numel()
 
 
-def find_candidates(model: nn.Module, config, left_out: list[LeftOut] | None = None) -> list[Candidate]:
+def find_candidates(
+    model: nn.Module, config, left_out: list[LeftOut] | None = None, overlay_for=None
+) -> list[Candidate]:
     """The candidate parameters of `model` under `config`, in `named_parameters()` order. Weights of matched modules
     that cannot be candidates (`why_not_a_candidate`) are appended to `left_out` when given.
+
+    `overlay_for(name, module)`: the overlay through which a bitsandbytes weight is drawn from (its handle is the
+    candidate); without it such weights are left out.
 
     Raises `ValueError` when `target_modules` / `exclude_modules` leave no candidate.
     """
@@ -195,11 +207,16 @@ def find_candidates(model: nn.Module, config, left_out: list[LeftOut] | None = N
 
     candidates, skipped = [], []
     for name, param in model.named_parameters():
-        if id(param) not in selected:
-            continue
+        if id(param) not in selected or getattr(param, "stoc_overlay", None) is not None:
+            continue  # (an overlay's handle stands for its quantized weight, found as that weight)
         reason = why_not_a_candidate(param)
+        module_name, module, param_name = owners[id(param)][0]
+        if reason is not None and quantized.kind(param) and overlay_for is not None and param_name == "weight":
+            overlay = overlay_for(name, module)
+            candidates.append(Candidate(name, overlay.handle, [Use(module, UseKind.LINEAR_INPUT, module_name)]))
+            selected.discard(id(param))
+            continue
         if reason is not None:
-            module_name, module, param_name = owners[id(param)][0]
             skipped.append(LeftOut(name, type(module).__name__, reason, _entries(module, param_name, param)))
             selected.discard(id(param))
             continue

@@ -160,6 +160,13 @@ def check_supported(root: nn.Module, candidates: list[Candidate]) -> str | None:
             "DeepSpeed (ZeRO of any stage) are not supported: shard with FSDP2 instead (`fully_shard`, accelerate's "
             "FSDP plugin with fsdp_version=2, Trainer's `fsdp_config={'version': 2}`), or train with DDP."
         )
+    quantized = [c.name for c in candidates if c.overlay is not None]
+    if quantized and world_size() > 1:
+        raise UnsupportedDistributedSetup(
+            f"StocTuning trains quantized weights (e.g. '{quantized[0]}') in one process: their gradients are drawn "
+            "from as the backward computes them and never exist as parameters' gradients that DDP or FSDP could "
+            "reduce. Train on one GPU, or load the base without quantization for several."
+        )
     return "fsdp2" if any(is_shard(c.param) for c in candidates) else None
 
 
@@ -193,7 +200,7 @@ def _sharding_engine(root: nn.Module, candidates: list[Candidate]) -> str | None
                     f"parameter '{candidate.name}' is a DTensor that StocTuning did not find among FSDP2's "
                     "shards (tensor parallelism?)"
                 )
-            if not any(param is candidate.param for param in owned):
+            if candidate.overlay is None and not any(param is candidate.param for param in owned):
                 return (
                     f"parameter '{candidate.name}' is no longer the one StocTuning was set up with (FSDP, FSDP2 or "
                     "another wrapper replaced it after `get_peft_model`)"

@@ -135,6 +135,8 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
                         lambda param, position=position: self._on_gradient(position, param)
                     )
                 )
+                if candidate.overlay is not None:
+                    candidate.overlay.gradient_sink = lambda o, x, d, p=position: self._quantized_gradient(p, x, d)
         optimizer_hooks.ENGINES.add(self)
         optimizer_hooks.PAUSED.discard(self)
 
@@ -180,6 +182,9 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         for handle in self._grad_handles:
             handle.remove()
         self._grad_handles.clear()
+        for candidate in self.candidates:
+            if candidate.overlay is not None:
+                candidate.overlay.gradient_sink = None
         optimizer_hooks.ENGINES.discard(self)
         self.decay.restore()
         self.strict.restore()
@@ -288,6 +293,17 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
             means = self.tracker.means(self.candidates[position])
             self.lean.consume(position, param, means, self._new_stream)
         self._completed[position] = (weakref.ref(param.grad), param.grad._version)
+
+    def _quantized_gradient(self, position: int, inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """The gradient of a quantized weight's handle, from its layer's inputs and output gradients (tokens first):
+        drawn from a few rows at a time when this backward ends the step (a `ConsumedGrad` is left), else the dense
+        gradient, held until the step as a float weight's is (gradient accumulation; the last micro-batch adds its
+        gradient to the held one, which is then drawn from as a float weight's is)."""
+        candidate = self.candidates[position]
+        held = candidate.param.grad is not None
+        if held or self.lean is None or not self.tracker.armed or not self._streams_now():
+            return grads.t() @ inputs
+        return self.lean.consume_tiles(position, inputs, grads, self.tracker.means(candidate), self._new_stream)
 
     def _gradients_reset(self, grads: list) -> bool:
         """A gradient was dropped or zeroed since the backward that completed it (`zero_grad(set_to_none=False)`

@@ -3,6 +3,8 @@
 It records the candidate tensors' names, shapes and dtypes, and a fixed sample of base values (one entry per tensor
 at a position derived from its name, for up to `SAMPLE_TENSORS` tensors) with their checksum. A base loaded in
 another dtype (a float32 adapter onto a bfloat16 base) is compared by rounding the recorded values to that dtype.
+A quantized base (bitsandbytes) records its quantization too — format, block size, double quantization, compute
+dtype — and a base quantized otherwise is another base: the adapter's delta was trained over other values.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import zlib
 from collections.abc import Callable
 
 import torch
+
+from . import quantized
 
 SAMPLE_TENSORS = 64
 
@@ -49,18 +53,44 @@ def compute(params: dict[str, torch.Tensor], base_values: BaseValues) -> dict:
     for name, position in _sample_plan(shapes):
         value = base_values(name, torch.tensor([position], device=params[name].device))
         values.append(float(value.float().item()))
-    return {
+    found = {
         "structure": _structure(shapes),
         "dtypes": sorted({dtype for _, dtype in shapes.values()}),
         "num_tensors": len(shapes),
         "values": values,
         "checksum": _checksum(values),
     }
+    quantization = _quantization(params)
+    if quantization:
+        found["quantization"] = quantization
+    return found
+
+
+def _quantization(params: dict[str, torch.Tensor]) -> list[dict]:
+    """Each distinct quantization among the candidate tensors, with the number of tensors quantized so."""
+    counts: dict[str, int] = {}
+    for param in params.values():
+        overlay = getattr(param, "stoc_overlay", None)
+        if overlay is not None:
+            key = json.dumps(quantized.describe(overlay.layer), sort_keys=True)
+            counts[key] = counts.get(key, 0) + 1
+    return [{**json.loads(key), "tensors": count} for key, count in sorted(counts.items())]
+
+
+def _describe_quantization(entries) -> str:
+    if not entries:
+        return "not quantized"
+    return "; ".join(", ".join(f"{k}={v}" for k, v in entry.items()) for entry in entries)
 
 
 def mismatch(recorded: dict, params: dict[str, torch.Tensor], base_values: BaseValues) -> str | None:
     """Why `params` is not the base `recorded` was made for, or None when it is."""
     current = compute(params, base_values)
+    if recorded.get("quantization", []) != current.get("quantization", []):
+        return (
+            f"it is quantized differently (the adapter's base: {_describe_quantization(recorded.get('quantization'))}; "
+            f"this one: {_describe_quantization(current.get('quantization'))})"
+        )
     if recorded.get("structure") != current["structure"]:
         return (
             f"its parameter names or shapes differ (the adapter's base had {recorded.get('num_tensors')} candidate "
@@ -102,6 +132,9 @@ def problem(recorded) -> str | None:
     dtypes = recorded.get("dtypes", [])
     if not isinstance(dtypes, list) or not all(isinstance(d, str) for d in dtypes):
         return f"needs a list of strings as 'dtypes', got {json_kind(dtypes)}"
+    quantization = recorded.get("quantization", [])
+    if not isinstance(quantization, list) or not all(isinstance(q, dict) for q in quantization):
+        return f"needs a list of objects as 'quantization', got {json_kind(quantization)}"
     return None
 
 

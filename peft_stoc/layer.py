@@ -71,6 +71,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
     def __init__(self):
         nn.Module.__init__(self)
         self.stoc_adapters = nn.ModuleDict()
+        self.overlays = nn.ModuleDict()  # per quantized candidate weight: its changed entries (`overlay.Overlay`)
         self.patch = Patch()  # registered after `stoc_adapters`: loaded last, it announces the completed load
         self._view: BaseView | None = None  # while adapters are disabled: the base shown to the forward
         self._active_adapter = "default"

@@ -73,10 +73,38 @@ class LeanStep:
         # This gradient, plus the small ones waiting in the stream for their pack.
         self.peak_grad_bytes = max(self.peak_grad_bytes, _bytes(grad) + self.stream.pending_bytes())
         if finite:
-            self.stream.add(position, grad, means)
+            self._add(position, grad, means)
         else:
             self.nonfinite.append(self.candidates[position].name)
         param.grad = ConsumedGrad(grad, norm, finite)
+
+    def _add(self, position: int, grad: torch.Tensor, means) -> None:
+        """A complete gradient to the draw: a quantized weight's a tile of rows at a time, with θ from its overlay."""
+        overlay = self.candidates[position].overlay
+        if overlay is None:
+            self.stream.add(position, grad, means)
+            return
+        for first, last, theta in overlay.tiles(self.stream.chunk_entries):
+            self.stream.add(position, grad[first:last], means, theta, first)
+
+    def consume_tiles(self, position: int, inputs: torch.Tensor, grads: torch.Tensor, means, make_stream):
+        """Feed a quantized weight's gradient to the step's draw a tile of rows at a time, each tile computed from its
+        layer's inputs and output gradients (tokens first) and freed before the next; its `ConsumedGrad`."""
+        candidate = self.candidates[position]
+        if self.stream is None:
+            self.stream = make_stream()
+        finite, squares = _finite(means), torch.zeros((), dtype=torch.float64, device=inputs.device)
+        for first, last, theta in candidate.overlay.tiles(self.stream.chunk_entries):
+            grad = grads[:, first:last].t() @ inputs
+            norm = torch.linalg.vector_norm(grad)
+            squares += norm.double().square()
+            self.peak_grad_bytes = max(self.peak_grad_bytes, 2 * _bytes(grad) + self.stream.pending_bytes())
+            finite = finite and bool(torch.isfinite(norm))
+            if finite:
+                self.stream.add(position, grad, means, theta, first)
+        if not finite:
+            self.nonfinite.append(candidate.name)
+        return ConsumedGrad(candidate.param, squares.sqrt().float(), finite)
 
     def consume_dense(self, order: list[int], means_of, make_stream) -> None:
         """At the optimizer step: the candidates whose gradient is still dense join the draw, in `order` (the order
@@ -94,7 +122,7 @@ class LeanStep:
             if not bool(torch.isfinite(torch.linalg.vector_norm(grad))) or not _finite(means_of(candidate)):
                 self.nonfinite.append(candidate.name)
                 continue
-            self.stream.add(position, grad, means_of(candidate))
+            self._add(position, grad, means_of(candidate))
 
     def finish(self, make_stream):
         """Drawn indices, gradient values (None: no gradient this step) and clip/unscale factors, per candidate."""

@@ -18,6 +18,12 @@ class LeanSteps:
     def _leave_lean(self, optimizer) -> None:
         """An optimizer whose arithmetic StocTuning does not reproduce: dense mode from now on (or refuse)."""
         name = type(optimizer).__name__
+        quantized = [c.name for c in self.candidates if c.overlay is not None]
+        if quantized:
+            raise ValueError(
+                f"StocTuning updates the quantized weights of this model (e.g. '{quantized[0]}') itself, with the "
+                f"arithmetic of torch.optim SGD, Adam and AdamW; it cannot apply {name}'s. Use one of those."
+            )
         if self.config.update_rule == "lazy":
             raise ValueError(
                 f"update_rule='lazy' is applied by StocTuning's memory-lean mode, which reproduces torch.optim SGD, "

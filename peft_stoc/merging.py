@@ -10,8 +10,16 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
+from . import quantized
 from .config import union_of_excludes, union_of_targets
 from .delta import SparseDelta
+
+DEQUANTIZED_MERGE = (
+    "merge_and_unload() on a quantized base gives a dequantized model: each quantized layer StocTuning tuned becomes "
+    "an nn.Linear in its compute dtype holding the dequantized weight with the adapter's delta added. Merging back "
+    "into 4 or 8 bits would round most of the delta away; to keep the base quantized, keep the adapter apart "
+    "(PeftModel) or call unload()."
+)
 
 
 class Merging:
@@ -100,6 +108,7 @@ class Merging:
             layer._disable_adapters = False
             layer.merged_adapters = names
             self._apply_adapter_state()
+            self._dequantize_merged()
         self._forget_engines()
         if not merge:
             layer.restore(params)
@@ -116,6 +125,23 @@ class Merging:
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+
+    def _dequantize_merged(self) -> None:
+        """Replace every quantized layer that has an overlay by a float layer computing what it computed."""
+        overlays = list(self.stoc_layer.overlays.values())
+        if not overlays:
+            return
+        warnings.warn(DEQUANTIZED_MERGE, stacklevel=4)
+        for overlay in overlays:
+            module = overlay.layer
+            weights = overlay.dequantized()
+            weights.view(-1)[overlay.index] = overlay.values
+            dtype = quantized.compute_dtype(module) or getattr(self.model, "dtype", torch.float32)
+            parent, _, child = _get_submodules(self.model, overlay.name.rpartition(".")[0])
+            setattr(parent, child, quantized.dequantized_linear(module, weights, dtype))
+            overlay.index, overlay.values, overlay.base = overlay.index[:0], overlay.values[:0], overlay.base[:0]
+        if not any(quantized.kind(p) for p in self.model.parameters()):
+            quantized.forget_quantization(self.model)
 
 
 def _check_finite(delta: SparseDelta, adapter_name: str) -> None:

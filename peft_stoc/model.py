@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
 from torch import nn
 
-from . import shards
+from . import quantized, shards
 from .adapter_io import AdapterFiles
 from .candidates import (
     Candidate,
@@ -31,6 +31,7 @@ from .delta import SparseDelta
 from .engine import StepEngine
 from .layer import AdapterSlot, StocTuningLayer
 from .merging import Merging
+from .overlay import Overlay
 from .trainer_hooks import register_trainer_callback
 from .training_api import TrainingAPI
 from .weight_guard import WeightGuard
@@ -134,7 +135,13 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         config = self.peft_config[adapter_name]
         refuse_unsupported_quantization(model)
         left_out: list[LeftOut] = []
-        candidates = find_candidates(model, config, left_out)
+        candidates = find_candidates(model, config, left_out, overlay_for=self._overlay_for)
+        if config.memory == "dense" and any(c.overlay is not None for c in candidates):
+            raise ValueError(
+                "StocTuningConfig(memory='dense') keeps a dense gradient of every candidate, which a quantized base's "
+                "weights do not have: their gradients are drawn from as the backward computes them. Use the default "
+                "memory='auto' (or 'lean') with torch.optim SGD, Adam or AdamW."
+            )
         if left_out:
             drawn_from = sum(c.numel for c in candidates)
             share = sum(item.entries for item in left_out) / (drawn_from + sum(item.entries for item in left_out))
@@ -142,7 +149,8 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
                 f"StocTuning leaves {len(left_out)} weights of the matched modules out of the candidates "
                 f"({share:.1%} of their entries): {describe_left_out(left_out)}. They stay as they are and are not "
                 f"tuned; the draw runs over the other {len(candidates)} tensors ({drawn_from:,} entries). To tune "
-                "every weight, load the base without quantization (e.g. torch_dtype=torch.bfloat16).",
+                "every weight, load the base in a float dtype (e.g. torch_dtype=torch.bfloat16) or quantized with "
+                "bitsandbytes.",
                 stacklevel=2,
             )
         k = resolve_count(config.k, candidates, "k")
@@ -176,6 +184,15 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             activate_adapter=adapter_name in self.active_adapters,
         )
         self._apply_adapter_state()
+
+    def _overlay_for(self, name: str, module: nn.Module) -> Overlay:
+        """The overlay of the quantized weight `name` (owned by `module`), shared by every adapter."""
+        overlays = self.stoc_layer.overlays
+        key = name.replace(".", "-")  # (module names cannot hold dots)
+        if key not in overlays:
+            quantized.refuse_without_compute_dtype(module, name)
+            overlays[key] = Overlay(module, name).attach()
+        return overlays[key]
 
     def _delta_shared_with(self, adapter_name: str) -> SparseDelta | None:
         """An adapter added with the very config object of an existing adapter starts as a copy of that adapter.
@@ -216,7 +233,8 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         processes keep theirs). Nothing keeps the whole parameters alive afterwards."""
         candidates = [c for cs in (r.candidates for r in self._adapters.values()) for c in cs]
         attribute = {id(c.param): c.name.rpartition(".")[2] for c in candidates}
-        if all(c.uses[0].module._parameters.get(attribute[id(c.param)]) is c.param for c in candidates if c.uses):
+        placed = (c for c in candidates if c.uses and c.overlay is None)  # (a quantized weight's handle is the tuner's)
+        if all(c.uses[0].module._parameters.get(attribute[id(c.param)]) is c.param for c in placed):
             return
         replaced = shards.sharded_replacements(candidates)
         if not replaced:
@@ -288,6 +306,8 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
 
     def _remove_layer(self) -> None:
         """The model goes back to the caller without StocTuning's state in its tree."""
+        for overlay in self.stoc_layer.overlays.values():
+            overlay.remove()
         if isinstance(self.model._modules.get(StocTuningLayer.ATTRIBUTE), StocTuningLayer):
             del self.model._modules[StocTuningLayer.ATTRIBUTE]
         self._delta_guard.remove()
@@ -437,8 +457,11 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             engine.accept_weights()
 
     def _trainable_candidates(self, name: str) -> list[Candidate]:
-        """The candidates training may change: parameters the user froze before wrapping stay frozen."""
+        """The candidates training may change: parameters the user froze before wrapping stay frozen. A model whose
+        every parameter was frozen (`prepare_model_for_kbit_training` freezes them all, as LoRA needs) chose none."""
         frozen = {key for key, (_, requires_grad) in self._requires_grad_before.items() if not requires_grad}
+        if len(frozen) == len(self._requires_grad_before):
+            frozen = set()
         return [c for c in self._adapters[name].candidates if id(c.param) not in frozen]
 
     def _set_requires_grad(self, training: str | None) -> None:

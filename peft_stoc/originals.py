@@ -19,7 +19,7 @@ Params = dict[str, nn.Parameter]
 
 
 def flat(param: torch.Tensor) -> torch.Tensor:
-    return param.detach().view(-1)
+    return shards.local_entries(param)[0]
 
 
 def _interleave_sorted(old: torch.Tensor, new: torch.Tensor, at: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:

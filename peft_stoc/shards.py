@@ -103,7 +103,11 @@ def reshard(params) -> None:
 
 def local_entries(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The entries of `param` this process holds, flat, and the flat index in the whole tensor of the first one. A
-    plain tensor is held whole; an FSDP2 shard (a DTensor) holds a range of rows."""
+    plain tensor is held whole; an FSDP2 shard (a DTensor) holds a range of rows. A quantized weight's entries are
+    its overlay (`overlay.Overlay`), which reads and writes them like a flat view."""
+    overlay = getattr(param, "stoc_overlay", None)
+    if overlay is not None:
+        return overlay, 0
     if not is_shard(param):
         return param.detach().view(-1), 0
     local = param.detach().to_local()
@@ -114,6 +118,8 @@ def writable_entries(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     """`local_entries` for writes that change what the weights show (switching adapters, showing the base) rather
     than train them: through `.data`, so the parameter's version counter stays as it is and a graph built before a
     switch and run after the switch back stays valid (`weight_guard` refuses a backward between the two)."""
+    if getattr(param, "stoc_overlay", None) is not None:
+        return local_entries(param)
     if not is_shard(param):
         return param.data.view(-1), 0
     return local_entries(param)

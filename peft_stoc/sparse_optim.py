@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from . import shards
+
 SUPPORTED = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -81,7 +83,7 @@ def sparse_step(
     change, and only their state advances: moments and a per-entry step count for Adam's bias correction, as
     `torch.optim.SparseAdam` treats the entries a sparse gradient leaves out)."""
     strict = rule == "strict"
-    flat = param.detach().view(-1)
+    flat = shards.local_entries(param)[0]  # a flat view (a quantized weight's: its overlay)
     drawn = drawn.to(flat.device)
     grad = grad.to(device=flat.device, dtype=torch.float32)
     keep_support = needs_support(kind, group, param)

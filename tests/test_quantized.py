@@ -1,55 +1,328 @@
-"""Quantized bases: no weight is left out in silence, and quantizers StocTuning cannot work with are refused."""
+"""Quantized bases (bitsandbytes 4-bit NF4/FP4 and 8-bit, on its CPU backend): the quantized weights are candidates,
+drawn from by the paper's importance over their dequantized values; the quantized storage never changes; adapters
+save, load, merge and unload; what cannot be tuned is named or refused."""
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import load_file, save_file
 
 from peft_stoc import StocTuningConfig
 
-from .helpers import tiny_model
+from .helpers import batch, tiny_model
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install .[quantized])")
+
+REPO = Path(__file__).resolve().parents[1]
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QUANTIZATIONS = {
+    "nf4": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    ),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
+    "int8": dict(load_in_8bit=True),
+}
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
+    """A tiny Llama whose layers bitsandbytes' CPU kernels accept (widths that are multiples of its block sizes)."""
     path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", "CAUSAL_LM").save_pretrained(path)
+    model = tiny_model(
+        "llama", "CAUSAL_LM", hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
+    )
+    model.config.head_dim = 16
+    model.save_pretrained(path)
     return path
 
 
-def _quantized(path, bits: int):
-    if bits == 4:
-        quantization = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        )
-    else:
-        quantization = transformers.BitsAndBytesConfig(load_in_8bit=True)
+def quantized(path, kind: str = "nf4", cpu_layout: bool = True):
+    """A freshly quantized base. `cpu_layout=False`: bitsandbytes' CPU inference path (which rewrites a 4-bit layer at
+    its first forward without gradients, rounding its scales to bfloat16) switched off, as StocTuning switches it
+    off for the layers it tunes."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=quantization, device_map="cpu"
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=transformers.BitsAndBytesConfig(**QUANTIZATIONS[kind]), device_map="cpu"
         )
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and not cpu_layout:
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_weights_left_out_are_named_in_one_warning(llama_dir, bits):
-    model = _quantized(llama_dir, bits)
-    with pytest.warns(UserWarning, match=r"leaves 14 weights .* out of the candidates") as caught:
-        peft_model = get_peft_model(model, StocTuningConfig(k=20, task_type="CAUSAL_LM"))
+def storage(model) -> dict[str, torch.Tensor]:
+    """The quantized weights' codes and scales, copied."""
+    found = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ == "Params4bit":
+            found[name] = [weight.data.clone(), weight.quant_state.absmax.clone()]
+        elif type(weight).__name__ == "Int8Params":
+            scales = weight.SCB if weight.SCB is not None else module.state.SCB
+            found[name] = [weight.data.clone(), scales.clone()]
+    return found
+
+
+def same_storage(before, after) -> bool:
+    return before.keys() == after.keys() and all(
+        all(torch.equal(a, b) for a, b in zip(before[name], after[name])) for name in before
+    )
+
+
+def dequantized(module) -> torch.Tensor:
+    import bitsandbytes.functional as F
+
+    weight = module.weight
+    if type(weight).__name__ == "Params4bit":
+        return F.dequantize_4bit(weight.data, weight.quant_state).float()
+    scales = weight.SCB if weight.SCB is not None else module.state.SCB
+    return weight.data.float() * scales.float().unsqueeze(1) / 127
+
+
+def lm_batch():
+    return batch("CAUSAL_LM", size=4, length=12)
+
+
+def train(model, steps: int, lr: float = 1e-2, inputs=None):
+    inputs = inputs or lm_batch()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
+def test_quantized_layers_are_drawn_by_the_importance_of_their_dequantized_weights(llama_dir, kind):
+    model = quantized(llama_dir, kind)
+    before = storage(model)
+    peft_model = get_peft_model(
+        model, StocTuningConfig(k=60, selection="top", task_type="CAUSAL_LM", target_modules=LINEARS)
+    )
+    inputs = lm_batch()
+    seen, hooks = {}, []
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in LINEARS:
+
+            def record(module, args, output, name=name):
+                seen[name] = [args[0].detach()]
+                output.register_hook(lambda grad: seen[name].append(grad.detach()))
+
+            hooks.append(module.register_forward_hook(record))
+    loss = peft_model(**inputs).loss
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+
+    # The reference: I = |μ · θ · g| over every quantized weight, with θ its dequantized values, g = Σ_t δ_tᵀ x_t
+    # and μ the mean input over the real tokens (the paper's statistic).
+    mask = inputs["attention_mask"].reshape(-1).float()
+    scores, owners = [], []
+    for name, (x, grad) in seen.items():
+        x2, grad2 = x.reshape(-1, x.shape[-1]).float(), grad.reshape(-1, grad.shape[-1]).float()
+        mu = (mask @ x2) / mask.sum()
+        importance = (mu.unsqueeze(0) * dequantized(model.get_submodule(name)) * (grad2.t() @ x2)).abs()
+        scores.append(importance.reshape(-1))
+        owners += [name] * importance.numel()
+    flat = torch.cat(scores)
+    expected = set(flat.topk(60).indices.tolist())
+
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer.step()
+    engine = peft_model.base_model._adapters["default"].engine
+    offsets, start = {}, 0
+    for name, importance in zip(seen, scores):
+        offsets[name + ".weight"], start = start, start + importance.numel()
+    drawn = {offsets[c.name] + int(i) for c, index in zip(engine.candidates, engine.last_draw) for i in index.tolist()}
+    assert drawn == expected
+    assert len({owners[i] for i in drawn}) > 1  # several layers take part
+
+    optimizer.zero_grad()
+    train(peft_model, 2, inputs=inputs)
+    assert same_storage(before, storage(model))  # the quantized weights themselves never change
+    delta = peft_model.base_model.adapter_delta("default")
+    assert delta.num_changed >= 60 and all(
+        name.rpartition(".")[0].rpartition(".")[2] in LINEARS for name in delta.tensors
+    )
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
+def test_loss_falls_with_the_whole_quantized_model_as_candidates(llama_dir, kind):
+    model = quantized(llama_dir, kind)
+    before = storage(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*out of the candidates")  # nothing is left out
+        peft_model = get_peft_model(model, StocTuningConfig(k=200, task_type="CAUSAL_LM"))
+    candidates = {c.name for c in peft_model.base_model._adapters["default"].candidates}
+    assert {f"model.layers.1.mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")} <= candidates
+    losses = train(peft_model, 20)
+    assert losses[-1] < 0.8 * losses[0]
+    assert same_storage(before, storage(model))
+    changed = peft_model.base_model.adapter_delta("default").tensors
+    assert any("proj" in name for name in changed)
+
+
+def _logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_adapter_saves_loads_merges_and_unloads(llama_dir, tmp_path, kind):
+    inputs = lm_batch()
+    model = get_peft_model(quantized(llama_dir, kind), StocTuningConfig(k=100, task_type="CAUSAL_LM"))
+    train(model, 5, inputs=inputs)
+    model.save_pretrained(tmp_path / "adapter")
+    expected = _logits(model, inputs)
+    save_file({"logits": expected, "ids": inputs["input_ids"], "mask": inputs["attention_mask"]}, str(tmp_path / "x"))
+    config = model.peft_config["default"]
+    assert config.base_fingerprint["quantization"][0]["format"] == {"nf4": "nf4", "int8": "int8"}[kind]
+
+    # A fresh process, a freshly quantized base: the same logits, bit for bit.
+    code = f"""
+import torch, transformers, warnings
+warnings.simplefilter("ignore")
+import peft_stoc
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from tests.test_quantized import quantized
+saved = load_file(r"{tmp_path / "x"}")
+model = PeftModel.from_pretrained(quantized(r"{llama_dir}", "{kind}"), r"{tmp_path / "adapter"}")
+with torch.no_grad():
+    logits = model(input_ids=saved["ids"], attention_mask=saved["mask"]).logits
+save_file({{"logits": logits}}, r"{tmp_path / "fresh"}")
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(REPO))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(load_file(str(tmp_path / "fresh"))["logits"], expected)
+
+    base = quantized(llama_dir, kind)
+    base_storage = storage(base)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert torch.equal(_logits(loaded, inputs), expected)
+    with loaded.disable_adapter():  # the base, shown in place
+        assert torch.equal(_logits(loaded, inputs), _logits(quantized(llama_dir, kind, cpu_layout=False), inputs))
+    unloaded = loaded.unload()
+    assert same_storage(base_storage, storage(unloaded))
+    assert torch.equal(_logits(unloaded, inputs), _logits(quantized(llama_dir, kind), inputs))
+    assert all(len(m._forward_hooks) == 0 for m in unloaded.modules() if "proj" in type(m).__name__.lower())
+
+    merged_from = PeftModel.from_pretrained(quantized(llama_dir, kind), tmp_path / "adapter")
+    with pytest.warns(UserWarning, match="dequantized model"):
+        merged = merged_from.merge_and_unload()
+    layer = merged.model.layers[0].self_attn.q_proj
+    assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
+    assert not any(type(p).__name__ in ("Params4bit", "Int8Params") for p in merged.parameters())
+    assert getattr(merged.config, "quantization_config", None) is None
+    # 4-bit computes with exactly the dequantized weight; 8-bit's int8 product rounds its inputs.
+    tolerance = 1e-4 if kind == "nf4" else 0.05
+    assert torch.allclose(_logits(merged, inputs), expected, atol=tolerance, rtol=0)
+
+
+def test_an_adapter_for_another_quantization_is_refused_unless_asked(llama_dir, tmp_path):
+    model = get_peft_model(quantized(llama_dir, "nf4"), StocTuningConfig(k=50, task_type="CAUSAL_LM"))
+    train(model, 2)
+    model.save_pretrained(tmp_path)
+    other = quantized(llama_dir, "fp4")
+    before = storage(other)
+    with pytest.raises(ValueError, match=r"quantized differently .*format=nf4.*format=fp4"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert same_storage(before, storage(other))
+    assert all(len(m._forward_hooks) == 0 for n, m in other.named_modules() if n.endswith("proj"))
+    forced = PeftModel.from_pretrained(quantized(llama_dir, "fp4"), tmp_path, ignore_base_mismatch=True)
+    assert (
+        forced.base_model.adapter_delta("default").num_changed == model.base_model.adapter_delta("default").num_changed
+    )
+
+
+def test_trainer_with_kbit_preparation_checkpointing_and_accumulation(llama_dir, tmp_path):
+    import datasets
+
+    model = prepare_model_for_kbit_training(quantized(llama_dir, "nf4"))  # freezes every weight, as LoRA wants
+    before = storage(model)
+    peft_model = get_peft_model(model, StocTuningConfig(k=200, task_type="CAUSAL_LM"))
+    candidates = {c.name for c in peft_model.base_model._trainable_candidates("default")}
+    assert "model.embed_tokens.weight" in candidates and "model.layers.0.mlp.down_proj.weight" in candidates
+    inputs = batch("CAUSAL_LM", size=8, length=12)
+    data = datasets.Dataset.from_dict({key: value.tolist() for key, value in inputs.items()})
+    args = transformers.TrainingArguments(
+        str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=True,
+        max_steps=8,
+        learning_rate=1e-2,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+    )
+    trainer = transformers.Trainer(model=peft_model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0]
+    assert peft_model.base_model.stoc_stats()["step"] == 8
+    assert same_storage(before, storage(model))
+
+
+def test_dense_memory_and_optimizers_without_a_sparse_update_are_refused(llama_dir):
+    with pytest.raises(ValueError, match="memory='dense'.*quantized"):
+        get_peft_model(quantized(llama_dir), StocTuningConfig(k=50, task_type="CAUSAL_LM", memory="dense"))
+    model = get_peft_model(quantized(llama_dir), StocTuningConfig(k=50, task_type="CAUSAL_LM"))
+    optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**lm_batch()).loss.backward()
+    with pytest.raises(ValueError, match="quantized weights.*RMSprop"):
+        optimizer.step()
+    assert model.base_model.adapter_delta("default").num_changed == 0
+
+
+def test_a_four_bit_layer_without_compute_dtype_is_refused(llama_dir):
+    model = quantized(llama_dir)
+    model.model.layers[0].self_attn.q_proj.compute_dtype = None
+    with pytest.raises(ValueError, match="without a compute dtype.*bnb_4bit_compute_dtype"):
+        get_peft_model(model, StocTuningConfig(k=50, task_type="CAUSAL_LM"))
+    assert not hasattr(model, "stoc_tuning")
+    assert all(len(m._forward_hooks) == 0 for n, m in model.named_modules() if n.endswith("proj"))
+
+
+def _with_integer_weight(model):
+    """A layer whose weight is stored as integers by a quantizer StocTuning does not know."""
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.int8), requires_grad=False)
+    return model
+
+
+def test_weights_left_out_are_named_in_one_warning():
+    model = _with_integer_weight(tiny_model("llama", "CAUSAL_LM"))
+    with pytest.warns(UserWarning, match=r"leaves 1 weights .* out of the candidates") as caught:
+        get_peft_model(model, StocTuningConfig(k=20, task_type="CAUSAL_LM"))
     text = "\n".join(str(w.message) for w in caught if "leaves" in str(w.message))
-    assert "model.layers.0.self_attn.q_proj.weight' (Linear" in text and f"bitsandbytes {bits}-bit weights" in text
-    names = {c.name for c in peft_model.base_model._adapters["default"].candidates}
-    assert names and all("proj" not in name for name in names)  # embeddings and norms only, as the warning says
+    assert "'model.layers.0.self_attn.q_proj.weight' (Linear: torch.int8 entries, not floating point)" in text
 
 
-def test_target_modules_matching_only_quantized_weights_raise(llama_dir):
-    model = _quantized(llama_dir, 4)
-    with pytest.raises(ValueError, match="match only weights StocTuning cannot draw from.*bitsandbytes 4-bit"):
-        get_peft_model(model, StocTuningConfig(k=20, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"]))
+def test_target_modules_matching_only_weights_left_out_raise():
+    model = _with_integer_weight(tiny_model("llama", "CAUSAL_LM"))
+    with pytest.raises(ValueError, match="match only weights StocTuning cannot draw from.*torch.int8"):
+        get_peft_model(
+            model, StocTuningConfig(k=20, task_type="CAUSAL_LM", target_modules=["layers.0.self_attn.q_proj"])
+        )
     assert not hasattr(model, "stoc_tuning")  # nothing stayed attached
 
 
