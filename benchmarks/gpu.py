@@ -10,7 +10,9 @@ memory comparison of a Llama-architecture model of 1.1B parameters (TinyLlama-1.
 random weights) in bfloat16, batch 4 × 512, AdamW, 3 steps: full fine-tuning (bf16 weights, gradients and AdamW
 state; and, for reference, float32 weights under bf16 autocast), LoRA r=8 on q_proj and v_proj, and StocTuning
 (k = 0.08%) with memory "lean", "auto" and "dense" — `torch.cuda.max_memory_allocated` of each method in a fresh
-process, every StocTuning step checked to draw exactly k entries. Writes the tables to docs/benchmarks.md.
+process, every StocTuning step checked to draw exactly k entries; and the same model with its linear layers in 4 bits
+(bitsandbytes NF4, double quantization, bf16 compute): QLoRA r=8 on q_proj and v_proj against StocTuning lean.
+Writes the tables to docs/benchmarks.md.
 `--smoke` uses a tiny Llama (2 layers, hidden 64, batch 2 × 32) and tiny repeat counts.
 """
 
@@ -54,13 +56,32 @@ LLAMA_METHODS = (
     "StocTuning lean",
     "StocTuning auto",
     "StocTuning dense",
+    "QLoRA r=8 (NF4 base)",
+    "StocTuning lean (NF4 base)",
 )
 K_FRACTION = 0.0008
 
 
+def nf4_llama(config, device: str):
+    """The Llama model with its linear layers quantized by bitsandbytes to NF4 (double quantization, bf16 compute)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+        quantization = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=quantization, device_map=device, dtype=torch.bfloat16
+        )
+
+
 def llama_child(method: str, device: str, smoke: bool, steps: int = 3) -> dict:
     """Peak memory (MiB) of `steps` training steps of `method` on the Llama model, in this process."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     import peft_stoc
 
@@ -68,9 +89,18 @@ def llama_child(method: str, device: str, smoke: bool, steps: int = 3) -> dict:
     config = transformers.LlamaConfig(**(LLAMA_SMOKE if smoke else LLAMA))
     autocast = "autocast" in method
     dtype = torch.float32 if autocast else torch.bfloat16
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if method == "LoRA r=8":
+    if "NF4" in method:
+        model = prepare_model_for_kbit_training(nf4_llama(config, device), use_gradient_checkpointing=False)
+    else:
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if method.startswith("QLoRA"):
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        )
+    elif method == "StocTuning lean (NF4 base)":
+        model = get_peft_model(model, peft_stoc.StocTuningConfig(k=K_FRACTION, task_type="CAUSAL_LM", memory="lean"))
+    elif method == "LoRA r=8":
         model = get_peft_model(
             model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
         )
@@ -92,7 +122,7 @@ def llama_child(method: str, device: str, smoke: bool, steps: int = 3) -> dict:
     else:
         weights = common.rss_mib()
         common.reset_peak_rss()
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = sum(p.numel() for p in model.parameters() if getattr(p, "stoc_overlay", None) is None)
     peaks, times, stats = [], [], []
     for i in range(steps):
         start = time.perf_counter()
@@ -177,9 +207,15 @@ def llama_report(runs: dict[str, list[dict]], device: str, smoke: bool) -> str:
         f"{config['intermediate_size']}, {config['num_attention_heads']} heads ({config['num_key_value_heads']} "
         f"key/value), vocabulary {config['vocab_size']}, untied embeddings"
     )
+    qlora, nf4 = peak["QLoRA r=8 (NF4 base)"], peak["StocTuning lean (NF4 base)"]
     targets = [
         ["StocTuning lean ≤ 1.05 × LoRA r=8", f"{lean / lora:.3f}", "yes" if lean / lora <= 1.05 else "**no**"],
         ["StocTuning lean ÷ full fine-tuning (bf16)", f"{lean / full:.3f}", "–"],
+        [
+            "StocTuning lean ≤ 1.15 × QLoRA r=8 (NF4 base)",
+            f"{nf4 / qlora:.3f}",
+            "yes" if nf4 / qlora <= 1.15 else "**no**",
+        ],
     ]
     return "\n".join(
         [

@@ -10,10 +10,14 @@ Measures, then projects:
 2. the bytes StocTuning (memory="lean") holds per changed entry: its sparse optimizer state and the originals kept
    for unmerging, with float32 weights (MiniLM above) and with bfloat16 weights (a small Llama built from a config,
    3 steps), read from the tensors themselves;
-3. the streaming draw's pool per drawn entry (from its tensors' dtypes).
+3. the streaming draw's pool per drawn entry (from its tensors' dtypes);
+4. with a 4-bit base (bitsandbytes NF4 with double quantization, on a small Llama, 3 steps): the bytes of the
+   quantized storage per weight entry, and the bytes per changed entry of a quantized weight (sparse optimizer
+   state, originals, and the overlay holding its changed entries).
 
 The projection applies these to Llama shapes (TinyLlama-1.1B, Llama-2-7B, Llama-2-70B) with bf16 weights and
-k = 0.08% of the entries; see the assumptions printed with the table. Activations are not included.
+k = 0.08% of the entries, and to the 7B and 70B shapes in 4 bits against QLoRA; see the assumptions printed with the
+table. Activations are not included.
 """
 
 from __future__ import annotations
@@ -105,16 +109,97 @@ def measure_bf16() -> dict:
     return {"state_per_entry": state / count, "originals_per_entry": originals / count}
 
 
+def measure_4bit() -> dict:
+    """With a 4-bit NF4 base (double quantization): storage bytes per quantized entry, and bytes per changed entry
+    of a quantized weight (sparse optimizer state, originals, overlay), on a small Llama, 3 steps."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        quantization = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        base = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=quantization, device_map="cpu"
+        )
+    storage = entries = 0
+    for module in base.modules():
+        if type(getattr(module, "weight", None)).__name__ == "Params4bit":
+            from peft_stoc import quantized
+
+            storage += sum(t.numel() * t.element_size() for t in quantized.storage(module))
+            entries += module.in_features * module.out_features
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(base, peft_stoc.StocTuningConfig(k=0.01, task_type="CAUSAL_LM", target_modules=targets))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, eps=1e-6)
+    for seed in range(3):
+        model(**common.causal_batch(config.vocab_size, batch=2, length=64, seed=seed)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    count, state, originals = lean_bytes(model)
+    overlays = model.base_model.stoc_layer.overlays.values()
+    overlay = sum(t.numel() * t.element_size() for o in overlays for t in (o.index, o.values, o.base))
+    return {
+        "storage_per_entry": storage / entries,
+        "state_per_entry": state / count,
+        "originals_per_entry": originals / count,
+        "overlay_per_entry": overlay / count,
+    }
+
+
 def shape_counts(hidden, intermediate, layers, heads, kv_heads, vocab) -> dict[str, int]:
     head = hidden // heads
     kv = kv_heads * head
-    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate + 2 * hidden
-    total = layers * per_layer + 2 * vocab * hidden + hidden  # untied embedding and lm_head, final norm
+    linear = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate)
+    total = linear + layers * 2 * hidden + 2 * vocab * hidden + hidden  # untied embedding and lm_head, final norm
     lora = layers * 8 * ((hidden + hidden) + (hidden + kv))  # r = 8 on q_proj and v_proj
-    return {"params": total, "lora": lora, "largest": vocab * hidden}
+    return {
+        "params": total,
+        "linear": linear,
+        "lora": lora,
+        "largest": vocab * hidden,
+        "largest_linear": hidden * intermediate,
+    }
 
 
-def project(real: dict, bf16: dict, steps: int) -> str:
+def project_4bit(real: dict, q4: dict, n: int, c: dict) -> list[list[str]]:
+    """Rows for the 7B and 70B shapes with their linear layers in NF4: QLoRA against StocTuning (lean)."""
+    per_changed = q4["state_per_entry"] + q4["originals_per_entry"] + q4["overlay_per_entry"]
+    rows = []
+    for name in ("Llama-2-7B", "Llama-2-70B"):
+        counts = shape_counts(*SHAPES[name])
+        params, k = counts["params"], round(K_FRACTION * counts["params"])
+        base = q4["storage_per_entry"] * counts["linear"] + 2 * (params - counts["linear"])
+        measured = c[n] * n * k
+        # One layer at a time: the dequantized weight (bf16) and a float32 tile pair of the gradient and θ, or the
+        # embedding's bf16 gradient, whichever is larger; and the draw's pool.
+        in_flight = max(2 * counts["largest_linear"] + 2 * 4 * (1 << 24), 2 * counts["largest"]) + POOL_BYTES * k
+        figures = {
+            "QLoRA r=8 (q, v), NF4 base": base + 16 * counts["lora"],
+            f"StocTuning lean, NF4 base, after {n} steps": base + in_flight + per_changed * measured,
+            "StocTuning lean, NF4 base, 10% of the entries changed": base + in_flight + per_changed * 0.1 * params,
+        }
+        for method, value in figures.items():
+            rows.append([name, f"{params / 1e9:.2f}B", method, f"{value / params:.2f}", f"{value / GiB:,.1f}"])
+    return rows
+
+
+def project(real: dict, bf16: dict, steps: int, q4: dict) -> str:
     c = {n: real["changed"][n - 1] / (n * real["k"]) for n in (1, 10, 25, 50, 100) if n <= steps}
     per_changed = bf16["state_per_entry"] + bf16["originals_per_entry"]
     n = max(c)
@@ -135,6 +220,7 @@ def project(real: dict, bf16: dict, steps: int) -> str:
         }
         for method, value in figures.items():
             rows.append([name, f"{params / 1e9:.2f}B", method, f"{value / params:.2f}", f"{value / GiB:,.1f}"])
+    rows += project_4bit(real, q4, n, c)
     growth = ", ".join(f"c({n}) = {value:.2f}" for n, value in c.items())
     share = 100 * real["changed"][n - 1] / real["candidates"]
     measured_text = (
@@ -143,7 +229,10 @@ def project(real: dict, bf16: dict, steps: int) -> str:
         f"{growth} ({real['changed'][n - 1]:,} changed after {n} steps, {share:.2f}% of the entries). Lean bytes "
         f"per changed entry: optimizer state {real['state_per_entry']:.1f} (float32 weights) and "
         f"{bf16['state_per_entry']:.1f} (bf16 weights, float32 masters included); originals kept for unmerging "
-        f"{real['originals_per_entry']:.1f} (float32) and {bf16['originals_per_entry']:.1f} (bf16)."
+        f"{real['originals_per_entry']:.1f} (float32) and {bf16['originals_per_entry']:.1f} (bf16). NF4 with double "
+        f"quantization stores {q4['storage_per_entry']:.3f} B per weight entry; a changed entry of a 4-bit weight "
+        f"holds {q4['state_per_entry']:.1f} B of optimizer state, {q4['originals_per_entry']:.1f} B of originals and "
+        f"{q4['overlay_per_entry']:.1f} B in its overlay (float32 values, no masters needed)."
     )
     assumed_text = (
         "**Assumed** (a projection, not a measurement): weights in bf16, every weight a candidate, k = 0.08% of "
@@ -160,10 +249,15 @@ def project(real: dict, bf16: dict, steps: int) -> str:
         f"entries after {n} steps: c({n}) · {n} · k, MiniLM's measured share; how many change in longer runs "
         "depends on the model, the data and the run (the last two rows). Not included: activations (the same for "
         "full FT and StocTuning, which need every weight's gradient; LoRA saves fewer: see the SmolLM2 section), "
-        "temporary buffers, the CUDA context. `max_changed` caps the changed entries, and with them lean's growth."
+        "temporary buffers, the CUDA context. `max_changed` caps the changed entries, and with them lean's growth. "
+        "4-bit rows: the linear layers in NF4 at the measured bytes per entry, embeddings, lm_head and norms in bf16; "
+        "QLoRA's adapters as LoRA's above; StocTuning lean holds, one layer at a time, the dequantized weight (bf16) "
+        "and float32 tiles of 16M entries of the gradient and θ (or the embedding's gradient if larger), plus the "
+        "pool and the measured bytes per changed entry."
     )
     title = (
-        "### Projection: memory of training 1B / 7B / 70B Llama models (bf16 weights), from measured per-entry costs"
+        "### Projection: memory of training 1B / 7B / 70B Llama models (bf16 weights; 7B and 70B also over a 4-bit "
+        "base), from measured per-entry costs"
     )
     return "\n".join(
         [
@@ -190,7 +284,7 @@ def main() -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    text = project(measure_real(args.steps), measure_bf16(), args.steps)
+    text = project(measure_real(args.steps), measure_bf16(), args.steps, measure_4bit())
     print(text)
     if not args.no_write:
         common.write_section("projection", text)
