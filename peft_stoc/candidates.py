@@ -131,8 +131,9 @@ def _trained_fully(model: nn.Module, config) -> list[str]:
     return found
 
 
-# Quantizers of transformers whose weights StocTuning cannot draw from or change (`quantization_config.quant_method`).
-_SUPPORTED_QUANTIZERS = ("bitsandbytes",)
+# Quantizers of transformers (`quantization_config.quant_method`) StocTuning works with: bitsandbytes through overlays,
+# GGUF because transformers dequantizes its weights on loading (they are plain float tensors).
+_SUPPORTED_QUANTIZERS = ("bitsandbytes", "gguf")
 
 
 @dataclass(frozen=True)

@@ -386,3 +386,11 @@ def test_qlora_example_trains_saves_and_the_adapter_loads_onto_a_fresh_4bit_base
 
     model = PeftModel.from_pretrained(load_4bit(tmp_path / "base"), tmp_path / "adapter")
     assert model.base_model.adapter_delta("default").num_changed > 0
+
+
+def test_a_model_dequantized_from_gguf_on_loading_is_tuned():
+    """transformers dequantizes GGUF weights as it loads them: they are float tensors, and every one is a candidate."""
+    model = tiny_model("llama", "CAUSAL_LM")
+    model.config.quantization_config = {"quant_method": "gguf"}
+    peft_model = get_peft_model(model, StocTuningConfig(k=20, task_type="CAUSAL_LM"))
+    assert len(peft_model.base_model._adapters["default"].candidates) == sum(1 for _ in model.parameters())
