@@ -61,6 +61,7 @@ def config(args, task: str, variant: str, epochs: float, lr: float, seed: int) -
         activation_stat=v.activation_stat,
         update_rule=v.update_rule,
         device=args.device,
+        mask_interval=v.mask_interval,
     )
 
 

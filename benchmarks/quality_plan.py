@@ -25,6 +25,7 @@ class Variant:
     activation_stat: str = "mean"
     update_rule: str = "masked_grad"
     relative_to: str | None = None  # centre its grid on this variant's rate in the same task and budget
+    mask_interval: int = 1
 
 
 VARIANTS = {
@@ -39,9 +40,12 @@ VARIANTS = {
     "stoc-k16": Variant("Stoc, k = 16x", "stoc", 1e-3, k_factor=16.0, relative_to="stoc"),
     "stoc-abs": Variant("Stoc, mu = abs_mean", "stoc", 3e-3, activation_stat="abs_mean", relative_to="stoc"),
     "stoc-rms": Variant("Stoc, mu = rms", "stoc", 3e-3, activation_stat="rms", relative_to="stoc"),
+    "stoc-mi4": Variant("Stoc, mask_interval = 4", "stoc", 3e-3, relative_to="stoc", mask_interval=4),
+    "stoc-mi16": Variant("Stoc, mask_interval = 16", "stoc", 3e-3, relative_to="stoc", mask_interval=16),
 }
 CURVE_VARIANTS = ("stoc", "stoc-lazy", "stoc-strict", "top", "bitfit", "lora", "full")
 K_MU_VARIANTS = ("stoc-k4", "stoc-k16", "stoc-abs", "stoc-rms")  # against the paper's Stoc at the middle budget
+INTERVAL_VARIANTS = ("stoc-mi4", "stoc-mi16")  # a mask reused between draws, against the paper's Stoc (interval 1)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ STAGES = (
     Stage("rt-middle", "rt-sentences", 1, MAIN, core=False),
     Stage("more", "tweets", 1, ("top", "stoc-strict"), core=False),
     Stage("rt-more", "rt-sentences", 0, ("top",), core=False),
+    Stage("mask-interval", "tweets", 1, INTERVAL_VARIANTS),
+    Stage("rt-mask-interval", "rt-sentences", 1, INTERVAL_VARIANTS),
 )
 # Seconds per optimizer step and per run outside training (load, tokenise, evaluate 1,000 rows, merge), measured
 # with one torch thread on the shared 2-core machine before the study; the plan uses measured figures once runs exist.
@@ -87,11 +93,12 @@ CAUSAL_RUN_OVERHEAD_SECONDS = 200.0
 def variant_of(record: dict) -> str | None:
     """The variant a recorded run belongs to (None for methods this study does not train)."""
     for name, v in VARIANTS.items():
-        if (v.method, v.k_factor, v.activation_stat, v.update_rule) == (
+        if (v.method, v.k_factor, v.activation_stat, v.update_rule, v.mask_interval) == (
             record["method"],
             record.get("k_factor", 1.0),
             record.get("activation_stat", "mean"),
             record.get("update_rule", "masked_grad"),
+            record.get("mask_interval", 1),
         ):
             return name
     return None

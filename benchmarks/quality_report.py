@@ -22,6 +22,7 @@ from benchmarks.cells import (
 from benchmarks.quality_plan import (
     CURVE_VARIANTS,
     CUTS,
+    INTERVAL_VARIANTS,
     K_MU_VARIANTS,
     RUN_OVERHEAD_SECONDS,
     STAND_INS,
@@ -241,6 +242,28 @@ def k_mu_lines(rows: list[dict], args) -> list[str]:
     return lines + [""] if lines else []
 
 
+def interval_lines(rows: list[dict], args) -> list[str]:
+    """The trade of `mask_interval`: quality against step time, per task at the middle budget."""
+    e = args.budgets[1] if len(args.budgets) > 1 else args.budgets[0]
+    lines = []
+    for task in STAND_INS:
+        base = find(rows, task, "stoc", e)
+        others = [(v, find(rows, task, v, e)) for v in INTERVAL_VARIANTS]
+        others = [(v, s) for v, s in others if s]
+        if base and others:
+            lines.append(
+                f"- **{task}, {e:g} epochs**, against mask_interval = 1 ({base['mean']:.1f}, {base['step_s']:.2f} "
+                "s/step): "
+                + "; ".join(
+                    f"{VARIANTS[v].label}: {gap(s, base)}, {s['step_s']:.2f} s/step "
+                    f"({s['step_s'] / base['step_s']:.2f}×)"
+                    for v, s in others
+                )
+                + "."
+            )
+    return lines + [""] if lines else []
+
+
 # -- the report ----------------------------------------------------------------------------------------------------
 def write_report(records: list[dict], args) -> None:
     rows = all_summaries(records, args)
@@ -335,6 +358,14 @@ def write_report(records: list[dict], args) -> None:
         "",
         *budget_tables(rows, args, ("stoc", *K_MU_VARIANTS), "k and μ", reference="stoc"),
         *k_mu_lines(rows, args),
+        "## mask_interval: a mask reused between draws (middle budget)",
+        "",
+        "A new mask every 4 or 16 steps instead of every step (the paper). Steps that reuse the mask compute only the "
+        "masked entries' gradients (`peft_stoc/sparse_backward.py`), so they cost about what a LoRA step costs; "
+        "step times here are wall times on the shared machine (the side-by-side ratios are in docs/benchmarks.md).",
+        "",
+        *budget_tables(rows, args, ("stoc", *INTERVAL_VARIANTS), "mask_interval", reference="stoc"),
+        *interval_lines(rows, args),
         *causal_quality.report_section(args.causal_runs),
         *when_to_pick(rows, args, finished),
         "## Learning-rate grids",
@@ -434,6 +465,11 @@ def when_to_pick(rows: list[dict], args, finished: bool) -> list[str]:
     lines += recommendation(lazy, '`update_rule="lazy"`', "with Adam-family optimizers")
     for variant in K_MU_VARIANTS:
         lines += recommendation(verdicts(rows, args, variant, "stoc"), VARIANTS[variant].label, "")
+    for variant in INTERVAL_VARIANTS:
+        v = verdicts(rows, args, variant, "stoc")
+        if any(v.values()):
+            lines.append(_verdict_line(f"{VARIANTS[variant].label} vs the paper's mask_interval = 1", v))
+    lines += interval_lines(rows, args)
     return lines + ["", *paper_note(rows, args, finished)]
 
 

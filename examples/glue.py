@@ -90,6 +90,7 @@ class RunConfig:
     activation_stat: str = "mean"
     update_rule: str = "masked_grad"
     device: str = "cpu"
+    mask_interval: int = 1  # StocTuning: draw a new mask every N optimizer steps
 
     def key(self) -> str:
         """Identity of the run in a results file (what must match for a finished run to be skipped).
@@ -103,7 +104,13 @@ class RunConfig:
         return json.dumps(fields, sort_keys=True)
 
 
-LATER_DEFAULTS = {"k_factor": 1.0, "activation_stat": "mean", "update_rule": "masked_grad", "device": "cpu"}
+LATER_DEFAULTS = {
+    "k_factor": 1.0,
+    "activation_stat": "mean",
+    "update_rule": "masked_grad",
+    "device": "cpu",
+    "mask_interval": 1,
+}
 
 
 # -- data --------------------------------------------------------------------------------------------------------
@@ -296,10 +303,12 @@ def prepare(
     k_factor: float = 1.0,
     activation_stat: str = "mean",
     update_rule: str = "masked_grad",
+    mask_interval: int = 1,
 ):
     """`model` set up for `method`: a PEFT model for stoc/top/random/lora, else the right `requires_grad` flags.
 
-    `k_factor`, `activation_stat` and `update_rule` apply to StocTuning only (k = k_factor x BitFit's count).
+    `k_factor`, `activation_stat`, `update_rule` and `mask_interval` apply to StocTuning only (k = k_factor x
+    BitFit's count).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -313,11 +322,14 @@ def prepare(
             seed=seed,
             activation_stat=activation_stat,
             update_rule=update_rule,
+            mask_interval=mask_interval,
             task_type="SEQ_CLS",
         )
         return get_peft_model(model, config)
-    if (k_factor, activation_stat, update_rule) != (1.0, "mean", "masked_grad"):
-        raise ValueError(f"k_factor, activation_stat and update_rule are StocTuning options, not {method!r}'s.")
+    if (k_factor, activation_stat, update_rule, mask_interval) != (1.0, "mean", "masked_grad", 1):
+        raise ValueError(
+            f"k_factor, activation_stat, update_rule and mask_interval are StocTuning options, not {method!r}'s."
+        )
     if method == "lora":
         return get_peft_model(model, LoraConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
     trains = {
@@ -415,7 +427,15 @@ def run(config: RunConfig, progress: bool = True, adapter_dir: Path | None = Non
 
     model = load_pretrained(config.model, task, config.seed)
     before = base_weights(model)
-    model = prepare(model, config.method, config.seed, config.k_factor, config.activation_stat, config.update_rule)
+    model = prepare(
+        model,
+        config.method,
+        config.seed,
+        config.k_factor,
+        config.activation_stat,
+        config.update_rule,
+        config.mask_interval,
+    )
     per_step = entries_per_step(model, config.method)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
@@ -555,6 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k-factor", type=float, default=1.0, help="StocTuning: k = this x BitFit's count")
     parser.add_argument("--activation-stat", default="mean", choices=("mean", "abs_mean", "rms"))
     parser.add_argument("--update-rule", default="masked_grad", choices=("masked_grad", "strict", "lazy"))
+    parser.add_argument("--mask-interval", type=int, default=1, help="StocTuning: a new mask every N steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--results",
@@ -582,6 +603,7 @@ def main(argv: list[str] | None = None) -> None:
             activation_stat=args.activation_stat,
             update_rule=args.update_rule,
             device=args.device,
+            mask_interval=args.mask_interval,
         )
         for lr in args.lr
         for seed in args.seeds

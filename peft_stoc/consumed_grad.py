@@ -29,6 +29,7 @@ class ConsumedGrad(torch.Tensor):
     finite: bool
     factor: torch.Tensor | float
     zeroed: bool
+    sparse: bool  # the masked entries' sums of a step that reuses its mask, kept over micro-batches (sparse_backward)
 
     @staticmethod
     def __new__(cls, like: torch.Tensor, norm: torch.Tensor, finite: bool):
@@ -37,6 +38,7 @@ class ConsumedGrad(torch.Tensor):
         self.finite = finite
         self.factor = 1.0
         self.zeroed = False
+        self.sparse = False
         return self
 
     def __repr__(self) -> str:

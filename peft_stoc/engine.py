@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed, opaque_hooks, optimizer_hooks, sharded_draw, shards, sparse_optim
 from .audit import BYPASS_HINT, Audit
-from .candidates import Candidate
+from .candidates import Candidate, UseKind
 from .consumed_grad import ConsumedGrad, accumulation_error
 from .importance import Source, finite_means
 from .lean import LeanStep, accelerate_syncs_gradients, state_bytes
@@ -25,6 +25,7 @@ from .optimizer_checks import OptimizerChecks
 from .originals import Patch
 from .selection import draw, step_seed
 from .sharded_step import ShardedSteps
+from .sparse_backward import SparseBackward, masked_values
 from .streaming import StreamingDraw
 from .tracking import ActivationTracker
 from .update import DecayRedirect, StrictGuard, mask_gradient
@@ -119,6 +120,11 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         self.on_graph = None  # set by the tuner: a forward with gradients is building a graph on the weights shown
         self.shards: list[slice] | None = None
         self._shard_sync: sharded_draw.ShardSync | None = None
+        # mask_interval > 1: steps that reuse the mask compute only the masked entries' gradients (sparse_backward).
+        self.sparse = SparseBackward(candidates) if config.mask_interval > 1 else None
+        if self.sparse is not None:
+            self.sparse.on_delivered = self._on_sparse_gradient
+        self._drew_now = False  # the latest step drew a fresh mask
 
     # -- life cycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -137,6 +143,8 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
                 )
                 if candidate.overlay is not None:
                     candidate.overlay.gradient_sink = lambda o, x, d, p=position: self._quantized_gradient(p, x, d)
+        if self.sparse is not None:
+            self.sparse.attach()
         optimizer_hooks.ENGINES.add(self)
         optimizer_hooks.PAUSED.discard(self)
 
@@ -154,6 +162,8 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         """Stop for good (the adapter is deleted, reloaded or unloaded): nothing of this engine stays behind."""
         self._detach()
         optimizer_hooks.PAUSED.discard(self)
+        if self.sparse is not None:
+            self.sparse.remove()
         if self.lean is not None:
             self.lean.clear_gradients()
             self.lean.reset()
@@ -179,6 +189,8 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         self.tracker.detach()
         self.tracker.armed = False
         self._root_hooks.remove()
+        if self.sparse is not None:
+            self.sparse.detach()
         for handle in self._grad_handles:
             handle.remove()
         self._grad_handles.clear()
@@ -222,23 +234,47 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         if self.on_graph is not None:
             self.on_graph()
         self._check_setup()
+        if self.sparse is not None:
+            self._prepare_sparse_backward()
         self.audit.verify(context=BYPASS_HINT)  # every entry, against its base checksum (a pass of a few ms)
         if self._backward_seen:
             self._after_backward_without_step()
         self._forwards += 1
 
+    def _prepare_sparse_backward(self) -> None:
+        """Whether this forward's step reuses its mask, and so gets the sparse backward (`sparse_backward`)."""
+        sparse = self.sparse
+        reuse = self._reuses_mask()
+        if reuse and self.reduce_statistics is None and distributed.world_size() == 1:
+            self.tracker.skip_forward()  # μ only serves a draw (under DDP the ranks' reductions must stay paired)
+        sparse.active = reuse and not self.sharded
+        if sparse.active:
+            sparse.begin(self.last_draw)
+            # Summed sparsely where the gradients stay with StocTuning; dense where an optimizer or DDP needs them.
+            sparse.sparse_sums = self.lean is not None and distributed.world_size() == 1
+
+    def _on_sparse_gradient(self, position: int) -> None:
+        """A tapped weight's masked gradient arrived (the weight's own gradient hook does not run for it)."""
+        self._backward_seen = True
+        self._gradient_order.setdefault(position, None)
+        grad = self.candidates[position].param.grad
+        self._completed[position] = (weakref.ref(grad), grad._version)
+
     def _after_backward_without_step(self) -> None:
         """A forward after a backward, with no optimizer step in between: gradient accumulation, or a step that
         was abandoned (skipped by a gradient scaler, or its gradients set to None)."""
         grads = [c.param.grad for c in self.candidates]
-        if any(isinstance(g, ConsumedGrad) and not g.zeroed for g in grads):
+        if any(isinstance(g, ConsumedGrad) and not g.zeroed and not g.sparse for g in grads):
             raise RuntimeError(accumulation_error())
-        if all(g is None or isinstance(g, ConsumedGrad) for g in grads) or self._gradients_reset(grads):
+        dropped = all(g is None or (isinstance(g, ConsumedGrad) and not g.sparse) for g in grads)
+        if dropped or self._gradients_reset(grads):
             # Abandoned: its statistics must not leak into the next draw.
             self._abandon_step()
 
     def _abandon_step(self) -> None:
         self.tracker.reset()
+        if self.sparse is not None:
+            self.sparse.reset()
         if self.lean is not None:
             self.lean.clear_gradients()
             self.lean.reset()
@@ -300,6 +336,10 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         gradient, held until the step as a float weight's is (gradient accumulation; the last micro-batch adds its
         gradient to the held one, which is then drawn from as a float weight's is)."""
         candidate = self.candidates[position]
+        sparse = self.sparse
+        if sparse is not None and sparse.active and sparse.sparse_sums:  # a reused mask: its entries' gradients only
+            plan = sparse.plan_for(position, UseKind.LINEAR_INPUT).on_whole_inputs()
+            return sparse.deliver(position, masked_values(plan, inputs, grads, None), candidate.param)
         held = candidate.param.grad is not None
         if held or self.lean is None or not self.tracker.armed or not self._streams_now():
             return grads.t() @ inputs
@@ -447,6 +487,7 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
             drawn = self.last_draw if reuse else self._draw()
             if not reuse:
                 self.draws += 1
+            self._drew_now = not reuse
         self.last_draw = drawn
         self._drawn_by_id = {id(c.param): idx for c, idx in zip(self.candidates, drawn)}
         strict = self.config.update_rule == "strict"
@@ -482,6 +523,8 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
             self._verify_or_undo(optimizer, kept)
         self.stats.changed = self._changed_count()
         self.stats.optimizer_state_bytes = state_bytes(optimizer, self.candidates, self.state_key)
+        if self.sparse is not None:
+            self._after_sparse_step()
         if self._forwards:
             self._forwards_per_step = self._forwards
         self._forwards = 0
@@ -491,6 +534,13 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         if self.lean is not None:
             self.lean.reset()
         self.tracker.reset()
+
+    def _after_sparse_step(self) -> None:
+        """After a step that drew a fresh mask: tap the weights the draw found used only through their modules."""
+        self.sparse.reset()
+        if self._drew_now and not self.sharded:
+            self.sparse.install([self.tracker.followed(c) for c in self.candidates])
+        self._drew_now = False
 
     @property
     def state_key(self) -> str:

@@ -106,6 +106,16 @@ class LeanStep:
             self.nonfinite.append(candidate.name)
         return ConsumedGrad(candidate.param, squares.sqrt().float(), finite)
 
+    def take_values(self, values: dict[int, torch.Tensor], make_stream) -> None:
+        """Gradient values at a reused mask's entries, computed by the sparse backward (`sparse_backward`)."""
+        for position, part in values.items():
+            if self.stream is None:
+                self.stream = make_stream()
+            if not bool(torch.isfinite(part).all()):
+                self.nonfinite.append(self.candidates[position].name)
+                continue
+            self.stream.add_values(position, part)
+
     def consume_dense(self, order: list[int], means_of, make_stream) -> None:
         """At the optimizer step: the candidates whose gradient is still dense join the draw, in `order` (the order
         their gradients completed in; the others after them)."""

@@ -59,6 +59,8 @@ class LeanSteps:
         lean = self.lean
         self._sync_statistics_for_lean()
         lean.consume_dense(list(self._gradient_order), self.tracker.means, self._new_stream)
+        if self.sparse is not None and self.sparse.sums:
+            lean.take_values(self.sparse.sums, self._new_stream)
         if lean.nonfinite:
             reason = self.tracker.nonfinite_reason(lean.nonfinite)
             self._skip(optimizer, reason=f"{reason}. No weight changed.")
@@ -68,6 +70,7 @@ class LeanSteps:
             self._rank_sync.check_draw(drawn)
         if not self._reuses_mask():
             self.draws += 1
+        self._drew_now = not self._reuses_mask()
         self.last_draw = drawn
         self.stats.drawn = int(sum(d.numel() for d in drawn))
         self.stats.grad_bytes = lean.peak_grad_bytes

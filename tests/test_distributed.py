@@ -37,6 +37,7 @@ WEIGHT_TOLERANCE = 1e-6
 TORCHRUN_SCENARIOS = [
     "sync",
     "ddp",
+    "ddp_reused_mask",
     "zero1",
     "bf16_autocast",
     "fp16_scaler",
@@ -319,3 +320,16 @@ def test_training_in_eval_mode_draws_at_every_step():
         optimizer.step()
         optimizer.zero_grad()
     assert model.base_model.stoc_engine().draws == 3 and model.stoc_stats()["step"] == 3
+
+
+def test_ddp_with_a_reused_mask_matches_the_dense_backward_in_one_process(torchrun_out):
+    """Steps that reuse the mask compute only its entries' gradients, which DDP reduces: the same masks and weights as
+    one process with the global batch and the dense backward on every step."""
+    rank0, rank1 = _ranks(torchrun_out, "ddp_reused_mask")
+    _assert_ranks_identical(rank0, rank1)
+    model = worker.make_model(mask_interval=2)
+    model.base_model.stoc_engine().sparse = None  # the dense backward on every step
+    masks = worker.train(model, model, worker.adamw(model), rank=0, world=1)
+    _assert_matches_reference(
+        rank0, masks, {name: value.detach().clone() for name, value in model.state_dict().items()}
+    )

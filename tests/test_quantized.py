@@ -394,3 +394,36 @@ def test_a_model_dequantized_from_gguf_on_loading_is_tuned():
     model.config.quantization_config = {"quant_method": "gguf"}
     peft_model = get_peft_model(model, StocTuningConfig(k=20, task_type="CAUSAL_LM"))
     assert len(peft_model.base_model._adapters["default"].candidates) == sum(1 for _ in model.parameters())
+
+
+def test_steps_reusing_a_mask_compute_only_its_entries_gradients_on_a_four_bit_base(llama_dir):
+    """mask_interval > 1: between draws the overlay's backward computes the masked entries' gradients alone; the
+    masks and weights are those of the full effective-weight gradient."""
+    results = []
+    for sparse in (True, False):
+        model = get_peft_model(
+            quantized(llama_dir, "nf4"), StocTuningConfig(k=60, task_type="CAUSAL_LM", mask_interval=4)
+        )
+        engine = model.base_model.stoc_engine()
+        if not sparse:
+            engine.sparse = None  # the full gradient at every step
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        masks, delivered = [], 0
+        for step in range(8):
+            model(**batch("CAUSAL_LM", seed=step)).loss.backward()
+            if sparse:
+                overlays = {p for p, c in enumerate(engine.candidates) if c.overlay is not None}
+                delivered += bool(overlays & set(engine.sparse.sums))
+            optimizer.step()
+            optimizer.zero_grad()
+            masks.append([index.clone() for index in engine.last_draw])
+        results.append((model, masks, delivered))
+    (a, masks_a, delivered), (b, masks_b, _) = results
+    assert delivered == 6  # steps 2-4 and 6-8
+    for x, y in zip(masks_a, masks_b):
+        assert all(torch.equal(i, j) for i, j in zip(x, y))
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        if p.dtype.is_floating_point and getattr(p, "stoc_overlay", None) is None:
+            assert float((p - q).detach().abs().max()) <= 1e-6 * float(q.detach().abs().max().clamp_min(1e-12)), name
+    for (key, x), (_, y) in zip(a.base_model.stoc_layer.overlays.items(), b.base_model.stoc_layer.overlays.items()):
+        assert torch.equal(x.index, y.index) and torch.allclose(x.values, y.values, rtol=1e-6, atol=0), key

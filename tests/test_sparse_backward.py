@@ -1,0 +1,191 @@
+"""Steps that reuse a mask (`mask_interval > 1`) compute only the masked entries' gradients: the same masks and
+weights as the dense backward, and on such a step no weight gradient of full size is ever formed."""
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from peft_stoc import StocTuningConfig
+from peft_stoc.sparse_backward import tappable
+
+from .helpers import batch, loss_of, tiny_model
+
+CASES = [("bert", "SEQ_CLS"), ("gpt2", "CAUSAL_LM"), ("llama", "CAUSAL_LM")]
+
+
+def _model(arch, task, **options):
+    torch.manual_seed(0)
+    options = {"k": 40, "task_type": task, "mask_interval": 4, **options}
+    return get_peft_model(tiny_model(arch, task, seed=0), StocTuningConfig(**options))
+
+
+def _train(model, task, steps: int = 12, accumulation: int = 1, sparse: bool = True):
+    """`steps` AdamW steps; `sparse=False`: the dense backward on every step (the taps taken off)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    engine = model.base_model.stoc_engine()
+    masks, reuse_steps = [], 0
+    torch.manual_seed(1)  # the same dropout masks for both runs
+    for step in range(steps):
+        if not sparse:
+            engine.sparse.remove()
+        for micro in range(accumulation):
+            holding = accumulation > 1 and micro < accumulation - 1
+            with model.base_model.stoc_accumulating() if holding else _nothing():
+                loss = loss_of(model, batch(task, seed=step * accumulation + micro)) / accumulation
+                reuse_steps += engine.sparse.active and bool(engine.sparse.tapped)
+                loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        masks.append([index.clone() for index in engine.last_draw])
+    return masks, reuse_steps
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _assert_same(a, b, masks_a, masks_b):
+    for step, (x, y) in enumerate(zip(masks_a, masks_b)):
+        assert all(torch.equal(i, j) for i, j in zip(x, y)), f"step {step} drew other entries"
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        scale = q.detach().abs().max().clamp_min(1e-12)
+        assert float((p - q).detach().abs().max() / scale) <= 1e-6, name
+
+
+@pytest.mark.parametrize("arch, task", CASES)
+@pytest.mark.parametrize("selection", ["top", "stochastic"])
+@pytest.mark.parametrize("memory", ["lean", "dense"])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_reused_masks_train_as_the_dense_backward(arch, task, selection, memory, accumulation):
+    sparse, dense = (_model(arch, task, selection=selection, memory=memory) for _ in range(2))
+    masks, reused = _train(sparse, task, accumulation=accumulation)
+    reference, none = _train(dense, task, accumulation=accumulation, sparse=False)
+    assert reused == 9 * accumulation and none == 0  # steps 2-4, 6-8, 10-12 reuse the mask of steps 1, 5, 9
+    tapped = sparse.base_model.stoc_engine().sparse.tapped
+    assert len(tapped) >= 3  # the embeddings and the projections (tied tables too) get the sparse backward
+    _assert_same(sparse, dense, masks, reference)
+    assert sparse.base_model.adapter_delta("default").num_changed > 0
+
+
+class _FullSizeGradients(TorchDispatchMode):
+    """Tensors of a tapped weight's shape that an operation allocates (views of existing tensors are not counted;
+    the batch's token count is chosen so that no activation has a weight's shape)."""
+
+    def __init__(self, shapes, weights):
+        super().__init__()
+        self.shapes, self.weights, self.found = shapes, weights, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        known = self.weights | {t.untyped_storage().data_ptr() for t in inputs}
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) in self.shapes:
+                if tensor.untyped_storage().data_ptr() not in known:
+                    self.found.append((str(func), tuple(tensor.shape)))
+        return out
+
+
+def test_a_step_reusing_its_mask_forms_no_weight_gradient_of_full_size():
+    model = _model("llama", "CAUSAL_LM", memory="lean", k=60)
+    engine = model.base_model.stoc_engine()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = batch("CAUSAL_LM", size=5, length=11)  # 55 tokens: no activation has a weight's shape
+    found, saved = [], []
+    shapes = {tuple(c.param.shape) for c in engine.candidates if tappable(c)}
+    for _ in range(4):
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        sizes: list[int] = []
+
+        def pack(tensor, sizes=sizes, weights=weights):
+            if tensor.untyped_storage().data_ptr() not in weights:
+                sizes.append(tensor.untyped_storage().nbytes())
+            return tensor
+
+        mode = _FullSizeGradients(shapes, weights)
+        with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(**inputs).loss
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        found.append(mode.found)
+        saved.append(sum(sizes))
+    # Step 1 draws (its backward forms every weight's gradient); steps 2-4 reuse its mask.
+    assert len(engine.sparse.tapped) >= 10 and all(tappable(engine.candidates[p]) for p in engine.sparse.tapped)
+    assert found[0]  # every weight's gradient, formed by the step that draws
+    assert found[1] == found[2] == found[3] == []
+    assert max(saved[1:]) < saved[0]  # no input kept for a weight-gradient product
+
+
+def test_the_check_sees_full_size_gradients_on_a_drawing_step():
+    """The detector above is not blind: on a step that draws, the weight gradients it looks for are formed."""
+    model = _model("llama", "CAUSAL_LM", memory="lean", k=60)
+    engine = model.base_model.stoc_engine()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = batch("CAUSAL_LM", size=5, length=11)
+    for _ in range(4):  # the mask of step 1, reused by steps 2-4; step 5 draws
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    shapes = {tuple(engine.candidates[p].param.shape) for p in engine.sparse.tapped}
+    mode = _FullSizeGradients(shapes, {p.untyped_storage().data_ptr() for p in model.parameters()})
+    with mode:
+        model(**inputs).loss.backward()
+    assert not engine.sparse.active and mode.found
+
+
+def test_clipping_sees_the_norm_of_the_masked_gradients():
+    from peft_stoc.consumed_grad import ConsumedGrad
+
+    model = _model("bert", "SEQ_CLS", memory="lean")
+    engine = model.base_model.stoc_engine()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-2)
+    for step in range(2):
+        loss_of(model, batch("SEQ_CLS", seed=step)).backward()
+        if step == 1:  # a step reusing the mask: a tapped weight's gradient is its masked entries' sums
+            sums = engine.sparse.sums
+            assert sums and engine.sparse.active
+            for position, values in sums.items():
+                grad = engine.candidates[position].param.grad
+                assert isinstance(grad, ConsumedGrad) and grad.sparse
+                torch.testing.assert_close(grad.norm, torch.linalg.vector_norm(values))
+            parts = [
+                (g.norm if isinstance(g, ConsumedGrad) else torch.linalg.vector_norm(g)).double()
+                for g in (p.grad for p in trained)
+                if g is not None
+            ]
+            norm = torch.nn.utils.clip_grad_norm_(trained, 1e9)
+            torch.testing.assert_close(norm.double(), torch.stack(parts).square().sum().sqrt(), rtol=1e-6, atol=0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_a_reference_pass_and_a_pause_keep_the_sparse_backward():
+    """DPO's reference forward under `disable_adapter()` between the policy's forward and backward, and a pause of
+    the adapter, leave the taps in place: the reused steps still train as the dense backward does."""
+    sparse, dense = (_model("llama", "CAUSAL_LM", memory="lean") for _ in range(2))
+    results = []
+    for model, taps in ((sparse, True), (dense, False)):
+        engine = model.base_model.stoc_engine()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        masks = []
+        for step in range(8):
+            if not taps:
+                engine.sparse.remove()
+            inputs = batch("CAUSAL_LM", seed=step)
+            loss = model(**inputs).loss
+            with model.disable_adapter(), torch.no_grad():
+                model(**inputs)  # the reference pass
+            loss.backward()
+            assert bool(engine.sparse.sums) == (taps and step % 4 != 0)  # the masked sums of a reused step
+            optimizer.step()
+            optimizer.zero_grad()
+            masks.append([index.clone() for index in engine.last_draw])
+        results.append(masks)
+    _assert_same(sparse, dense, *results)
