@@ -22,6 +22,7 @@ outside its module, or an FSDP2 shard keeps the dense backward), as the step tha
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,6 @@ from .candidates import Candidate, UseKind
 from .consumed_grad import ConsumedGrad
 
 _TAPPED_KINDS = (UseKind.LINEAR_INPUT, UseKind.CONV1D_INPUT, UseKind.EMBEDDING_ROW)
-_PRODUCT_ELEMENTS = 1 << 22  # tokens × entries per chunk of the masked dot products
 
 
 def tappable(candidate: Candidate) -> bool:
@@ -216,18 +216,26 @@ def masked_values(plan: _Plan, kept: torch.Tensor, grad: torch.Tensor, module: n
         return torch.zeros(0, device=grad.device)
     if plan.kind is UseKind.EMBEDDING_ROW:
         return _embedding_values(plan, kept, grad, module)
-    inputs = kept.reshape(-1, kept.shape[-1])
-    deltas = grad.reshape(-1, grad.shape[-1])
-    slot = plan.slot if plan.keep_columns else plan.columns.index_select(0, plan.slot)
-    out_features = plan.first if plan.kind is UseKind.LINEAR_INPUT else plan.second
-    values = torch.empty(plan.index.numel(), dtype=torch.float32, device=grad.device)
-    step = max(1, _PRODUCT_ELEMENTS // max(1, inputs.shape[0]))
-    for start in range(0, values.numel(), step):
-        part = slice(start, start + step)
-        x = inputs.index_select(1, slot[part]).float()
-        delta = deltas.index_select(1, out_features[part]).float()
-        values[part] = (x * delta).sum(0)
-    return values
+    inputs = kept.reshape(-1, kept.shape[-1]).float()
+    deltas = grad.reshape(-1, grad.shape[-1]).float()
+    inputs_at = plan.slot if plan.keep_columns else plan.columns.index_select(0, plan.slot)
+    # The product δᵀx (Linear) or xᵀδ (Conv1D) sampled at the masked entries only (SDDMM), whose sorted flat indices
+    # are sorted (row, column) pairs of the sampled matrix.
+    if plan.kind is UseKind.LINEAR_INPUT:
+        rows, cols, left, right = plan.first, inputs_at, deltas.t(), inputs
+    else:
+        rows, cols, left, right = inputs_at, plan.second, inputs.t(), deltas
+    # Only the rows the mask touches, gathered once into a contiguous block (a tall head's rows are far apart).
+    touched, rows = torch.unique_consecutive(rows, return_inverse=True)
+    left = left.index_select(0, touched)
+    crow = torch.zeros(left.shape[0] + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=left.shape[0]).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (sparse CSR support's notice that it is in beta)
+        pattern = torch.sparse_csr_tensor(
+            crow, cols, torch.zeros(cols.numel(), device=left.device), (left.shape[0], right.shape[1])
+        )
+        return torch.sparse.sampled_addmm(pattern, left, right).values()
 
 
 def _embedding_values(plan: _Plan, ids: torch.Tensor, grad: torch.Tensor, module: nn.Module) -> torch.Tensor:

@@ -73,8 +73,8 @@ def test_reused_masks_train_as_the_dense_backward(arch, task, selection, memory,
 
 
 class _FullSizeGradients(TorchDispatchMode):
-    """Tensors of a tapped weight's shape that an operation allocates (views of existing tensors are not counted;
-    the batch's token count is chosen so that no activation has a weight's shape)."""
+    """Dense tensors of a tapped weight's shape that an operation allocates (views of existing tensors are not
+    counted; the batch's token count is chosen so that no activation has a weight's shape)."""
 
     def __init__(self, shapes, weights):
         super().__init__()
@@ -82,10 +82,16 @@ class _FullSizeGradients(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        inputs = [a for a in leaves if isinstance(a, torch.Tensor) and a.layout is torch.strided]
         known = self.weights | {t.untyped_storage().data_ptr() for t in inputs}
         for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) in self.shapes:
+            # (a sparse tensor of a weight's shape holds only the masked entries)
+            if (
+                isinstance(tensor, torch.Tensor)
+                and tensor.layout is torch.strided
+                and tuple(tensor.shape) in self.shapes
+            ):
                 if tensor.untyped_storage().data_ptr() not in known:
                     self.found.append((str(func), tuple(tensor.shape)))
         return out
