@@ -44,6 +44,7 @@ def test_every_run_is_identified_by_its_variant():
             "k_factor": v.k_factor,
             "activation_stat": v.activation_stat,
             "update_rule": v.update_rule,
+            "mask_interval": v.mask_interval,
         }
         assert quality_plan.variant_of(record) == name
     assert quality_plan.variant_of({"method": "stoc"}) == "stoc"  # runs recorded before the options existed
@@ -101,6 +102,7 @@ def test_whole_study_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
         "tweets-small",
         "tweets-small-more",
         "k-and-mu",
+        "mask-interval",
         "--runs",
         str(runs),
         "--causal-runs",
