@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from benchmarks.quality_plan import (
     steps_of,
 )
 from examples.glue import TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- summaries -----------------------------------------------------------------------------------------------------
@@ -242,25 +245,45 @@ def k_mu_lines(rows: list[dict], args) -> list[str]:
     return lines + [""] if lines else []
 
 
+def interval_step_times(path: Path = ROOT / "docs" / "benchmarks.md") -> dict[int, float]:
+    """Seconds per step of each mask_interval, measured side by side (benchmarks/mask_interval.py, MiniLM, the
+    first thread count), from its section of docs/benchmarks.md; empty when it has not run."""
+    if not path.exists():
+        return {}
+    text = path.read_text()
+    section = text.partition("<!-- mask-interval-minilm:begin -->")[2].partition("<!-- mask-interval-minilm:end -->")[0]
+    found = re.findall(r"\| StocTuning, mask_interval=(\d+) \| ([\d.]+) \|", section)
+    return {int(n): float(seconds) for n, seconds in found}
+
+
 def interval_lines(rows: list[dict], args) -> list[str]:
-    """The trade of `mask_interval`: quality against step time, per task at the middle budget."""
+    """The trade of `mask_interval`: quality (this study) against step time (measured side by side), per task at
+    the middle budget. The runs' own wall times are not compared: they shared the machine with other jobs."""
     e = args.budgets[1] if len(args.budgets) > 1 else args.budgets[0]
+    seconds = interval_step_times()
     lines = []
     for task in STAND_INS:
         base = find(rows, task, "stoc", e)
         others = [(v, find(rows, task, v, e)) for v in INTERVAL_VARIANTS]
         others = [(v, s) for v, s in others if s]
         if base and others:
-            lines.append(
-                f"- **{task}, {e:g} epochs**, against mask_interval = 1 ({base['mean']:.1f}, {base['step_s']:.2f} "
-                "s/step): "
-                + "; ".join(
-                    f"{VARIANTS[v].label}: {gap(s, base)}, {s['step_s']:.2f} s/step "
-                    f"({s['step_s'] / base['step_s']:.2f}×)"
-                    for v, s in others
+            parts = []
+            for v, s in others:
+                interval = VARIANTS[v].mask_interval
+                speed = (
+                    f", step time {seconds[interval] / seconds[1]:.2f}× mask_interval = 1's"
+                    if interval in seconds and 1 in seconds
+                    else ""
                 )
-                + "."
+                parts.append(f"{VARIANTS[v].label}: {gap(s, base)}{speed}")
+            lines.append(
+                f"- **{task}, {e:g} epochs**, against mask_interval = 1 ({base['mean']:.1f}): " + "; ".join(parts) + "."
             )
+    if lines and seconds:
+        lines.append(
+            "  (Step times: `benchmarks/mask_interval.py --model minilm`, MiniLM batch 16 × 128, one thread, "
+            "measured side by side; docs/benchmarks.md.)"
+        )
     return lines + [""] if lines else []
 
 
