@@ -70,10 +70,26 @@ class _Plan:
     columns: torch.Tensor | None = None  # Linear / Conv1D: the input features the mask touches
     slot: torch.Tensor | None = None  # per entry: where its input feature sits among `columns`
     keep_columns: bool = False  # keep only those input columns for the backward (fewer than half)
+    _derived: dict = dataclasses.field(default_factory=dict, repr=False)  # computed once per mask, see below
 
     def on_whole_inputs(self) -> _Plan:
         """The plan for a backward that has the layer's whole input (a quantized weight's overlay keeps it)."""
-        return dataclasses.replace(self, keep_columns=False)
+        if "whole" not in self._derived:
+            self._derived["whole"] = dataclasses.replace(self, keep_columns=False, _derived={})
+        return self._derived["whole"]
+
+    def sampling(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the rows of the sampled product the mask touches, CSR row pointers over them, column indices): the
+        product δᵀx (Linear) or xᵀδ (Conv1D) sampled at the masked entries, whose sorted flat indices are sorted
+        (row, column) pairs of it. The same for every step that reuses the mask."""
+        if "sampling" not in self._derived:
+            inputs_at = self.slot if self.keep_columns else self.columns.index_select(0, self.slot)
+            rows, cols = (self.first, inputs_at) if self.kind is UseKind.LINEAR_INPUT else (inputs_at, self.second)
+            touched, rows = torch.unique_consecutive(rows, return_inverse=True)
+            crow = torch.zeros(touched.numel() + 1, dtype=torch.int64, device=rows.device)
+            crow[1:] = torch.bincount(rows, minlength=touched.numel()).cumsum(0)
+            self._derived["sampling"] = (touched, crow, cols)
+        return self._derived["sampling"]
 
 
 def _plan(kind: UseKind, index: torch.Tensor, shape: torch.Size) -> _Plan:
@@ -218,18 +234,10 @@ def masked_values(plan: _Plan, kept: torch.Tensor, grad: torch.Tensor, module: n
         return _embedding_values(plan, kept, grad, module)
     inputs = kept.reshape(-1, kept.shape[-1]).float()
     deltas = grad.reshape(-1, grad.shape[-1]).float()
-    inputs_at = plan.slot if plan.keep_columns else plan.columns.index_select(0, plan.slot)
-    # The product δᵀx (Linear) or xᵀδ (Conv1D) sampled at the masked entries only (SDDMM), whose sorted flat indices
-    # are sorted (row, column) pairs of the sampled matrix.
-    if plan.kind is UseKind.LINEAR_INPUT:
-        rows, cols, left, right = plan.first, inputs_at, deltas.t(), inputs
-    else:
-        rows, cols, left, right = inputs_at, plan.second, inputs.t(), deltas
-    # Only the rows the mask touches, gathered once into a contiguous block (a tall head's rows are far apart).
-    touched, rows = torch.unique_consecutive(rows, return_inverse=True)
+    left, right = (deltas.t(), inputs) if plan.kind is UseKind.LINEAR_INPUT else (inputs.t(), deltas)
+    touched, crow, cols = plan.sampling()
+    # Only the rows the mask touches, gathered into a contiguous block (a tall head's rows are far apart): SDDMM.
     left = left.index_select(0, touched)
-    crow = torch.zeros(left.shape[0] + 1, dtype=torch.int64, device=rows.device)
-    crow[1:] = torch.bincount(rows, minlength=left.shape[0]).cumsum(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (sparse CSR support's notice that it is in beta)
         pattern = torch.sparse_csr_tensor(
