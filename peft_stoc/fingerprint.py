@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from . import quantized
+from .overlay import overlay_of
 
 SAMPLE_TENSORS = 64
 
@@ -70,7 +71,7 @@ def _quantization(params: dict[str, torch.Tensor]) -> list[dict]:
     """Each distinct quantization among the candidate tensors, with the number of tensors quantized so."""
     counts: dict[str, int] = {}
     for param in params.values():
-        overlay = getattr(param, "stoc_overlay", None)
+        overlay = overlay_of(param)
         if overlay is not None:
             key = json.dumps(quantized.describe(overlay.layer), sort_keys=True)
             counts[key] = counts.get(key, 0) + 1

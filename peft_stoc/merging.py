@@ -134,8 +134,7 @@ class Merging:
         warnings.warn(DEQUANTIZED_MERGE, stacklevel=4)
         for overlay in overlays:
             module = overlay.layer
-            weights = overlay.dequantized()
-            weights.view(-1)[overlay.index] = overlay.values
+            weights = overlay.effective_weight()
             dtype = quantized.compute_dtype(module) or getattr(self.model, "dtype", torch.float32)
             parent, _, child = _get_submodules(self.model, overlay.name.rpartition(".")[0])
             setattr(parent, child, quantized.dequantized_linear(module, weights, dtype))

@@ -144,6 +144,10 @@ class Overlay(StateHolder):
         theta.view(-1)[self.index.masked_select(inside) - first * width] = self.values.masked_select(inside)
         return theta
 
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer computes with (out x in, float32): dequantized, with the changed entries' values."""
+        return self.rows_of_weights(self.dequantized(), 0, self.shape[0])
+
     def tiles(self, entries: int):
         """(first row, last row, θ of those rows) over tiles of about `entries` entries, for a draw fed a few rows at
         a time: the layer is dequantized once, θ is formed one tile at a time."""
