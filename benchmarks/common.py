@@ -123,6 +123,20 @@ def interleaved(
     return times
 
 
+def alternating_steps(steppers: dict[str, Callable], batches: list, rounds: int) -> dict[str, list[float]]:
+    """Wall time of each stepper's step over `rounds` rounds after one warm-up round: one step each per round, the
+    order reversed every other round, the batches taken in turn."""
+    names = list(steppers)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(1 + rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            steppers[name](batches[round_ % len(batches)])
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning threads when other work shares the cores
 
@@ -65,14 +64,7 @@ def measure_time(model: str, steps: int) -> dict:
     steppers = {method: stepper(build(method, copy.deepcopy(base), model)) for method in METHODS}
     batches = [make_batch(base.config.vocab_size, seed) for seed in range(4)]
     before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    times = {method: [] for method in METHODS}
-    for round_ in range(1 + steps):
-        order = METHODS if round_ % 2 == 0 else METHODS[::-1]
-        for method in order:
-            start = time.perf_counter()
-            steppers[method](batches[round_ % len(batches)])
-            if round_ >= 1:
-                times[method].append(time.perf_counter() - start)
+    times = common.alternating_steps(steppers, batches, steps)
     return {"description": description, "times": times, "load_before": before}
 
 

@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning threads when other work shares the cores
 
@@ -58,14 +57,7 @@ def measure_time(model: str, cycle: int) -> dict[str, list[float]]:
     base, _ = load()
     steppers = {method: stepper(build(method, copy.deepcopy(base), model)) for method in METHODS}
     batches = [make_batch(base.config.vocab_size, seed=seed) for seed in range(4)]
-    times: dict[str, list[float]] = {method: [] for method in METHODS}
-    for round_ in range(1 + cycle):
-        for method in METHODS if round_ % 2 == 0 else METHODS[::-1]:
-            start = time.perf_counter()
-            steppers[method](batches[round_ % len(batches)])
-            if round_:
-                times[method].append(time.perf_counter() - start)
-    return times
+    return common.alternating_steps(steppers, batches, cycle)
 
 
 def child(method: str, model: str, steps: int) -> float:

@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning threads when other work shares the cores
@@ -164,14 +163,7 @@ def measure_time(steps: int) -> dict[str, list[float]]:
 
     steppers = {method: stepper(build(method, load(method))) for method in METHODS}
     batches = [common.causal_batch(49152, seed=seed) for seed in range(4)]
-    times: dict[str, list[float]] = {method: [] for method in METHODS}
-    for round_ in range(1 + steps):
-        for method in METHODS if round_ % 2 == 0 else METHODS[::-1]:
-            start = time.perf_counter()
-            steppers[method](batches[round_ % len(batches)])
-            if round_:
-                times[method].append(time.perf_counter() - start)
-    return times
+    return common.alternating_steps(steppers, batches, steps)
 
 
 def _mib(value: float) -> str:
