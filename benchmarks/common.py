@@ -137,6 +137,24 @@ def alternating_steps(steppers: dict[str, Callable], batches: list, rounds: int)
     return times
 
 
+def saved_bytes(model: torch.nn.Module, batch: dict) -> int:
+    """Bytes of the tensors `model`'s forward on `batch` saves for the backward, its parameters left out (the graph
+    is dropped unused)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters() if p.numel()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**batch).loss
+    del loss
+    return sum(saved.values())
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -152,19 +152,8 @@ def saved_activations() -> dict[str, float]:
     out = {}
     for method in ("full fine-tuning", "LoRA r=8", "StocTuning lean"):
         model = build(method, copy.deepcopy(base)).train()
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved: dict[int, int] = {}
-
-        def pack(tensor, params=params, saved=saved):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in params:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = model(**batch).loss
-        out[method] = sum(saved.values()) / 2**20
-        del loss, model
+        out[method] = common.saved_bytes(model, batch) / 2**20
+        del model
     return out
 
 

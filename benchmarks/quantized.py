@@ -86,24 +86,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def saved_bytes(model: torch.nn.Module, batch: dict) -> int:
-    """Bytes the forward saves for the backward, weights left out (the graph is dropped unused)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters() if p.numel()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(**batch).loss
-    del loss
-    model.zero_grad(set_to_none=True)
-    return sum(saved.values())
-
-
 def state_bytes(model: torch.nn.Module, optimizer) -> tuple[int, int]:
     """(gradient bytes held at once, sparse or adapter state bytes) after the latest step."""
     if not hasattr(model.base_model, "stoc_engine"):
@@ -138,7 +120,7 @@ def child(method: str, steps: int) -> dict:
     return {
         "train_peak_mib": peak,
         "weights": weight_bytes(model),
-        "saved": saved_bytes(model, batches[0]),
+        "saved": common.saved_bytes(model, batches[0]),
         "grads": grads,
         "state": state,
     }
