@@ -96,21 +96,47 @@ def generate(model, tokenizer, sentences: list[str]) -> list[str]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc: str, out: str) -> argparse.Namespace:
+    """The command line of this recipe and of examples/qlora.py."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--k", type=float, default=1e-3, help="entries drawn per step, as a fraction of all")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dev-rows", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=Path("outputs/causal_lm"))
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=Path(out))
+    return parser.parse_args()
+
+
+def train(model, tokenizer, rows, args, description: str) -> None:
+    """`args.steps` AdamW steps (eps 1e-6, 10% warm-up then linear decay) over `rows`, with a progress bar."""
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.lr, eps=1e-6, weight_decay=0.0
+    )
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, args.steps // 10), args.steps)
+    model.train()
+    bar = tqdm(range(args.steps), desc=description, unit="step", dynamic_ncols=True)
+    for step in bar:
+        batch = collate(rows[step * args.batch_size : (step + 1) * args.batch_size], tokenizer.pad_token_id)
+        loss = model(**{key: value.to(model.device) for key, value in batch.items()}).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        bar.set_postfix(loss=f"{loss.item():.3f}", changed=f"{model.stoc_stats()['changed']:,}")
+
+
+def main() -> None:
+    args = parse_args(__doc__, "outputs/causal_lm")
 
     import warnings
 
     import datasets
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from transformers.utils import logging
 
     import peft_stoc
@@ -149,22 +175,7 @@ def main() -> None:
         f"{args.steps} steps of {args.batch_size}"
     )
     rows = training_rows(tokenizer, data["train"].select(range(args.steps * args.batch_size)))
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=args.lr, eps=1e-6, weight_decay=0.0
-    )
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, args.steps // 10), args.steps)
-    from tqdm.auto import tqdm
-
-    model.train()
-    bar = tqdm(range(args.steps), desc="StocTuning", unit="step", dynamic_ncols=True)
-    for step in bar:
-        batch = collate(rows[step * args.batch_size : (step + 1) * args.batch_size], tokenizer.pad_token_id)
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        bar.set_postfix(loss=f"{loss.item():.3f}", changed=f"{model.stoc_stats()['changed']:,}")
+    train(model, tokenizer, rows, args, "StocTuning")
 
     after_text = generate(model, tokenizer, shown["sentence"])
     after = answer_accuracy(model, tokenizer, dev)

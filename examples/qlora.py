@@ -17,7 +17,6 @@ quantizes on loading. On a CPU the layers compute in float32; on a GPU in bfloat
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -27,7 +26,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see examples/demo.py
 
 import torch  # noqa: E402
 
-from examples.causal_lm import GGUF_FILE, answer_accuracy, collate, generate, smollm2_dir, training_rows  # noqa: E402
+from examples.causal_lm import (  # noqa: E402
+    GGUF_FILE,
+    answer_accuracy,
+    generate,
+    parse_args,
+    smollm2_dir,
+    train,
+    training_rows,
+)
 
 
 def float_checkpoint(folder: Path) -> Path:
@@ -60,20 +67,13 @@ def load_4bit(folder: Path):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--k", type=float, default=1e-3, help="entries drawn per step, as a fraction of all")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--dev-rows", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=Path("outputs/qlora"))
-    args = parser.parse_args()
+    args = parse_args(__doc__, "outputs/qlora")
 
     import warnings
 
     import datasets
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoTokenizer, get_linear_schedule_with_warmup, set_seed
+    from transformers import AutoTokenizer, set_seed
     from transformers.utils import logging
 
     import peft_stoc
@@ -118,22 +118,7 @@ def main() -> None:
     )
 
     rows = training_rows(tokenizer, data["train"].select(range(args.steps * args.batch_size)))
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=args.lr, eps=1e-6, weight_decay=0.0
-    )
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, args.steps // 10), args.steps)
-    from tqdm.auto import tqdm
-
-    model.train()
-    bar = tqdm(range(args.steps), desc="StocTuning (4-bit base)", unit="step", dynamic_ncols=True)
-    for step in bar:
-        batch = collate(rows[step * args.batch_size : (step + 1) * args.batch_size], tokenizer.pad_token_id)
-        loss = model(**{key: value.to(model.device) for key, value in batch.items()}).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        bar.set_postfix(loss=f"{loss.item():.3f}", changed=f"{model.stoc_stats()['changed']:,}")
+    train(model, tokenizer, rows, args, "StocTuning (4-bit base)")
 
     after_text = generate(model, tokenizer, shown["sentence"])
     after = answer_accuracy(model, tokenizer, dev)
