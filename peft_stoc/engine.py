@@ -29,6 +29,7 @@ from .sparse_backward import SparseBackward, masked_values
 from .streaming import StreamingDraw
 from .tracking import ActivationTracker
 from .update import DecayRedirect, StrictGuard, mask_gradient
+from .weak_hooks import weak_call
 
 
 @dataclass
@@ -137,9 +138,7 @@ class StepEngine(LeanSteps, ShardedSteps, OptimizerChecks):
         if not self._grad_handles:
             for position, candidate in enumerate(self.candidates):
                 self._grad_handles.append(
-                    candidate.param.register_post_accumulate_grad_hook(
-                        lambda param, position=position: self._on_gradient(position, param)
-                    )
+                    candidate.param.register_post_accumulate_grad_hook(weak_call(self._on_gradient, position))
                 )
                 if candidate.overlay is not None:
                     candidate.overlay.gradient_sink = lambda o, x, d, p=position: self._quantized_gradient(p, x, d)

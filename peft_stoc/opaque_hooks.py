@@ -8,12 +8,14 @@ statistics or switching adapters does not recompile.
 """
 
 import itertools
+import weakref
 from collections.abc import Callable
 from typing import Optional
 
 import torch
 
-_BODIES: dict[int, Callable[..., None]] = {}
+# Weakly: a body lives as long as the hook that calls it, not as long as the process (it may hold a whole model).
+_BODIES: "weakref.WeakValueDictionary[int, OpaqueBody]" = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
 # The op returns nothing: mutating this buffer is what keeps the compiler from dropping the call as dead code.
 _SINK = torch.zeros(1)
@@ -22,11 +24,11 @@ _SINK = torch.zeros(1)
 @torch.library.custom_op("peft_stoc::run_hook", mutates_args=("sink",))
 # The op's schema is read from these annotations at runtime: no postponed annotations in this module.
 def _run_hook(key: int, tensors: list[Optional[torch.Tensor]], grad_enabled: bool, sink: torch.Tensor) -> None:  # noqa: UP045
-    body = _BODIES.get(key)
-    if body is not None:  # a hook removed since the graph was compiled: its module's hooks changed, dynamo recompiles
+    call = _BODIES.get(key)
+    if call is not None:  # a hook removed since the graph was compiled: its module's hooks changed, dynamo recompiles
         # A compiled forward runs with gradients off; the body sees the grad mode of the forward it belongs to.
         with torch.set_grad_enabled(grad_enabled):
-            body(*tensors)
+            call.body(*tensors)
 
 
 @_run_hook.register_fake
@@ -40,7 +42,7 @@ class OpaqueBody:
     def __init__(self, body: Callable[..., None]):
         self.body = body
         self.key = next(_KEYS)
-        _BODIES[self.key] = body
+        _BODIES[self.key] = self
 
     def __call__(self, *tensors: torch.Tensor | None) -> None:
         if torch.compiler.is_compiling():

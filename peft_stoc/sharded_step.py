@@ -17,6 +17,7 @@ from .entry_keys import EntryKeys
 from .importance import Source, finite_means
 from .selection import draw_uniform
 from .streaming import StreamingDraw
+from .weak_hooks import weak_call
 
 
 class ShardedSteps:
@@ -63,9 +64,7 @@ class ShardedSteps:
             self._grad_handles.clear()
             for position, candidate in enumerate(self.candidates):
                 self._grad_handles.append(
-                    candidate.param.register_post_accumulate_grad_hook(
-                        lambda param, position=position: self._on_gradient(position, param)
-                    )
+                    candidate.param.register_post_accumulate_grad_hook(weak_call(self._on_gradient, position))
                 )
 
     def _start_of(self, position: int) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Hashable, Iterable
 import torch
 
 from . import shards
+from .weak_hooks import weak_call
 
 
 class WeightGuard:
@@ -41,9 +42,9 @@ class WeightGuard:
             if known is not None and known[0]() is param:
                 continue
             if shards.is_shard(param):
-                handle = param.register_post_accumulate_grad_hook(self._check_shard)
+                handle = param.register_post_accumulate_grad_hook(weak_call(self._check_shard))
             else:
-                handle = param.register_hook(self._check)
+                handle = param.register_hook(weak_call(self._check))
             self._handles[id(param)] = (weakref.ref(param), handle)
 
     def _refusal(self) -> RuntimeError | None:
