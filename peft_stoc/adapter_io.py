@@ -324,7 +324,8 @@ class AdapterFiles:
         ours = {k: v for k, v in state_dict.items() if adapter_file.is_delta_key(k)}
         rest = {k: v for k, v in state_dict.items() if k not in ours}
         delta = adapter_file.parse_delta(ours, tuner._adapter_numels(adapter_name))
-        if isinstance(config.saved_counts, dict):
+        # A load through `load_adapter` noted the file's own counts; the config may be a live one reused for it.
+        if adapter_name not in tuner._validated and isinstance(config.saved_counts, dict):
             tuner.note_loaded(adapter_name, config.saved_counts)
         tuner.set_adapter_delta(adapter_name, delta)
         tuner._awaiting.discard(adapter_name)

@@ -25,6 +25,7 @@ itself is left as PEFT defines it, so models of other methods never meet this co
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 
@@ -103,6 +104,21 @@ def _validate(tuner, path: str, config, ignore_base_mismatch: bool):
     )
 
 
+@contextlib.contextmanager
+def _saved_fields_restored(configs: dict):
+    """PEFT writes the live config object: the fingerprint and counts set for the file (`_get_adapter_state_dict`)
+    describe that file only. Left on the live config, which the user may share with other models (one
+    `StocTuningConfig` for several `get_peft_model` calls), they would be read as the record of a saved adapter by a
+    later load into any of them."""
+    before = {name: (config.base_fingerprint, config.saved_counts) for name, config in configs.items()}
+    try:
+        yield
+    finally:
+        for name, (fingerprint_, counts) in before.items():
+            if name in configs:
+                configs[name].base_fingerprint, configs[name].saved_counts = fingerprint_, counts
+
+
 class StocTuningPeftModel(PeftModel):
     """The overrides every StocTuning PEFT model carries; `peft_class` puts them before the task's class."""
 
@@ -120,7 +136,7 @@ class StocTuningPeftModel(PeftModel):
         if not call.arguments["is_main_process"]:
             return super().save_pretrained(*call.args, **call.kwargs)  # PEFT writes no file there
         directory = os.fspath(call.arguments["save_directory"])
-        with atomic_folder.staged_folder(directory) as stage:
+        with _saved_fields_restored(self.peft_config), atomic_folder.staged_folder(directory) as stage:
             call.arguments["save_directory"] = stage
             super().save_pretrained(*call.args, **call.kwargs)
             for name in names:

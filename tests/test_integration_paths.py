@@ -272,3 +272,25 @@ def test_roberta_merges_through_the_command_line(tmp_path):
     assert cli_main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert torch.allclose(predict(merged), predict(model), atol=1e-6, rtol=0)
+
+
+def test_a_config_shared_by_two_models_carries_no_save_of_one_into_the_other(tmp_path):
+    """One config object for several models (PEFT keeps the object it is given): a save records the fingerprint and
+    counts in the file, not in that object, so loading a checkpoint into the other model continues from the
+    checkpoint's step, not from the latest save's."""
+    config = StocTuningConfig(k=40, task_type="SEQ_CLS", seed=3)
+    first = get_peft_model(tiny_model(), config)
+    optimizer = torch.optim.AdamW([p for p in first.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(6):
+        first(**batch(seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step in (2, 5):
+            first.save_pretrained(tmp_path / f"step-{step + 1}")
+    assert config.saved_counts is None and config.base_fingerprint is None
+    second = get_peft_model(tiny_model(), config)
+    second.load_adapter(tmp_path / "step-3", "default", is_trainable=True)
+    assert second.stoc_stats()["step"] == 3
+    reference = PeftModel.from_pretrained(tiny_model(), tmp_path / "step-3")  # the file's own config
+    assert reference.stoc_stats()["step"] == 3
+    assert second.stoc_stats()["changed"] == reference.stoc_stats()["changed"] < first.stoc_stats()["changed"]
