@@ -130,11 +130,20 @@ class Overlay(StateHolder):
     # at the same layer), and one compiled hook per layer shape would soon hit the recompile limit.
     @torch.compiler.disable
     def _add_to_output(self, module, args, output):
+        self._keep_stand_in()
         training = self.handle.requires_grad and torch.is_grad_enabled()
         if self.index.numel() == 0 and not training:
             return output
         product = _SparseProduct.apply(args[0], self.handle, self)
         return output + product.to(output.dtype)
+
+    def _keep_stand_in(self) -> None:
+        """Put the stand-in back if the handle's data was replaced: TRL casts every trainable parameter of a
+        quantized model to bfloat16 (`param.data = param.data.to(...)`), which turns the stand-in into a full tensor
+        of the weight's shape. The handle carries no values, so its own dtype and storage mean nothing."""
+        handle = self.handle
+        if handle.dtype != torch.float32 or any(handle.stride()):
+            handle.data = _stand_in(self.shape, handle.device)
 
     def rows_of_weights(self, weights: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """θ of rows [first, last): the dequantized `weights` with the changed entries' values, float32."""

@@ -2,10 +2,12 @@
 drawn from by the paper's importance over their dequantized values; the quantized storage never changes; adapters
 save, load, merge and unload; what cannot be tuned is named or refused."""
 
+import gc
 import os
 import subprocess
 import sys
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -46,14 +48,17 @@ def llama_dir(tmp_path_factory):
     return path
 
 
-def quantized(path, kind: str = "nf4", cpu_layout: bool = True):
+def quantized(path, kind: str = "nf4", cpu_layout: bool = True, dtype=None):
     """A freshly quantized base. `cpu_layout=False`: bitsandbytes' CPU inference path (which rewrites a 4-bit layer at
     its first forward without gradients, rounding its scales to bfloat16) switched off, as StocTuning switches it
     off for the layers it tunes."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=transformers.BitsAndBytesConfig(**QUANTIZATIONS[kind]), device_map="cpu"
+            path,
+            quantization_config=transformers.BitsAndBytesConfig(**QUANTIZATIONS[kind]),
+            device_map="cpu",
+            dtype=dtype,
         )
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu") and not cpu_layout:
@@ -427,3 +432,86 @@ def test_steps_reusing_a_mask_compute_only_its_entries_gradients_on_a_four_bit_b
             assert float((p - q).detach().abs().max()) <= 1e-6 * float(q.detach().abs().max().clamp_min(1e-12)), name
     for (key, x), (_, y) in zip(a.base_model.stoc_layer.overlays.items(), b.base_model.stoc_layer.overlays.items()):
         assert torch.equal(x.index, y.index) and torch.allclose(x.values, y.values, rtol=1e-6, atol=0), key
+
+
+def test_a_trained_four_bit_model_is_freed_once_dropped(llama_dir):
+    model = get_peft_model(quantized(llama_dir), StocTuningConfig(k=200, task_type="CAUSAL_LM"))
+    train(model, 2)
+    refs = [weakref.ref(p) for p in model.parameters()]
+    del model
+    gc.collect()
+    assert sum(ref() is not None for ref in refs) == 0
+
+
+def _trainer(model, out, steps: int):
+    import datasets
+
+    inputs = batch("CAUSAL_LM", size=16, length=12, pad_from=None)
+    data = datasets.Dataset.from_dict({key: value.tolist() for key, value in inputs.items()})
+    args = transformers.TrainingArguments(
+        str(out),
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=1e-2,
+        save_steps=3,
+        save_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=data)
+
+
+def test_trainer_resume_on_a_four_bit_base_equals_the_uninterrupted_run(llama_dir, tmp_path):
+    config = StocTuningConfig(k=100, task_type="CAUSAL_LM", seed=3)
+    whole = get_peft_model(quantized(llama_dir), config)
+    _trainer(whole, tmp_path / "whole", 6).train()
+    resumed = get_peft_model(quantized(llama_dir), config)
+    _trainer(resumed, tmp_path / "resumed", 6).train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
+    assert resumed.stoc_stats()["step"] == whole.stoc_stats()["step"] == 6
+    a, b = whole.base_model.adapter_delta("default").tensors, resumed.base_model.adapter_delta("default").tensors
+    assert a.keys() == b.keys() and any(name.endswith("proj.weight") for name in a)
+    assert all(torch.equal(a[name][0], b[name][0]) for name in a)
+    assert all(torch.allclose(a[name][1], b[name][1], rtol=0, atol=1e-6) for name in a)
+
+
+def test_trl_dpo_on_a_four_bit_base_uses_the_untouched_base_as_reference(llama_dir):
+    """TRL's DPO computes the reference log-probs under `disable_adapter()` with its own fused LM head: on a 4-bit
+    base they are those of a freshly quantized copy, at every step. The unquantized weights are bfloat16, as in a
+    QLoRA checkpoint: TRL casts every trainable parameter of a quantized model to bfloat16 (for StocTuning, the base's
+    embeddings and norms, and the quantized layers' stand-in handles, which must stay stand-ins)."""
+    trl = pytest.importorskip("trl", reason="TRL is not installed in this environment")
+    from .test_reference_pass import _dpo, _losses, _watch_reference_passes
+
+    reference = quantized(llama_dir, cpu_layout=False, dtype=torch.bfloat16).eval().requires_grad_(False)
+    model = prepare_model_for_kbit_training(
+        quantized(llama_dir, dtype=torch.bfloat16), use_gradient_checkpointing=False
+    )
+    before = storage(model)
+    trainer = _dpo(trl, get_peft_model(model, StocTuningConfig(k=0.02, task_type="CAUSAL_LM")), steps=4)
+    handles = [p for name, p in trainer.model.named_parameters() if name.endswith(".handle")]
+    differences = _watch_reference_passes(trainer, reference)
+    trainer.train()
+    changed = trainer.model.base_model.adapter_delta("default").tensors
+    assert any(name.endswith("proj.weight") for name in changed)
+    assert len(differences) >= 4 and max(differences) <= 1e-5
+    assert handles and all(p.dtype == torch.float32 and p.untyped_storage().nbytes() == 4 for p in handles)
+    losses = _losses(trainer)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert same_storage(before, storage(model))
+
+
+def test_handles_cast_as_trl_casts_a_quantized_model_are_stand_ins_again_at_the_next_forward(llama_dir):
+    """TRL's trainers cast every trainable parameter of a quantized model to bfloat16 through `param.data`, which
+    turns a handle into a full tensor of its weight's shape (a whole bfloat16 copy of the model over all layers)."""
+    model = get_peft_model(quantized(llama_dir, dtype=torch.bfloat16), StocTuningConfig(k=100, task_type="CAUSAL_LM"))
+    handles = [p for name, p in model.named_parameters() if name.endswith(".handle")]
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    assert handles and all(p.untyped_storage().nbytes() == p.numel() * 2 for p in handles)
+    train(model, 2)
+    assert all(p.dtype == torch.float32 and p.untyped_storage().nbytes() == 4 for p in handles)
+    assert model.stoc_stats()["changed"] > 0
