@@ -100,6 +100,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             layer.patch.whole = layer.whole_patch
             self._awaiting: set[str] = set()  # adapters configured from a saved file whose deltas were not loaded
             self._validated: set[str] = set()  # adapters whose file was checked against the base before loading
+            self._cpu_layouts = quantized.hold_canonical(model)
             self._delta_guard = model.register_forward_pre_hook(self._refuse_missing_delta)
             self._weight_guard = WeightGuard(self._trained_view, self._shown_text)
             self._base_load_hooks = (
@@ -308,6 +309,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         """The model goes back to the caller without StocTuning's state in its tree."""
         for overlay in self.stoc_layer.overlays.values():
             overlay.remove()
+        quantized.release_canonical(self._cpu_layouts)
         if isinstance(self.model._modules.get(StocTuningLayer.ATTRIBUTE), StocTuningLayer):
             del self.model._modules[StocTuningLayer.ATTRIBUTE]
         self._delta_guard.remove()

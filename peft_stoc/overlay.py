@@ -35,7 +35,6 @@ class Overlay(StateHolder):
 
     def __init__(self, module: nn.Module, name: str):
         super().__init__()
-        self._cpu_layout = quantized.canonical_storage(module)
         self.name = name
         self.shape = (int(module.out_features), int(module.in_features))
         device = module.weight.device
@@ -55,12 +54,10 @@ class Overlay(StateHolder):
         return self
 
     def remove(self) -> None:
-        """Take the hook off the layer (the overlay must hold no change by then), and give it back its CPU layout."""
+        """Take the hook off the layer (the overlay must hold no change by then)."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self._cpu_layout:
-            self.layer.support_avx512bf16_for_cpu = self._cpu_layout
 
     # -- the flat view StocTuning reads and writes ------------------------------------------------------------------
     dtype = torch.float32

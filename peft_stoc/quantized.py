@@ -51,6 +51,21 @@ def canonical_storage(module: nn.Module) -> bool | None:
     return before
 
 
+def hold_canonical(model: nn.Module) -> list[nn.Module]:
+    """`canonical_storage` for every 4-bit layer of `model`, tuned or not: while StocTuning is attached no layer is
+    rewritten for CPU inference, since an untuned layer rewritten by an evaluation or a reference pass would change
+    the base's fingerprint, and its adapter would be refused on a freshly loaded base. Returns the layers whose
+    rewrite was on, with that setting, for `release_canonical`."""
+    layers = (m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor))
+    return [(m, before) for m in layers if (before := canonical_storage(m))]
+
+
+def release_canonical(layers: list[tuple[nn.Module, object]]) -> None:
+    """Give `layers` their setting of bitsandbytes' CPU inference rewrite back (StocTuning is detached)."""
+    for module, before in layers:
+        module.support_avx512bf16_for_cpu = before
+
+
 def storage(module: nn.Module) -> list[torch.Tensor]:
     """Every tensor that holds the weight's values: the packed codes and their scales (nested ones included)."""
     weight = module.weight

@@ -195,7 +195,7 @@ def test_adapter_saves_loads_merges_and_unloads(llama_dir, tmp_path, kind):
     model.save_pretrained(tmp_path / "adapter")
     expected = _logits(model, inputs)
     save_file({"logits": expected, "ids": inputs["input_ids"], "mask": inputs["attention_mask"]}, str(tmp_path / "x"))
-    config = model.peft_config["default"]
+    config = StocTuningConfig.from_pretrained(tmp_path / "adapter")
     assert config.base_fingerprint["quantization"][0]["format"] == {"nf4": "nf4", "int8": "int8"}[kind]
 
     # A fresh process, a freshly quantized base: the same logits, bit for bit.
@@ -515,3 +515,31 @@ def test_handles_cast_as_trl_casts_a_quantized_model_are_stand_ins_again_at_the_
     train(model, 2)
     assert all(p.dtype == torch.float32 and p.untyped_storage().nbytes() == 4 for p in handles)
     assert model.stoc_stats()["changed"] > 0
+
+
+def test_untuned_four_bit_layers_keep_their_values_through_evaluation_and_get_their_cpu_layout_back(
+    llama_dir, tmp_path
+):
+    """An adapter over some layers only: an evaluation (a forward without gradients) between steps must not let
+    bitsandbytes rewrite the other 4-bit layers for CPU inference (rounding their scales), or the base's fingerprint
+    would change and the adapter be refused on a freshly loaded base. Detached, every layer has its setting back."""
+
+    def layouts(model):
+        return {n: m.support_avx512bf16_for_cpu for n, m in model.named_modules() if quantized_module(m)}
+
+    def quantized_module(module):
+        return type(getattr(module, "weight", None)).__name__ == "Params4bit"
+
+    base = quantized(llama_dir)
+    before = layouts(base)
+    model = get_peft_model(base, StocTuningConfig(k=50, task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    train(model, 2)
+    with torch.no_grad():
+        model.eval()(**lm_batch())
+    model.train()
+    train(model, 1)
+    model.save_pretrained(tmp_path)
+    expected = _logits(model, lm_batch())
+    loaded = PeftModel.from_pretrained(quantized(llama_dir), tmp_path)
+    torch.testing.assert_close(_logits(loaded, lm_batch()), expected, rtol=0, atol=0)
+    assert layouts(model.unload()) == before
