@@ -149,16 +149,21 @@ def test_a_second_adapter_peft_refuses_while_attaching_leaves_the_model_as_it_wa
     assert torch.equal(model(**batch()).logits, logits)
 
 
-def test_a_step_count_beyond_int64_in_the_file_header_is_refused_before_anything_changes(saved, tmp_path):
-    """A file whose counts state dicts cannot store (int64) loaded and trained, then could not be saved."""
-    folder = tmp_path / "header"
-    shutil.copytree(saved, folder)
+def _with_header_step(folder, step: int) -> None:
+    """The step count in the file's header set to `step`."""
     path = folder / adapter_file.WEIGHTS_NAME
     with safe_open(str(path), framework="pt") as handle:
         tensors, metadata = {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
     counts = json.loads(metadata[adapter_file.META_COUNTS])
-    metadata[adapter_file.META_COUNTS] = json.dumps(dict(counts, step=2**63))
+    metadata[adapter_file.META_COUNTS] = json.dumps(dict(counts, step=step))
     save_file(tensors, str(path), metadata=metadata)
+
+
+def test_a_step_count_beyond_int64_in_the_file_header_is_refused_before_anything_changes(saved, tmp_path):
+    """A file whose counts state dicts cannot store (int64) loaded and trained, then could not be saved."""
+    folder = tmp_path / "header"
+    shutil.copytree(saved, folder)
+    _with_header_step(folder, 2**63)
     base = tiny_model()
     before = _state(base)
     with pytest.raises(adapter_file.AdapterFileError, match="peft_stoc_counts"):
@@ -170,6 +175,7 @@ def test_a_large_but_valid_step_count_loads_trains_and_saves(saved, tmp_path):
     step = 2**62
     counts = json.loads((saved / "adapter_config.json").read_text())["saved_counts"]
     folder = _edited(saved, tmp_path, saved_counts=dict(counts, step=step))
+    _with_header_step(folder, step)  # (a load takes the count from the file it reads)
     model = PeftModel.from_pretrained(tiny_model(), folder, is_trainable=True)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
