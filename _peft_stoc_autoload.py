@@ -1,21 +1,17 @@
 """Registers peft-stoc with PEFT as soon as PEFT is imported.
 
 PEFT has no plugin entry point, so a saved StocTuning adapter could only be loaded in processes that imported
-`peft_stoc` first. The `peft_stoc_autoload.pth` file installed next to this module imports it at interpreter start;
-it costs a finder on `sys.meta_path` and imports nothing until `peft` itself is imported.
+`peft_stoc` first. The `peft_stoc_autoload.pth` file installed next to this module imports it at interpreter start.
+Every Python process of the environment pays for that import, so it imports nothing (not even `importlib.abc`) and
+only puts a finder on `sys.meta_path`, which watches for `peft` and steps aside once it has seen it.
 """
 
-from __future__ import annotations
-
-import importlib.abc
-import importlib.util
 import sys
-import warnings
 
-_pending: dict[str, list] = {}
+_pending: dict = {}
 
 
-class _Loader(importlib.abc.Loader):
+class _Loader:
     """Runs the real loader, then the callbacks waiting for the module."""
 
     def __init__(self, loader, name: str):
@@ -35,7 +31,9 @@ class _Loader(importlib.abc.Loader):
         return getattr(self._loader, attribute)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
+    """A `sys.meta_path` finder that finds nothing itself: it wraps the loader of a watched module."""
+
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in _pending:
             return None
@@ -57,6 +55,8 @@ def _fire(name: str) -> None:
         try:
             callback()
         except Exception as error:  # never break the import of the watched module
+            import warnings
+
             warnings.warn(f"peft-stoc could not register itself after importing {name}: {error}", stacklevel=2)
     if not _pending and _FINDER in sys.meta_path:
         sys.meta_path.remove(_FINDER)
@@ -78,8 +78,11 @@ def after_import(name: str, callback) -> None:
 
 
 def _import_peft_stoc() -> None:
-    importlib.import_module("peft_stoc")
+    try:
+        import peft_stoc  # noqa: F401
+    except ModuleNotFoundError as error:  # the package was uninstalled and left this module behind
+        if error.name != "peft_stoc":
+            raise
 
 
-if importlib.util.find_spec("peft_stoc") is not None:
-    after_import("peft", _import_peft_stoc)
+after_import("peft", _import_peft_stoc)
