@@ -8,6 +8,7 @@ merged set) to the base, and runs a `StepEngine` while the active adapter is tra
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -116,6 +117,33 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             self._homes = {id(p): (m, n) for m in model.modules() for n, p in m._parameters.items() if p is not None}
             self._fingerprints: dict[tuple, dict] = {}  # under FSDP2, fingerprints gathered once (see `_fingerprint`)
 
+    def __setstate__(self, state) -> None:
+        """A copy (`copy.deepcopy(peft_model)`: a reference model, a snapshot) trains on its own, from the same
+        adapters and step counts, and nothing of it reaches back into the model it was copied from. (A `__deepcopy__`
+        here would also answer for the PEFT model, which hands unknown attributes to its tuner.)"""
+        super().__setstate__(state)
+        self._after_copy()
+
+    def _after_copy(self) -> None:
+        """The copied step engines hold copies of this model's hooks and gradients, bound to the original's
+        optimizer: the copy stores what its weights hold, retires them and starts its own when it trains."""
+        self.__dict__.pop("_state_before", None)  # the record of the original's modules before its first load
+        self._requires_grad_before = {id(p): (p, flag) for p, flag in self._requires_grad_before.values()}
+        self._homes = {
+            id(module._parameters[name]): (module, name)
+            for module, name in self._homes.values()
+            if module._parameters.get(name) is not None
+        }
+        for name in self.stoc_layer.applied:
+            self._capture(name)
+        for name, record in self._adapters.items():
+            if record.engine is not None:
+                self._steps_loaded[name] = record.engine.stats.step
+        self._forget_engines()
+        for record in self._adapters.values():
+            record.captured_at = 0
+        self._apply_adapter_state()
+
     def _create_and_replace(self, *args, **kwargs) -> None:
         raise NotImplementedError("StocTuning trains the base in place and replaces no module.")
 
@@ -171,7 +199,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
                 "train. Unfreeze the parameters StocTuning should draw from, or pick them with `target_modules`."
             )
         slot = AdapterSlot(self._delta_shared_with(adapter_name))
-        slot.refresh = lambda name=adapter_name: self._refresh(name)
+        slot.refresh = functools.partial(self._refresh, adapter_name)  # (a copy of the model rebinds it)
         self.stoc_layer.stoc_adapters[adapter_name] = slot
         if slot.delta.tensors:
             self._awaiting.discard(adapter_name)

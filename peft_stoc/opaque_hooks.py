@@ -7,6 +7,7 @@ eagerly. The graph holds only the call: no graph break, and nothing the body rea
 statistics or switching adapters does not recompile.
 """
 
+import copy
 import itertools
 import weakref
 from collections.abc import Callable
@@ -43,6 +44,10 @@ class OpaqueBody:
         self.body = body
         self.key = next(_KEYS)
         _BODIES[self.key] = self
+
+    def __deepcopy__(self, memo) -> "OpaqueBody":
+        # A copy has a key of its own: releasing it must not release the original's body.
+        return OpaqueBody(copy.deepcopy(self.body, memo))
 
     def __call__(self, *tensors: torch.Tensor | None) -> None:
         if torch.compiler.is_compiling():

@@ -170,6 +170,12 @@ class Overlay(StateHolder):
         return grads.t() @ inputs
 
     # -- travelling with the model ---------------------------------------------------------------------------------
+    def __setstate__(self, state) -> None:
+        # A copy's handle: `Parameter.__deepcopy__` keeps neither its attributes nor its stand-in layout.
+        super().__setstate__(state)
+        self.handle.data = _stand_in(self.shape, self.handle.device)
+        self.handle.stoc_overlay = self
+
     def _apply(self, fn, recurse: bool = True):
         # The changed entries follow a device move; their values stay float32, and the handle stays a stand-in.
         device = fn(torch.zeros((), device=self.device)).device

@@ -9,6 +9,7 @@ is refused here instead.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Hashable, Iterable
 
@@ -72,6 +73,12 @@ class WeightGuard:
         if error is not None:
             param.grad = None
             raise error
+
+    def __deepcopy__(self, memo) -> WeightGuard:
+        # A copied model's parameters are new tensors without hooks: its guard watches them afresh.
+        guard = WeightGuard(copy.deepcopy(self._shown, memo), copy.deepcopy(self._describe, memo))
+        guard._built_on = self._built_on
+        return guard
 
     def remove(self) -> None:
         for _, handle in self._handles.values():

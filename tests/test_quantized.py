@@ -543,3 +543,19 @@ def test_untuned_four_bit_layers_keep_their_values_through_evaluation_and_get_th
     loaded = PeftModel.from_pretrained(quantized(llama_dir), tmp_path)
     torch.testing.assert_close(_logits(loaded, lm_batch()), expected, rtol=0, atol=0)
     assert layouts(model.unload()) == before
+
+
+def test_a_copy_of_a_four_bit_model_trains_on_its_own(llama_dir):
+    import copy
+
+    model = get_peft_model(quantized(llama_dir), StocTuningConfig(k=100, task_type="CAUSAL_LM"))
+    train(model, 2)
+    expected, stats, before = _logits(model, lm_batch()), model.stoc_stats(), storage(model)
+    copied = copy.deepcopy(model)
+    handles = [p for name, p in copied.named_parameters() if name.endswith(".handle")]
+    assert handles and all(p.untyped_storage().nbytes() == 4 and p.stoc_overlay.handle is p for p in handles)
+    torch.testing.assert_close(_logits(copied, lm_batch()), expected, rtol=0, atol=0)
+    train(copied, 2)
+    assert copied.stoc_stats()["step"] == 4 and copied.stoc_stats()["changed"] > stats["changed"]
+    assert model.stoc_stats() == stats and same_storage(before, storage(model))
+    torch.testing.assert_close(_logits(model, lm_batch()), expected, rtol=0, atol=0)
