@@ -1,7 +1,7 @@
 """peft-stoc: Stochastic Tuning for HuggingFace PEFT.
 
 Importing the package registers the method with PEFT (`registry.register`), so `StocTuningConfig` works wherever a
-`LoraConfig` does; it does nothing else.
+`LoraConfig` does; it does nothing else until a StocTuning config is made (`registry.activate`).
 """
 
 from .config import StocTuningConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +38,11 @@ def _check_count_or_fraction(name: str, value) -> None:
             )
     else:
         raise ValueError(f"`{name}` must be an int or a float in (0, 1), got {type(value).__name__} {value!r}{hint}.")
+
+
+# Called by every config made (`registry.activate`, set when the package registers itself): what StocTuning models
+# need in torch and transformers is installed once a StocTuning config exists, not at import.
+on_made: Callable[[], None] | None = None
 
 
 @dataclass
@@ -195,6 +201,8 @@ class StocTuningConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = STOC_PEFT_TYPE
+        if on_made is not None:
+            on_made()
         if isinstance(self.k, str):
             if self.k != "bitfit":
                 raise ValueError(f"`k` as a string must be 'bitfit', got {self.k!r}; {K_SUGGESTION}.")

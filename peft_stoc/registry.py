@@ -1,13 +1,14 @@
 """Make PEFT know Stochastic Tuning: `register_peft_method` with our config and tuner, idempotently.
 
 PEFT has no plugin entry point, so the method exists only in processes that imported `peft_stoc` (an installed
-package imports it as soon as PEFT is imported: `_peft_stoc_autoload.py`). Registering also gives StocTuning PEFT
-models their own class (`peft_integration.install`) and puts `StocTuningCallback` among transformers Trainer's
-default callbacks (`trainer_hooks`).
+package imports it as soon as PEFT is imported: `_peft_stoc_autoload.py`). The first StocTuning config made in a
+process also gives StocTuning PEFT models their own class (`peft_integration.install`) and puts
+`StocTuningCallback` among transformers Trainer's default callbacks (`trainer_hooks`).
 """
 
 from __future__ import annotations
 
+from . import config
 from .config import StocTuningConfig
 from .model import StocTuningModel
 from .peft_integration import install as install_peft_model_classes
@@ -16,9 +17,24 @@ from .trainer_hooks import register_trainer_callback
 
 
 def register() -> None:
-    """Register StocTuning with PEFT, torch's module registration and transformers' Trainer; idempotent."""
-    install_peft_model_classes()
+    """Register StocTuning with PEFT (its name, config and tuner); idempotent. Nothing else changes in the process
+    until a StocTuning config is made (`activate`)."""
     register_method()
+    config.on_made = activate
+
+
+_active = False
+
+
+def activate() -> None:
+    """What StocTuning models need beyond PEFT's registry, installed when the first `StocTuningConfig` is made (every
+    StocTuning model, created or loaded, has one): their PEFT model classes (a torch module-registration hook) and
+    the Trainer callback. A process that only uses other methods never pays for either. Idempotent."""
+    global _active
+    if _active:
+        return
+    _active = True
+    install_peft_model_classes()
     register_trainer_callback()
     try:
         from _peft_stoc_autoload import after_import

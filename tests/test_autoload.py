@@ -3,6 +3,7 @@ import `peft_stoc` only in processes that import `peft`."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -36,3 +37,47 @@ def test_a_process_that_never_imports_peft_never_imports_peft_stoc():
 def test_importing_peft_registers_stoc_tuning():
     code = "import peft, sys; print(peft.PeftType.STOC, 'peft_stoc' in sys.modules)"
     assert re.search(r"STOC True$", _python("-c", code).stdout.strip())
+
+
+SIDE_EFFECTS = """
+import json, torch, peft, transformers, transformers.trainer
+from torch.nn.modules import module
+from torch.optim import optimizer
+
+
+def seen():
+    return {
+        "module registration hooks": len(module._global_module_registration_hooks),
+        "optimizer step hooks": len(optimizer._global_optimizer_pre_hooks)
+        + len(optimizer._global_optimizer_post_hooks),
+        "trainer callbacks": [c.__name__ for c in transformers.trainer.DEFAULT_CALLBACKS],
+    }
+
+
+start = seen()
+config = transformers.LlamaConfig(
+    vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    intermediate_size=24, max_position_embeddings=32,
+)
+model = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(target_modules=["q_proj"]))
+step = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+ids = torch.randint(1, 64, (2, 8))
+model(input_ids=ids, labels=ids).loss.backward()
+step.step()
+after_lora = seen()
+from peft_stoc import StocTuningConfig
+
+StocTuningConfig(task_type="CAUSAL_LM")
+print(json.dumps([start, after_lora, seen(), type(model).__name__]))
+"""
+
+
+def test_a_process_using_only_lora_keeps_torch_transformers_and_peft_as_they_were():
+    """peft_stoc is imported with peft, but hooks torch and transformers only once a StocTuning config is made."""
+    start, after_lora, after_config, lora_class = json.loads(
+        _python("-c", SIDE_EFFECTS).stdout.strip().splitlines()[-1]
+    )
+    assert start["module registration hooks"] == start["optimizer step hooks"] == 0
+    assert "StocTuningCallback" not in start["trainer callbacks"]
+    assert after_lora == start and lora_class == "PeftModel"
+    assert after_config["module registration hooks"] == 1 and "StocTuningCallback" in after_config["trainer callbacks"]
