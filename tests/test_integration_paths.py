@@ -294,3 +294,34 @@ def test_a_config_shared_by_two_models_carries_no_save_of_one_into_the_other(tmp
     reference = PeftModel.from_pretrained(tiny_model(), tmp_path / "step-3")  # the file's own config
     assert reference.stoc_stats()["step"] == 3
     assert second.stoc_stats()["changed"] == reference.stoc_stats()["changed"] < first.stoc_stats()["changed"]
+
+
+def test_trainer_load_best_model_at_end_gives_the_best_checkpoint(tmp_path):
+    """Trainer reloads the best checkpoint's adapter into the trained model (`load_adapter` over the live adapter):
+    the model ends as that checkpoint is, step count included, not as the last step left it."""
+    from .resume_worker import Rows
+
+    model = get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS", seed=3))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        max_steps=8,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=False,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), eval_dataset=Rows(n=8, seed=1))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-8")  # the test needs a best step before the last
+    reference = PeftModel.from_pretrained(tiny_model(), best).eval()
+    assert model.eval().stoc_stats()["step"] == reference.stoc_stats()["step"] < 8
+    assert torch.equal(predict(model), predict(reference))
