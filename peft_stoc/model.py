@@ -8,6 +8,7 @@ merged set) to the base, and runs a `StepEngine` while the active adapter is tra
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import warnings
 from dataclasses import dataclass
@@ -36,6 +37,19 @@ from .overlay import Overlay
 from .trainer_hooks import register_trainer_callback
 from .training_api import TrainingAPI
 from .weight_guard import WeightGuard
+
+# Set while a copy is made only to be pickled: it starts no step engine (its hooks could not be pickled).
+_DETACHED: contextvars.ContextVar[bool] = contextvars.ContextVar("peft_stoc_detached", default=False)
+
+
+@contextlib.contextmanager
+def detached_copies():
+    """Copies of StocTuning models made inside start no step engine."""
+    token = _DETACHED.set(True)
+    try:
+        yield
+    finally:
+        _DETACHED.reset(token)
 
 
 @dataclass
@@ -128,6 +142,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         """The copied step engines hold copies of this model's hooks and gradients, bound to the original's
         optimizer: the copy stores what its weights hold, retires them and starts its own when it trains."""
         self.__dict__.pop("_state_before", None)  # the record of the original's modules before its first load
+        quantized.own_weights(self.model)
         self._requires_grad_before = {id(p): (p, flag) for p, flag in self._requires_grad_before.values()}
         self._homes = {
             id(module._parameters[name]): (module, name)
@@ -142,7 +157,8 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         self._forget_engines()
         for record in self._adapters.values():
             record.captured_at = 0
-        self._apply_adapter_state()
+        if not _DETACHED.get():
+            self._apply_adapter_state()
 
     def _create_and_replace(self, *args, **kwargs) -> None:
         raise NotImplementedError("StocTuning trains the base in place and replaces no module.")

@@ -26,6 +26,7 @@ itself is left as PEFT defines it, so models of other methods never meet this co
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
 
@@ -34,9 +35,9 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from . import adapter_file, atomic_folder, hub
+from . import adapter_file, atomic_folder, hub, quantized
 from .adapter_io import check_adapter_name, check_new_adapter
-from .model import StocTuningModel
+from .model import StocTuningModel, detached_copies
 
 _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "force_download", "local_files_only")
 
@@ -123,6 +124,33 @@ class StocTuningPeftModel(PeftModel):
     """The overrides every StocTuning PEFT model carries; `peft_class` puts them before the task's class."""
 
     # `base_model` is the StocTuning tuner: only models given one get this class (`adopt`).
+
+    def __deepcopy__(self, memo):
+        # What `copy.deepcopy` does without a `__reduce_ex__` of our own (below): the tuner's `__setstate__` retires
+        # the copied step engines.
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return copied
+
+    def __reduce_ex__(self, protocol):
+        """`torch.save(model)` and pickle: what is written is a copy of the model without step engines (their hooks
+        and optimizer belong to this process's training); the loaded model starts its own. The copy is transient:
+        pickling takes as much memory again as the model."""
+        if self.__dict__.pop("_stoc_detached", False):
+            return super().__reduce_ex__(protocol)
+        if any(quantized.kind(p) for p in self.parameters()):
+            raise TypeError(
+                "A StocTuning model on a bitsandbytes base cannot be pickled: pickle turns bitsandbytes' weights "
+                "(Params4bit, Int8Params) into plain tensors, which StocTuning can no longer read as quantized "
+                "weights. "
+                "Save the adapter with `save_pretrained` and load it onto the quantized base with "
+                "`PeftModel.from_pretrained` instead."
+            )
+        with detached_copies():
+            detached = copy.deepcopy(self)
+        detached.__dict__["_stoc_detached"] = True
+        return detached.__reduce_ex__(protocol)
 
     def save_pretrained(self, *args, **kwargs) -> None:
         tuner = self.base_model
@@ -213,7 +241,21 @@ def peft_class(task_class: type) -> type:
     if made is None:
         name = f"StocTuning{task_class.__name__}"
         made = _CLASSES[task_class] = type(name, (StocTuningPeftModel, task_class), {"__module__": __name__})
+        globals()[name] = made  # pickle finds a class by its module and name
     return made
+
+
+def __getattr__(name: str) -> type:
+    """`StocTuningPeftModelForCausalLM` and the like, made on first use: how pickle finds the class of a saved model
+    in a process that has not made it yet."""
+    import peft.peft_model
+
+    task_class = (
+        getattr(peft.peft_model, name.removeprefix("StocTuning"), None) if name.startswith("StocTuning") else None
+    )
+    if isinstance(task_class, type) and issubclass(task_class, PeftModel):
+        return peft_class(task_class)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def adopt(module: nn.Module, name: str, submodule: nn.Module | None) -> None:

@@ -66,6 +66,16 @@ def release_canonical(layers: list[tuple[nn.Module, object]]) -> None:
         module.support_avx512bf16_for_cpu = before
 
 
+def own_weights(model: nn.Module) -> None:
+    """A 4-bit weight keeps a reference to its layer (`Params4bit.module`, which bitsandbytes updates when the weight
+    moves), and its `__deepcopy__` copies the reference, not the layer: in a copied model each weight gets its own
+    copied layer back, or moving the copy would change the original, and pickling it would take the original along."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ == "Params4bit" and getattr(weight, "module", None) is not module:
+            weight.module = module
+
+
 def storage(module: nn.Module) -> list[torch.Tensor]:
     """Every tensor that holds the weight's values: the packed codes and their scales (nested ones included)."""
     weight = module.weight

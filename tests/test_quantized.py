@@ -554,8 +554,19 @@ def test_a_copy_of_a_four_bit_model_trains_on_its_own(llama_dir):
     copied = copy.deepcopy(model)
     handles = [p for name, p in copied.named_parameters() if name.endswith(".handle")]
     assert handles and all(p.untyped_storage().nbytes() == 4 and p.stoc_overlay.handle is p for p in handles)
+    layers = [m for m in copied.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
+    assert layers and all(m.weight.module is m for m in layers)  # not the original's layer (bitsandbytes' copy)
     torch.testing.assert_close(_logits(copied, lm_batch()), expected, rtol=0, atol=0)
     train(copied, 2)
     assert copied.stoc_stats()["step"] == 4 and copied.stoc_stats()["changed"] > stats["changed"]
     assert model.stoc_stats() == stats and same_storage(before, storage(model))
     torch.testing.assert_close(_logits(model, lm_batch()), expected, rtol=0, atol=0)
+
+
+def test_pickling_a_model_on_a_four_bit_base_is_refused_clearly(llama_dir, tmp_path):
+    model = get_peft_model(quantized(llama_dir), StocTuningConfig(k=100, task_type="CAUSAL_LM"))
+    train(model, 1)
+    with pytest.raises(TypeError, match="bitsandbytes base cannot be pickled.*save_pretrained"):
+        torch.save(model, tmp_path / "model.pt")
+    train(model, 1)  # the refusal changed nothing
+    assert model.stoc_stats()["step"] == 2
