@@ -17,7 +17,7 @@ import torch
 from . import adapter_file, atomic_folder
 from .config import StocTuningConfig, union_of_excludes, union_of_targets
 from .delta import SparseDelta
-from .hub import human_bytes, write_model_card
+from .hub import count_text, human_bytes, write_model_card
 from .tasks import auto_class_name
 
 CONFIG_NAME = "adapter_config.json"
@@ -104,20 +104,16 @@ def inspect_adapter(directory: str) -> dict:
     }
 
 
-def _count(value) -> str:
-    return f"{value:,}" if isinstance(value, int) else "?"
-
-
 def _print_inspection(report: dict) -> None:
     density = f"{report['density']:.4%}" if report["density"] is not None else "?"
     print(f"adapter      {report['path']}")
     print(f"base model   {report['base_model']}")
     print(f"task         {report['task_type']}")
     print(
-        f"k            {report['k']!r} -> {_count(report['k_entries'])} entries per step, "
+        f"k            {report['k']!r} -> {count_text(report['k_entries'])} entries per step, "
         f"selection={report['selection']}"
     )
-    print(f"changed      {report['changed']:,} of {_count(report['candidates'])} candidate entries ({density})")
+    print(f"changed      {report['changed']:,} of {count_text(report['candidates'])} candidate entries ({density})")
     print(f"file         {human_bytes(report['file_bytes'])} (format {report['format']})")
     fp = report["fingerprint"] or {}
     print(

@@ -25,7 +25,8 @@ def human_bytes(size: float) -> str:
     return f"{size:.1f} GB"
 
 
-def _count(value) -> str:
+def count_text(value) -> str:
+    """A count with thousands separators, '?' where a file holds none."""
     return f"{value:,}" if isinstance(value, int) else "?"
 
 
@@ -43,8 +44,8 @@ def _adapter_rows(save_directory: str, configs: dict) -> list[str]:
         changed, candidates = counts.get("changed"), counts.get("candidates")
         density = f"{changed / candidates:.4%}" if isinstance(changed, int) and candidates else "?"
         rows.append(
-            f"| {name} | {_count(counts.get('k'))} (`k={config.k!r}`) | {config.selection} | {_count(changed)} of "
-            f"{_count(candidates)} ({density}) | {human_bytes(os.path.getsize(path))} |"
+            f"| {name} | {count_text(counts.get('k'))} (`k={config.k!r}`) | {config.selection} | "
+            f"{count_text(changed)} of {count_text(candidates)} ({density}) | {human_bytes(os.path.getsize(path))} |"
         )
     return rows
 

@@ -123,7 +123,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
 
     def restore(self, params: Params) -> None:
         """Back to the base, bit for bit."""
-        self.show_adapters(params)
+        self.show_adapters()
         self.patch.restore(params)
         self.applied = ()
 
@@ -151,7 +151,8 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         if self._view is None:
             self._view = BaseView(self.patch, params)
 
-    def show_adapters(self, params: Params | None = None) -> None:
+    def show_adapters(self) -> None:
+        """Put the adapted values back in place of the shown base (the end of `show_base`)."""
         if self._view is not None:
             self._view.close()
             self._view = None

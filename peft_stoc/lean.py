@@ -27,6 +27,7 @@ import torch
 from . import sparse_optim
 from .candidates import Candidate
 from .consumed_grad import ConsumedGrad, factor_of
+from .importance import finite_means
 from .streaming import StreamingDraw
 
 
@@ -39,11 +40,6 @@ def accelerate_syncs_gradients() -> bool | None:
     if not shared:
         return None
     return bool(shared.get("sync_gradients", True))
-
-
-def _finite(means) -> bool:
-    """μ factors free of inf and NaN (a NaN activation makes every importance it touches NaN)."""
-    return all(vector is None or bool(torch.isfinite(vector).all()) for vector, _ in means)
 
 
 def _bytes(tensor: torch.Tensor | None) -> int:
@@ -69,7 +65,7 @@ class LeanStep:
         if self.stream is None:
             self.stream = make_stream()
         norm = torch.linalg.vector_norm(grad)
-        finite = bool(torch.isfinite(norm)) and _finite(means)
+        finite = bool(torch.isfinite(norm)) and finite_means(means)
         # This gradient, plus the small ones waiting in the stream for their pack.
         self.peak_grad_bytes = max(self.peak_grad_bytes, _bytes(grad) + self.stream.pending_bytes())
         if finite:
@@ -93,7 +89,7 @@ class LeanStep:
         candidate = self.candidates[position]
         if self.stream is None:
             self.stream = make_stream()
-        finite, squares = _finite(means), torch.zeros((), dtype=torch.float64, device=inputs.device)
+        finite, squares = finite_means(means), torch.zeros((), dtype=torch.float64, device=inputs.device)
         for first, last, theta in candidate.overlay.tiles(self.stream.chunk_entries):
             grad = grads[:, first:last].t() @ inputs
             norm = torch.linalg.vector_norm(grad)
@@ -129,7 +125,7 @@ class LeanStep:
                 continue
             if self.stream is None:
                 self.stream = make_stream()
-            if not bool(torch.isfinite(torch.linalg.vector_norm(grad))) or not _finite(means_of(candidate)):
+            if not bool(torch.isfinite(torch.linalg.vector_norm(grad))) or not finite_means(means_of(candidate)):
                 self.nonfinite.append(candidate.name)
                 continue
             self._add(position, grad, means_of(candidate))

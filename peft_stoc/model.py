@@ -476,7 +476,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         if layer.disable_adapters:
             layer.show_base(params)
         else:
-            layer.show_adapters(params)
+            layer.show_adapters()
         layer.set_active(self.active_adapters, enabled=not layer.disable_adapters)
         self._set_requires_grad(training)
         if training is not None:
