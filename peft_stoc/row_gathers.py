@@ -13,11 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 
 class RowGathers(TorchFunctionMode):
-    """Records which rows of `weight` torch functions gather while one embedding module runs.
-
-    Embedding subclasses compute their indices inside `forward` (OPT and BART add an offset to positions they derive
-    from a mask or a shape; Whisper slices the table), so the module's arguments do not say which rows it read.
-    """
+    """Records which rows of `weight` torch functions gather while one embedding module runs."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
