@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from peft_stoc import StocTuningConfig
 from peft_stoc.sparse_backward import tappable
 
-from .helpers import batch, loss_of, tiny_model
+from .helpers import batch, loss_of, state_of, tiny_model
 
 CASES = [("bert", "SEQ_CLS"), ("gpt2", "CAUSAL_LM"), ("llama", "CAUSAL_LM")]
 
@@ -251,3 +251,25 @@ def test_a_gradient_scaler_skips_an_overflowing_reused_step_and_unscales_the_mas
         results.append(model)
     for (name, p), (_, q) in zip(results[0].named_parameters(), results[1].named_parameters()):
         assert float((p - q).detach().abs().max()) <= 1e-6 * float(q.detach().abs().max().clamp_min(1e-12)), name
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_steps_reusing_a_mask_under_gradient_checkpointing_equal_those_without(reentrant):
+    """Checkpointing runs each layer's forward again in the backward: the taps see the recomputed forward."""
+
+    def run(checkpointing: bool) -> dict[str, torch.Tensor]:
+        base = tiny_model("llama", "CAUSAL_LM")
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model = get_peft_model(base, StocTuningConfig(k=40, task_type="CAUSAL_LM", mask_interval=3))
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(6):
+            model(**batch("CAUSAL_LM", seed=step)).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return state_of(model)
+
+    plain, checkpointed = run(False), run(True)
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.allclose(plain[k], checkpointed[k], rtol=0, atol=1e-6) for k in plain)
