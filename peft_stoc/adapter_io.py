@@ -286,7 +286,7 @@ class AdapterFiles:
 
     def _fingerprint(self, config) -> dict:
         whole = self._fingerprint_params(config)
-        if shards.shard_group(whole.values()) is False:
+        if shards.shard_group(whole.values()) is None:
             return fingerprint.compute(whole, self.stoc_layer.patch_base_values(whole))
         # FSDP2: base values are read where they are held and summed over the processes, once (the base does not
         # change); the main process then writes the file's header without another collective.

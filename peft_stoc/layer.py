@@ -136,7 +136,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
                 view.close()  # the adapted values, not the base shown while disabled
             delta = self.patch.delta(params, masters)
             group = shards.shard_group(params.values())
-            if group is not False:
+            if group is not None:
                 gathered = sharded_draw.gather_entries(delta.tensors, list(params), group)
                 delta = SparseDelta(
                     {n: (i.to(params[n].device), v.to(params[n].device)) for n, (i, v) in gathered.items()}
@@ -199,7 +199,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         params = tuner._base_params() if tuner is not None else {}
         parts = {name: (index, patch.original[name]) for name, index in patch.index.items()}
         group = shards.shard_group(params.values())
-        if group is False:
+        if group is None:
             return parts
         gathered = sharded_draw.gather_entries(
             parts, list(params), group, dtypes={name: p.dtype for name, p in params.items()}

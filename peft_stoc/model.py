@@ -387,7 +387,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         """FSDP2: collect the applied adapters' deltas and the base fingerprints from every process now (state dicts
         are taken on every process), so that a save the main process then makes alone (Trainer under FSDP) needs no
         collective."""
-        if shards.shard_group(self._base_params().values()) is False:
+        if shards.shard_group(self._base_params().values()) is None:
             return
         for name in self.stoc_layer.applied:
             self._capture(name)

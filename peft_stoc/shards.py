@@ -139,12 +139,12 @@ def shard_rows(param) -> slice:
     return slice(offset[0], offset[0] + shape[0])
 
 
-def shard_group(params) -> dist.ProcessGroup | None | bool:
-    """The process group of the FSDP2 shards among `params`; False when none is a shard."""
+def shard_group(params) -> dist.ProcessGroup | None:
+    """The process group of the FSDP2 shards among `params`; None when none is a shard."""
     for param in params:
         if is_shard(param):
             return param.device_mesh.get_group()
-    return False
+    return None
 
 
 def held_locally(index: torch.Tensor, start: int, size: int) -> torch.Tensor:
