@@ -149,12 +149,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             for module, name in self._homes.values()
             if module._parameters.get(name) is not None
         }
-        for name in self.stoc_layer.applied:
-            self._capture(name)
-        for name, record in self._adapters.items():
-            if record.engine is not None:
-                self._steps_loaded[name] = record.engine.stats.step
-        self._forget_engines()
+        self._store_and_forget_engines()
         for record in self._adapters.values():
             record.captured_at = 0
         if not _DETACHED.get():
@@ -271,6 +266,16 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             engine.retire()
         for record in self._adapters.values():
             record.engine = None
+
+    def _store_and_forget_engines(self) -> None:
+        """Store what the applied adapters' weights hold and each engine's step count, then retire the engines: the
+        next ones continue from there."""
+        for name in self.stoc_layer.applied:
+            self._capture(name)
+        for name, record in self._adapters.items():
+            if record.engine is not None:
+                self._steps_loaded[name] = record.engine.stats.step
+        self._forget_engines()
 
     def _follow_shards(self) -> None:
         """FSDP2's `fully_shard` (applied after `get_peft_model`) replaced the parameters with dim-0 shards: every
@@ -433,12 +438,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
                 "adapter, which could then neither be shown nor removed; nothing was loaded. Load without "
                 "`assign=True` (the loaded base keeps the adapter on it), or `unload()` first."
             )
-        for name in layer.applied:
-            self._capture(name)
-        for name, record in self._adapters.items():
-            if record.engine is not None:
-                self._steps_loaded[name] = record.engine.stats.step
-        self._forget_engines()  # their record of the weights (and float32 masters) described the old base
+        self._store_and_forget_engines()  # their record of the weights (and float32 masters) described the old base
         layer.restore(self._base_params())
         self._loading_base = True
 

@@ -137,8 +137,6 @@ class StocTuningPeftModel(PeftModel):
         """`torch.save(model)` and pickle: what is written is a copy of the model without step engines (their hooks
         and optimizer belong to this process's training); the loaded model starts its own. The copy is transient:
         pickling takes as much memory again as the model."""
-        if self.__dict__.pop("_stoc_detached", False):
-            return super().__reduce_ex__(protocol)
         if any(quantized.kind(p) for p in self.parameters()):
             raise TypeError(
                 "A StocTuning model on a bitsandbytes base cannot be pickled: pickle turns bitsandbytes' weights "
@@ -149,8 +147,7 @@ class StocTuningPeftModel(PeftModel):
             )
         with detached_copies():
             detached = copy.deepcopy(self)
-        detached.__dict__["_stoc_detached"] = True
-        return detached.__reduce_ex__(protocol)
+        return super(StocTuningPeftModel, detached).__reduce_ex__(protocol)  # the copy's state, as object pickles it
 
     def save_pretrained(self, *args, **kwargs) -> None:
         tuner = self.base_model

@@ -51,7 +51,7 @@ def canonical_storage(module: nn.Module) -> bool | None:
     return before
 
 
-def hold_canonical(model: nn.Module) -> list[nn.Module]:
+def hold_canonical(model: nn.Module) -> list[tuple[nn.Module, object]]:
     """`canonical_storage` for every 4-bit layer of `model`, tuned or not: while StocTuning is attached no layer is
     rewritten for CPU inference, since an untuned layer rewritten by an evaluation or a reference pass would change
     the base's fingerprint, and its adapter would be refused on a freshly loaded base. Returns the layers whose
