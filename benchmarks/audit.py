@@ -18,7 +18,7 @@ import torch
 from peft import get_peft_model
 
 import peft_stoc
-from peft_stoc.audit import checksum
+from peft_stoc.training.audit import checksum
 
 
 def measure(steps: int) -> dict:

@@ -27,7 +27,7 @@ import torch
 from peft import get_peft_model
 
 import peft_stoc
-from peft_stoc.selection import Source, draw, importance
+from peft_stoc.sampling.selection import Source, draw, importance
 
 
 def prepare(model_name: str, k: float, device: str):

@@ -22,8 +22,9 @@ import torch
 from peft import get_peft_model
 
 import peft_stoc
-from peft_stoc import engine as engine_module
-from peft_stoc import sparse_optim, streaming, thinning
+from peft_stoc.sampling import streaming, thinning
+from peft_stoc.training import engine as engine_module
+from peft_stoc.training import sparse_optim
 
 MODELS = ("full", "dense", "lean")
 NAMES = {"full": "full fine-tuning", "dense": "StocTuning dense", "lean": "StocTuning lean"}

@@ -140,7 +140,7 @@ def measure_4bit() -> dict:
     storage = entries = 0
     for module in base.modules():
         if type(getattr(module, "weight", None)).__name__ == "Params4bit":
-            from peft_stoc import quantized
+            from peft_stoc.quantized.bnb_weights import bnb_weights as quantized
 
             storage += sum(t.numel() * t.element_size() for t in quantized.storage(module))
             entries += module.in_features * module.out_features

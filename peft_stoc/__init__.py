@@ -4,18 +4,18 @@ Importing the package registers the method with PEFT (`registry.register`), so `
 `LoraConfig` does; it does nothing else until a StocTuning config is made (`registry.activate`).
 """
 
-from .config import StocTuningConfig
-from .delta import SparseDelta
-from .model import StocTuningModel
-from .peft_type import STOC_PEFT_TYPE
-from .registry import register
+from .integration.peft_type import STOC_PEFT_TYPE
+from .integration.registry import register
+from .tuner.config import StocTuningConfig
+from .tuner.delta import SparseDelta
+from .tuner.model import StocTuningModel
 
 
 def __getattr__(name: str):
     # The Trainer callback imports transformers' trainer utilities, which may still be initialising while PEFT
     # (and with it this package) is imported; load it on first use.
     if name == "StocTuningCallback":
-        from .callback import StocTuningCallback
+        from .integration.callback import StocTuningCallback
 
         return StocTuningCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,11 +14,11 @@ import sys
 
 import torch
 
-from . import adapter_file, atomic_folder
-from .config import StocTuningConfig, union_of_excludes, union_of_targets
-from .delta import SparseDelta
-from .hub import count_text, human_bytes, write_model_card
-from .tasks import auto_class_name
+from .adapter_files import adapter_file, atomic_folder, validation
+from .adapter_files.hub import count_text, human_bytes, write_model_card
+from .integration.tasks import auto_class_name
+from .tuner.config import StocTuningConfig, union_of_excludes, union_of_targets
+from .tuner.delta import SparseDelta
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -48,11 +48,11 @@ def _read_config(directory: str) -> dict:
 
 
 def _read_adapter(directory: str) -> tuple[dict, adapter_file.AdapterFile]:
-    """The adapter's config and file, validated as loading validates them (`adapter_file.validate`) as far as that
+    """The adapter's config and file, validated as loading validates them (`validation.validate`) as far as that
     is possible without the base model: what this accepts, loading onto its base accepts too."""
     config = _read_config(directory)
     stoc = _stoc_config(directory, config)
-    return config, adapter_file.validate(os.path.join(directory, adapter_file.WEIGHTS_NAME), stoc)
+    return config, validation.validate(os.path.join(directory, adapter_file.WEIGHTS_NAME), stoc)
 
 
 def _stoc_config(directory: str, config: dict) -> StocTuningConfig:
@@ -286,7 +286,7 @@ def compose(directories: list[str], weights: list[float] | None, output: str) ->
             json.dump(config, handle, indent=2, sort_keys=True)
         atomic_folder.copy_regular_file(os.path.join(directories[0], "README.md"), os.path.join(stage, "README.md"))
         written = PeftConfig.from_pretrained(stage)
-        adapter_file.validate(os.path.join(stage, adapter_file.WEIGHTS_NAME), written)  # as loading will
+        validation.validate(os.path.join(stage, adapter_file.WEIGHTS_NAME), written)  # as loading will
         write_model_card(stage, {"default": written}, load_from=output)
     return output
 

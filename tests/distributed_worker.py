@@ -22,9 +22,9 @@ from peft import get_peft_model
 from safetensors.torch import save_file
 
 from peft_stoc import StocTuningConfig
-from peft_stoc.candidates import find_candidates
-from peft_stoc.distributed import RankSync
-from peft_stoc.tracking import ActivationTracker
+from peft_stoc.distributed.ranks import RankSync
+from peft_stoc.training.tracking import ActivationTracker
+from peft_stoc.tuner.candidates import find_candidates
 
 from .helpers import VOCAB, tiny_model
 

@@ -26,9 +26,11 @@ import torch.distributed as dist
 from peft import PeftModel, get_peft_model
 from safetensors.torch import save_file
 
-from peft_stoc import StocTuningConfig, distributed, sharded_draw, shards
-from peft_stoc.importance import Source
-from peft_stoc.streaming import StreamingDraw
+from peft_stoc import StocTuningConfig
+from peft_stoc.distributed import ranks as distributed
+from peft_stoc.distributed import sharded_draw, shards
+from peft_stoc.sampling.importance import Source
+from peft_stoc.sampling.streaming import StreamingDraw
 
 from . import distributed_worker as ddp_worker
 from .helpers import VOCAB, batch, tiny_model

@@ -16,8 +16,8 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from peft_stoc import adapter_file
-from peft_stoc.delta import SparseDelta
+from peft_stoc.adapter_files import adapter_file
+from peft_stoc.tuner.delta import SparseDelta
 
 from .helpers import tiny_model, train_stoc
 

@@ -8,7 +8,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from peft_stoc import adapter_file
+from peft_stoc.adapter_files import adapter_file
 
 from .helpers import predict, tiny_model, train_stoc
 

@@ -1,4 +1,4 @@
-"""One adapter validator (`adapter_file.validate`) for loading, `inspect`, `merge` and `compose`: what the command line
+"""One adapter validator (`validation.validate`) for loading, `inspect`, `merge` and `compose`: what the command line
 accepts, loading accepts, and `compose` never writes an adapter that does not load."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from peft_stoc import adapter_file, safetensors_header
+from peft_stoc.adapter_files import adapter_file, safetensors_header
 from peft_stoc.cli import main
 
 from .helpers import predict, tiny_model, train_stoc

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from peft_stoc import adapter_file
+from peft_stoc.adapter_files import adapter_file
 
 from .helpers import batch, loss_of, predict, tiny_model, train_stoc
 

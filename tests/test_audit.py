@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 
 from peft_stoc import StocTuningConfig
-from peft_stoc.audit import checksum, entry_terms
+from peft_stoc.training.audit import checksum, entry_terms
 
 from .helpers import base_snapshot, batch, tiny_model
 

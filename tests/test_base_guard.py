@@ -7,7 +7,8 @@ from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from peft_stoc import StocTuningConfig, adapter_file
+from peft_stoc import StocTuningConfig
+from peft_stoc.adapter_files import adapter_file
 
 from .helpers import batch, predict, tiny_model, train_stoc
 
@@ -161,7 +162,7 @@ def test_save_load_and_switching_reproduce_trained_weights_bit_for_bit(tmp_path,
 
 def test_an_adapter_with_exact_deltas_in_every_tensor_loads(tmp_path):
     # The most entries a file can have: indices, deltas and exact deltas with their positions for every tensor.
-    from peft_stoc.delta import SparseDelta
+    from peft_stoc.tuner.delta import SparseDelta
 
     model = get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS"))
     tuner = model.base_model

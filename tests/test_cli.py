@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification
 
-from peft_stoc import adapter_file
+from peft_stoc.adapter_files import adapter_file
 from peft_stoc.cli import main
 
 from .helpers import predict, tiny_model, train_stoc

@@ -25,7 +25,7 @@ def test_import_adds_peft_type_and_registers_method():
 def test_register_twice_and_reload_do_not_raise():
     peft_stoc.register()
     peft_stoc.register()
-    importlib.reload(peft_stoc.registry)
+    importlib.reload(peft_stoc.integration.registry)
     reloaded = importlib.reload(peft_stoc)
     assert PeftType.STOC in PEFT_TYPE_TO_TUNER_MAPPING
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.STOC] is reloaded.StocTuningConfig

@@ -9,8 +9,9 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_stoc import StocTuningConfig, candidates
-from peft_stoc.candidates import BITFIT_SHARE
+from peft_stoc import StocTuningConfig
+from peft_stoc.tuner import candidates
+from peft_stoc.tuner.candidates import BITFIT_SHARE
 
 from .test_architectures import build, micro_batch
 

@@ -21,8 +21,8 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from peft_stoc import StocTuningConfig
-from peft_stoc.candidates import find_candidates
-from peft_stoc.distributed import UnsupportedDistributedSetup, bytes_per_draw, check_supported
+from peft_stoc.distributed.ranks import UnsupportedDistributedSetup, bytes_per_draw, check_supported
+from peft_stoc.tuner.candidates import find_candidates
 
 from . import distributed_worker as worker
 from .helpers import batch, tiny_model

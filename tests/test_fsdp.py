@@ -18,8 +18,10 @@ import torch.distributed as dist
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from peft_stoc import StocTuningConfig, distributed, sharded_draw, shards
-from peft_stoc.distributed import UnsupportedDistributedSetup
+from peft_stoc import StocTuningConfig
+from peft_stoc.distributed import ranks as distributed
+from peft_stoc.distributed import sharded_draw, shards
+from peft_stoc.distributed.ranks import UnsupportedDistributedSetup
 
 from . import fsdp_worker as worker
 from .helpers import batch, tiny_model

@@ -15,7 +15,8 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from peft_stoc import StocTuningConfig, adapter_file
+from peft_stoc import StocTuningConfig
+from peft_stoc.adapter_files import adapter_file
 
 from .helpers import batch, tiny_model
 from .test_save_crash import _kill_at_call

@@ -120,8 +120,8 @@ def test_undeclared_accumulation_is_refused_before_anything_changes(memory, plai
 def test_default_mode_holds_no_dense_candidate_gradient_after_the_first_backward(checkpointing):
     """`memory="auto"` (the default) in a plain loop: each candidate's gradient is consumed as the first backward
     completes it, with and without gradient checkpointing; the step then trains as `memory="lean"` does."""
-    from peft_stoc.consumed_grad import ConsumedGrad
-    from peft_stoc.streaming import PACK_BELOW
+    from peft_stoc.sampling.streaming import PACK_BELOW
+    from peft_stoc.training.consumed_grad import ConsumedGrad
 
     models = {}
     for memory in ("auto", "lean"):
@@ -217,7 +217,7 @@ def test_gradient_memory_held_is_one_tensor_not_the_model():
         optimizer.zero_grad()
     for handle in handles:
         handle.remove()
-    from peft_stoc.streaming import PACK_BELOW
+    from peft_stoc.sampling.streaming import PACK_BELOW
 
     # One tensor, plus the small ones (biases, norms) that wait to be processed packed together.
     bound = max(nbytes) + sum(n for n, c in zip(nbytes, candidates) if c.param.numel() < PACK_BELOW)
@@ -378,7 +378,7 @@ def test_grad_bytes_are_those_of_the_latest_step():
         optimizer.step()
         optimizer.zero_grad()
         figures.append(model.stoc_stats()["grad_bytes"])
-    from peft_stoc.streaming import PACK_BELOW
+    from peft_stoc.sampling.streaming import PACK_BELOW
 
     nbytes = [c.param.numel() * c.param.element_size() for c in model.base_model.stoc_engine().candidates]
     small = sum(n for n, c in zip(nbytes, model.base_model.stoc_engine().candidates) if c.param.numel() < PACK_BELOW)

@@ -14,7 +14,8 @@ import torch
 import transformers
 from peft import get_peft_model
 
-from peft_stoc import StocTuningConfig, hub
+from peft_stoc import StocTuningConfig
+from peft_stoc.adapter_files import hub
 
 from .test_architectures import ARCHS, micro_batch
 

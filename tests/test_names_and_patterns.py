@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 
 import peft_stoc
-from peft_stoc import adapter_file
+from peft_stoc.adapter_files import adapter_file
 
 from .helpers import tiny_model, train_stoc
 

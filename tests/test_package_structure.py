@@ -88,7 +88,7 @@ def test_only_stoc_tuning_models_get_the_stoc_tuning_class():
     from peft import LoraConfig, PeftModelForSequenceClassification, get_peft_model
 
     from peft_stoc import StocTuningConfig
-    from peft_stoc.peft_integration import StocTuningPeftModel
+    from peft_stoc.integration.peft_model import StocTuningPeftModel
     from tests.helpers import tiny_model
 
     lora = get_peft_model(tiny_model(), LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))

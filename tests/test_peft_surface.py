@@ -41,7 +41,7 @@ def test_model_card_usage_runs_as_written(tmp_path, name, task, build, inputs):
 
 
 def _load_saved_base(folder, task):
-    from peft_stoc.tasks import auto_class_name
+    from peft_stoc.integration.tasks import auto_class_name
 
     architectures = transformers.AutoConfig.from_pretrained(folder).architectures
     return getattr(transformers, auto_class_name(task, architectures)).from_pretrained(folder)

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from peft_stoc import importance, sharded_draw, streaming, thinning
-from peft_stoc.entry_keys import EntryKeys
-from peft_stoc.importance import Source
-from peft_stoc.selection import draw
-from peft_stoc.streaming import StreamingDraw
+from peft_stoc.distributed import sharded_draw
+from peft_stoc.sampling import importance, streaming, thinning
+from peft_stoc.sampling.entry_keys import EntryKeys
+from peft_stoc.sampling.importance import Source
+from peft_stoc.sampling.selection import draw
+from peft_stoc.sampling.streaming import StreamingDraw
 
 from .test_lean import OPTIMIZERS, _train, assert_same_training
 

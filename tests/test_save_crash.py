@@ -15,7 +15,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peft_stoc import adapter_file, atomic_folder
+from peft_stoc.adapter_files import adapter_file, atomic_folder
 
 from .helpers import predict, tiny_model, train_stoc
 

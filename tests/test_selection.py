@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from peft_stoc import thinning
-from peft_stoc.importance import Source, importance
-from peft_stoc.selection import draw
+from peft_stoc.sampling import thinning
+from peft_stoc.sampling.importance import Source, importance
+from peft_stoc.sampling.selection import draw
 
 
 @pytest.fixture

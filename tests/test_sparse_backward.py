@@ -7,7 +7,7 @@ from peft import get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from peft_stoc import StocTuningConfig
-from peft_stoc.sparse_backward import tappable
+from peft_stoc.training.sparse_backward import tappable
 
 from .helpers import batch, loss_of, state_of, tiny_model
 
@@ -147,7 +147,7 @@ def test_the_check_sees_full_size_gradients_on_a_drawing_step():
 
 
 def test_clipping_sees_the_norm_of_the_masked_gradients():
-    from peft_stoc.consumed_grad import ConsumedGrad
+    from peft_stoc.training.consumed_grad import ConsumedGrad
 
     model = _model("bert", "SEQ_CLS", memory="lean")
     engine = model.base_model.stoc_engine()

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from peft_stoc import streaming, thinning
-from peft_stoc.importance import Source
-from peft_stoc.selection import draw
-from peft_stoc.streaming import StreamingDraw
+from peft_stoc.sampling import streaming, thinning
+from peft_stoc.sampling.importance import Source
+from peft_stoc.sampling.selection import draw
+from peft_stoc.sampling.streaming import StreamingDraw
 
 from .test_selection import _flat_ids, _importance_of, _model_like_sources, _numpy_frequencies, _sources, one_thread
 

@@ -5,7 +5,7 @@ under a budget and with a fixed mask."""
 import pytest
 import torch
 
-from peft_stoc.streaming import StreamingDraw
+from peft_stoc.sampling.streaming import StreamingDraw
 
 
 def _tensors(seed: int = 0):

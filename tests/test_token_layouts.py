@@ -12,8 +12,8 @@ from peft import get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 from peft_stoc import StocTuningConfig
-from peft_stoc.candidates import UseKind
-from peft_stoc.token_scopes import sequence_first_modules
+from peft_stoc.training.token_scopes import sequence_first_modules
+from peft_stoc.tuner.candidates import UseKind
 
 from .helpers import VOCAB, batch, tiny_model
 

@@ -9,8 +9,8 @@ import transformers
 from peft import PeftModel, get_peft_model
 
 from peft_stoc import StocTuningConfig
-from peft_stoc.candidates import find_candidates
-from peft_stoc.tracking import ActivationTracker
+from peft_stoc.training.tracking import ActivationTracker
+from peft_stoc.tuner.candidates import find_candidates
 
 from .helpers import batch, tiny_model
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import peft_stoc
-from peft_stoc import adapter_file
+from peft_stoc.adapter_files import adapter_file
 
 from .helpers import batch, tiny_model, train_stoc
 

@@ -1,10 +1,10 @@
-"""The confined update's building blocks (peft_stoc.update, originals.Patch): the record of originals, gradient masks,
+"""The confined update's building blocks (`training.update`, `Patch`): the record of originals, gradient masks,
 weight decay redirected to the drawn entries."""
 
 import torch
 
-from peft_stoc.originals import Patch
-from peft_stoc.update import DecayRedirect, mask_gradient
+from peft_stoc.training.update import DecayRedirect, mask_gradient
+from peft_stoc.tuner.originals import Patch
 
 
 def test_patch_record_merges_new_entries_in_order_and_keeps_first_values():
