@@ -72,18 +72,24 @@ class Guard:
 
     def check(self) -> bool:
         """Whether the condition holds (any error while checking it counts as not)."""
-        try:
-            return bool(self.condition())
-        except Exception:
-            return False
+        return self._failure() is None
 
     def ensure(self) -> None:
         """Raise `IncompatibleLibrary` unless the condition holds; checked once."""
         if self.passed:
             return
-        if not self.check():
-            raise IncompatibleLibrary(self)
+        failure = self._failure()
+        if failure is not None:
+            # chained to the error the check met, if any, for whoever debugs a new version of the library
+            raise IncompatibleLibrary(self) from (failure if isinstance(failure, Exception) else None)
         self.passed = True
+
+    def _failure(self) -> Exception | bool | None:
+        """None when the condition holds; else the error checking it raised, or False."""
+        try:
+            return None if self.condition() else False
+        except Exception as error:
+            return error
 
     def __repr__(self) -> str:
         return f"Guard({self.library}: {self.private})"
@@ -504,10 +510,11 @@ def set_adapters_disabled(layer, disabled: bool) -> None:
 def _peft_type_internals_there() -> bool:
     from peft.utils import PeftType
 
+    tables = vars(PeftType)  # its own tables (`Enum` has empty ones of its own)
     return (
-        isinstance(PeftType._member_map_, dict)
-        and isinstance(PeftType._value2member_map_, dict)
-        and isinstance(PeftType._member_names_, list)
+        isinstance(tables.get("_member_map_"), dict)
+        and isinstance(tables.get("_value2member_map_"), dict)
+        and isinstance(tables.get("_member_names_"), list)
     )
 
 

@@ -1,196 +1,113 @@
-"""Memory-lean training: candidate gradients consumed during the backward, optimizer state only where it is needed.
-
-`LeanStep` does, for one step engine:
-
-* backward — a post-accumulate-grad hook per candidate feeds each complete gradient to the step's `StreamingDraw`
-  and replaces it with a `ConsumedGrad` (its norm and finiteness, for clipping and loss scaling), so gradients of
-  candidates never exist for the whole model at once, from the first step on. Gradients are left dense, and drawn
-  from at the optimizer step instead, when the backward is not the last one of the step (gradient accumulation:
-  accelerate's gradient state, `stoc_accumulating()`, or the number of forwards per step seen at a declared step) and
-  under data parallelism (DDP reduces gradients in its own buckets after these hooks run). A plain loop that
-  accumulates without saying so is refused at its second micro-batch, before anything changed
-  (`consumed_grad.accumulation_error`);
-* optimizer step — the draw is finished, the drawn gradients are scaled by what clipping and unscaling applied, and
-  `sparse_optim` updates the candidates held by this optimizer; their gradients are then set to None, so the user's
-  optimizer keeps dense state only for the other parameters (task heads).
-
-The sparse state lives in the optimizer's own `state` under a string key, so `optimizer.state_dict()` and
-`load_state_dict()` — and with them Trainer and accelerate checkpoints — carry it without any hook.
+"""The optimizer step of a StocTuning engine in memory-lean mode (a part of `engine.StepEngine`): the draw finished
+from the gradients consumed during the backward, the update applied to the drawn entries after the optimizer's
+step, and the way back to dense mode for optimizers whose arithmetic is not reproduced.
 """
 
 from __future__ import annotations
 
-import sys
+import warnings
 
 import torch
 
-from ..sampling.importance import finite_means
-from ..sampling.streaming import StreamingDraw
-from ..tuner.candidates import Candidate
+from ..distributed import ranks as distributed
 from . import sparse_optim
-from .consumed_grad import ConsumedGrad, factor_of
 
 
-def accelerate_syncs_gradients() -> bool | None:
-    """accelerate's (and Trainer's) word on whether the running backward ends an optimizer step; None if no
-    accelerate gradient state exists in this process."""
-    state = sys.modules.get("accelerate.state")
-    gradient_state = getattr(state, "GradientState", None)
-    shared = getattr(gradient_state, "_shared_state", None)
-    if not shared:
-        return None
-    return bool(shared.get("sync_gradients", True))
+class LeanSteps:
+    """Memory-lean steps of `StepEngine`."""
 
+    def _leave_lean(self, optimizer) -> None:
+        """An optimizer whose arithmetic StocTuning does not reproduce: dense mode from now on (or refuse)."""
+        name = type(optimizer).__name__
+        quantized = [c.name for c in self.candidates if c.overlay is not None]
+        if quantized:
+            raise ValueError(
+                f"StocTuning updates the quantized weights of this model (e.g. '{quantized[0]}') itself, with the "
+                f"arithmetic of torch.optim SGD, Adam and AdamW; it cannot apply {name}'s. Use one of those."
+            )
+        if self.config.update_rule == "lazy":
+            raise ValueError(
+                f"update_rule='lazy' is applied by StocTuning's memory-lean mode, which reproduces torch.optim SGD, "
+                f"Adam and AdamW, not {name}. Use one of those, or update_rule='masked_grad' / 'strict'."
+            )
+        if self.config.memory == "lean":
+            raise ValueError(
+                f"StocTuningConfig(memory='lean') reproduces the updates of torch.optim SGD, Adam and AdamW, not of "
+                f"{name}. Use one of those, or memory='dense' (or the default 'auto', which falls back to dense)."
+            )
+        warnings.warn(
+            f"StocTuning trains in memory='dense' mode with {name}: the memory-lean mode reproduces the updates of "
+            "torch.optim SGD, Adam and AdamW only, so this optimizer gets dense gradients and keeps its own state "
+            "for every candidate.",
+            stacklevel=4,
+        )
+        lean, self.lean = self.lean, None
+        if lean.stream is not None:  # gradients already consumed in this step: give them back, masked
+            drawn, values, factors = lean.finish(self._new_stream)
+            for candidate, index, value, factor in zip(self.candidates, drawn, values, factors):
+                if value is None:
+                    candidate.param.grad = None
+                    continue
+                grad = torch.zeros_like(candidate.param)
+                grad.view(-1).index_copy_(0, index, (value * factor).to(grad.dtype))
+                candidate.param.grad = grad
+            self._given_draw = drawn
+        lean.reset()
 
-def _bytes(tensor: torch.Tensor | None) -> int:
-    return 0 if tensor is None or isinstance(tensor, ConsumedGrad) else tensor.numel() * tensor.element_size()
-
-
-class LeanStep:
-    """Gradient streaming and the sparse optimizer for the candidates of one adapter."""
-
-    def __init__(self, candidates: list[Candidate], state_key: str):
-        self.candidates = candidates
-        self.state_key = state_key
-        self.stream: StreamingDraw | None = None
-        self.nonfinite: list[str] = []  # candidates whose gradient was not finite in this step
-        self.peak_grad_bytes = 0  # most bytes of candidate gradients held at once in the latest step
-
-    # -- one step --------------------------------------------------------------------------------------------------
-    def consume(self, position: int, param: torch.Tensor, means, make_stream) -> None:
-        """Feed a complete gradient to the step's draw and free it."""
-        grad = param.grad
-        if grad is None or isinstance(grad, ConsumedGrad):
+    def _lean_step(self, optimizer, kind: str) -> None:
+        if self.sharded:
+            return self._sharded_step(optimizer, kind)
+        lean = self.lean
+        self._sync_statistics_for_lean()
+        lean.consume_dense(list(self._gradient_order), self.tracker.means, self._new_stream)
+        if self.sparse is not None and self.sparse.sums:
+            lean.take_values(self.sparse.sums, self._new_stream)
+        if lean.nonfinite:
+            reason = self.tracker.nonfinite_reason(lean.nonfinite)
+            self._skip(optimizer, reason=f"{reason}. No weight changed.")
             return
-        if self.stream is None:
-            self.stream = make_stream()
-        norm = torch.linalg.vector_norm(grad)
-        finite = bool(torch.isfinite(norm)) and finite_means(means)
-        # This gradient, plus the small ones waiting in the stream for their pack.
-        self.peak_grad_bytes = max(self.peak_grad_bytes, _bytes(grad) + self.stream.pending_bytes())
-        if finite:
-            self._add(position, grad, means)
-        else:
-            self.nonfinite.append(self.candidates[position].name)
-        param.grad = ConsumedGrad(grad, norm, finite)
+        drawn, values, factors = lean.finish(self._new_stream)
+        if isinstance(self._rank_sync, distributed.RankSync):
+            self._rank_sync.check_draw(drawn)
+        if not self._reuses_mask():
+            self.draws += 1
+        self._drew_now = not self._reuses_mask()
+        self.last_draw = drawn
+        self.stats.drawn = int(sum(d.numel() for d in drawn))
+        self.stats.grad_bytes = lean.peak_grad_bytes
+        self._pending = (drawn, values, factors, kind, set())
+        self._release_gradients(optimizer)
+        self.stats.step += 1
+        self._cycle_drawn = True
 
-    def _add(self, position: int, grad: torch.Tensor, means) -> None:
-        """A complete gradient to the draw: a quantized weight's a tile of rows at a time, with θ from its overlay."""
-        overlay = self.candidates[position].overlay
-        if overlay is None:
-            self.stream.add(position, grad, means)
-            return
-        for first, last, theta in overlay.tiles(self.stream.chunk_entries):
-            self.stream.add(position, grad[first:last], means, theta, first)
-
-    def consume_tiles(self, position: int, inputs: torch.Tensor, grads: torch.Tensor, means, make_stream):
-        """Feed a quantized weight's gradient to the step's draw a tile of rows at a time, each tile computed from its
-        layer's inputs and output gradients (tokens first) and freed before the next; its `ConsumedGrad`."""
-        candidate = self.candidates[position]
-        if self.stream is None:
-            self.stream = make_stream()
-        finite, squares = finite_means(means), torch.zeros((), dtype=torch.float64, device=inputs.device)
-        for first, last, theta in candidate.overlay.tiles(self.stream.chunk_entries):
-            grad = grads[:, first:last].t() @ inputs
-            norm = torch.linalg.vector_norm(grad)
-            squares += norm.double().square()
-            self.peak_grad_bytes = max(self.peak_grad_bytes, 2 * _bytes(grad) + self.stream.pending_bytes())
-            finite = finite and bool(torch.isfinite(norm))
-            if finite:
-                self.stream.add(position, grad, means, theta, first)
-        if not finite:
-            self.nonfinite.append(candidate.name)
-        return ConsumedGrad(candidate.param, squares.sqrt().float(), finite)
-
-    def take_values(self, values: dict[int, torch.Tensor], make_stream) -> None:
-        """Gradient values at a reused mask's entries, computed by the sparse backward (`sparse_backward`)."""
-        for position, part in values.items():
-            if self.stream is None:
-                self.stream = make_stream()
-            if not bool(torch.isfinite(part).all()):
-                self.nonfinite.append(self.candidates[position].name)
-                continue
-            self.stream.add_values(position, part)
-
-    def consume_dense(self, order: list[int], means_of, make_stream) -> None:
-        """At the optimizer step: the candidates whose gradient is still dense join the draw, in `order` (the order
-        their gradients completed in; the others after them)."""
-        held = sum(_bytes(c.param.grad) for c in self.candidates)
-        self.peak_grad_bytes = max(self.peak_grad_bytes, held)
-        seen = set(order)
-        for position in order + [p for p in range(len(self.candidates)) if p not in seen]:
-            candidate = self.candidates[position]
-            grad = candidate.param.grad
-            if grad is None or isinstance(grad, ConsumedGrad):
-                continue
-            if self.stream is None:
-                self.stream = make_stream()
-            if not bool(torch.isfinite(torch.linalg.vector_norm(grad))) or not finite_means(means_of(candidate)):
-                self.nonfinite.append(candidate.name)
-                continue
-            self._add(position, grad, means_of(candidate))
-
-    def finish(self, make_stream):
-        """Drawn indices, gradient values (None: no gradient this step) and clip/unscale factors, per candidate."""
-        stream = self.stream if self.stream is not None else make_stream()
-        drawn, values = stream.finish()
-        factors = [factor_of(c.param.grad) for c in self.candidates]
-        return drawn, values, factors
-
-    def reset(self) -> None:
-        """Forget the step (after it ran, or when it was abandoned)."""
-        self.stream = None
-        self.nonfinite = []
-        self.peak_grad_bytes = 0
-
-    def clear_gradients(self) -> None:
-        """Drop the consumed-gradient placeholders of an abandoned step."""
+    def _release_gradients(self, optimizer) -> None:
+        """The candidates this optimizer holds leave its hands: StocTuning updates them after its step."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for candidate in self.candidates:
-            if isinstance(candidate.param.grad, ConsumedGrad):
+            if id(candidate.param) in held:
                 candidate.param.grad = None
 
-    # -- the update --------------------------------------------------------------------------------------------
-    def states(self, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
-        """This adapter's sparse optimizer state per candidate name, kept in `optimizer.state`."""
-        holder = optimizer.state[self.state_key]
-        return holder.setdefault("tensors", {})
+    def _sync_statistics_for_lean(self) -> None:
+        # Under data parallelism nothing was streamed: μ is reduced across ranks before the draw, as in dense mode.
+        self._rank_sync = self._sync_statistics() if self.lean.stream is None else None
 
-    def update(
-        self, optimizer, kind: str, rule: str, drawn, values, factors, record, done: set[int], param_of=None
-    ) -> None:
-        """Apply the step to the candidates this optimizer holds (and that have not been updated in this step).
-        `param_of(candidate)`: the tensor `drawn` indexes (under FSDP2, this process's rows of the parameter)."""
-        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        states = self.states(optimizer)
-        scale = getattr(optimizer, "grad_scale", None)  # a fused optimizer stepped by GradScaler unscales itself
-        for position, candidate in enumerate(self.candidates):
-            group = groups.get(id(candidate.param))
-            if group is None or position in done:
-                continue
-            done.add(position)
-            if values[position] is None:
-                candidate.param.grad = None
-                continue  # no gradient in this step: torch's optimizers skip such a parameter entirely
-            grad = values[position] * factors[position]
-            if scale is not None:
-                grad = grad / scale
-            if drawn[position].numel():
-                record(candidate, drawn[position])
-            state = states.setdefault(candidate.name, {})
-            param = candidate.param if param_of is None else param_of(candidate)
-            sparse_optim.sparse_step(param, state, drawn[position], grad, group, kind, rule)
-            candidate.param.grad = None
+    def _lean_update(self, optimizer) -> None:
+        drawn, values, factors, kind, done = self._pending
+        kind = sparse_optim.kind_of(optimizer) or kind
+        record, local = (lambda c, index: self.patch.record(c.name, c.param, index)), {}
+        if self.sharded:  # indices local to the rows held here; the record of originals keeps whole-tensor indices
+            starts = {id(c): self._start_of(i) for i, c in enumerate(self.candidates)}
+            record = lambda c, index: self.patch.record(c.name, c.param, index + starts[id(c)])  # noqa: E731
+            local = {"param_of": lambda c: c.param.detach().to_local()}
+        self.lean.update(optimizer, kind, self.config.update_rule, drawn, values, factors, record, done, **local)
+        self._sparse_states = self.lean.states(optimizer)
 
-
-def state_bytes(optimizer: torch.optim.Optimizer | None, candidates: list[Candidate], state_key: str) -> int:
-    """Bytes of optimizer state held for `candidates`: the sparse state plus any dense state of the optimizer."""
-    if optimizer is None:
-        return 0
-    total = 0
-    sparse = optimizer.state.get(state_key, {}).get("tensors", {}) if state_key in optimizer.state else {}
-    total += sparse_optim.state_bytes(sparse)
-    for candidate in candidates:
-        for value in optimizer.state.get(candidate.param, {}).values():
-            if torch.is_tensor(value):
-                total += value.numel() * value.element_size()
-    return total
+    def masters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Float32 master values of low-precision candidates, by name: (sorted flat indices, values). They outlive
+        the optimizer, so an adapter saved after training still gets the float32 deltas."""
+        states = self._sparse_states or {}
+        masters = {name: (s["index"], s["master"]) for name, s in states.items() if "master" in s and "index" in s}
+        if self.sharded:  # the sparse state of a shard indexes the rows held here
+            starts = {c.name: self._start_of(i) for i, c in enumerate(self.candidates)}
+            masters = {name: (index + starts[name], values) for name, (index, values) in masters.items()}
+        return masters
