@@ -6,6 +6,7 @@ Importing the package registers the method with PEFT (`registry.register`), so `
 
 from .integration.peft_type import STOC_PEFT_TYPE
 from .integration.registry import register
+from .training.step import StocTuningStep
 from .tuner.config import StocTuningConfig
 from .tuner.delta import SparseDelta
 from .tuner.model import StocTuningModel
@@ -31,5 +32,6 @@ __all__ = [
     "StocTuningCallback",
     "StocTuningConfig",
     "StocTuningModel",
+    "StocTuningStep",
     "__version__",
 ]

@@ -171,7 +171,7 @@ def scenario_train(arch: str, rank: int, world: int, out: Path, per_layer: bool 
     masks = train(model, arch, rank, world)
     gc.collect()
     engine = model.base_model.stoc_engine()
-    sync = engine._shard_sync
+    sync = engine.strategy.sync
     tensors = {f"mask.{step}": mask for step, mask in enumerate(masks)}
     tensors.update({f"weight.{name}": value for name, value in whole_weights(model).items()})
     tensors["logits"] = logits(model, arch)

@@ -1,9 +1,9 @@
-"""The confined update's building blocks (`training.update`, `Patch`): the record of originals, gradient masks,
+"""The confined update's building blocks (`training.dense`, `Patch`): the record of originals, gradient masks,
 weight decay redirected to the drawn entries."""
 
 import torch
 
-from peft_stoc.training.update import DecayRedirect, mask_gradient
+from peft_stoc.training.dense import DecayRedirect, mask_gradient
 from peft_stoc.tuner.originals import Patch
 
 

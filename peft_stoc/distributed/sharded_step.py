@@ -1,4 +1,5 @@
-"""The optimizer step of a StocTuning engine over FSDP2's dim-0 shards (a part of `engine.StepEngine`).
+"""The sharded strategy of the training step (FSDP2's dim-0 shards): the lean strategy, over the rows each process
+holds.
 
 Each process offers the best keys among the entries it holds, the processes agree on the global top-k
 (`sharded_draw.merged_draw`), and each updates the drawn entries it holds.
@@ -6,142 +7,144 @@ Each process offers the best keys among the entries it holds, the processes agre
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from ..sampling.entry_keys import EntryKeys
 from ..sampling.importance import Source, finite_means
 from ..sampling.selection import draw_uniform
 from ..sampling.streaming import StreamingDraw
-from ..training.audit import Audit
+from ..training import sparse_optim
 from ..training.consumed_grad import factor_of
-from ..training.weak_hooks import weak_call
+from ..training.lean import LeanStrategy
 from . import ranks as distributed
 from . import sharded_draw, shards
 
 
-class ShardedSteps:
-    """FSDP2 support of `StepEngine`: following the shards, and the draw and update over them."""
+def check_shardable(engine) -> None:
+    """The candidates are FSDP2's dim-0 shards now: the lean strategy over every one of them, or a refusal."""
+    if engine.config.memory == "dense" or not isinstance(engine.strategy, LeanStrategy):
+        raise distributed.UnsupportedDistributedSetup(
+            "Under FSDP2, StocTuning applies the optimizer's update to the drawn entries of each shard itself "
+            "(memory-lean mode): use StocTuningConfig(memory='auto') or 'lean' with torch.optim SGD, Adam or "
+            "AdamW, not memory='dense'."
+        )
+    whole = [c.name for c in engine.candidates if not shards.is_shard(c.param)]
+    if whole:  # every rank holds it whole: each would offer its entries as its own
+        raise distributed.UnsupportedDistributedSetup(
+            f"FSDP2 left {len(whole)} candidate parameters unsharded (e.g. '{whole[0]}', in `ignored_params` or "
+            "outside every `fully_shard` unit): StocTuning draws over dim-0 shards, so shard them too, or leave "
+            "their modules out of the candidates with `exclude_modules`."
+        )
 
-    @property
-    def sharded(self) -> bool:
-        return self.shards is not None
 
-    def parameters_replaced(self) -> None:
-        """The candidates hold other parameters now (FSDP2's shards): the optimizers this engine serves are found by
-        the new ones. (The ids of the replaced parameters, freed, may come back with the parameters of another
-        model.)"""
-        self._ids = {id(c.param): i for i, c in enumerate(self.candidates)}
-        self._owned = weakref.WeakKeyDictionary()
+class ShardedStrategy(LeanStrategy):
+    """The lean step over FSDP2 shards: the draw agreed between the processes, the update of the rows held here."""
 
-    def follow_shards(self) -> None:
-        """The candidates are FSDP2's dim-0 shards now: draw over the rows held here, update them in place."""
-        if self.lean is None:
-            raise distributed.UnsupportedDistributedSetup(
-                "Under FSDP2, StocTuning applies the optimizer's update to the drawn entries of each shard itself "
-                "(memory-lean mode): use StocTuningConfig(memory='auto') or 'lean' with torch.optim SGD, Adam or "
-                "AdamW, not memory='dense'."
-            )
-        whole = [c.name for c in self.candidates if not shards.is_shard(c.param)]
-        if whole:  # every rank holds it whole: each would offer its entries as its own
-            raise distributed.UnsupportedDistributedSetup(
-                f"FSDP2 left {len(whole)} candidate parameters unsharded (e.g. '{whole[0]}', in `ignored_params` or "
-                "outside every `fully_shard` unit): StocTuning draws over dim-0 shards, so shard them too, or leave "
-                "their modules out of the candidates with `exclude_modules`."
-            )
-        self.shards = [shards.shard_rows(c.param) for c in self.candidates]
-        self.parameters_replaced()
-        self._strays = weakref.WeakKeyDictionary()
-        self.audit = Audit(self.candidates, self.patch)
-        mesh = next(c.param.device_mesh for c in self.candidates if shards.is_shard(c.param))
-        group = mesh.get_group()
-        self._shard_sync = sharded_draw.ShardSync(group)
-        if self.reduce_statistics is None:
-            self.reduce_statistics = distributed.RankSync(group)
-        if self._grad_handles:  # the hooks of the parameters FSDP2 replaced never fire: hook the shards
-            for handle in self._grad_handles:
-                handle.remove()
-            self._grad_handles.clear()
-            for position, candidate in enumerate(self.candidates):
-                self._grad_handles.append(
-                    candidate.param.register_post_accumulate_grad_hook(weak_call(self._on_gradient, position))
-                )
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.rows = [shards.shard_rows(c.param) for c in engine.candidates]  # per candidate, the rows held here
+        mesh = next(c.param.device_mesh for c in engine.candidates if shards.is_shard(c.param))
+        self.group = mesh.get_group()
+        self.sync = sharded_draw.ShardSync(self.group)
 
-    def _start_of(self, position: int) -> int:
+    def layout(self) -> tuple[int, int]:
+        return torch.distributed.get_rank(self.group), torch.distributed.get_world_size(self.group)
+
+    def start_of(self, position: int) -> int:
         """Flat index in the whole tensor of the first entry held here."""
-        shape = self.candidates[position].param.shape
-        return self.shards[position].start * (int(shape[1:].numel()) if len(shape) else 1)
+        shape = self.engine.candidates[position].param.shape
+        return self.rows[position].start * (int(shape[1:].numel()) if len(shape) else 1)
 
-    def _sharded_step(self, optimizer, kind: str) -> None:
-        """The draw over FSDP2 shards: each process offers the best keys among the entries it holds, the processes
-        agree on the global top-k (`sharded_draw.merged_draw`), and each keeps the drawn entries it holds."""
-        sync = self._shard_sync
-        sync.reset()
-        self._rank_sync = self._sync_statistics()
-        budgeted = self.max_changed is not None
-        locals_ = [c.param.detach().to_local() for c in self.candidates]
-        starts = [self._start_of(i) for i in range(len(self.candidates))]
-        device = locals_[0].device
-        fixed = None
-        if self._reuses_mask():
-            fixed = [(d - start).to(local.device) for d, start, local in zip(self.last_draw, starts, locals_)]
-        elif self.config.selection == "random" and not budgeted:
-            whole = draw_uniform([Source(c.param, None, []) for c in self.candidates], self.k, self._generator(device))
-            fixed = [
-                shards.held_locally(index, start, local.numel()) for index, start, local in zip(whole, starts, locals_)
-            ]
-        changed = None
-        if budgeted:
-            changed = [
-                shards.held_locally(self.patch.index[c.name], start, local.numel())
-                if c.name in self.patch.index
-                else None
-                for c, start, local in zip(self.candidates, starts, locals_)
-            ]
+    def changed_count(self) -> int:
+        """Entries changed so far, over all processes."""
+        return self.sync.total(self.engine.patch.count)
+
+    def record(self, position: int, index: torch.Tensor) -> None:
+        # Indices local to the rows held here; the record of originals keeps whole-tensor indices.
+        super().record(position, index + self.start_of(position))
+
+    def local(self, candidate) -> torch.Tensor:
+        return candidate.param.detach().to_local()
+
+    def masters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        # The sparse state of a shard indexes the rows held here.
+        starts = {c.name: self.start_of(i) for i, c in enumerate(self.engine.candidates)}
+        return {name: (index + starts[name], values) for name, (index, values) in super().masters().items()}
+
+    def draw(self, optimizer) -> list[torch.Tensor] | None:
+        """Each process offers the best keys among the entries it holds, the processes agree on the global top-k,
+        and each keeps the drawn entries it holds (returned as whole-tensor indices)."""
+        engine = self.engine
+        self.sync.reset()
+        self.rank_sync = engine.sync_statistics()
+        locals_ = [c.param.detach().to_local() for c in engine.candidates]
+        starts = [self.start_of(i) for i in range(len(engine.candidates))]
+        fixed, changed = self._fixed(locals_, starts), self._changed(locals_, starts)
         stream = StreamingDraw(
             locals_,
-            self.k,
-            self.config.selection,
-            EntryKeys.of(self._generator(device), offsets=starts),  # the same keys as one process: global positions
+            engine.k,
+            engine.config.selection,
+            EntryKeys.of(engine.generator(), offsets=starts),  # the same keys as one process: global positions
             fixed=fixed,
             changed=changed,
-            max_new=max(0, self.max_changed - self._changed_count()) if budgeted else None,
+            max_new=max(0, engine.max_changed - self.changed_count()) if changed is not None else None,
         )
-        order = list(self._gradient_order)
-        order += [p for p in range(len(self.candidates)) if p not in self._gradient_order]
+        bad, held = self._offer(stream)
+        if self.sync.total(len(bad)):  # a shard anywhere with inf/NaN: every process skips
+            where = ", ".join(bad[:3]) or "tensors held by another process"
+            reason = f"the gradients or activations of {where} are not finite (inf or NaN). No weight changed."
+            engine.skip(optimizer, reason=reason)
+            return None
+        if fixed is not None:
+            drawn, values = stream.finish()
+            engine.stats.drawn = engine.stats.drawn if engine.reuses_mask() else engine.k
+        else:
+            drawn, values, engine.stats.drawn = sharded_draw.merged_draw(stream, self.sync, changed)
+        engine.stats.grad_bytes = held
+        factors = [factor_of(c.param.grad) for c in engine.candidates]
+        self.pending = (drawn, values, factors, sparse_optim.kind_of(optimizer), set())
+        return [index + start for index, start in zip(drawn, starts)]  # the part held here
+
+    def _fixed(self, locals_, starts) -> list[torch.Tensor] | None:
+        """The entries drawn already: a reused mask, or a uniform draw made alike on every process."""
+        engine = self.engine
+        if engine.reuses_mask():
+            return [(d - start).to(local.device) for d, start, local in zip(engine.last_draw, starts, locals_)]
+        if engine.config.selection == "random" and engine.max_changed is None:
+            sources = [Source(c.param, None, []) for c in engine.candidates]
+            whole = draw_uniform(sources, engine.k, engine.generator())
+            return [shards.held_locally(i, start, local.numel()) for i, start, local in zip(whole, starts, locals_)]
+        return None
+
+    def _changed(self, locals_, starts) -> list[torch.Tensor | None] | None:
+        """Under `max_changed`: the entries changed so far, among those held here."""
+        engine = self.engine
+        if engine.max_changed is None:
+            return None
+        return [
+            shards.held_locally(engine.patch.index[c.name], start, local.numel())
+            if c.name in engine.patch.index
+            else None
+            for c, start, local in zip(engine.candidates, starts, locals_)
+        ]
+
+    def _offer(self, stream: StreamingDraw) -> tuple[list[str], int]:
+        """Feed the shards' gradients to the draw in the order they completed; the names of those not finite and
+        the bytes of gradients held."""
+        engine = self.engine
         bad, held = [], 0
-        for position in order:
-            candidate, grad = self.candidates[position], self.candidates[position].param.grad
+        for position in engine.gradient_order(every=True):
+            candidate = engine.candidates[position]
+            grad = candidate.param.grad
             if grad is None:
                 continue
             grad = grad.to_local() if shards.is_shard(grad) else grad
             if grad.numel() == 0:
                 continue  # no rows of this tensor here (it has fewer rows than there are processes)
             held += grad.numel() * grad.element_size()
-            means = self.tracker.means(candidate, self.shards[position])
+            means = engine.tracker.means(candidate, self.rows[position])
             if not bool(torch.isfinite(torch.linalg.vector_norm(grad))) or not finite_means(means):
                 bad.append(candidate.name)
                 continue
             stream.add(position, grad, means)
-        if sync.total(len(bad)):  # a shard anywhere with inf/NaN: every process skips
-            where = ", ".join(bad[:3]) or "tensors held by another process"
-            self._skip(
-                optimizer,
-                reason=f"the gradients or activations of {where} are not finite (inf or NaN). No weight changed.",
-            )
-            return
-        if fixed is not None:
-            drawn, values = stream.finish()
-            count = self.stats.drawn if self._reuses_mask() else self.k
-        else:
-            drawn, values, count = sharded_draw.merged_draw(stream, sync, changed)
-        if not self._reuses_mask():
-            self.draws += 1
-        self.last_draw = [index + start for index, start in zip(drawn, starts)]  # the part held here
-        self.stats.drawn = count
-        self.stats.grad_bytes = held
-        self._pending = (drawn, values, [factor_of(c.param.grad) for c in self.candidates], kind, set())
-        self._release_gradients(optimizer)
-        self.stats.step += 1
-        self._cycle_drawn = True
+        return bad, held

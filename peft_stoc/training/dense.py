@@ -1,18 +1,27 @@
-"""Confining an optimizer step to the drawn entries.
+"""The dense strategy of the training step (`memory="dense"`): the optimizer updates its candidates itself, from
+gradients masked to the drawn entries.
 
 Masking gradients alone does not confine an update: weight decay moves every entry, and momentum keeps moving
-entries drawn at earlier steps. Before the optimizer runs, `confine` therefore
+entries drawn at earlier steps. Before the optimizer runs, `DenseStrategy.confine` therefore
 
-* zeroes every candidate gradient outside the draw,
+* zeroes every candidate gradient outside the draw (`mask_gradient`),
 * switches the optimizer's own weight decay off for the step and applies the same decay to the drawn entries
-  (and, unchanged, to parameters that are not candidates, such as a task head in the same group),
+  (and, unchanged, to parameters that are not candidates, such as a task head in the same group: `DecayRedirect`),
 
-and under the ``strict`` rule `StrictGuard` puts back every previously changed entry that was not drawn now.
+and under the ``strict`` rule `StrictGuard` puts back every previously changed entry that was not drawn now. An
+optimizer whose update rule is not known to leave zero-gradient entries alone is checked after its step against a
+copy of the weights, and its step undone if it moved an entry not drawn.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .. import compat
+from ..distributed.ranks import RankSync
+from ..sampling.importance import Source, finite_means
+from ..sampling.selection import draw
+from .optimizer_checks import confined_by_masking, refuse_underflowing_eps
 
 # Optimizers whose weight decay is added to the gradient (L2) unless their group says it is decoupled.
 _COUPLED_DECAY = tuple(
@@ -129,3 +138,136 @@ class StrictGuard:
             for param, index, values in self._saved:
                 param.view(-1)[index] = values
         self._saved.clear()
+
+
+class DenseStrategy:
+    """The step with dense gradients: drawn from at the step, masked, and applied by the optimizer itself."""
+
+    def __init__(self, engine, given: list[torch.Tensor] | None = None):
+        self.engine = engine
+        self.decay = DecayRedirect()
+        self.strict = StrictGuard()
+        self.given = given  # a draw already made from gradients consumed before leaving the lean mode
+        self.drawn_by_id: dict[int, torch.Tensor] = {}
+        self.undo: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # weights before an unknown rule's step
+
+    gradients = None  # no gradient is consumed during the backward
+
+    def check(self, optimizer) -> None:
+        """Nothing to check before the scaler's word: the dense checks run in `draw`."""
+
+    def draw(self, optimizer) -> list[torch.Tensor] | None:
+        refuse_underflowing_eps(optimizer, self.engine.candidates)
+        self._keep_for_undo(optimizer)
+        engine = self.engine
+        given, self.given = self.given, None
+        if given is not None:
+            return given
+        bad = self._nonfinite_candidates()
+        if bad:
+            engine.skip(optimizer, reason=f"{engine.tracker.nonfinite_reason(bad)}. No weight changed.")
+            return None
+        if engine.reuses_mask():
+            return engine.last_draw
+        return self._fresh_draw()
+
+    def _fresh_draw(self) -> list[torch.Tensor]:
+        engine = self.engine
+        sync = engine.sync_statistics()
+        budgeted = engine.max_changed is not None
+        sources = [
+            Source(c.param, c.param.grad, engine.tracker.means(c), engine.patch.index.get(c.name) if budgeted else None)
+            for c in engine.candidates
+        ]
+        max_new = max(0, engine.max_changed - engine.patch.count) if budgeted else None
+        drawn = draw(sources, engine.k, engine.config.selection, engine.generator(), max_new=max_new)
+        if isinstance(sync, RankSync):
+            sync.check_draw(drawn)
+        return drawn
+
+    def _nonfinite_candidates(self) -> list[str]:
+        """Candidates whose gradient or μ is not finite (their importance would be NaN or inf)."""
+        engine = self.engine
+        grads = [(c, c.param.grad) for c in engine.candidates if c.param.grad is not None]
+        if not grads:
+            return []
+        norms = compat.foreach_norm([g for _, g in grads])
+        bad = [c.name for (c, _), norm in zip(grads, norms) if not bool(torch.isfinite(norm))]
+        return bad + [c.name for c in engine.candidates if not finite_means(engine.tracker.means(c))]
+
+    def confine(self, drawn: list[torch.Tensor], optimizer) -> None:
+        """Record the originals of the drawn entries, mask the gradients to them, and redirect weight decay."""
+        engine = self.engine
+        self.drawn_by_id = {id(c.param): index for c, index in zip(engine.candidates, drawn)}
+        strict = engine.config.update_rule == "strict"
+        for candidate, index in zip(engine.candidates, drawn):
+            if strict and candidate.name in engine.patch.index:
+                self.strict.save(candidate.param, engine.patch.index[candidate.name], index)
+            if index.numel():
+                engine.patch.record(candidate.name, candidate.param, index)
+            mask_gradient(candidate.param, index)
+        self.decay.apply(optimizer, self.drawn_by_id)
+        engine.stats.grad_bytes = sum(
+            c.param.grad.numel() * c.param.grad.element_size() for c in engine.candidates if c.param.grad is not None
+        )
+
+    def join(self, optimizer) -> None:
+        """A second optimizer in the same step: the gradients are masked already, only its decay needs confining."""
+        self.decay.apply(optimizer, self.drawn_by_id)
+
+    def update(self, optimizer) -> None:
+        """The optimizer has updated the weights: weight decay and the strict rule are given back, and every entry
+        outside the record of originals is checked (against a copy, for an update rule not known to confine)."""
+        self.detach()
+        kept, self.undo = self.undo, None
+        if kept is None:
+            self.engine.audit.take_touched()
+        else:
+            self._verify_or_undo(optimizer, kept)
+
+    def _keep_for_undo(self, optimizer) -> None:
+        """Before the step of an optimizer whose update rule StocTuning does not know: a copy of the candidates it
+        holds, so that a step that moves an entry not drawn can be undone exactly (`update`)."""
+        if confined_by_masking(optimizer):
+            return
+        held = self.engine.checks.held(optimizer)
+        self.undo = [(c.param, c.param.detach().clone()) for c in self.engine.candidates if id(c.param) in held]
+
+    def _verify_or_undo(self, optimizer, kept: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """After such a step: every entry outside the record of originals must be as it was, or the whole step is
+        undone (the weights it held written back from the copy) and refused."""
+        try:
+            self.engine.audit.verify(
+                allowed=self.engine.patch,
+                context=(
+                    f"in a step of {type(optimizer).__name__} although it was not drawn: this optimizer moves "
+                    "entries whose gradient is zero, so StocTuning cannot confine it. Use SGD, Adam or AdamW from "
+                    "torch.optim."
+                ),
+            )
+        except RuntimeError as error:
+            with torch.no_grad():
+                for param, before in kept:
+                    param.copy_(before)
+            raise RuntimeError(
+                f"{error} The candidate weights were put back as they were before this step (the optimizer's own "
+                "state did advance: start it afresh before training on)."
+            ) from None
+
+    def drop_pending(self) -> None:
+        """Nothing is pending between a dense step's draw and its update but the optimizer's own step."""
+
+    def finish(self) -> None:
+        """Nothing of a dense step outlives it."""
+
+    def abandon(self) -> None:
+        """The step was abandoned before the optimizer ran: nothing of it is held."""
+        self.given = None
+
+    def detach(self) -> None:
+        """Give the optimizer its weight decay back and the strict rule its entries."""
+        self.decay.restore()
+        self.strict.restore()
+
+    def masters(self) -> dict:
+        return {}

@@ -1,6 +1,7 @@
-"""Memory-lean training: candidate gradients consumed during the backward, optimizer state only where it is needed.
+"""Memory-lean training, the backward: candidate gradients consumed as they complete, optimizer state only where it
+is needed.
 
-`LeanStep` does, for one step engine:
+`GradientStream` does, for the lean strategy (`lean.LeanStrategy`):
 
 * backward — a post-accumulate-grad hook per candidate feeds each complete gradient to the step's `StreamingDraw`
   and replaces it with a `ConsumedGrad` (its norm and finiteness, for clipping and loss scaling), so gradients of
@@ -10,9 +11,9 @@
   under data parallelism (DDP reduces gradients in its own buckets after these hooks run). A plain loop that
   accumulates without saying so is refused at its second micro-batch, before anything changed
   (`consumed_grad.accumulation_error`);
-* optimizer step — the draw is finished, the drawn gradients are scaled by what clipping and unscaling applied, and
-  `sparse_optim` updates the candidates held by this optimizer; their gradients are then set to None, so the user's
-  optimizer keeps dense state only for the other parameters (task heads).
+* optimizer step — the draw is finished and the drawn gradients are scaled by what clipping and unscaling applied
+  (`finish`); the lean strategy then updates the candidates itself, so the user's optimizer keeps dense state only for
+  the other parameters (task heads).
 
 The sparse state lives in the optimizer's own `state` under a string key, so `optimizer.state_dict()` and
 `load_state_dict()` — and with them Trainer and accelerate checkpoints — carry it without any hook.
@@ -20,10 +21,9 @@ The sparse state lives in the optimizer's own `state` under a string key, so `op
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
+from .. import compat
 from ..sampling.importance import finite_means
 from ..sampling.streaming import StreamingDraw
 from ..tuner.candidates import Candidate
@@ -34,9 +34,7 @@ from .consumed_grad import ConsumedGrad, factor_of
 def accelerate_syncs_gradients() -> bool | None:
     """accelerate's (and Trainer's) word on whether the running backward ends an optimizer step; None if no
     accelerate gradient state exists in this process."""
-    state = sys.modules.get("accelerate.state")
-    gradient_state = getattr(state, "GradientState", None)
-    shared = getattr(gradient_state, "_shared_state", None)
+    shared = compat.accelerate_shared_state("GradientState")
     if not shared:
         return None
     return bool(shared.get("sync_gradients", True))
@@ -46,12 +44,11 @@ def _bytes(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None or isinstance(tensor, ConsumedGrad) else tensor.numel() * tensor.element_size()
 
 
-class LeanStep:
-    """Gradient streaming and the sparse optimizer for the candidates of one adapter."""
+class GradientStream:
+    """The candidates' gradients of one step fed to its streaming draw, as the backward (or the step) completes them."""
 
-    def __init__(self, candidates: list[Candidate], state_key: str):
+    def __init__(self, candidates: list[Candidate]):
         self.candidates = candidates
-        self.state_key = state_key
         self.stream: StreamingDraw | None = None
         self.nonfinite: list[str] = []  # candidates whose gradient was not finite in this step
         self.peak_grad_bytes = 0  # most bytes of candidate gradients held at once in the latest step
@@ -148,38 +145,6 @@ class LeanStep:
         for candidate in self.candidates:
             if isinstance(candidate.param.grad, ConsumedGrad):
                 candidate.param.grad = None
-
-    # -- the update --------------------------------------------------------------------------------------------
-    def states(self, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
-        """This adapter's sparse optimizer state per candidate name, kept in `optimizer.state`."""
-        holder = optimizer.state[self.state_key]
-        return holder.setdefault("tensors", {})
-
-    def update(
-        self, optimizer, kind: str, rule: str, drawn, values, factors, record, done: set[int], param_of=None
-    ) -> None:
-        """Apply the step to the candidates this optimizer holds (and that have not been updated in this step).
-        `param_of(candidate)`: the tensor `drawn` indexes (under FSDP2, this process's rows of the parameter)."""
-        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        states = self.states(optimizer)
-        scale = getattr(optimizer, "grad_scale", None)  # a fused optimizer stepped by GradScaler unscales itself
-        for position, candidate in enumerate(self.candidates):
-            group = groups.get(id(candidate.param))
-            if group is None or position in done:
-                continue
-            done.add(position)
-            if values[position] is None:
-                candidate.param.grad = None
-                continue  # no gradient in this step: torch's optimizers skip such a parameter entirely
-            grad = values[position] * factors[position]
-            if scale is not None:
-                grad = grad / scale
-            if drawn[position].numel():
-                record(candidate, drawn[position])
-            state = states.setdefault(candidate.name, {})
-            param = candidate.param if param_of is None else param_of(candidate)
-            sparse_optim.sparse_step(param, state, drawn[position], grad, group, kind, rule)
-            candidate.param.grad = None
 
 
 def state_bytes(optimizer: torch.optim.Optimizer | None, candidates: list[Candidate], state_key: str) -> int:

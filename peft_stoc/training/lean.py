@@ -1,6 +1,6 @@
-"""The optimizer step of a StocTuning engine in memory-lean mode (a part of `engine.StepEngine`): the draw finished
-from the gradients consumed during the backward, the update applied to the drawn entries after the optimizer's
-step, and the way back to dense mode for optimizers whose arithmetic is not reproduced.
+"""The lean strategy of the training step (`memory="lean"`, the default): the draw is finished from the gradients
+consumed during the backward (`gradient_stream`), the optimizer is handed no candidate gradient, and StocTuning applies
+the optimizer's own arithmetic to the drawn entries after its step (`sparse_optim`).
 """
 
 from __future__ import annotations
@@ -9,105 +9,172 @@ import warnings
 
 import torch
 
-from ..distributed import ranks as distributed
+from ..distributed.ranks import RankSync
 from . import sparse_optim
+from .gradient_stream import GradientStream
+from .optimizer_checks import check_sparse_state
+from .optimizer_hooks import watch_checkpoints
 
 
-class LeanSteps:
-    """Memory-lean steps of `StepEngine`."""
+class LeanStrategy:
+    """The step with gradients consumed in the backward and a sparse optimizer state."""
 
-    def _leave_lean(self, optimizer) -> None:
-        """An optimizer whose arithmetic StocTuning does not reproduce: dense mode from now on (or refuse)."""
-        name = type(optimizer).__name__
-        quantized = [c.name for c in self.candidates if c.overlay is not None]
-        if quantized:
-            raise ValueError(
-                f"StocTuning updates the quantized weights of this model (e.g. '{quantized[0]}') itself, with the "
-                f"arithmetic of torch.optim SGD, Adam and AdamW; it cannot apply {name}'s. Use one of those."
-            )
-        if self.config.update_rule == "lazy":
-            raise ValueError(
-                f"update_rule='lazy' is applied by StocTuning's memory-lean mode, which reproduces torch.optim SGD, "
-                f"Adam and AdamW, not {name}. Use one of those, or update_rule='masked_grad' / 'strict'."
-            )
-        if self.config.memory == "lean":
-            raise ValueError(
-                f"StocTuningConfig(memory='lean') reproduces the updates of torch.optim SGD, Adam and AdamW, not of "
-                f"{name}. Use one of those, or memory='dense' (or the default 'auto', which falls back to dense)."
-            )
-        warnings.warn(
-            f"StocTuning trains in memory='dense' mode with {name}: the memory-lean mode reproduces the updates of "
-            "torch.optim SGD, Adam and AdamW only, so this optimizer gets dense gradients and keeps its own state "
-            "for every candidate.",
-            stacklevel=4,
-        )
-        lean, self.lean = self.lean, None
-        if lean.stream is not None:  # gradients already consumed in this step: give them back, masked
-            drawn, values, factors = lean.finish(self._new_stream)
-            for candidate, index, value, factor in zip(self.candidates, drawn, values, factors):
+    def __init__(self, engine):
+        self.engine = engine
+        self.gradients = GradientStream(engine.candidates)
+        self.pending = None  # (drawn, values, factors, kind, updated positions) of the step under way
+        self.sparse_states: dict | None = None  # the sparse optimizer state of the latest step
+        self.rank_sync = None  # the data-parallel check of the draw under way
+
+    def check(self, optimizer) -> None:
+        """The sparse state this optimizer holds must index the entries this process holds."""
+        watch_checkpoints(optimizer)
+        check_sparse_state(optimizer, self.engine.state_key, self.layout())
+
+    def layout(self) -> tuple[int, int] | None:
+        """What the sparse state indexes: None for whole parameters (FSDP2 shards: `ShardedStrategy`)."""
+        return None
+
+    def draw(self, optimizer) -> list[torch.Tensor] | None:
+        engine, gradients = self.engine, self.gradients
+        # Under data parallelism nothing was streamed: μ is reduced across ranks before the draw, as in dense mode.
+        self.rank_sync = engine.sync_statistics() if gradients.stream is None else None
+        gradients.consume_dense(engine.gradient_order(), engine.tracker.means, engine.new_stream)
+        if engine.sparse is not None and engine.sparse.sums:
+            gradients.take_values(engine.sparse.sums, engine.new_stream)
+        if gradients.nonfinite:
+            reason = engine.tracker.nonfinite_reason(gradients.nonfinite)
+            engine.skip(optimizer, reason=f"{reason}. No weight changed.")
+            return None
+        drawn, values, factors = gradients.finish(engine.new_stream)
+        if isinstance(self.rank_sync, RankSync):
+            self.rank_sync.check_draw(drawn)
+        engine.stats.grad_bytes = gradients.peak_grad_bytes
+        self.pending = (drawn, values, factors, sparse_optim.kind_of(optimizer), set())
+        return drawn
+
+    def confine(self, drawn: list[torch.Tensor], optimizer) -> None:
+        """The candidates this optimizer holds leave its hands: StocTuning updates their drawn entries after its
+        step, and the optimizer steps only the other parameters."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for candidate in self.engine.candidates:
+            if id(candidate.param) in held:
+                candidate.param.grad = None
+
+    def join(self, optimizer) -> None:
+        """Another optimizer, holding other candidates, in a step already drawn: it leaves them to StocTuning too."""
+        if self.pending is not None:
+            self.confine(self.pending[0], optimizer)
+
+    def update(self, optimizer) -> None:
+        """The optimizer's arithmetic on the drawn entries of the candidates it holds; the originals are recorded
+        first. Recorded entries only move, so their checksum is taken anew."""
+        if self.pending is not None:
+            drawn, values, factors, kind, done = self.pending
+            kind = sparse_optim.kind_of(optimizer) or kind
+            self._apply(optimizer, kind, drawn, values, factors, done)
+            self.sparse_states = self.states(optimizer)
+        self.engine.audit.take_touched()
+
+    def record(self, position: int, index: torch.Tensor) -> None:
+        """The originals of the drawn entries of a candidate, recorded before the update writes them."""
+        candidate = self.engine.candidates[position]
+        self.engine.patch.record(candidate.name, candidate.param, index)
+
+    def local(self, candidate) -> torch.Tensor:
+        """The tensor the drawn indices index: the whole parameter."""
+        return candidate.param
+
+    def states(self, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+        """This adapter's sparse optimizer state per candidate name, kept in `optimizer.state`."""
+        holder = optimizer.state[self.engine.state_key]
+        return holder.setdefault("tensors", {})
+
+    def _apply(self, optimizer, kind: str, drawn, values, factors, done: set[int]) -> None:
+        """Apply the step to the candidates this optimizer holds (and that have not been updated in this step)."""
+        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        states = self.states(optimizer)
+        scale = getattr(optimizer, "grad_scale", None)  # a fused optimizer stepped by GradScaler unscales itself
+        rule = self.engine.config.update_rule
+        for position, candidate in enumerate(self.engine.candidates):
+            group = groups.get(id(candidate.param))
+            if group is None or position in done:
+                continue
+            done.add(position)
+            if values[position] is None:
+                candidate.param.grad = None
+                continue  # no gradient in this step: torch's optimizers skip such a parameter entirely
+            grad = values[position] * factors[position]
+            if scale is not None:
+                grad = grad / scale
+            if drawn[position].numel():
+                self.record(position, drawn[position])
+            state = states.setdefault(candidate.name, {})
+            sparse_optim.sparse_step(self.local(candidate), state, drawn[position], grad, group, kind, rule)
+            candidate.param.grad = None
+
+    def leave(self, optimizer) -> list[torch.Tensor] | None:
+        """An optimizer whose arithmetic StocTuning does not reproduce: the way to the dense strategy (or a refusal).
+        Gradients already consumed in this step are given back, masked; their draw is returned."""
+        _refuse_dense(self.engine, type(optimizer).__name__)
+        gradients, drawn = self.gradients, None
+        if gradients.stream is not None:
+            drawn, values, factors = gradients.finish(self.engine.new_stream)
+            for candidate, index, value, factor in zip(self.engine.candidates, drawn, values, factors):
                 if value is None:
                     candidate.param.grad = None
                     continue
                 grad = torch.zeros_like(candidate.param)
                 grad.view(-1).index_copy_(0, index, (value * factor).to(grad.dtype))
                 candidate.param.grad = grad
-            self._given_draw = drawn
-        lean.reset()
+        gradients.reset()
+        return drawn
 
-    def _lean_step(self, optimizer, kind: str) -> None:
-        if self.sharded:
-            return self._sharded_step(optimizer, kind)
-        lean = self.lean
-        self._sync_statistics_for_lean()
-        lean.consume_dense(list(self._gradient_order), self.tracker.means, self._new_stream)
-        if self.sparse is not None and self.sparse.sums:
-            lean.take_values(self.sparse.sums, self._new_stream)
-        if lean.nonfinite:
-            reason = self.tracker.nonfinite_reason(lean.nonfinite)
-            self._skip(optimizer, reason=f"{reason}. No weight changed.")
-            return
-        drawn, values, factors = lean.finish(self._new_stream)
-        if isinstance(self._rank_sync, distributed.RankSync):
-            self._rank_sync.check_draw(drawn)
-        if not self._reuses_mask():
-            self.draws += 1
-        self._drew_now = not self._reuses_mask()
-        self.last_draw = drawn
-        self.stats.drawn = int(sum(d.numel() for d in drawn))
-        self.stats.grad_bytes = lean.peak_grad_bytes
-        self._pending = (drawn, values, factors, kind, set())
-        self._release_gradients(optimizer)
-        self.stats.step += 1
-        self._cycle_drawn = True
+    def drop_pending(self) -> None:
+        """Forget a draw whose update never came (its optimizer raised); the gradients consumed since stay."""
+        self.pending = None
 
-    def _release_gradients(self, optimizer) -> None:
-        """The candidates this optimizer holds leave its hands: StocTuning updates them after its step."""
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for candidate in self.candidates:
-            if id(candidate.param) in held:
-                candidate.param.grad = None
+    def finish(self) -> None:
+        """Forget the step (after it ran)."""
+        self.pending = None
+        self.gradients.reset()
 
-    def _sync_statistics_for_lean(self) -> None:
-        # Under data parallelism nothing was streamed: μ is reduced across ranks before the draw, as in dense mode.
-        self._rank_sync = self._sync_statistics() if self.lean.stream is None else None
+    def abandon(self) -> None:
+        """The step was abandoned: its consumed gradients and its partial draw are dropped."""
+        self.gradients.clear_gradients()
+        self.finish()
 
-    def _lean_update(self, optimizer) -> None:
-        drawn, values, factors, kind, done = self._pending
-        kind = sparse_optim.kind_of(optimizer) or kind
-        record, local = (lambda c, index: self.patch.record(c.name, c.param, index)), {}
-        if self.sharded:  # indices local to the rows held here; the record of originals keeps whole-tensor indices
-            starts = {id(c): self._start_of(i) for i, c in enumerate(self.candidates)}
-            record = lambda c, index: self.patch.record(c.name, c.param, index + starts[id(c)])  # noqa: E731
-            local = {"param_of": lambda c: c.param.detach().to_local()}
-        self.lean.update(optimizer, kind, self.config.update_rule, drawn, values, factors, record, done, **local)
-        self._sparse_states = self.lean.states(optimizer)
+    def detach(self) -> None:
+        """Nothing is lent to the optimizer between steps."""
 
     def masters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Float32 master values of low-precision candidates, by name: (sorted flat indices, values). They outlive
         the optimizer, so an adapter saved after training still gets the float32 deltas."""
-        states = self._sparse_states or {}
-        masters = {name: (s["index"], s["master"]) for name, s in states.items() if "master" in s and "index" in s}
-        if self.sharded:  # the sparse state of a shard indexes the rows held here
-            starts = {c.name: self._start_of(i) for i, c in enumerate(self.candidates)}
-            masters = {name: (index + starts[name], values) for name, (index, values) in masters.items()}
-        return masters
+        states = self.sparse_states or {}
+        return {name: (s["index"], s["master"]) for name, s in states.items() if "master" in s and "index" in s}
+
+
+def _refuse_dense(engine, name: str) -> None:
+    """Settings under which the dense strategy cannot stand in for the lean one; otherwise a warning."""
+    quantized = [c.name for c in engine.candidates if c.overlay is not None]
+    if quantized:
+        raise ValueError(
+            f"StocTuning updates the quantized weights of this model (e.g. '{quantized[0]}') itself, with the "
+            f"arithmetic of torch.optim SGD, Adam and AdamW; it cannot apply {name}'s. Use one of those."
+        )
+    if engine.config.update_rule == "lazy":
+        raise ValueError(
+            f"update_rule='lazy' is applied by StocTuning's memory-lean mode, which reproduces torch.optim SGD, "
+            f"Adam and AdamW, not {name}. Use one of those, or update_rule='masked_grad' / 'strict'."
+        )
+    if engine.config.memory == "lean":
+        raise ValueError(
+            f"StocTuningConfig(memory='lean') reproduces the updates of torch.optim SGD, Adam and AdamW, not of "
+            f"{name}. Use one of those, or memory='dense' (or the default 'auto', which falls back to dense)."
+        )
+    warnings.warn(
+        f"StocTuning trains in memory='dense' mode with {name}: the memory-lean mode reproduces the updates of "
+        "torch.optim SGD, Adam and AdamW only, so this optimizer gets dense gradients and keeps its own state "
+        "for every candidate.",
+        stacklevel=7,
+    )

@@ -1,14 +1,15 @@
 """torch's global optimizer-step hooks, which reach every `torch.optim.Optimizer` — plain loops, transformers
-`Trainer`, accelerate's wrapped optimizers — and hand each step to the step engines that own its parameters.
+`Trainer`, accelerate's wrapped optimizers — and run the two halves of the `StocTuningStep` of each engine that owns
+its parameters around its step (installed when the first adapter starts training).
 """
 
 from __future__ import annotations
 
-import sys
 import weakref
 
 import torch
 
+from .. import compat
 from ..distributed import ranks as distributed
 
 ENGINES: weakref.WeakSet = weakref.WeakSet()  # engines of adapters being trained
@@ -25,20 +26,26 @@ def ensure_installed() -> None:
     _HOOK_HANDLES.append(register_optimizer_step_post_hook(_after_any_step))
 
 
+def _steps_of(optimizer) -> list:
+    """The steps of the running engines that own the optimizer's parameters, unless a `StocTuningStep.step()` is
+    stepping it already."""
+    return [e.step_for(optimizer) for e in list(ENGINES) if e.owns(optimizer) and optimizer not in e.explicit]
+
+
 def _before_any_step(optimizer, args, kwargs):
-    running = [engine for engine in list(ENGINES) if engine.owns(optimizer)]
-    if not running:  # (with an adapter in training, its own checks cover the parameters it does not train)
+    steps = _steps_of(optimizer)
+    if not steps and not any(optimizer in e.explicit for e in list(ENGINES)):
+        # (with an adapter in training, its own checks cover the parameters it does not train)
         for engine in list(PAUSED):
             if engine.owns(optimizer):
                 engine.refuse_paused_step()
-    for engine in running:
-        engine.before_step(optimizer)
+    for step in steps:
+        step.begin()
 
 
 def _after_any_step(optimizer, args, kwargs):
-    for engine in list(ENGINES):
-        if engine.owns(optimizer):
-            engine.after_step(optimizer)
+    for step in _steps_of(optimizer):
+        step.end()
 
 
 _WATCHED_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
@@ -56,7 +63,7 @@ def _refuse_in_dcp(optimizer, state_dict):
     # with a bare KeyError on the sparse state's string key; a sharded checkpoint could not place it anyway (it
     # belongs to no single parameter, and under FSDP2 each rank holds the part of its rows).
     keys = [key for key in state_dict["state"] if isinstance(key, str) and key.startswith("peft_stoc")]
-    frame = sys._getframe(1)
+    frame = compat.caller_frame(1)
     while keys and frame is not None:
         if frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict":
             raise distributed.UnsupportedDistributedSetup(
