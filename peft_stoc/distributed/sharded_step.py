@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling.entry_keys import EntryKeys
-from ..sampling.importance import Source, finite_means
+from ..sampling.importance import Source, entries_per_row, finite_means
 from ..sampling.selection import draw_uniform
 from ..sampling.streaming import StreamingDraw
 from ..training import sparse_optim
@@ -52,8 +52,7 @@ class ShardedStrategy(LeanStrategy):
 
     def start_of(self, position: int) -> int:
         """Flat index in the whole tensor of the first entry held here."""
-        shape = self.engine.candidates[position].param.shape
-        return self.rows[position].start * (int(shape[1:].numel()) if len(shape) else 1)
+        return self.rows[position].start * entries_per_row(self.engine.candidates[position].param.shape)
 
     def changed_count(self) -> int:
         """Entries changed so far, over all processes."""

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import compat
+from ..sampling.importance import entries_per_row
 from ..tuner.candidates import Candidate
 
 
@@ -96,7 +97,7 @@ def local_entries(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not is_shard(param):
         return param.detach().view(-1), 0
     local = param.detach().to_local()
-    return local.view(-1), shard_rows(param).start * _per_row(param.shape)
+    return local.view(-1), shard_rows(param).start * entries_per_row(param.shape)
 
 
 def writable_entries(param: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -108,10 +109,6 @@ def writable_entries(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not is_shard(param):
         return param.data.view(-1), 0
     return local_entries(param)
-
-
-def _per_row(shape) -> int:
-    return int(torch.Size(shape[1:]).numel()) if len(shape) else 1
 
 
 def shard_rows(param) -> slice:

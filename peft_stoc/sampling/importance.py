@@ -51,10 +51,15 @@ def rows_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0] if tensor.dim() else 1, -1)
 
 
+def entries_per_row(shape) -> int:
+    """Entries in one dim-0 row of a tensor of `shape` (a scalar is one row of one entry)."""
+    return max(1, int(torch.Size(shape[1:]).numel())) if len(shape) else 1
+
+
 def row_chunks(shape: torch.Size, chunk_entries: int = CHUNK_ENTRIES):
     """Yield (first_row, last_row) ranges over dim 0 holding about `chunk_entries` entries each."""
-    rows, per_row = (shape[0], max(1, shape[1:].numel())) if len(shape) else (1, 1)
-    step = max(1, chunk_entries // per_row)
+    rows = shape[0] if len(shape) else 1
+    step = max(1, chunk_entries // entries_per_row(shape))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 

@@ -32,7 +32,7 @@ import torch
 from ..distributed.shards import held_locally
 from .chunks import chunks
 from .entry_keys import EntryKeys
-from .importance import Source, chunk_entries_for, importance, row_chunks
+from .importance import Source, chunk_entries_for, entries_per_row, importance, row_chunks
 from .key_pool import KeyPool
 from .selection import chunk_keys, draw_uniform, membership
 from .thinning import Thinning
@@ -136,7 +136,7 @@ class StreamingDraw:
 
     def _feed_budgeted(self, tensor_id: int, source: Source) -> None:
         """A key for every entry; changed and new entries compete in separate pools (see `selection.draw`)."""
-        per_row = source.numel // max(1, source.param.shape[0]) if source.param.dim() else 1
+        per_row = entries_per_row(source.param.shape)
         flat_grad = source.grad.reshape(-1) if source.grad is not None else None
         for start, stop in row_chunks(source.param.shape, self.chunk_entries):
             local = start * per_row
@@ -164,7 +164,7 @@ class StreamingDraw:
         still be needed."""
         param = self.sources[tensor_id].param if source is None else source.param
         first = 0 if source is None else source.first_entry
-        per_row = param.numel() // max(1, param.shape[0]) if param.dim() else 1
+        per_row = entries_per_row(param.shape)
         changed = self.changed[tensor_id] if self.changed is not None else None
         for start, stop in row_chunks(param.shape, self.chunk_entries):
             local = start * per_row
