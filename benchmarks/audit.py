@@ -41,7 +41,7 @@ def measure(steps: int) -> dict:
         if round_ == 0:  # the engines exist after the first step: switch the second one's checks off
             audit = models["unaudited"].base_model.stoc_engine().audit
             audit.verify = lambda *args, **kwargs: None
-    params = list(models["audited"].base_model._base_params().values())
+    params = list(models["audited"].base_model.base_params().values())
     one_pass = common.median([_timed(lambda: [checksum(p.detach().view(-1)) for p in params]) for _ in range(5)])
     return {
         "description": description,

@@ -106,13 +106,13 @@ def loss_of(model, inputs):
 def base_snapshot(peft_model) -> dict[str, torch.Tensor]:
     """Every base parameter outside modules_to_save, by name."""
     tuner = peft_model.base_model
-    return {name: p.detach().clone() for name, p in tuner._base_params().items()}
+    return {name: p.detach().clone() for name, p in tuner.base_params().items()}
 
 
 def changed_entries(peft_model, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Flat indices that differ from `before`, per tensor (only tensors with changes)."""
     out = {}
-    for name, p in peft_model.base_model._base_params().items():
+    for name, p in peft_model.base_model.base_params().items():
         diff = (p.detach() != before[name]).view(-1).nonzero().squeeze(1)
         if diff.numel():
             out[name] = diff

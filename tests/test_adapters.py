@@ -144,7 +144,7 @@ def test_resume_training_with_is_trainable(tmp_path):
     assert resumed.stoc_stats()["changed"] >= loaded_delta.num_changed
     frozen = PeftModel.from_pretrained(tiny_model(), tmp_path)
     assert frozen.base_model.stoc_engine() is None
-    assert not any(p.requires_grad for p in frozen.base_model._base_params().values())
+    assert not any(p.requires_grad for p in frozen.base_model.base_params().values())
 
 
 def test_merge_and_unload_returns_plain_model_with_same_outputs():
@@ -167,11 +167,11 @@ def test_unload_and_disable_adapter_are_bit_exact():
     base_output = predict(tiny_model().eval())
     model = train_stoc(k=40)
     adapted = predict(model)
-    adapted_state = {n: p.detach().clone() for n, p in model.base_model._base_params().items()}
+    adapted_state = {n: p.detach().clone() for n, p in model.base_model.base_params().items()}
     with model.disable_adapter():
         assert torch.equal(predict(model), base_output)
     assert torch.equal(predict(model), adapted)
-    for name, param in model.base_model._base_params().items():
+    for name, param in model.base_model.base_params().items():
         assert torch.equal(param.detach(), adapted_state[name])  # the adapter comes back bit for bit
     _assert_same_weights(model.unload(), reference)
 
@@ -222,9 +222,9 @@ def test_weighted_sum_of_disjoint_adapters_equals_applying_both(tmp_path):
     model, _, (a, b) = _two_adapters(tmp_path, a={"target_modules": ["query"]}, target_modules=["value"])
     model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab")
     model.set_adapter("ab")
-    combined = {n: p.detach().clone() for n, p in model.base_model._base_params().items()}
+    combined = {n: p.detach().clone() for n, p in model.base_model.base_params().items()}
     model.merge_adapter(["a", "b"])
-    both = model.base_model._base_params()
+    both = model.base_model.base_params()
     for name, value in combined.items():
         assert torch.equal(both[name].detach(), value), name
     delta_a, delta_b = a.base_model.adapter_delta("default"), b.base_model.adapter_delta("default")
@@ -233,14 +233,14 @@ def test_weighted_sum_of_disjoint_adapters_equals_applying_both(tmp_path):
 
 def test_budget_holds_over_a_long_stochastic_run():
     model = train_stoc(k=20, steps=0, max_changed=70, selection="stochastic")
-    before = {n: p.detach().clone() for n, p in model.base_model._base_params().items()}
+    before = {n: p.detach().clone() for n, p in model.base_model.base_params().items()}
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(40):
         loss_of(model, batch(seed=step)).backward()
         optimizer.step()
         optimizer.zero_grad()
-        changed = sum(int((p.detach() != before[n]).sum()) for n, p in model.base_model._base_params().items())
+        changed = sum(int((p.detach() != before[n]).sum()) for n, p in model.base_model.base_params().items())
         assert changed <= 70, step
         assert model.stoc_stats()["drawn"] == 20
     assert model.stoc_stats()["changed"] == 70  # the budget is used, then draws stay inside it

@@ -53,7 +53,7 @@ def test_a_single_entry_edit_is_caught_at_the_next_forward_and_before_a_save(mem
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     _step(model, optimizer)
     name, entry = _untouched_entry(model)
-    weight = model.base_model._base_params()[name]
+    weight = model.base_model.base_params()[name]
     with torch.no_grad():
         weight.view(-1)[entry] += 1
     with pytest.raises(RuntimeError, match="query.weight' changed outside"):
@@ -69,7 +69,7 @@ def test_an_edit_of_an_entry_training_changed_is_caught():
     _step(model, optimizer)
     name, index = next((n, i) for n, i in model.base_model.stoc_layer.patch.index.items() if i.numel())
     with torch.no_grad():
-        model.base_model._base_params()[name].view(-1)[index[0]] += 1
+        model.base_model.base_params()[name].view(-1)[index[0]] += 1
     with pytest.raises(RuntimeError, match="changed outside"):
         model(**batch(seed=1))
 
@@ -80,7 +80,7 @@ def test_weight_clipping_after_the_step_is_caught():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     _step(model, optimizer)
     with torch.no_grad():
-        for param in model.base_model._base_params().values():
+        for param in model.base_model.base_params().values():
             param.clamp_(-0.065, 0.065)
     with pytest.raises(RuntimeError, match="changed outside"):
         _step(model, optimizer, seed=1)
@@ -175,7 +175,7 @@ def test_a_second_optimizer_over_the_same_candidates_is_refused(memory):
 
 def test_two_optimizers_over_different_candidates_step_together():
     model = _model("dense")
-    params = model.base_model._base_params()
+    params = model.base_model.base_params()
     embeddings = [p for n, p in params.items() if "embeddings" in n]
     rest = [p for n, p in params.items() if "embeddings" not in n]
     head = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params.values())]
@@ -201,7 +201,7 @@ def test_stoc_sync_accepts_deliberate_changes_for_paused_adapters_too():
     model.set_adapter("default")
     name, entry = _untouched_entry(model)
     with torch.no_grad():
-        model.base_model._base_params()[name].view(-1)[entry] += 1  # on purpose
+        model.base_model.base_params()[name].view(-1)[entry] += 1  # on purpose
     model.base_model.stoc_sync()
     _step(model, optimizer, seed=2)
     model.set_adapter("other")
@@ -217,6 +217,6 @@ def test_converting_the_model_after_a_step_is_no_change_outside_a_step(memory):
     _step(model, optimizer, seed=1)
     name, entry = _untouched_entry(model)
     with torch.no_grad():
-        model.base_model._base_params()[name].view(-1)[entry] += 1
+        model.base_model.base_params()[name].view(-1)[entry] += 1
     with pytest.raises(RuntimeError, match="changed outside"):
         model(**batch(seed=2))

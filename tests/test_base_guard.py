@@ -144,11 +144,11 @@ def test_save_load_and_switching_reproduce_trained_weights_bit_for_bit(tmp_path,
     # A large learning rate makes many entries move by more than their own size, where a float32 delta added to
     # the original lands one rounding step off: those keep an exact float64 delta.
     model = train_stoc(k=60, steps=6, lr=0.05, memory=memory)
-    trained = {n: p.detach().clone() for n, p in model.base_model._base_params().items()}
+    trained = {n: p.detach().clone() for n, p in model.base_model.base_params().items()}
     head = {k: v.clone() for k, v in model.state_dict().items() if "modules_to_save" in k}
     model.save_pretrained(tmp_path / "a")
     loaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "a")
-    for name, param in loaded.base_model._base_params().items():
+    for name, param in loaded.base_model.base_params().items():
         assert torch.equal(param.detach(), trained[name]), name
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in head.items())
     # Switching away and back, many times, lands on the same bits.
@@ -156,7 +156,7 @@ def test_save_load_and_switching_reproduce_trained_weights_bit_for_bit(tmp_path,
     for _ in range(5):
         loaded.set_adapter("twin")
         loaded.set_adapter("default")
-    for name, param in loaded.base_model._base_params().items():
+    for name, param in loaded.base_model.base_params().items():
         assert torch.equal(param.detach(), trained[name]), name
 
 
@@ -167,7 +167,7 @@ def test_an_adapter_with_exact_deltas_in_every_tensor_loads(tmp_path):
     model = get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS"))
     tuner = model.base_model
     tensors = {}
-    for name, param in tuner._base_params().items():
+    for name, param in tuner.base_params().items():
         index = torch.tensor([0, param.numel() - 1])
         values = torch.tensor([0.1 + 1e-12, -0.2 - 1e-12], dtype=torch.float64)  # not float32 numbers
         tensors[name] = (index, values)

@@ -51,7 +51,7 @@ def test_inspect_reports_counts_density_fingerprint_size(saved, capsys):
     assert report["k_entries"] == 40 and report["selection"] == "stochastic"
     assert set(report["tensors"]) == set(delta.tensors)
     for name, row in report["tensors"].items():
-        numel = a.base_model._base_params()[name].numel()
+        numel = a.base_model.base_params()[name].numel()
         assert row["numel"] == numel and row["density"] == pytest.approx(row["changed"] / numel)
     assert report["file_bytes"] == (root / "a" / "adapter_model.safetensors").stat().st_size
     assert report["fingerprint"]["structure"] and report["fingerprint"]["checksum"]
@@ -81,7 +81,7 @@ def test_compose_adds_weighted_deltas(saved, tmp_path, order):
     model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(root / "base"), out)
     base = dict(tiny_model().named_parameters())
     da, db = a.base_model.adapter_delta("default"), b.base_model.adapter_delta("default")
-    for name, param in model.base_model._base_params().items():
+    for name, param in model.base_model.base_params().items():
         expected = base[name].detach().clone().view(-1)
         for delta, weight in ((da, 1.0), (db, 0.5)):
             if name in delta.tensors:

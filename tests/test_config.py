@@ -106,9 +106,9 @@ def test_target_modules_matching_nothing_is_refused():
 def test_bitfit_k_counts_bias_entries_of_candidates():
     model = get_peft_model(tiny_model("bert"), StocTuningConfig(k="bitfit", task_type="SEQ_CLS"))
     tuner = model.base_model
-    expected = sum(p.numel() for n, p in tuner._base_params().items() if n.endswith(".bias"))
+    expected = sum(p.numel() for n, p in tuner.base_params().items() if n.endswith(".bias"))
     assert tuner._adapters["default"].k == expected
-    assert not any("classifier" in n for n in tuner._base_params())
+    assert not any("classifier" in n for n in tuner.base_params())
 
 
 def test_target_and_exclude_modules_choose_candidates():
@@ -121,7 +121,7 @@ def test_target_and_exclude_modules_choose_candidates():
             task_type="SEQ_CLS",
         ),
     )
-    names = set(model.base_model._base_params())
+    names = set(model.base_model.base_params())
     assert "bert.encoder.layer.1.attention.self.value.weight" in names
     assert "bert.encoder.layer.0.attention.self.value.weight" not in names
     assert "bert.encoder.layer.0.attention.self.query.bias" in names
@@ -132,7 +132,7 @@ def test_target_and_exclude_modules_choose_candidates():
 def test_float_k_is_a_fraction_of_candidates():
     model = get_peft_model(tiny_model("bert"), StocTuningConfig(k=0.01, task_type="SEQ_CLS"))
     tuner = model.base_model
-    total = sum(p.numel() for p in tuner._base_params().values())
+    total = sum(p.numel() for p in tuner.base_params().values())
     assert tuner._adapters["default"].k == round(0.01 * total)
 
 

@@ -26,7 +26,7 @@ def test_default_config_trains(name, caplog, monkeypatch):
     with caplog.at_level(logging.WARNING, logger="peft_stoc"):
         model = get_peft_model(base, StocTuningConfig())
     tuner = model.base_model
-    params = tuner._base_params()
+    params = tuner.base_params()
     biases = sum(p.numel() for n, p in params.items() if n.endswith(".bias"))
     total = sum(p.numel() for p in params.values())
     k = tuner._adapters["default"].k

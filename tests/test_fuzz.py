@@ -162,7 +162,7 @@ class Scenario:
     def manual_edit(self):
         """One base entry changed by hand outside any step: the next training step refuses before it changes
         anything; the entry is then put back."""
-        name, weight = self.rng.choice(sorted(self.tuner._base_params().items()))
+        name, weight = self.rng.choice(sorted(self.tuner.base_params().items()))
         recorded = self.tuner.stoc_layer.patch.index.get(name)
         flat = weight.data.view(-1)
         entry = self.rng.randrange(flat.numel())

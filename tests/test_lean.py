@@ -243,13 +243,13 @@ def test_bf16_base_accumulates_updates_below_its_resolution():
         model = get_peft_model(base, StocTuningConfig(k=40, memory=memory, selection="top"))
         model.train()
         tuner = model.base_model
-        before = {n: p.detach().clone() for n, p in tuner._base_params().items()}
+        before = {n: p.detach().clone() for n, p in tuner.base_params().items()}
         optimizer = torch.optim.SGD(model.parameters(), lr=2e-4)
         for step in range(30):
             model(**batch(seed=step % 3)).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        changed = sum(int((p != before[n]).sum()) for n, p in tuner._base_params().items())
+        changed = sum(int((p != before[n]).sum()) for n, p in tuner.base_params().items())
         return model, changed, before
 
     _, dense_changed, _ = run("dense")
@@ -333,7 +333,7 @@ def test_lazy_rule_advances_only_the_drawn_entries_state():
     }
     moved_outside = 0
     for step in range(6):
-        before = {n: p.detach().clone() for n, p in model.base_model._base_params().items()}
+        before = {n: p.detach().clone() for n, p in model.base_model.base_params().items()}
         model(**batch(seed=step)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -353,11 +353,11 @@ def test_lazy_rule_advances_only_the_drawn_entries_state():
                 flat[index] = theta - lr * m_hat / (v_hat.sqrt() + eps)
         head_optimizer.step()
         reference.zero_grad()
-        for n, p in model.base_model._base_params().items():
+        for n, p in model.base_model.base_params().items():
             changed = (p.detach() != before[n]).view(-1).nonzero().squeeze(1)
             moved_outside += int((~torch.isin(changed, drawn[n])).sum())
     assert moved_outside == 0  # only drawn entries ever change under the lazy rule
-    trained = dict(model.base_model._base_params())
+    trained = dict(model.base_model.base_params())
     for n in names:
         assert torch.allclose(trained[n], params[n], rtol=0, atol=2e-6), n
 

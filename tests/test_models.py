@@ -27,7 +27,7 @@ def test_one_adamw_step_is_confined(arch, task, extra):
     base = tiny_model(arch, task, **extra)
     model = get_peft_model(base, StocTuningConfig(k=50, task_type=task))
     tuner = model.base_model
-    heads = [n for n in tuner._base_params() if n.split(".")[0] in ("classifier", "score")]
+    heads = [n for n in tuner.base_params() if n.split(".")[0] in ("classifier", "score")]
     assert not heads, "the task head is trained fully, never drawn from"
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -49,7 +49,7 @@ def test_one_adamw_step_is_confined(arch, task, extra):
 
 def test_tied_llama_embedding_is_one_candidate():
     model = get_peft_model(tiny_model("llama", "CAUSAL_LM"), StocTuningConfig(k=10, task_type="CAUSAL_LM"))
-    names = list(model.base_model._base_params())
+    names = list(model.base_model.base_params())
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
     base = model.base_model.model
     assert base.lm_head.weight is base.model.embed_tokens.weight

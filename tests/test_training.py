@@ -223,7 +223,7 @@ def test_stats_report_drawn_changed_density():
     for step in range(3):
         _step(model, optimizer, batch(seed=step))
     stats = model.stoc_stats()
-    total = sum(p.numel() for p in model.base_model._base_params().values())
+    total = sum(p.numel() for p in model.base_model.base_params().values())
     assert stats["step"] == 3 and stats["drawn"] == 30
     assert 30 <= stats["changed"] <= 90
     assert stats["density"] == pytest.approx(stats["changed"] / total)

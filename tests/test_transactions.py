@@ -213,6 +213,6 @@ def test_a_failed_load_forgets_the_step_count_and_the_check_it_noted(tmp_path):
     with pytest.raises(RuntimeError):
         model.load_adapter(tmp_path / "five", adapter_name="x", torch_device="cuda:3")  # fails after validation
     tuner = model.base_model
-    assert "x" not in tuner._steps_loaded and "x" not in tuner._validated
+    assert tuner.load_notes("x") == (None, None)
     model.add_adapter("x", Config(k=40, task_type="SEQ_CLS"))
     assert tuner.is_fresh("x")

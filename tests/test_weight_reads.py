@@ -226,7 +226,7 @@ def test_a_backward_after_switching_to_another_trainable_adapter_is_refused():
     model.set_adapter("other")  # trainable: its own engine would take these gradients
     with pytest.raises(RuntimeError, match="not what the graph was built on"):
         loss.backward()
-    assert all(p.grad is None for p in model.base_model._base_params().values())
+    assert all(p.grad is None for p in model.base_model.base_params().values())
 
 
 def test_a_backward_after_the_active_delta_was_replaced_is_refused():

@@ -108,6 +108,25 @@ def write_model_card(
     first = next(iter(configs.values()))
     path = os.path.join(save_directory, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
+    _set_card_data(card, first.base_model_name_or_path, extra_tags)
+    rows = _adapter_rows(save_directory, configs)
+    usage = _usage(
+        first, repo_id or load_from or save_directory, architectures, _labels(save_directory, next(iter(configs)))
+    )
+    section = _section(rows, usage)
+    text = card.text
+    if SECTION_START in text and SECTION_END in text:
+        before, rest = text.split(SECTION_START, 1)
+        after = rest.split(SECTION_END, 1)[1]
+        text = before + section + after
+    else:
+        text = section + "\n\n" + text
+    card.text = text
+    card.save(path)
+
+
+def _set_card_data(card: ModelCard, base: str | None, extra_tags: list[str] | None) -> None:
+    """The card's metadata: library, tags (PEFT's, StocTuning's and `extra_tags`) and the base model."""
     card.data["library_name"] = "peft"
     # PEFT tags "base_model:adapter:<name>"; a model built from a config has no name, and an empty tag helps nobody.
     tags = [t for t in card.data.get("tags") or [] if not t.endswith(":")]
@@ -115,12 +134,15 @@ def write_model_card(
         if tag not in tags:
             tags.append(tag)
     card.data["tags"] = tags
-    base = first.base_model_name_or_path
     if base:
         card.data["base_model"] = base
     elif not card.data.get("base_model"):
         card.data.pop("base_model", None)
-    section = "\n".join(
+
+
+def _section(rows: list[str], usage: str) -> str:
+    """StocTuning's section of the card: what the adapter is, a table of the saved adapters and how to load them."""
+    return "\n".join(
         [
             SECTION_START,
             "## StocTuning adapter",
@@ -133,31 +155,17 @@ def write_model_card(
             "",
             "| adapter | k per step | selection | changed entries | adapter size |",
             "|---|---|---|---|---|",
-            *_adapter_rows(save_directory, configs),
+            *rows,
             "",
             "### Usage",
             "",
             "Install [peft-stoc](https://pypi.org/project/peft-stoc/) (`pip install peft-stoc`; from a clone of its "
             "repository, `pip install .`), then:",
             "",
-            _usage(
-                first,
-                repo_id or load_from or save_directory,
-                architectures,
-                _labels(save_directory, next(iter(configs))),
-            ),
+            usage,
             SECTION_END,
         ]
     )
-    text = card.text
-    if SECTION_START in text and SECTION_END in text:
-        before, rest = text.split(SECTION_START, 1)
-        after = rest.split(SECTION_END, 1)[1]
-        text = before + section + after
-    else:
-        text = section + "\n\n" + text
-    card.text = text
-    card.save(path)
 
 
 def push_to_hub(

@@ -16,6 +16,7 @@ import weakref
 
 from torch import nn
 
+from .. import compat
 from . import validation
 
 # -- checks before anything is attached ---------------------------------------------------------------------------
@@ -54,23 +55,6 @@ def check_new_adapter(adapter_name, config) -> None:
         heads[:] = dict.fromkeys(heads)  # in place: PEFT's task classes hold the same list
 
 
-# Hook tables of a module that attaching an adapter may add to.
-_HOOK_TABLES = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-_TENSOR_HOOK_TABLES = ("_backward_hooks", "_post_accumulate_grad_hooks")
-
-
 class ModelState:
     """What attaching an adapter may change in a model, recorded so that it can be put back: every module's children,
     hooks and attribute names, every parameter's `requires_grad` flag and hooks. Weights are not recorded (attaching
@@ -84,8 +68,11 @@ class ModelState:
             (
                 weakref.ref(module),
                 set(vars(module)),
-                {name: None if child is None else weakref.ref(child) for name, child in module._modules.items()},
-                {table: dict(getattr(module, table, None) or {}) for table in _HOOK_TABLES},
+                {
+                    name: None if child is None else weakref.ref(child)
+                    for name, child in compat.module_children(module).items()
+                },
+                {table: dict(hooks or {}) for table, hooks in compat.module_hook_tables(module).items()},
             )
             for module in model.modules()
         ]
@@ -93,7 +80,7 @@ class ModelState:
             (
                 weakref.ref(param),
                 param.requires_grad,
-                {table: dict(getattr(param, table, None) or {}) for table in _TENSOR_HOOK_TABLES},
+                {table: dict(hooks or {}) for table, hooks in compat.tensor_hook_tables(param).items()},
             )
             for param in model.parameters()
         ]
@@ -106,12 +93,14 @@ class ModelState:
             for name in [n for n in vars(module) if n not in attributes]:
                 del module.__dict__[name]
             alive = {name: None if ref is None else ref() for name, ref in children.items()}
-            module._modules.clear()
-            module._modules.update(
+            registered = compat.module_children(module)
+            registered.clear()
+            registered.update(
                 {name: child for name, child in alive.items() if child is not None or children[name] is None}
             )
+            tables = compat.module_hook_tables(module)
             for table, saved in hooks.items():
-                current = getattr(module, table, None)
+                current = tables[table]
                 if current is not None:
                     current.clear()
                     current.update(saved)
@@ -120,8 +109,9 @@ class ModelState:
             if param is None:
                 continue
             param.requires_grad_(requires_grad)
+            tables = compat.tensor_hook_tables(param)
             for table, saved in hooks.items():
-                current = getattr(param, table, None)
+                current = tables[table]
                 if current is not None:
                     current.clear()
                     current.update(saved)
@@ -149,7 +139,7 @@ class Transactions:
             with contextlib.suppress(Exception):  # put back whatever can be, whatever state the failure left
                 self._forget_engines()
             with contextlib.suppress(Exception):
-                self.stoc_layer.restore(self._base_params())
+                self.stoc_layer.restore(self.base_params())
             with contextlib.suppress(Exception):
                 self._remove_layer()
         before.restore()
@@ -186,7 +176,7 @@ class Transactions:
             with contextlib.suppress(Exception):
                 self._drop_engine(adapter_name)
         if adapter_name in layer.applied or any(a not in slots for a in layer.merged_adapters):
-            layer.restore(self._base_params())  # its deltas must not stay in the weights
+            layer.restore(self.base_params())  # its deltas must not stay in the weights
             layer.merged_adapters = [a for a in layer.merged_adapters if a in slots]
         before.restore()
         self.peft_config.clear()

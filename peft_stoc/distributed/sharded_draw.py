@@ -19,7 +19,7 @@ from .ranks import world_size
 def gather_draw(drawn: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
     """The whole draw, on every rank, from each rank's part (per-tensor sorted flat indices in whole-tensor
     coordinates). Not needed for training (each rank updates the entries it holds): for inspection and tests."""
-    device = _comm_device()
+    device = comm_device()
     sizes = torch.tensor([d.numel() for d in drawn], dtype=torch.int64, device=device)
     flat = torch.cat([d.to(device=device, dtype=torch.int64) for d in drawn]) if drawn else sizes.new_empty(0)
     world = world_size(group)
@@ -89,11 +89,11 @@ class ShardSync:
         return dist.get_rank(self.group)
 
     def total(self, count: int) -> int:
-        return int(self.all_reduce(torch.tensor([count], dtype=torch.int64, device=_comm_device())))
+        return int(self.all_reduce(torch.tensor([count], dtype=torch.int64, device=comm_device())))
 
     def top(self, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
         """(mask over `keys`: the local members of the global top-k, number of keys > -inf over all ranks)."""
-        device = _comm_device()
+        device = comm_device()
         valid = keys > -math.inf
         total = self.total(int(valid.sum()))
         if total <= k:
@@ -141,7 +141,8 @@ class ShardSync:
         return low
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
+    """Where tensors for a collective go: this process's GPU under NCCL, else the CPU (gloo)."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -228,7 +229,7 @@ def gather_entries(
     float16; they come back in `dtypes[name]`, or as float32 unless some rank holds float64 values for the name.
     What is moved is the entries themselves: the size of a sparse delta, never of the tensors."""
     number = {name: i for i, name in enumerate(names)}
-    device = _comm_device()
+    device = comm_device()
     positions, values = [], []
     wide = torch.zeros(len(names), dtype=torch.int64, device=device)
     for name, (index, vals) in parts.items():

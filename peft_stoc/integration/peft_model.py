@@ -12,7 +12,7 @@ itself is left as PEFT defines it, so models of other methods never meet this co
 * `load_adapter` (also reached by `PeftModel.from_pretrained` and `AutoPeftModel*.from_pretrained`): checks the
   adapter name and config, puts back a folder an interrupted save left moved away, then reads and validates the
   whole file — header limits, readability, every tensor, the base fingerprint, values in range of the base dtypes —
-  before anything is touched; a load that fails anyway is undone (`adapter_io.AdapterFiles.attaching`), down to the
+  before anything is touched; a load that fails anyway is undone (`transactions.Transactions.attaching`), down to the
   caller's base for a failed `from_pretrained`. `ignore_base_mismatch=True` applies an adapter to another base on
   purpose.
 * `add_adapter`: attaching is a transaction too (checks first, everything undone on failure).
@@ -35,8 +35,8 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from ..adapter_files import adapter_file, atomic_folder, hub
-from ..adapter_files.adapter_io import check_adapter_name, check_new_adapter
+from ..adapter_files import adapter_file, atomic_folder, hub, validation
+from ..adapter_files.transactions import check_adapter_name, check_new_adapter
 from ..quantized import bnb_weights as quantized
 from ..tuner.model import StocTuningModel, detached_copies
 
@@ -89,15 +89,15 @@ def _check_base(tuner, file: adapter_file.AdapterFile, config, ignore_base_misma
 
 
 def _validate(tuner, path: str, config, ignore_base_mismatch: bool):
-    """Everything in the file at `path` against the model, before any of it is applied (`adapter_file.validate`, the
+    """Everything in the file at `path` against the model, before any of it is applied (`validation.validate`, the
     one validation the command line uses too); returns the file."""
-    params = tuner._adapter_params("", config)
+    params = tuner.adapter_params("", config)
     expected = adapter_file.Expected(
         numels={name: p.numel() for name, p in params.items()},
         dtypes={name: p.dtype for name, p in params.items()},
         heads=_head_specs(tuner, config),
     )
-    return adapter_file.validate(
+    return validation.validate(
         path,
         config,
         expected,
@@ -184,16 +184,15 @@ class StocTuningPeftModel(PeftModel):
         tuner = self.base_model
         check_adapter_name(adapter_name)
         fresh = tuner.is_fresh(adapter_name)  # injected for this load (PeftModel.from_pretrained) or not there yet
-        # What this load notes of the file (its step count, its check against the base) is undone with it.
-        noted = (tuner._steps_loaded.get(adapter_name), adapter_name in tuner._validated)
+        # What this load notes of the file (its step count, the file validated) is undone with it.
+        notes = tuner.load_notes(adapter_name)
         try:
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
             _recover(model_id, hub_kwargs.get("subfolder"))
             config = self.peft_config.get(adapter_name) or PeftConfig.from_pretrained(model_id, **hub_kwargs)
             check_new_adapter(adapter_name, config)
             file = _validate(tuner, _adapter_path(str(model_id), hub_kwargs), config, ignore_base_mismatch)
-            tuner.note_loaded(adapter_name, file.counts)
-            tuner._validated.add(adapter_name)
+            tuner.note_validated(adapter_name, file)
             if adapter_name in self.peft_config:
                 return super().load_adapter(model_id, adapter_name, *args, **kwargs)
             with tuner.attaching(adapter_name, config):
@@ -201,13 +200,7 @@ class StocTuningPeftModel(PeftModel):
         except BaseException:
             if fresh and adapter_name in self.peft_config:
                 tuner.abandon_load(adapter_name)  # the model, and the base under it, as they were before
-            step, validated = noted
-            if step is None:
-                tuner._steps_loaded.pop(adapter_name, None)
-            else:
-                tuner._steps_loaded[adapter_name] = step
-            if not validated:
-                tuner._validated.discard(adapter_name)
+            tuner.restore_load_notes(adapter_name, notes)
             raise
 
     def push_to_hub(self, repo_id: str, *args, **kwargs):

@@ -14,7 +14,7 @@ the optimizer's param group at that step, exactly as `torch.optim` would on the 
 * bf16/fp16 parameters keep float32 master values for their support, so updates below the parameter's resolution
   accumulate instead of vanishing.
 
-The functions are pure arithmetic on a state dict of tensors; `LeanState` only holds those dicts.
+The functions are pure arithmetic on a state dict of tensors, which the lean strategy keeps in `optimizer.state`.
 """
 
 from __future__ import annotations
@@ -94,29 +94,14 @@ def sparse_step(
     else:
         support, old_at, drawn_at = drawn, None, torch.arange(drawn.numel(), device=drawn.device)
     size = support.numel()
-    master = None
-    if param.dtype in LOW_PRECISION:
-        master = _grown(state.get("master"), size, old_at, flat)
-        new = torch.ones(size, dtype=torch.bool, device=flat.device)
-        if old_at is not None:
-            new.index_fill_(0, old_at, False)
-        # Entries entering the support start from the parameter's value.
-        master.masked_scatter_(new, flat.index_select(0, support.masked_select(new)).float())
-        theta = master
-    else:
-        theta = flat.index_select(0, support)
+    master = _master(state, flat, support, old_at) if param.dtype in LOW_PRECISION else None
+    theta = master if master is not None else flat.index_select(0, support)
     g = torch.zeros(size, dtype=theta.dtype, device=flat.device).index_copy_(0, drawn_at, grad.to(theta.dtype))
     if group.get("maximize", False):
         g = -g
     lr = float(group["lr"])
-    decay = float(group.get("weight_decay", 0) or 0)
     snapshot = theta.clone() if strict else None
-    if decay:
-        drawn_theta = theta.index_select(0, drawn_at)
-        if kind == "adam" and group.get("decoupled_weight_decay", False):
-            theta.index_copy_(0, drawn_at, drawn_theta * (1 - lr * decay))
-        else:
-            g.index_copy_(0, drawn_at, g.index_select(0, drawn_at).add(drawn_theta, alpha=decay))
+    _weight_decay(kind, group, theta, g, drawn_at, lr)
     if rule == "lazy":
         _lazy(kind, theta, g, state, old_at, drawn_at, size, group, lr)
     elif kind == "adam":
@@ -131,6 +116,32 @@ def sparse_step(
     flat.index_copy_(0, support, theta.to(flat.dtype))
     if keep_support:
         state["index"] = support
+
+
+def _master(state: dict, flat: torch.Tensor, support: torch.Tensor, old_at: torch.Tensor | None) -> torch.Tensor:
+    """The float32 master values of a low-precision tensor's support: kept ones where the support was, the
+    parameter's value where entries enter it."""
+    size = support.numel()
+    master = _grown(state.get("master"), size, old_at, flat)
+    new = torch.ones(size, dtype=torch.bool, device=flat.device)
+    if old_at is not None:
+        new.index_fill_(0, old_at, False)
+    master.masked_scatter_(new, flat.index_select(0, support.masked_select(new)).float())
+    return master
+
+
+def _weight_decay(
+    kind: str, group: dict, theta: torch.Tensor, g: torch.Tensor, drawn_at: torch.Tensor, lr: float
+) -> None:
+    """The group's weight decay on the drawn entries: decoupled (AdamW) on `theta`, else added to the gradient `g`."""
+    decay = float(group.get("weight_decay", 0) or 0)
+    if not decay:
+        return
+    drawn_theta = theta.index_select(0, drawn_at)
+    if kind == "adam" and group.get("decoupled_weight_decay", False):
+        theta.index_copy_(0, drawn_at, drawn_theta * (1 - lr * decay))
+    else:
+        g.index_copy_(0, drawn_at, g.index_select(0, drawn_at).add(drawn_theta, alpha=decay))
 
 
 def _adam(theta, g, state, old_at, size, group, lr) -> None:

@@ -4,11 +4,8 @@ Forward hooks sum, per module, the value entering each connection over the real 
 micro-batch; `means()` turns the sums into μ when the optimizer steps, and `reset()` starts the next step. μ is
 kept per input feature (or per vocabulary row), never at a weight's full size.
 
-Which tokens are real comes from the padding mask of the *token scope* a module runs in: the model itself and every
-sub-model that takes token inputs (an encoder, a decoder) with its own `attention_mask`. An encoder's output keeps
-its encoder's mask wherever it is read (cross-attention inside a decoder). Whether a module's values are laid out
-(batch, seq) or (seq, batch) is the model's own layout (`token_scopes.sequence_first_modules`), not a guess from a
-shape, so a batch as long as it is wide takes its mask like any other; values laid out neither way count all rows.
+Which tokens are real comes from the padding mask of the token scope a module runs in (`token_masks`). A use of a
+candidate the hooks cannot follow gets μ = 1, with one warning (`untraced_uses`).
 
 A model whose forward projects its backbone's output through the output embedding's weight itself (TRL's fused LM
 head, `fused_lm_head=True`) is followed there: μ of the head is the mean of the backbone's output over the positions
@@ -18,9 +15,6 @@ whose next-token label is not -100, the positions that reach the head.
 from __future__ import annotations
 
 import functools
-import os
-import sys
-import warnings
 import weakref
 
 import torch
@@ -30,13 +24,12 @@ from torch import nn
 from ..tuner.candidates import Candidate, UseKind, is_rms_norm
 from . import opaque_hooks
 from .row_gathers import RowGathers
-from .token_scopes import fused_head, scope_arguments, sequence_first_modules
+from .token_masks import TokenMasks
+from .token_scopes import fused_head
+from .untraced_uses import UNTRACED_TYPES, UntracedUses, untraced_types, warn_once
 
 # A factor of μ: a vector along one weight dimension, or None for the constant 1.
 MeanFactor = tuple[torch.Tensor | None, int]
-
-# Token layouts of a value's leading dimensions relative to the (batch, seq) mask.
-BATCH_FIRST, SEQ_FIRST, UNALIGNED = "batch_first", "seq_first", "unaligned"
 
 
 class _Sum:
@@ -54,7 +47,7 @@ class _Sum:
         self.tokens += float(tokens)
 
 
-class ActivationTracker:
+class ActivationTracker(TokenMasks, UntracedUses):
     """Forward hooks that accumulate μ for `candidates` while `armed`."""
 
     def __init__(self, root: nn.Module, candidates: list[Candidate], stat: str):
@@ -64,15 +57,11 @@ class ActivationTracker:
         self.armed = False
         self._hooks = opaque_hooks.HookSet()
         self._training_forward = False  # the running forward records gradients
-        self._scopes: list[torch.Tensor | None] = []  # (batch, seq) masks of the token scopes entered (None: unknown)
-        self._scope_outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # a scope output -> its mask
+        self._init_token_masks(root)
         # Per-forward cache of sums by input tensor. The input is held weakly: a strong reference would keep every
         # layer's input alive until the forward ends, which activation checkpointing exists to avoid.
         self._seen: dict[tuple, tuple[weakref.ref, torch.Tensor, float]] = {}
-        self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}  # per-forward: mask -> weights
         self._sums: dict[int, _Sum] = {}
-        self._sequence_first = sequence_first_modules(root)  # modules whose inputs the model lays out (seq, batch)
-        self._layouts: dict[int, str] = {}  # modules whose inputs, unambiguously, did not have the model's layout
         self._head_labels: tuple[torch.Tensor, bool] | None = None  # a fused-head forward's labels, and if shifted
         self._recorders: dict[int, RowGathers] = {}  # embedding modules running under a row recorder
         self._untraced: set[int] = set()  # embedding modules that ran this step without a row gather we can follow
@@ -84,8 +73,7 @@ class ActivationTracker:
             for use in candidate.uses:
                 if use.kind is not UseKind.CONSTANT:
                     self._modules[id(use.module)] = (use.module, use.kind)
-        self._scope_arguments = scope_arguments(root)
-        _warn_once(root, _untraced_types(candidates), UNTRACED_TYPES)
+        warn_once(root, untraced_types(candidates), UNTRACED_TYPES)
 
     # -- hooks -------------------------------------------------------------------------------------------------
     # Each hook selects the tensors it reads (traceable code) and hands them to a body that keeps this tracker's
@@ -162,80 +150,6 @@ class ActivationTracker:
         return self._on_linear
 
     # -- token scopes --------------------------------------------------------------------------------------------
-    def _scope_tensors(self, module, args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The padding mask and the token inputs a scope's forward receives (None where it has none)."""
-        arguments = self._scope_arguments.get(module)
-        if arguments is None:
-            return None, None
-        mask = arguments.find(arguments.mask, args, kwargs)
-        tokens = next(
-            (
-                t
-                for t in (arguments.find(name, args, kwargs) for name in arguments.tokens)
-                if isinstance(t, torch.Tensor) and t.dim() >= 2
-            ),
-            None,
-        )
-        return (mask if isinstance(mask, torch.Tensor) else None), tokens
-
-    def _enter_scope(self, module, mask, tokens):
-        # Only a (batch, seq) padding mask says which tokens are real; other shapes (4-D masks) are left alone.
-        if mask is not None:
-            mask = mask.detach() if mask.dim() == 2 else None
-        elif module in self._scope_arguments:
-            # No mask: every token is real. Its shape still tells how often rows gathered once per position count.
-            mask = None if tokens is None else torch.ones(tokens.shape[:2], device=tokens.device)
-        self._scopes.append(mask)
-
-    def _leave_scope(self, hidden):
-        if not self._scopes:
-            return
-        mask = self._scopes.pop()
-        if hidden is not None and hidden.dim() > 2 and (mask is None or hidden.shape[:2] == mask.shape):
-            # An encoder's output read elsewhere (cross-attention keys and values) keeps the encoder's padding.
-            self._scope_outputs[id(hidden)] = (hidden, mask)
-
-    def _mask_for(self, values: torch.Tensor) -> torch.Tensor | None:
-        known = self._scope_outputs.get(id(values))
-        if known is not None and known[0] is values:
-            return known[1]
-        return self._scopes[-1] if self._scopes else None
-
-    def _layout(self, module: nn.Module, shape: torch.Size, mask: torch.Tensor, broadcast: bool) -> str:
-        """How `shape` (a value's token dimensions) lines up with `mask`: the layout the model gives `module`'s inputs.
-
-        A shape that only fits the other layout (a model whose code is sequence-first where no declaration says so)
-        teaches this module's layout for the batches where both fit."""
-        batch, seq = mask.shape
-        targets = {BATCH_FIRST: (batch, seq), SEQ_FIRST: (seq, batch)}
-        model = SEQ_FIRST if id(module) in self._sequence_first else BATCH_FIRST
-        expected = self._layouts.get(id(module), model)
-        if _fits(shape, targets[expected], broadcast):
-            return expected
-        other = SEQ_FIRST if expected == BATCH_FIRST else BATCH_FIRST
-        if _fits(shape, targets[other], broadcast):
-            self._layouts[id(module)] = other
-            return other
-        return UNALIGNED
-
-    def _token_weights(
-        self, module: nn.Module, shape: torch.Size, mask: torch.Tensor | None, dtype, device, broadcast: bool = False
-    ) -> tuple[torch.Tensor, float] | None:
-        """Weights (1 real, 0 padding) for tokens laid out as `shape` and their sum, or None to count every token.
-
-        The weights have the mask's layout, (batch, seq) or (seq, batch), for `shape` to be expanded to."""
-        if mask is None:
-            return None
-        layout = self._layout(module, shape, mask, broadcast)
-        if layout == UNALIGNED:
-            return None
-        key = (id(mask), layout, dtype, device)
-        found = self._weights.get(key)
-        if found is None or found[0] is not mask:  # once per mask and layout in a forward: the sum synchronises
-            weights = (mask if layout == BATCH_FIRST else mask.t()).to(device=device, dtype=dtype)
-            found = self._weights[key] = (mask, weights, float(weights.sum()))
-        return found[1:]
-
     # -- statistics ----------------------------------------------------------------------------------------------
     def _accumulate(self, module: nn.Module, values: torch.Tensor, shared: bool = True) -> None:
         """Add the per-feature sum of `values` (..., features) over real tokens to `module`'s running sum.
@@ -358,88 +272,6 @@ class ActivationTracker:
             mean = mean.clamp_min(0).sqrt()
         return mean
 
-    def _bypassed(self, candidate: Candidate) -> bool:
-        """The parameter got a gradient this step, yet none of the modules we trace ran: it was used around them."""
-        traced = [use for use in candidate.uses if use.kind is not UseKind.CONSTANT]
-        if not traced or not self._forwards:
-            return False
-        if any((acc := self._sums.get(id(use.module))) is not None and acc.total is not None for use in traced):
-            return False
-        if any(id(use.module) in self._untraced for use in traced):
-            return False
-        grad = candidate.param.grad
-        if grad is not None and hasattr(grad, "to_local"):
-            grad = grad.to_local()  # an FSDP2 shard's gradient: this process's rows
-        return grad is not None and bool(grad.any())
-
-    def _fallbacks(self) -> set[int]:
-        """Parameters (by id) used around their modules this step; one warning names them and the tensors read through
-        modules whose use could not be followed (row lookups, a projection through a fused head), with their share of
-        the candidate entries."""
-        if self._bypassed_now is None:
-            bypassed = [c for c in self.candidates if self._bypassed(c)]
-            self._bypassed_now = {id(c.param) for c in bypassed}
-            unfollowed = bypassed + [
-                c
-                for c in self.candidates
-                if id(c.param) not in self._bypassed_now and any(id(use.module) in self._untraced for use in c.uses)
-            ]
-            names = {
-                self._named_share(c, [u for u in c.uses if u.kind is not UseKind.CONSTANT and u.traced])
-                for c in unfollowed
-            }
-            _warn_once(self.root, names, UNTRACED_USES)
-        return self._bypassed_now
-
-    def _named_share(self, candidate: Candidate, uses: list) -> str:
-        """`candidate`'s name, its share of the candidate entries and the modules it belongs to, for a warning."""
-        share = candidate.numel / (sum(c.numel for c in self.candidates) or 1)
-        modules = ", ".join(_describe(u.module_name, u.module) for u in uses)
-        return f"{candidate.name} ({_share(share)} of the candidate entries, in {modules})"
-
-    def _heads_read_around(self, candidate: Candidate) -> set[int]:
-        """Head modules (by id) of a tied table whose weight this step's forwards read without calling them.
-
-        The table's rows were gathered as embeddings, the head never ran, yet rows that no real token gathered have a
-        gradient: the head's projection reached them some other way. Found once the gradient is complete (lean memory
-        asks for μ then), with one warning naming the tensor."""
-        found = self._bypassed_heads.get(id(candidate.param))
-        if found is not None:
-            return found
-        found = set()
-        rows = [u for u in candidate.uses if u.kind is UseKind.EMBEDDING_ROW and id(u.module) not in self._untraced]
-        idle = [
-            u
-            for u in candidate.uses
-            if u.kind is UseKind.LINEAR_INPUT and id(u.module) not in self._sums and id(u.module) not in self._untraced
-        ]
-        grad = candidate.param.grad
-        if grad is not None and hasattr(grad, "to_local"):
-            grad = grad.to_local()
-        counts = [self._sums.get(id(u.module)) for u in rows]
-        if (
-            self._forwards
-            and idle
-            and counts
-            and all(acc is not None and acc.total is not None for acc in counts)
-            and type(grad) is torch.Tensor
-            and grad.dim() == 2
-            and grad.shape[0] == counts[0].total.numel()
-        ):
-            gathered = sum(acc.total.to(grad.device) for acc in counts) > 0
-            if bool(grad[~gathered].any()):
-                found = {id(u.module) for u in idle}
-                _warn_once(self.root, {self._named_share(candidate, idle)}, UNTRACED_USES)
-        self._bypassed_heads[id(candidate.param)] = found
-        return found
-
-    def followed(self, candidate: Candidate) -> bool:
-        """Whether this step's forwards used `candidate` only through the modules traced for it (no use around them,
-        no head read without its module)."""
-        if any(id(use.module) in self._untraced for use in candidate.uses):
-            return False
-        return id(candidate.param) not in self._fallbacks() and not self._heads_read_around(candidate)
-
     def means(self, candidate: Candidate, rows: slice | None = None) -> list[MeanFactor]:
         """μ of `candidate` as factors to broadcast and add: [(vector, dim), ...], (None, 0) meaning 1.
 
@@ -501,16 +333,6 @@ def _finite_gradient(grad: torch.Tensor | None) -> bool:
     return bool(torch.isfinite(torch.linalg.vector_norm(grad)))
 
 
-def _fits(shape: torch.Size, target: tuple[int, int], broadcast: bool) -> bool:
-    """`shape` is `target`, or (with `broadcast`) expands to it along dimensions of size 1 or missing ones."""
-    if not broadcast:
-        return tuple(shape) == target
-    if len(shape) > 2:
-        return False
-    padded = (1,) * (2 - len(shape)) + tuple(shape)
-    return all(have in (1, want) for have, want in zip(padded, target)) and len(shape) > 0
-
-
 def _first_input(module, args, kwargs, output) -> tuple[torch.Tensor | None]:
     """The tensor a module's forward reads first: its input values, ids or hidden states."""
     values = args[0] if args else next(iter(kwargs.values()), None)
@@ -539,51 +361,3 @@ def _first_tensor(output) -> torch.Tensor | None:
     if isinstance(output, (tuple, list)):
         output = output[0] if output else None
     return output if isinstance(output, torch.Tensor) else None
-
-
-def _share(fraction: float) -> str:
-    return f"{fraction:.2%}" if fraction >= 0.0001 else "<0.01%"
-
-
-def _describe(name: str, module: nn.Module) -> str:
-    return f"{name} ({type(module).__name__})"
-
-
-def _untraced_types(candidates: list[Candidate]) -> set[str]:
-    return {_describe(use.module_name, use.module) for c in candidates for use in c.uses if not use.traced}
-
-
-UNTRACED_TYPES = (
-    "StocTuning does not trace the inputs of {names}; their parameters get an activation statistic of 1, so their "
-    "importance is |weight * gradient|."
-)
-UNTRACED_USES = (
-    "StocTuning could not follow how the forward pass used these tensors: {names}. They were read without calling "
-    "their module, or their rows were gathered in a way StocTuning does not recognise; for that use they get an "
-    "activation statistic of 1, so their importance is |weight * gradient|."
-)
-
-_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> module names already warned about
-
-
-def _warn_once(model: nn.Module, names: set[str], message: str) -> None:
-    """Warn about `names` once per model, pointing at the user's line rather than into PEFT or transformers."""
-    warned = _WARNED.setdefault(model, set())
-    new = sorted(set(names) - warned)
-    if new:
-        warned.update(new)
-        warnings.warn(message.format(names=", ".join(new)), stacklevel=_caller_stacklevel())
-
-
-def _caller_stacklevel() -> int:
-    """The stacklevel of the first frame outside this package, PEFT, transformers, torch and accelerate."""
-    internal = tuple(
-        os.path.dirname(module.__file__) + os.sep
-        for name, module in list(sys.modules.items())
-        if name in ("peft_stoc", "peft", "transformers", "torch", "accelerate", "trl")
-        and getattr(module, "__file__", None)
-    )
-    frame, level = sys._getframe(2), 2  # level 1 is `_warn_once`, the function calling warnings.warn
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
-        frame, level = frame.f_back, level + 1
-    return level

@@ -193,19 +193,7 @@ def find_candidates(
 
     Raises `ValueError` when `target_modules` / `exclude_modules` leave no candidate.
     """
-    excluded_prefixes = tuple(name + "." for name in _trained_fully(model, config))
-    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
-    selected: set[int] = set()
-    for module_name, module in model.named_modules():
-        if module_name.startswith(excluded_prefixes) or (module_name + ".").startswith(excluded_prefixes):
-            continue
-        targeted = config.target_modules is None or _matches(config.target_modules, module_name)
-        targeted = targeted and not _matches(config.exclude_modules, module_name)
-        for param_name, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), []).append((module_name, module, param_name))
-            if targeted:
-                selected.add(id(param))
-
+    owners, selected = _owners_and_targets(model, config)
     candidates, skipped = [], []
     for name, param in model.named_parameters():
         if id(param) not in selected or getattr(param, "stoc_overlay", None) is not None:
@@ -231,6 +219,30 @@ def find_candidates(
 
     if left_out is not None:
         left_out.extend(skipped)
+    _refuse_none(config, candidates, skipped)
+    return candidates
+
+
+def _owners_and_targets(model: nn.Module, config) -> tuple[dict[int, list[tuple[str, nn.Module, str]]], set[int]]:
+    """Every parameter's owners (module name, module, parameter name) by id, outside the fully trained heads, and
+    the ids of those owned by a module `target_modules` / `exclude_modules` select."""
+    excluded_prefixes = tuple(name + "." for name in _trained_fully(model, config))
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    selected: set[int] = set()
+    for module_name, module in model.named_modules():
+        if module_name.startswith(excluded_prefixes) or (module_name + ".").startswith(excluded_prefixes):
+            continue
+        targeted = config.target_modules is None or _matches(config.target_modules, module_name)
+        targeted = targeted and not _matches(config.exclude_modules, module_name)
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module_name, module, param_name))
+            if targeted:
+                selected.add(id(param))
+    return owners, selected
+
+
+def _refuse_none(config, candidates: list[Candidate], skipped: list[LeftOut]) -> None:
+    """Raise when `config` selects no candidate: naming the weights it matched that cannot be candidates, if any."""
     if not candidates and skipped:
         raise ValueError(
             f"target_modules={config.target_modules!r} and exclude_modules={config.exclude_modules!r} match only "
@@ -243,7 +255,6 @@ def find_candidates(
             f"exclude_modules={config.exclude_modules!r} match no module that owns parameters outside "
             f"modules_to_save. Check the module names with `model.named_modules()`."
         )
-    return candidates
 
 
 def describe_left_out(left_out: list[LeftOut], shown: int = 4) -> str:

@@ -84,7 +84,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         result = super()._apply(fn, recurse)
         tuner = self.__dict__.get("tuner")
         if tuner is not None:
-            for engine in tuner._running_or_paused():
+            for engine in tuner.step_engines():
                 engine.audit.forget()
         return result
 
@@ -196,7 +196,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         state dict gathers them all (a collective, as FSDP2's own state dicts are)."""
         patch = self.patch
         tuner = getattr(self, "tuner", None)
-        params = tuner._base_params() if tuner is not None else {}
+        params = tuner.base_params() if tuner is not None else {}
         parts = {name: (index, patch.original[name]) for name, index in patch.index.items()}
         group = shards.shard_group(params.values())
         if group is None:
@@ -220,7 +220,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """Switching at this level is the tuner's switch: one adapter at a time, written into the weights."""
         tuner = self.__dict__.get("tuner")
-        if tuner is not None and not getattr(tuner, "_switching", False):
+        if tuner is not None and not tuner.switching:
             tuner.set_adapter(adapter_names, inference_mode=inference_mode)
             return
         super().set_adapter(adapter_names, inference_mode=inference_mode)

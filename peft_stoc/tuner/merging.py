@@ -99,7 +99,7 @@ class Merging:
                     module.modules_to_save[target].load_state_dict(module.modules_to_save[source].state_dict())
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
-        layer, params = self.stoc_layer, self._base_params()
+        layer, params = self.stoc_layer, self.base_params()
         if merge:
             names = list(adapter_names) if adapter_names is not None else list(self._adapters_to_apply())
             if safe_merge:

@@ -11,7 +11,6 @@ import contextlib
 import contextvars
 import functools
 import warnings
-from dataclasses import dataclass
 
 import torch
 from peft.config import PeftConfig
@@ -19,12 +18,15 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
 from torch import nn
 
+from .. import compat
+from ..adapter_files.adapter_file import AdapterFile
 from ..adapter_files.adapter_io import AdapterFiles
-from ..distributed import shards
+from ..adapter_files.transactions import Transactions
 from ..integration.trainer_hooks import register_trainer_callback
 from ..quantized import bnb_weights as quantized
 from ..quantized.overlay import Overlay
-from ..training.engine import StepEngine
+from .adapter_state import AdapterRecord, AdapterState
+from .base_events import BaseEvents
 from .candidates import (
     Candidate,
     LeftOut,
@@ -53,19 +55,7 @@ def detached_copies():
         _DETACHED.reset(token)
 
 
-@dataclass
-class AdapterRecord:
-    """What the tuner keeps of one adapter beside its saved state (`layer.AdapterSlot`)."""
-
-    candidates: list[Candidate]
-    k: int  # entries drawn per step
-    max_changed: int | None  # budget of distinct changed entries
-    trainable: bool
-    engine: StepEngine | None = None  # made the first time the adapter trains; kept while it pauses
-    captured_at: int = 0  # the engine's step at which the adapter's delta was last stored
-
-
-class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
+class StocTuningModel(Transactions, AdapterFiles, Merging, TrainingAPI, AdapterState, BaseEvents, BaseTuner):
     """Stochastic Tuning of a transformers model (Akbar-Tajari & Pilehvar).
 
     Created by `peft.get_peft_model(model, StocTuningConfig(...))`; not meant to be built directly.
@@ -97,6 +87,8 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
     prefix: str = "stoc_"
     tuner_layer_cls = StocTuningLayer
     target_module_mapping: dict[str, list[str]] = {}
+    # True while `set_adapter` runs PEFT's switch, whose call of the layer's `set_adapter` must not come back here.
+    switching: bool = False
 
     # -- injection ---------------------------------------------------------------------------------------------
     @property
@@ -115,7 +107,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             layer.patch.after_load = self._after_state_loaded
             layer.patch.whole = layer.whole_patch
             self._awaiting: set[str] = set()  # adapters configured from a saved file whose deltas were not loaded
-            self._validated: set[str] = set()  # adapters whose file was checked against the base before loading
+            self._validated: dict[str, AdapterFile] = {}  # files `load_adapter` validated, until PEFT loads them
             self._cpu_layouts = quantized.hold_canonical(model)
             self._delta_guard = model.register_forward_pre_hook(self._refuse_missing_delta)
             self._weight_guard = WeightGuard(self._trained_view, self._shown_text)
@@ -129,8 +121,10 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             self._stale: set[str] = set()  # adapters whose weights changed without a capture (a state dict load)
             self._requires_grad_before = {id(p): (p, p.requires_grad) for p in model.parameters()}
             # Where each parameter lives, to follow FSDP2 when it replaces the parameters with shards.
-            self._homes = {id(p): (m, n) for m in model.modules() for n, p in m._parameters.items() if p is not None}
-            self._fingerprints: dict[tuple, dict] = {}  # under FSDP2, fingerprints gathered once (see `_fingerprint`)
+            self._homes = {
+                id(p): (m, n) for m in model.modules() for n, p in compat.module_parameters(m).items() if p is not None
+            }
+            self._fingerprints: dict[tuple, dict] = {}  # under FSDP2: gathered once (`base_fingerprint`)
 
     def __setstate__(self, state) -> None:
         """A copy (`copy.deepcopy(peft_model)`: a reference model, a snapshot) trains on its own, from the same
@@ -146,9 +140,9 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         quantized.own_weights(self.model)
         self._requires_grad_before = {id(p): (p, flag) for p, flag in self._requires_grad_before.values()}
         self._homes = {
-            id(module._parameters[name]): (module, name)
+            id(compat.module_parameters(module)[name]): (module, name)
             for module, name in self._homes.values()
-            if module._parameters.get(name) is not None
+            if compat.module_parameters(module).get(name) is not None
         }
         self._store_and_forget_engines()
         for record in self._adapters.values():
@@ -174,33 +168,8 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
     ) -> None:
         self._pre_injection_hook(model, self.peft_config[adapter_name], adapter_name)
         config = self.peft_config[adapter_name]
-        refuse_unsupported_quantization(model)
-        left_out: list[LeftOut] = []
-        candidates = find_candidates(model, config, left_out, overlay_for=self._overlay_for)
-        if config.memory == "dense" and any(c.overlay is not None for c in candidates):
-            raise ValueError(
-                "StocTuningConfig(memory='dense') keeps a dense gradient of every candidate, which a quantized base's "
-                "weights do not have: their gradients are drawn from as the backward computes them. Use the default "
-                "memory='auto' (or 'lean') with torch.optim SGD, Adam or AdamW."
-            )
-        if left_out:
-            drawn_from = sum(c.numel for c in candidates)
-            share = sum(item.entries for item in left_out) / (drawn_from + sum(item.entries for item in left_out))
-            warnings.warn(
-                f"StocTuning leaves {len(left_out)} weights of the matched modules out of the candidates "
-                f"({share:.1%} of their entries): {describe_left_out(left_out)}. They stay as they are and are not "
-                f"tuned; the draw runs over the other {len(candidates)} tensors ({drawn_from:,} entries). To tune "
-                "every weight, load the base in a float dtype (e.g. torch_dtype=torch.bfloat16) or quantized with "
-                "bitsandbytes.",
-                stacklevel=2,
-            )
-        k = resolve_count(config.k, candidates, "k")
-        max_changed = None if config.max_changed is None else resolve_count(config.max_changed, candidates, "max")
-        if max_changed is not None and max_changed < k:
-            raise ValueError(
-                f"max_changed={config.max_changed!r} resolves to {max_changed} entries, fewer than the {k} drawn "
-                "per step; raise max_changed or lower k."
-            )
+        candidates = self._candidates_of(model, config)
+        k, max_changed = _draw_counts(config, candidates)
         self._adapters[adapter_name] = AdapterRecord(candidates, k, max_changed, trainable=not config.inference_mode)
         if (config.saved_counts or {}).get("changed"):
             self._awaiting.add(adapter_name)
@@ -226,6 +195,30 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         )
         self._apply_adapter_state()
 
+    def _candidates_of(self, model: nn.Module, config) -> list[Candidate]:
+        """The candidates of a new adapter with `config`; a warning names the matched weights left out of them."""
+        refuse_unsupported_quantization(model)
+        left_out: list[LeftOut] = []
+        candidates = find_candidates(model, config, left_out, overlay_for=self._overlay_for)
+        if config.memory == "dense" and any(c.overlay is not None for c in candidates):
+            raise ValueError(
+                "StocTuningConfig(memory='dense') keeps a dense gradient of every candidate, which a quantized base's "
+                "weights do not have: their gradients are drawn from as the backward computes them. Use the default "
+                "memory='auto' (or 'lean') with torch.optim SGD, Adam or AdamW."
+            )
+        if left_out:
+            drawn_from = sum(c.numel for c in candidates)
+            share = sum(item.entries for item in left_out) / (drawn_from + sum(item.entries for item in left_out))
+            warnings.warn(
+                f"StocTuning leaves {len(left_out)} weights of the matched modules out of the candidates "
+                f"({share:.1%} of their entries): {describe_left_out(left_out)}. They stay as they are and are not "
+                f"tuned; the draw runs over the other {len(candidates)} tensors ({drawn_from:,} entries). To tune "
+                "every weight, load the base in a float dtype (e.g. torch_dtype=torch.bfloat16) or quantized with "
+                "bitsandbytes.",
+                stacklevel=3,  # the caller of `inject_adapter`
+            )
+        return candidates
+
     def _overlay_for(self, name: str, module: nn.Module) -> Overlay:
         """The overlay of the quantized weight `name` (owned by `module`), shared by every adapter."""
         overlays = self.stoc_layer.overlays
@@ -248,120 +241,14 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
                 return self.adapter_delta(name).clone()
         return None
 
-    # -- state -------------------------------------------------------------------------------------------------
-    def _base_params(self) -> dict[str, nn.Parameter]:
-        self._follow_shards()
-        return {c.name: c.param for candidates in (r.candidates for r in self._adapters.values()) for c in candidates}
-
-    def _engine_of(self, name: str) -> StepEngine | None:
-        record = self._adapters.get(name)
-        return record.engine if record is not None else None
-
-    def _running_or_paused(self) -> list[StepEngine]:
-        """The step engines of all adapters (of those that trained)."""
-        return [r.engine for r in self._adapters.values() if r.engine is not None]
-
-    def _forget_engines(self) -> None:
-        """Retire every step engine (the adapters' state was replaced, or the tuner is going away)."""
-        for engine in self._running_or_paused():
-            engine.retire()
-        for record in self._adapters.values():
-            record.engine = None
-
-    def _store_and_forget_engines(self) -> None:
-        """Store what the applied adapters' weights hold and each engine's step count, then retire the engines: the
-        next ones continue from there."""
-        for name in self.stoc_layer.applied:
-            self._capture(name)
-        for name, record in self._adapters.items():
-            if record.engine is not None:
-                self._steps_loaded[name] = record.engine.stats.step
-        self._forget_engines()
-
-    def _follow_shards(self) -> None:
-        """FSDP2's `fully_shard` (applied after `get_peft_model`) replaced the parameters with dim-0 shards: every
-        adapter follows the shards, and the record of originals keeps the entries of the rows held here (other
-        processes keep theirs). Nothing keeps the whole parameters alive afterwards."""
-        candidates = [c for cs in (r.candidates for r in self._adapters.values()) for c in cs]
-        attribute = {id(c.param): c.name.rpartition(".")[2] for c in candidates}
-        placed = (c for c in candidates if c.uses and c.overlay is None)  # (a quantized weight's handle is the tuner's)
-        if all(c.uses[0].module._parameters.get(attribute[id(c.param)]) is c.param for c in placed):
-            return
-        replaced = shards.sharded_replacements(candidates)
-        if not replaced:
-            return
-        for candidate in candidates:
-            candidate.param = replaced.get(id(candidate.param), candidate.param)
-        managed = shards.fsdp2_shards()
-        now = {
-            key: managed[(id(module), name)]
-            for key, (module, name) in self._homes.items()
-            if (id(module), name) in managed
-        }
-        following = {}
-        for key, (param, requires_grad) in self._requires_grad_before.items():
-            param = now.get(key, param)
-            following[id(param)] = (param, requires_grad)
-        self._requires_grad_before = following
-        self._homes = {(id(now[key]) if key in now else key): home for key, home in self._homes.items()}
-        layer = self.stoc_layer
-        layer.show_adapters()
-        layer.patch.hold_only({c.name: c.param for c in candidates})
-        self._fingerprints.clear()
-        for engine in self._running_or_paused():
-            engine.parameters_replaced()
-            engine.accept_weights(base_too=True)
-        self._weight_guard.watch(c.param for c in candidates if c.param.requires_grad)  # the shards now
-
-    def _adapters_to_apply(self) -> tuple[str, ...]:
-        """The adapters whose deltas should be in the weights: the merged ones, else the active one."""
-        merged = tuple(self.stoc_layer.merged_adapters)
-        return merged or tuple(a for a in self.active_adapters if a in self.stoc_layer.stoc_adapters)
-
-    def _training_adapter(self) -> str | None:
-        active = [a for a in self.active_adapters if a in self.stoc_layer.stoc_adapters]
-        layer = self.stoc_layer
-        if (
-            len(active) != 1
-            or layer.disable_adapters
-            or not (active[0] in self._adapters and self._adapters[active[0]].trainable)
-        ):
-            return None
-        if layer.merged_adapters and tuple(layer.merged_adapters) != (active[0],):
-            return None
-        return active[0]
-
-    def _trained_view(self) -> tuple | None:
-        """What the weights show while an adapter trains — the adapters applied and their deltas' versions — or
-        None (no adapter trains, or the base is shown)."""
-        layer = self.stoc_layer
-        if self._training_adapter() is None or layer.shown != self._adapters_to_apply():
-            return None
-        return tuple((name, layer.stoc_adapters[name].version) for name in layer.shown)
-
-    def _shown_text(self) -> str:
-        shown = self.stoc_layer.shown
-        return f"adapter(s) {list(shown)}" if shown else "the base model"
-
-    def _capture(self, name: str) -> None:
-        """Store what adapter `name` learned in place as its delta, if it trained since the last capture."""
-        engine, layer = self._engine_of(name), self.stoc_layer
-        if layer.applied != (name,) or (engine is None and name not in self._stale):
-            return  # without training (or a state dict load), the weights hold exactly the stored delta
-        step = engine.stats.step if engine is not None else self._steps_loaded.get(name, 0)
-        if step == self._adapters[name].captured_at and name not in self._stale:
-            return
-        layer.capture(name, self._base_params(), engine.masters() if engine is not None else None)
-        self._adapters[name].captured_at = step
-        self._stale.discard(name)
-
     def _remove_layer(self) -> None:
         """The model goes back to the caller without StocTuning's state in its tree."""
         for overlay in self.stoc_layer.overlays.values():
             overlay.remove()
         quantized.release_canonical(self._cpu_layouts)
-        if isinstance(self.model._modules.get(StocTuningLayer.ATTRIBUTE), StocTuningLayer):
-            del self.model._modules[StocTuningLayer.ATTRIBUTE]
+        children = compat.module_children(self.model)
+        if isinstance(children.get(StocTuningLayer.ATTRIBUTE), StocTuningLayer):
+            del children[StocTuningLayer.ATTRIBUTE]
         self._delta_guard.remove()
         self._weight_guard.remove()
         for handle in self._base_load_hooks:
@@ -374,7 +261,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         if not self._awaiting:  # the usual case, and the only check torch.compile traces
             return
         missing = [name for name in self._awaiting if name in self._adapters_to_apply()]
-        if missing and getattr(self.model, "_hf_peft_config_loaded", False):
+        if missing and compat.hf_peft_config_loaded(self.model):
             counts = self.peft_config[missing[0]].saved_counts or {}
             raise RuntimeError(
                 f"StocTuning adapter {missing[0]!r} was loaded through transformers' PEFT integration "
@@ -383,170 +270,6 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
                 "the base model's. Load it with `peft.PeftModel.from_pretrained(model, path)` or "
                 "`peft.AutoPeftModelFor...from_pretrained(path)` instead."
             )
-
-    def _refresh(self, name: str) -> int:
-        """Before the adapters' state is saved: store what `name` learned in place; its step count."""
-        self._capture(name)
-        return self._step_of(name)
-
-    def gather_for_save(self) -> None:
-        """FSDP2: collect the applied adapters' deltas and the base fingerprints from every process now (state dicts
-        are taken on every process), so that a save the main process then makes alone (Trainer under FSDP) needs no
-        collective."""
-        if shards.shard_group(self._base_params().values()) is None:
-            return
-        for name in self.stoc_layer.applied:
-            self._capture(name)
-        for config in self.peft_config.values():
-            self._fingerprint(config)
-        self._whole_heads = {}  # the fully trained copies (modules_to_save), gathered whole
-        for module_name, module in self.model.named_modules():
-            if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "modules_to_save"):
-                for adapter, trained in module.modules_to_save.items():
-                    for name, param in trained.named_parameters():
-                        whole = param.full_tensor() if shards.is_shard(param) else param.detach().clone()
-                        self._whole_heads[f"{module_name}.modules_to_save.{adapter}.{name}"] = whole
-
-    def _step_of(self, name: str) -> int:
-        engine = self._engine_of(name)
-        return engine.stats.step if engine is not None else self._steps_loaded.get(name, 0)
-
-    def _after_state_loaded(self) -> None:
-        """`load_state_dict` replaced the adapters' state (originals, deltas, steps) along with the weights: what
-        the weights hold now is the applied adapters' work, to be captured afresh; training goes on from there."""
-        layer = self.stoc_layer
-        self._forget_engines()
-        layer.patch.hold_only(self._base_params())  # FSDP2: a state dict holds the originals of every process
-        self._steps_loaded.update({name: slot.step for name, slot in layer.stoc_adapters.items()})
-        for record in self._adapters.values():
-            record.captured_at = 0
-        self._stale.update(layer.applied)
-        self._apply_adapter_state()
-
-    def _before_base_load(self, module, state_dict, prefix, *args) -> None:
-        """Base weights loaded while adapters are applied (`get_base_model().load_state_dict(...)`, PEFT's
-        `set_base_model_state_dict`) replace the base under the adapters: the applied deltas are stored and the
-        base restored before the load writes, and `_after_base_load` applies them again on the loaded base. A state
-        dict that carries the adapters' state (a checkpoint of the whole model) is loaded as it is instead."""
-        layer = self.stoc_layer
-        if any(key.startswith(f"{prefix}{StocTuningLayer.ATTRIBUTE}.") for key in state_dict):
-            return
-        if not layer.applied or not any(f"{prefix}{name}" in state_dict for name in layer.patch.index):
-            return
-        if args and args[0].get("assign_to_params_buffers"):  # local_metadata of `load_state_dict(assign=True)`
-            raise ValueError(
-                "load_state_dict(..., assign=True) would replace the parameters that hold the applied StocTuning "
-                "adapter, which could then neither be shown nor removed; nothing was loaded. Load without "
-                "`assign=True` (the loaded base keeps the adapter on it), or `unload()` first."
-            )
-        self._store_and_forget_engines()  # their record of the weights (and float32 masters) described the old base
-        layer.restore(self._base_params())
-        self._loading_base = True
-
-    def _after_base_load(self, module, incompatible_keys) -> None:
-        if self._loading_base:
-            self._loading_base = False
-            self._apply_adapter_state()
-
-    def _drop_engine(self, name: str) -> None:
-        record = self._adapters.get(name)
-        engine, record.engine = (record.engine, None) if record is not None else (None, None)
-        if engine is not None:
-            engine.retire()
-        if record is not None:
-            record.captured_at = 0
-
-    def _apply_adapter_state(self) -> None:
-        """Bring weights, trainability and the step engine in line with the active/enabled/merged state."""
-        layer, params = self.stoc_layer, self._base_params()
-        training = self._training_adapter()
-        for name, engine in ((n, r.engine) for n, r in self._adapters.items() if r.engine is not None):
-            if name != training and engine.running:
-                engine.stop()  # kept: its stats and random stream go on when the adapter trains again
-        wanted = self._adapters_to_apply()
-        if wanted != layer.applied:
-            for name in layer.applied:
-                self._capture(name)
-            if wanted:
-                layer.apply(wanted, params)
-            else:
-                layer.restore(params)
-            # autocast keeps the low-precision copies it made of trainable weights for its whole region, whatever
-            # was written into them since: forwards after the switch must cast the weights as they are now.
-            torch.clear_autocast_cache()
-        if layer.disable_adapters:
-            layer.show_base(params)
-        else:
-            layer.show_adapters()
-        layer.set_active(self.active_adapters, enabled=not layer.disable_adapters)
-        self._set_requires_grad(training)
-        if training is not None:
-            engine = self._engine_of(training)
-            if engine is None:
-                record = self._adapters[training]
-                engine = StepEngine(
-                    self.model,
-                    self._trainable_candidates(training),
-                    self.peft_config[training],
-                    layer.patch,
-                    record.k,
-                    record.max_changed,
-                    state_key=f"peft_stoc.{training}",
-                    step=self._steps_loaded.get(training, 0),
-                )
-                record.engine = engine
-                record.captured_at = engine.stats.step
-                engine.driven_by_trainer = getattr(self, "_driven_by_trainer", False)
-                engine.on_shard = self._follow_shards
-                engine.on_graph = self._weight_guard.note
-                if engine.sparse is not None:
-                    engine.sparse.check = self._weight_guard.check
-            if not engine.running:
-                engine.start()
-            engine.accept_weights()
-
-    def _trainable_candidates(self, name: str) -> list[Candidate]:
-        """The candidates training may change: parameters the user froze before wrapping stay frozen. A model whose
-        every parameter was frozen (`prepare_model_for_kbit_training` freezes them all, as LoRA needs) chose none."""
-        frozen = {key for key, (_, requires_grad) in self._requires_grad_before.items() if not requires_grad}
-        if len(frozen) == len(self._requires_grad_before):
-            frozen = set()
-        return [c for c in self._adapters[name].candidates if id(c.param) not in frozen]
-
-    def _set_requires_grad(self, training: str | None) -> None:
-        layer = self.stoc_layer
-        sharded = any(shards.is_shard(p) for p in self._base_params().values())
-        if training is None and layer.disable_adapters and sharded:
-            # FSDP2 hands a shard its reduced gradient, and calls its hooks, only while it requires one: the shards
-            # keep requiring gradients while the base is shown, so the weight guard sees (and refuses) a backward run
-            # inside `disable_adapter()` instead of FSDP2 dropping its gradients in silence.
-            active = [a for a in self.active_adapters if a in self._adapters and self._adapters[a].trainable]
-            training = active[0] if len(active) == 1 else None
-        trainable = {id(c.param) for c in self._trainable_candidates(training)} if training else set()
-        aux = {id(p) for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper) for p in m.parameters()}
-        for param in self.model.parameters():
-            if id(param) not in aux:
-                param.requires_grad_(id(param) in trainable)
-        # Watched once they can receive gradients (a frozen tensor takes no hook).
-        self._weight_guard.watch(p for p in self.model.parameters() if id(p) in trainable)
-
-    def adapter_delta(self, adapter_name: str) -> SparseDelta:
-        """The delta of `adapter_name` right now (for the adapter being trained: what changed so far)."""
-        if adapter_name not in self.stoc_layer.stoc_adapters:
-            known = list(self.stoc_layer.stoc_adapters)
-            raise ValueError(f"Adapter {adapter_name!r} does not exist; adapters: {known}.")
-        self._capture(adapter_name)
-        return self.stoc_layer.stoc_adapters[adapter_name].delta
-
-    def set_adapter_delta(self, adapter_name: str, delta: SparseDelta) -> None:
-        """Replace `adapter_name`'s delta (loading) and show it if the adapter is applied."""
-        layer = self.stoc_layer
-        if adapter_name in layer.applied:
-            layer.restore(self._base_params())  # its old values must not be mistaken for the base
-        layer.stoc_adapters[adapter_name].delta = delta
-        layer.stoc_adapters[adapter_name].version += 1  # a graph built on the old delta must not run its backward
-        self._drop_engine(adapter_name)  # a loaded delta starts a fresh training history
-        self._apply_adapter_state()
 
     # -- PEFT API ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -562,7 +285,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)  # modules_to_save wrappers
-        self.stoc_layer._disable_adapters = not enabled
+        compat.set_adapters_disabled(self.stoc_layer, not enabled)
         self._apply_adapter_state()
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -577,11 +300,11 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
         if self.stoc_layer.merged_adapters:
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
             self.stoc_layer.merged_adapters = []
-        self._switching = True  # PEFT calls the layer's `set_adapter`, which otherwise comes back here
+        self.switching = True  # PEFT calls the layer's `set_adapter`, which otherwise comes back here
         try:
             super().set_adapter(names[0], inference_mode=inference_mode)  # modules_to_save wrappers
         finally:
-            self._switching = False
+            self.switching = False
         self._adapters[names[0]].trainable = not inference_mode
         self._apply_adapter_state()
 
@@ -602,7 +325,7 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             )
         self._drop_engine(adapter_name)
         if adapter_name in layer.applied:
-            layer.restore(self._base_params())
+            layer.restore(self.base_params())
         del layer.stoc_adapters[adapter_name]
         del self.peft_config[adapter_name]
         self._adapters.pop(adapter_name, None)
@@ -619,3 +342,16 @@ class StocTuningModel(AdapterFiles, Merging, TrainingAPI, BaseTuner):
             if isinstance(module, AuxiliaryTrainingWrapper):
                 module.delete_adapter(adapter_name, new_active_adapters=self.active_adapters or None)
         self._apply_adapter_state()
+
+
+def _draw_counts(config, candidates: list[Candidate]) -> tuple[int, int | None]:
+    """Entries drawn per step (`k`) and the budget of changed entries (`max_changed`) of `config`, resolved over
+    `candidates`."""
+    k = resolve_count(config.k, candidates, "k")
+    max_changed = None if config.max_changed is None else resolve_count(config.max_changed, candidates, "max")
+    if max_changed is not None and max_changed < k:
+        raise ValueError(
+            f"max_changed={config.max_changed!r} resolves to {max_changed} entries, fewer than the {k} drawn "
+            "per step; raise max_changed or lower k."
+        )
+    return k, max_changed

@@ -201,7 +201,7 @@ class Patch(StateHolder):
             hit = index[slot] == held
             found[hit] = self.original[name][slot[hit]].to(found.device)
         values.masked_scatter_(inside, found.double())
-        values = values.to(sharded_draw._comm_device())
+        values = values.to(sharded_draw.comm_device())
         torch.distributed.all_reduce(values, group=param.device_mesh.get_group())
         return values.to(device=flat.device, dtype=param.dtype)
 

@@ -88,13 +88,13 @@ class TrainingAPI:
     def set_driven_by_trainer(self, driven: bool) -> None:
         """Called by `StocTuningCallback` when a Trainer starts and ends training this model."""
         self._driven_by_trainer = driven
-        for engine in self._running_or_paused():
+        for engine in self.step_engines():
             engine.driven_by_trainer = driven
 
     def stoc_sync(self) -> None:
         """Accept changes made to the base weights outside an optimizer step as the new starting point (for every
         adapter that has trained, paused ones too)."""
-        for engine in self._running_or_paused():
+        for engine in self.step_engines():
             engine.accept_weights(base_too=True)
 
     def _head_parameters(self, name: str) -> list[torch.nn.Parameter]:

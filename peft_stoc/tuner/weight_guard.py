@@ -27,9 +27,11 @@ class WeightGuard:
     while it differs from the noted value would be the gradient of other weights than the graph's. Under FSDP2 the
     gradients reach the shards only once reduced: the check runs there, and the gradient is dropped before raising."""
 
-    def __init__(self, shown: Callable[[], Hashable | None], describe: Callable[[], str]):
+    def __init__(
+        self, shown: Callable[[], Hashable | None], describe: Callable[[], str], built_on: Hashable | None = None
+    ):
         self._shown, self._describe = shown, describe
-        self._built_on: Hashable | None = None
+        self._built_on = built_on  # what the weights showed at the latest forward with gradients (`note`)
         # id → (the parameter, weakly; its hook): a parameter freed and another made at its address is watched anew.
         self._handles: dict[int, tuple[weakref.ref, torch.utils.hooks.RemovableHandle]] = {}
 
@@ -76,9 +78,7 @@ class WeightGuard:
 
     def __deepcopy__(self, memo) -> WeightGuard:
         # A copied model's parameters are new tensors without hooks: its guard watches them afresh.
-        guard = WeightGuard(copy.deepcopy(self._shown, memo), copy.deepcopy(self._describe, memo))
-        guard._built_on = self._built_on
-        return guard
+        return WeightGuard(copy.deepcopy(self._shown, memo), copy.deepcopy(self._describe, memo), self._built_on)
 
     def remove(self) -> None:
         for _, handle in self._handles.values():
