@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from peft_stoc import compat
-from peft_stoc.compat import GUARDS, IncompatibleLibrary
+from peft_stoc.compat import GUARDS, IncompatibleLibrary, libraries, torch_internals
+
+ACCESSOR_MODULES = (torch_internals, libraries)  # where the accessors are defined (compat re-exports them)
 
 
 class _Without:
@@ -32,10 +34,12 @@ class _Without:
 
 
 def _compat_sees(name: str, path: str):
-    """Remove `path` from the module `name` as compat sees it (compat's global `name`)."""
+    """Remove `path` from the module `name` as compat's accessors see it (their module's global `name`)."""
 
     def remove(monkeypatch):
-        monkeypatch.setattr(compat, name, _Without(getattr(compat, name), path))
+        for module in ACCESSOR_MODULES:
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, _Without(getattr(module, name), path))
 
     return remove
 
@@ -78,14 +82,14 @@ def _init_replaced(owner: Callable[[], type]):
 
 
 def _fsdp_state_without_param_group(monkeypatch):
-    state_class = compat._fsdp2_modules()[0].FSDPState
+    state_class = torch_internals._fsdp2_modules()[0].FSDPState
     if "_fsdp_param_group" in vars(state_class):  # a property since torch 2.13, set in `__init__` before
         monkeypatch.delattr(state_class, "_fsdp_param_group")
     _init_replaced(lambda: state_class)(monkeypatch)
 
 
 def _fsdp_param_module():
-    return compat._fsdp2_modules()[1]
+    return torch_internals._fsdp2_modules()[1]
 
 
 # -- what each accessor returns on the installed libraries --------------------------------------------------------
@@ -405,7 +409,7 @@ CASES = {
     "module_initializing": Case(
         _real_module_initializing,
         lambda: compat.module_initializing(json),
-        (_deleted("peft_stoc.compat", "__spec__._initializing"),),
+        (_deleted("peft_stoc.compat.libraries", "__spec__._initializing"),),
     ),
 }
 REMOVALS = [(name, index) for name, case in CASES.items() for index in range(len(case.removals))]
@@ -415,11 +419,13 @@ def test_every_accessor_has_a_guard_and_every_guard_a_test():
     helpers = {"installed_version"}
     accessors = {
         name
-        for name, value in vars(compat).items()
-        if inspect.isfunction(value) and value.__module__ == compat.__name__ and not name.startswith("_")
+        for module in ACCESSOR_MODULES
+        for name, value in vars(module).items()
+        if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_")
     } - helpers
     guarded = [name for guard in GUARDS.values() for name in guard.accessors]
     assert sorted(guarded) == sorted(accessors)  # each accessor under exactly one guard
+    assert all(getattr(compat, name) is not None for name in accessors)  # and reached as compat.<name>
     assert set(CASES) == set(GUARDS)
     assert all(guard.library in compat.SUPPORTED for guard in GUARDS.values())
 
