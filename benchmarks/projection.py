@@ -152,7 +152,7 @@ def measure_4bit() -> dict:
         optimizer.step()
         optimizer.zero_grad()
     count, state, originals = lean_bytes(model)
-    overlays = model.base_model.stoc_layer.overlays.values()
+    overlays = model.base_model.stoc_state.overlays.values()
     overlay = sum(t.numel() * t.element_size() for o in overlays for t in (o.index, o.values, o.base))
     return {
         "storage_per_entry": storage / entries,

@@ -99,7 +99,7 @@ def state_bytes(model: torch.nn.Module, optimizer) -> tuple[int, int]:
     stats = model.stoc_stats()
     patch = engine.patch
     originals = sum(t.numel() * t.element_size() for d in (patch.index, patch.original) for t in d.values())
-    overlays = model.base_model.stoc_layer.overlays.values()
+    overlays = model.base_model.stoc_state.overlays.values()
     changed = sum(t.numel() * t.element_size() for o in overlays for t in (o.index, o.values, o.base))
     return stats["grad_bytes"], stats["optimizer_state_bytes"] + originals + changed
 

@@ -152,7 +152,7 @@ def test_merge_and_unload_returns_plain_model_with_same_outputs():
     expected = predict(model)
     merged = model.merge_and_unload()
     assert type(merged).__name__ == "BertForSequenceClassification"
-    assert not any(type(m).__name__ in ("ModulesToSaveWrapper", "StocTuningLayer") for m in merged.modules())
+    assert not any(type(m).__name__ in ("ModulesToSaveWrapper", "StocTuningState") for m in merged.modules())
     assert not merged._forward_hooks and not merged._forward_pre_hooks
     merged.eval()
     assert torch.equal(predict(merged), expected)

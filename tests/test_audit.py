@@ -32,7 +32,7 @@ def _same(a: dict, b: dict) -> bool:
 def _untouched_entry(model) -> tuple[str, int]:
     """A candidate entry no step changed (not in the record of originals)."""
     name = "bert.encoder.layer.0.attention.self.query.weight"
-    recorded = model.base_model.stoc_layer.patch.index.get(name, torch.empty(0, dtype=torch.long))
+    recorded = model.base_model.stoc_state.patch.index.get(name, torch.empty(0, dtype=torch.long))
     return name, next(i for i in range(1000) if i not in set(recorded.tolist()))
 
 
@@ -67,7 +67,7 @@ def test_an_edit_of_an_entry_training_changed_is_caught():
     model = _model("dense")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     _step(model, optimizer)
-    name, index = next((n, i) for n, i in model.base_model.stoc_layer.patch.index.items() if i.numel())
+    name, index = next((n, i) for n, i in model.base_model.stoc_state.patch.index.items() if i.numel())
     with torch.no_grad():
         model.base_model.base_params()[name].view(-1)[index[0]] += 1
     with pytest.raises(RuntimeError, match="changed outside"):

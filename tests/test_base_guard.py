@@ -94,7 +94,7 @@ def test_failed_load_of_a_second_adapter_removes_only_that_adapter(tmp_path):
     with pytest.raises(adapter_file.AdapterFileError):
         model.load_adapter(tmp_path / "bad", adapter_name="other")
     assert list(model.peft_config) == ["default"]
-    assert list(model.base_model.stoc_layer.stoc_adapters) == ["default"]
+    assert list(model.base_model.stoc_state.stoc_adapters) == ["default"]
     assert torch.equal(model(**batch()).logits, logits)
 
 

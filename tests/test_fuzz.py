@@ -49,7 +49,7 @@ class Scenario:
         return self.model.base_model
 
     def names(self):
-        return list(self.tuner.stoc_layer.stoc_adapters)
+        return list(self.tuner.stoc_state.stoc_adapters)
 
     def backward(self) -> bool:
         """A backward, when something is trainable (the active adapter may be frozen, merged or disabled)."""
@@ -86,7 +86,7 @@ class Scenario:
         self.model.unmerge_adapter()
 
     def toggle(self):
-        if self.tuner.stoc_layer.disable_adapters:
+        if self.tuner.stoc_state.disable_adapters:
             self.tuner.enable_adapter_layers()
         else:
             self.tuner.disable_adapter_layers()
@@ -163,7 +163,7 @@ class Scenario:
         """One base entry changed by hand outside any step: the next training step refuses before it changes
         anything; the entry is then put back."""
         name, weight = self.rng.choice(sorted(self.tuner.base_params().items()))
-        recorded = self.tuner.stoc_layer.patch.index.get(name)
+        recorded = self.tuner.stoc_state.patch.index.get(name)
         flat = weight.data.view(-1)
         entry = self.rng.randrange(flat.numel())
         if recorded is not None and entry in set(recorded.tolist()):
@@ -257,4 +257,4 @@ def test_random_operation_sequences_keep_the_base_exact(tmp_path, chunk):
             scenario.model.train()
         for path in scenario.saved:
             loaded = PeftModel.from_pretrained(tiny_model(), path)
-            assert loaded.base_model.stoc_layer.stoc_adapters["default"] is not None, (seed, history, path)
+            assert loaded.base_model.stoc_state.stoc_adapters["default"] is not None, (seed, history, path)

@@ -91,7 +91,7 @@ def test_a_state_dict_taken_mid_training_resumes_in_a_fresh_model():
 
 def test_state_travels_with_to():
     model = train_stoc(k=40, steps=2)
-    layer = model.base_model.stoc_layer
+    layer = model.base_model.stoc_state
     model.to(torch.float64)
     assert all(v.dtype == torch.float64 for v in layer.patch.original.values())
     assert all(i.dtype == torch.int64 for i in layer.patch.index.values())

@@ -23,7 +23,7 @@ def _tables(model):
     tuner = model.base_model
     return (
         list(model.peft_config),
-        list(tuner.stoc_layer.stoc_adapters),
+        list(tuner.stoc_state.stoc_adapters),
         list(tuner._adapters),
     )
 

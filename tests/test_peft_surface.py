@@ -107,7 +107,7 @@ def test_merging_one_adapter_after_another_merges_both_and_warns_as_peft_does(tm
     messages = [str(w.message) for w in caught]
     assert any("You are now additionally merging b" in m for m in messages)
     assert any("All adapters are already merged, nothing to do." in m for m in messages)
-    assert model.base_model.stoc_layer.merged_adapters == ["a", "b"]
+    assert model.base_model.stoc_state.merged_adapters == ["a", "b"]
     both = PeftModel.from_pretrained(tiny_model(), tmp_path / "a", adapter_name="a")
     both.load_adapter(tmp_path / "b", adapter_name="b")
     both.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab")

@@ -430,7 +430,7 @@ def test_steps_reusing_a_mask_compute_only_its_entries_gradients_on_a_four_bit_b
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         if p.dtype.is_floating_point and getattr(p, "stoc_overlay", None) is None:
             assert float((p - q).detach().abs().max()) <= 1e-6 * float(q.detach().abs().max().clamp_min(1e-12)), name
-    for (key, x), (_, y) in zip(a.base_model.stoc_layer.overlays.items(), b.base_model.stoc_layer.overlays.items()):
+    for (key, x), (_, y) in zip(a.base_model.stoc_state.overlays.items(), b.base_model.stoc_state.overlays.items()):
         assert torch.equal(x.index, y.index) and torch.allclose(x.values, y.values, rtol=1e-6, atol=0), key
 
 

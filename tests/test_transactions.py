@@ -123,7 +123,7 @@ def test_every_entry_point_refuses_a_bad_name_before_attaching_anything(saved, n
     model = PeftModel.from_pretrained(tiny_model(), saved, is_trainable=True)
     model.add_adapter("other", peft_stoc.StocTuningConfig(task_type="SEQ_CLS", k=30))
     before = _state(model)
-    tables = (list(model.peft_config), list(model.base_model.stoc_layer.stoc_adapters))
+    tables = (list(model.peft_config), list(model.base_model.stoc_state.stoc_adapters))
     for attach in (
         lambda: model.add_adapter(name, peft_stoc.StocTuningConfig(task_type="SEQ_CLS", k=30)),
         lambda: model.load_adapter(saved, adapter_name=name),
@@ -132,7 +132,7 @@ def test_every_entry_point_refuses_a_bad_name_before_attaching_anything(saved, n
         with pytest.raises(ValueError, match="Adapter name"):
             attach()
         _assert_same(before, _state(model))
-        assert (list(model.peft_config), list(model.base_model.stoc_layer.stoc_adapters)) == tables
+        assert (list(model.peft_config), list(model.base_model.stoc_state.stoc_adapters)) == tables
 
 
 @pytest.mark.parametrize(

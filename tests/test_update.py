@@ -1,16 +1,16 @@
-"""The confined update's building blocks (`training.dense`, `Patch`): the record of originals, gradient masks,
+"""The confined update's building blocks (`training.dense`, `Originals`): the record of originals, gradient masks,
 weight decay redirected to the drawn entries."""
 
 import torch
 
 from peft_stoc.training.dense import DecayRedirect, mask_gradient
-from peft_stoc.tuner.originals import Patch
+from peft_stoc.tuner.originals import Originals
 
 
 def test_patch_record_merges_new_entries_in_order_and_keeps_first_values():
     generator = torch.Generator().manual_seed(0)
     param = torch.randn(50, 40, generator=generator)
-    patch = Patch()
+    patch = Originals()
     expected: dict[int, float] = {}
     for _ in range(12):
         index = torch.randperm(2000, generator=generator)[:150].sort().values

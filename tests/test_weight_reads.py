@@ -178,10 +178,10 @@ def test_layer_and_model_set_adapter_agree():
     _, model, _ = _trained("gpt2")
     model.add_adapter("other", copy.deepcopy(model.peft_config["default"]))
     with pytest.raises(ValueError, match="one adapter at a time"):
-        model.base_model.stoc_layer.set_adapter(["default", "other"])
+        model.base_model.stoc_state.set_adapter(["default", "other"])
     assert model.active_adapters == ["default"]
-    model.base_model.stoc_layer.set_adapter("other")
-    assert model.active_adapters == ["other"] and model.base_model.stoc_layer.applied == ("other",)
+    model.base_model.stoc_state.set_adapter("other")
+    assert model.active_adapters == ["other"] and model.base_model.stoc_state.applied == ("other",)
 
 
 @pytest.mark.parametrize("how", ["load_state_dict", "set_base_model_state_dict"])
@@ -260,4 +260,4 @@ def test_loading_base_weights_by_assignment_is_refused_before_anything_changes()
     with pytest.raises(ValueError, match="assign=True"):
         model.get_base_model().load_state_dict(reference.state_dict(), strict=False, assign=True)
     assert all(torch.equal(v, before[k]) for k, v in _base_state(model).items())
-    assert model.base_model.stoc_layer.applied == ("default",)
+    assert model.base_model.stoc_state.applied == ("default",)

@@ -16,7 +16,7 @@ from ..quantized.overlay import Overlay
 from ..training.audit import BYPASS_HINT
 from ..tuner.candidates import find_candidates
 from ..tuner.delta import SparseDelta
-from ..tuner.layer import find_tuner
+from ..tuner.stoc_state import find_tuner
 from . import adapter_file, file_checks, fingerprint
 
 
@@ -34,7 +34,7 @@ class AdapterFiles:
     def _overlay_reader(self, name: str, module: nn.Module) -> Overlay:
         """The overlay through which a file is checked against the quantized weight `name`: its own if an adapter
         tunes it, else one that reads the weight without being hooked onto its layer."""
-        for overlay in self.stoc_layer.overlays.values():
+        for overlay in self.stoc_state.overlays.values():
             if overlay.name == name:
                 return overlay
         return Overlay(module, name)
@@ -76,7 +76,7 @@ class AdapterFiles:
     def refuse_other_base(self, recorded: dict, config, source: str, ignore_base_mismatch: bool = False) -> None:
         """Raise unless the fingerprint `recorded` (of a file or a config) is that of this base."""
         whole = self._fingerprint_params(config)
-        reason = fingerprint.mismatch(recorded, whole, self.stoc_layer.patch_base_values(whole))
+        reason = fingerprint.mismatch(recorded, whole, self.stoc_state.patch_base_values(whole))
         if reason is not None and not ignore_base_mismatch:
             raise adapter_file.AdapterFileError(
                 f"{source} was made for another base model: {reason}. Load it onto the base it was trained on "
@@ -101,12 +101,12 @@ class AdapterFiles:
         """The fingerprint of this base that files of adapters with `config` record (`fingerprint.compute`)."""
         whole = self._fingerprint_params(config)
         if shards.shard_group(whole.values()) is None:
-            return fingerprint.compute(whole, self.stoc_layer.patch_base_values(whole))
+            return fingerprint.compute(whole, self.stoc_state.patch_base_values(whole))
         # FSDP2: base values are read where they are held and summed over the processes, once (the base does not
         # change); the main process then writes the file's header without another collective.
         key = tuple(sorted(whole))
         if key not in self._fingerprints:
-            self._fingerprints[key] = fingerprint.compute(whole, self.stoc_layer.patch_base_values(whole))
+            self._fingerprints[key] = fingerprint.compute(whole, self.stoc_state.patch_base_values(whole))
         return self._fingerprints[key]
 
     # -- save / load hooks (called by PEFT's get/set_peft_model_state_dict) --------------------------------------

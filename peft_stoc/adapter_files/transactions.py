@@ -139,7 +139,7 @@ class Transactions:
             with contextlib.suppress(Exception):  # put back whatever can be, whatever state the failure left
                 self._forget_engines()
             with contextlib.suppress(Exception):
-                self.stoc_layer.restore(self.base_params())
+                self.stoc_state.restore(self.base_params())
             with contextlib.suppress(Exception):
                 self._remove_layer()
         before.restore()
@@ -161,7 +161,7 @@ class Transactions:
             set(self._awaiting),
             dict(self._validated),
             dict(self._steps_loaded),
-            dict(self.stoc_layer.stoc_adapters),
+            dict(self.stoc_state.stoc_adapters),
         )
         try:
             yield
@@ -171,7 +171,7 @@ class Transactions:
 
     def _forget_adapter(self, adapter_name: str, before: ModelState, tables) -> None:
         peft_config, targeted, active, adapters, awaiting, validated, steps, slots = tables
-        layer = self.stoc_layer
+        layer = self.stoc_state
         if adapter_name not in adapters:
             with contextlib.suppress(Exception):
                 self._drop_engine(adapter_name)
@@ -197,10 +197,10 @@ class Transactions:
     # -- a failed load ------------------------------------------------------------------------------------------
     def is_fresh(self, adapter_name: str) -> bool:
         """Not an adapter yet, or one that was only just injected: never trained, loaded or combined."""
-        if adapter_name not in self.stoc_layer.stoc_adapters:
+        if adapter_name not in self.stoc_state.stoc_adapters:
             return True
         engine = self._engine_of(adapter_name)
-        delta = self.stoc_layer.stoc_adapters[adapter_name].delta
+        delta = self.stoc_state.stoc_adapters[adapter_name].delta
         untouched = not delta.tensors and adapter_name not in self._steps_loaded
         return untouched and (engine is None or engine.stats.step == 0)
 
@@ -208,11 +208,11 @@ class Transactions:
         """Undo the injection of an adapter whose loading failed. When it is the only adapter and this tuner was made
         for it (a failed `PeftModel.from_pretrained`), the base model goes back to exactly what the caller passed in:
         module types, hooks, `requires_grad` flags, attributes, weights."""
-        if adapter_name not in self.stoc_layer.stoc_adapters:
+        if adapter_name not in self.stoc_state.stoc_adapters:
             self.peft_config.pop(adapter_name, None)
             return
         before = self.__dict__.get("_state_before")
-        if len(self.stoc_layer.stoc_adapters) > 1 or before is None:
+        if len(self.stoc_state.stoc_adapters) > 1 or before is None:
             self.delete_adapter(adapter_name)
             return
         self._detach(before)

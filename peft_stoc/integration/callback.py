@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from ..tuner.layer import find_tuner
+from ..tuner.stoc_state import find_tuner
 
 LOG_PREFIX = "stoc/"
 

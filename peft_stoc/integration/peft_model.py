@@ -102,7 +102,7 @@ def _validate(tuner, path: str, config, ignore_base_mismatch: bool):
         config,
         expected,
         check_base=lambda file: _check_base(tuner, file, config, ignore_base_mismatch),
-        base_values=tuner.stoc_layer.patch_base_values(params),
+        base_values=tuner.stoc_state.patch_base_values(params),
     )
 
 

@@ -5,7 +5,7 @@ assignment, an optimizer outside `torch.optim`, an optimizer that moves entries 
 raises, instead of letting training run dense in silence.
 
 Exact, not sampled: each candidate tensor has a checksum of its *base* — the bit patterns of its current values, with
-the originals in place of the entries the record of originals holds (`originals.Patch`). Training changes only
+the originals in place of the entries the record of originals holds (`originals.Originals`). Training changes only
 recorded entries, and switching adapters only writes recorded entries, so the base checksum stays the same through
 both; any other change to any entry moves it (a change of a single entry always does: the checksum weights every
 64-bit word by an odd number). Computing it reads each weight once, as integers (a few ms per 20M entries), and the
@@ -19,7 +19,7 @@ import torch
 
 from ..distributed import shards
 from ..tuner.candidates import Candidate
-from ..tuner.originals import Patch
+from ..tuner.originals import Originals
 
 BYPASS_HINT = (
     "outside an optimizer step that StocTuning intercepted (a manual update, an assignment to `param.data`, or an "
@@ -91,7 +91,7 @@ def entry_terms(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 class Audit:
     """The base checksum of every candidate tensor, and the checksum of its recorded (changed) entries."""
 
-    def __init__(self, candidates: list[Candidate], patch: Patch):
+    def __init__(self, candidates: list[Candidate], patch: Originals):
         self.candidates, self.patch = candidates, patch
         # One int64 sum per candidate tensor, on the first one's device; None: taken at the next check.
         self.base: torch.Tensor | None = None
@@ -157,7 +157,7 @@ class Audit:
     def refresh(self) -> None:
         self.base, self.touched = self._sums()
 
-    def verify(self, allowed: Patch | None = None, context: str = "") -> None:
+    def verify(self, allowed: Originals | None = None, context: str = "") -> None:
         """Raise if any entry outside the recorded ones changed since the base was taken, or — without `allowed` —
         if a recorded entry changed since the last check."""
         if self.base is None:

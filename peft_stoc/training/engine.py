@@ -21,7 +21,7 @@ from ..distributed.sharded_step import ShardedStrategy, check_shardable
 from ..sampling.selection import step_seed
 from ..sampling.streaming import StreamingDraw
 from ..tuner.candidates import Candidate
-from ..tuner.originals import Patch
+from ..tuner.originals import Originals
 from . import opaque_hooks, optimizer_hooks, sparse_optim
 from .audit import BYPASS_HINT, Audit
 from .consumed_grad import ConsumedGrad, accumulation_error
@@ -44,7 +44,7 @@ class StepEngine:
         root: nn.Module,
         candidates: list[Candidate],
         config,
-        patch: Patch,
+        patch: Originals,
         k: int,
         max_changed,
         state_key: str = "peft_stoc",

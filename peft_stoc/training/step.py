@@ -70,7 +70,7 @@ class StocTuningStep:
         """The step engine of the adapter being trained."""
         if self._engine is not None:
             return self._engine
-        from ..tuner.layer import find_tuner
+        from ..tuner.stoc_state import find_tuner
 
         engine = find_tuner(self.model, required=True).stoc_engine()
         if engine is None:

@@ -55,7 +55,7 @@ class AdapterState:
     def _store_and_forget_engines(self) -> None:
         """Store what the applied adapters' weights hold and each engine's step count, then retire the engines: the
         next ones continue from there."""
-        for name in self.stoc_layer.applied:
+        for name in self.stoc_state.applied:
             self._capture(name)
         for name, record in self._adapters.items():
             if record.engine is not None:
@@ -72,7 +72,7 @@ class AdapterState:
 
     def _capture(self, name: str) -> None:
         """Store what adapter `name` learned in place as its delta, if it trained since the last capture."""
-        engine, layer = self._engine_of(name), self.stoc_layer
+        engine, layer = self._engine_of(name), self.stoc_state
         if layer.applied != (name,) or (engine is None and name not in self._stale):
             return  # without training (or a state dict load), the weights hold exactly the stored delta
         step = engine.stats.step if engine is not None else self._steps_loaded.get(name, 0)
@@ -94,12 +94,12 @@ class AdapterState:
     # -- what the weights show, and who trains ---------------------------------------------------------------
     def _adapters_to_apply(self) -> tuple[str, ...]:
         """The adapters whose deltas should be in the weights: the merged ones, else the active one."""
-        merged = tuple(self.stoc_layer.merged_adapters)
-        return merged or tuple(a for a in self.active_adapters if a in self.stoc_layer.stoc_adapters)
+        merged = tuple(self.stoc_state.merged_adapters)
+        return merged or tuple(a for a in self.active_adapters if a in self.stoc_state.stoc_adapters)
 
     def _training_adapter(self) -> str | None:
-        active = [a for a in self.active_adapters if a in self.stoc_layer.stoc_adapters]
-        layer = self.stoc_layer
+        active = [a for a in self.active_adapters if a in self.stoc_state.stoc_adapters]
+        layer = self.stoc_state
         if (
             len(active) != 1
             or layer.disable_adapters
@@ -113,18 +113,18 @@ class AdapterState:
     def _trained_view(self) -> tuple | None:
         """What the weights show while an adapter trains — the adapters applied and their deltas' versions — or
         None (no adapter trains, or the base is shown)."""
-        layer = self.stoc_layer
+        layer = self.stoc_state
         if self._training_adapter() is None or layer.shown != self._adapters_to_apply():
             return None
         return tuple((name, layer.stoc_adapters[name].version) for name in layer.shown)
 
     def _shown_text(self) -> str:
-        shown = self.stoc_layer.shown
+        shown = self.stoc_state.shown
         return f"adapter(s) {list(shown)}" if shown else "the base model"
 
     def _apply_adapter_state(self) -> None:
         """Bring weights, trainability and the step engine in line with the active/enabled/merged state."""
-        layer, params = self.stoc_layer, self.base_params()
+        layer, params = self.stoc_state, self.base_params()
         training = self._training_adapter()
         for name, engine in ((n, r.engine) for n, r in self._adapters.items() if r.engine is not None):
             if name != training and engine.running:
@@ -162,7 +162,7 @@ class AdapterState:
             self.model,
             self._trainable_candidates(name),
             self.peft_config[name],
-            self.stoc_layer.patch,
+            self.stoc_state.patch,
             record.k,
             record.max_changed,
             state_key=f"peft_stoc.{name}",
@@ -186,7 +186,7 @@ class AdapterState:
         return [c for c in self._adapters[name].candidates if id(c.param) not in frozen]
 
     def _set_requires_grad(self, training: str | None) -> None:
-        layer = self.stoc_layer
+        layer = self.stoc_state
         sharded = any(shards.is_shard(p) for p in self.base_params().values())
         if training is None and layer.disable_adapters and sharded:
             # FSDP2 hands a shard its reduced gradient, and calls its hooks, only while it requires one: the shards
@@ -205,15 +205,15 @@ class AdapterState:
     # -- deltas -------------------------------------------------------------------------------------------------
     def adapter_delta(self, adapter_name: str) -> SparseDelta:
         """The delta of `adapter_name` right now (for the adapter being trained: what changed so far)."""
-        if adapter_name not in self.stoc_layer.stoc_adapters:
-            known = list(self.stoc_layer.stoc_adapters)
+        if adapter_name not in self.stoc_state.stoc_adapters:
+            known = list(self.stoc_state.stoc_adapters)
             raise ValueError(f"Adapter {adapter_name!r} does not exist; adapters: {known}.")
         self._capture(adapter_name)
-        return self.stoc_layer.stoc_adapters[adapter_name].delta
+        return self.stoc_state.stoc_adapters[adapter_name].delta
 
     def set_adapter_delta(self, adapter_name: str, delta: SparseDelta) -> None:
         """Replace `adapter_name`'s delta (loading) and show it if the adapter is applied."""
-        layer = self.stoc_layer
+        layer = self.stoc_state
         if adapter_name in layer.applied:
             layer.restore(self.base_params())  # its old values must not be mistaken for the base
         layer.stoc_adapters[adapter_name].delta = delta

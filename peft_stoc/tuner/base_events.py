@@ -9,7 +9,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 
 from .. import compat
 from ..distributed import shards
-from .layer import StocTuningLayer
+from .stoc_state import StocTuningState
 
 
 class BaseEvents:
@@ -42,7 +42,7 @@ class BaseEvents:
             following[id(param)] = (param, requires_grad)
         self._requires_grad_before = following
         self._homes = {(id(now[key]) if key in now else key): home for key, home in self._homes.items()}
-        layer = self.stoc_layer
+        layer = self.stoc_state
         layer.show_adapters()
         layer.patch.hold_only({c.name: c.param for c in candidates})
         self._fingerprints.clear()
@@ -57,7 +57,7 @@ class BaseEvents:
         collective."""
         if shards.shard_group(self.base_params().values()) is None:
             return
-        for name in self.stoc_layer.applied:
+        for name in self.stoc_state.applied:
             self._capture(name)
         for config in self.peft_config.values():
             self.base_fingerprint(config)
@@ -73,7 +73,7 @@ class BaseEvents:
     def _after_state_loaded(self) -> None:
         """`load_state_dict` replaced the adapters' state (originals, deltas, steps) along with the weights: what
         the weights hold now is the applied adapters' work, to be captured afresh; training goes on from there."""
-        layer = self.stoc_layer
+        layer = self.stoc_state
         self._forget_engines()
         layer.patch.hold_only(self.base_params())  # FSDP2: a state dict holds the originals of every process
         self._steps_loaded.update({name: slot.step for name, slot in layer.stoc_adapters.items()})
@@ -87,8 +87,8 @@ class BaseEvents:
         `set_base_model_state_dict`) replace the base under the adapters: the applied deltas are stored and the
         base restored before the load writes, and `_after_base_load` applies them again on the loaded base. A state
         dict that carries the adapters' state (a checkpoint of the whole model) is loaded as it is instead."""
-        layer = self.stoc_layer
-        if any(key.startswith(f"{prefix}{StocTuningLayer.ATTRIBUTE}.") for key in state_dict):
+        layer = self.stoc_state
+        if any(key.startswith(f"{prefix}{StocTuningState.ATTRIBUTE}.") for key in state_dict):
             return
         if not layer.applied or not any(f"{prefix}{name}" in state_dict for name in layer.patch.index):
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import shards
-from .originals import Params, Patch
+from .originals import Originals, Params
 
 
 class BaseView:
@@ -23,7 +23,7 @@ class BaseView:
     writes the rows it holds and FSDP2's unsharded copies are dropped, so every forward gathers what is shown.
     """
 
-    def __init__(self, patch: Patch, params: Params):
+    def __init__(self, patch: Originals, params: Params):
         self.patch, self.params = patch, params
         self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.open()

@@ -28,23 +28,23 @@ class Merging:
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         for name in names:
-            if name not in self.stoc_layer.stoc_adapters:
-                raise ValueError(f"Adapter {name!r} not found; adapters: {list(self.stoc_layer.stoc_adapters)}")
+            if name not in self.stoc_state.stoc_adapters:
+                raise ValueError(f"Adapter {name!r} not found; adapters: {list(self.stoc_state.stoc_adapters)}")
         # PEFT's rule and wording: adapters merged already stay merged, the others are merged in addition.
-        names = check_adapters_to_merge(self.stoc_layer, names)
+        names = check_adapters_to_merge(self.stoc_state, names)
         if not names:
             return
         if safe_merge:
             for name in names:
                 _check_finite(self.adapter_delta(name), name)
-        self.stoc_layer.merged_adapters = list(self.stoc_layer.merged_adapters) + names
+        self.stoc_state.merged_adapters = list(self.stoc_state.merged_adapters) + names
         self._apply_adapter_state()
 
     def unmerge_adapter(self) -> None:
-        if not self.stoc_layer.merged_adapters:
+        if not self.stoc_state.merged_adapters:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        self.stoc_layer.merged_adapters = []
+        self.stoc_state.merged_adapters = []
         self._apply_adapter_state()
 
     def add_weighted_adapter(
@@ -66,9 +66,9 @@ class Merging:
             raise ValueError(f"{sorted(given)} only apply to other combination types; StocTuning combines linearly.")
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists.")
-        missing = [a for a in adapters if a not in self.stoc_layer.stoc_adapters]
+        missing = [a for a in adapters if a not in self.stoc_state.stoc_adapters]
         if missing:
-            raise ValueError(f"Unknown adapters {missing}; adapters: {list(self.stoc_layer.stoc_adapters)}")
+            raise ValueError(f"Unknown adapters {missing}; adapters: {list(self.stoc_state.stoc_adapters)}")
         if not adapters:
             raise ValueError("`adapters` must name at least one adapter.")
         heads = {tuple(sorted(self.peft_config[a].modules_to_save or [])) for a in adapters}
@@ -87,7 +87,7 @@ class Merging:
         config.exclude_modules = union_of_excludes([self.peft_config[a] for a in adapters])
         self.peft_config[adapter_name] = config
         self.inject_adapter(self.model, adapter_name)
-        self.stoc_layer.stoc_adapters[adapter_name].delta = combined
+        self.stoc_state.stoc_adapters[adapter_name].delta = combined
         self._copy_modules_to_save(adapters[0], adapter_name)
         self._apply_adapter_state()
 
@@ -99,7 +99,7 @@ class Merging:
                     module.modules_to_save[target].load_state_dict(module.modules_to_save[source].state_dict())
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
-        layer, params = self.stoc_layer, self.base_params()
+        layer, params = self.stoc_state, self.base_params()
         if merge:
             names = list(adapter_names) if adapter_names is not None else list(self._adapters_to_apply())
             if safe_merge:
@@ -128,7 +128,7 @@ class Merging:
 
     def _dequantize_merged(self) -> None:
         """Replace every quantized layer that has an overlay by a float layer computing what it computed."""
-        overlays = list(self.stoc_layer.overlays.values())
+        overlays = list(self.stoc_state.overlays.values())
         if not overlays:
             return
         warnings.warn(DEQUANTIZED_MERGE, stacklevel=4)

@@ -36,8 +36,8 @@ from .candidates import (
     resolve_count,
 )
 from .delta import SparseDelta
-from .layer import AdapterSlot, StocTuningLayer
 from .merging import Merging
+from .stoc_state import AdapterSlot, StocTuningState
 from .training_api import TrainingAPI
 from .weight_guard import WeightGuard
 
@@ -85,22 +85,22 @@ class StocTuningModel(Transactions, AdapterFiles, Merging, TrainingAPI, AdapterS
     """
 
     prefix: str = "stoc_"
-    tuner_layer_cls = StocTuningLayer
+    tuner_layer_cls = StocTuningState
     target_module_mapping: dict[str, list[str]] = {}
     # True while `set_adapter` runs PEFT's switch, whose call of the layer's `set_adapter` must not come back here.
     switching: bool = False
 
     # -- injection ---------------------------------------------------------------------------------------------
     @property
-    def stoc_layer(self) -> StocTuningLayer:
-        """The adapters' state, kept in the model itself (`model.stoc_tuning`); see `StocTuningLayer`."""
+    def stoc_state(self) -> StocTuningState:
+        """The adapters' state, kept in the model itself (`model.stoc_tuning`); see `StocTuningState`."""
         return self.__dict__["_stoc_layer"]
 
     def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         register_trainer_callback()  # transformers' trainer may have finished importing only now
         if "_stoc_layer" not in self.__dict__:
-            layer = StocTuningLayer()
-            model.add_module(StocTuningLayer.ATTRIBUTE, layer)
+            layer = StocTuningState()
+            model.add_module(StocTuningState.ATTRIBUTE, layer)
             # Referenced, not registered: registered here too, its state would appear twice in state_dict().
             self.__dict__["_stoc_layer"] = layer
             object.__setattr__(layer, "tuner", self)  # how hooks on the model find their way back
@@ -181,7 +181,7 @@ class StocTuningModel(Transactions, AdapterFiles, Merging, TrainingAPI, AdapterS
             )
         slot = AdapterSlot(self._delta_shared_with(adapter_name))
         slot.refresh = functools.partial(self._refresh, adapter_name)  # (a copy of the model rebinds it)
-        self.stoc_layer.stoc_adapters[adapter_name] = slot
+        self.stoc_state.stoc_adapters[adapter_name] = slot
         if slot.delta.tensors:
             self._awaiting.discard(adapter_name)
         owners = {name.rpartition(".")[0] for name in (c.name for c in candidates)}
@@ -221,7 +221,7 @@ class StocTuningModel(Transactions, AdapterFiles, Merging, TrainingAPI, AdapterS
 
     def _overlay_for(self, name: str, module: nn.Module) -> Overlay:
         """The overlay of the quantized weight `name` (owned by `module`), shared by every adapter."""
-        overlays = self.stoc_layer.overlays
+        overlays = self.stoc_state.overlays
         key = name.replace(".", "-")  # (module names cannot hold dots)
         if key not in overlays:
             quantized.refuse_without_compute_dtype(module, name)
@@ -237,18 +237,18 @@ class StocTuningModel(Transactions, AdapterFiles, Merging, TrainingAPI, AdapterS
         afresh."""
         config = self.peft_config[adapter_name]
         for name, other in self.peft_config.items():
-            if other is config and name != adapter_name and name in self.stoc_layer.stoc_adapters:
+            if other is config and name != adapter_name and name in self.stoc_state.stoc_adapters:
                 return self.adapter_delta(name).clone()
         return None
 
     def _remove_layer(self) -> None:
         """The model goes back to the caller without StocTuning's state in its tree."""
-        for overlay in self.stoc_layer.overlays.values():
+        for overlay in self.stoc_state.overlays.values():
             overlay.remove()
         quantized.release_canonical(self._cpu_layouts)
         children = compat.module_children(self.model)
-        if isinstance(children.get(StocTuningLayer.ATTRIBUTE), StocTuningLayer):
-            del children[StocTuningLayer.ATTRIBUTE]
+        if isinstance(children.get(StocTuningState.ATTRIBUTE), StocTuningState):
+            del children[StocTuningState.ATTRIBUTE]
         self._delta_guard.remove()
         self._weight_guard.remove()
         for handle in self._base_load_hooks:
@@ -285,7 +285,7 @@ class StocTuningModel(Transactions, AdapterFiles, Merging, TrainingAPI, AdapterS
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)  # modules_to_save wrappers
-        compat.set_adapters_disabled(self.stoc_layer, not enabled)
+        compat.set_adapters_disabled(self.stoc_state, not enabled)
         self._apply_adapter_state()
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -295,11 +295,11 @@ class StocTuningModel(Transactions, AdapterFiles, Merging, TrainingAPI, AdapterS
                 "StocTuning activates one adapter at a time. To use several together, combine them with "
                 "`add_weighted_adapter` or apply them with `merge_adapter(adapter_names=[...])`."
             )
-        if names[0] not in self.stoc_layer.stoc_adapters:
-            raise ValueError(f"Adapter {names[0]!r} not found; adapters: {list(self.stoc_layer.stoc_adapters)}")
-        if self.stoc_layer.merged_adapters:
+        if names[0] not in self.stoc_state.stoc_adapters:
+            raise ValueError(f"Adapter {names[0]!r} not found; adapters: {list(self.stoc_state.stoc_adapters)}")
+        if self.stoc_state.merged_adapters:
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
-            self.stoc_layer.merged_adapters = []
+            self.stoc_state.merged_adapters = []
         self.switching = True  # PEFT calls the layer's `set_adapter`, which otherwise comes back here
         try:
             super().set_adapter(names[0], inference_mode=inference_mode)  # modules_to_save wrappers
@@ -316,7 +316,7 @@ class StocTuningModel(Transactions, AdapterFiles, Merging, TrainingAPI, AdapterS
         self._apply_adapter_state()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        layer = self.stoc_layer
+        layer = self.stoc_state
         if adapter_name not in layer.stoc_adapters:
             raise ValueError(f"Adapter {adapter_name} does not exist")
         if adapter_name in layer.merged_adapters:

@@ -1,4 +1,4 @@
-"""`Patch`: the original value of every base entry that currently differs from the base, recorded once when an
+"""`Originals`: the original value of every base entry that currently differs from the base, recorded once when an
 optimizer step first changes it — what unmerging, `disable_adapter()` and every delta are computed from.
 
 Its state (and each adapter's, `layer.AdapterSlot`) is saved under keys that name tensors rather than attributes:
@@ -59,7 +59,7 @@ class StateHolder(nn.Module):
         return _ToStatePath()
 
 
-class Patch(StateHolder):
+class Originals(StateHolder):
     """Original base values of the entries that currently differ from the base (memory ∝ changed entries).
 
     A module of the layer so that `state_dict()` / `load_state_dict()` / `.to()` carry it; its tensors change size as
@@ -158,7 +158,7 @@ class Patch(StateHolder):
 
         `masters`: float32 master values (sorted indices, values) of low-precision tensors, which hold what training
         accumulated below the weights' resolution; where given they stand for the current values. Each delta is
-        chosen so that adding it to the original the way `StocTuningLayer.apply` does gives the current weight bit
+        chosen so that adding it to the original the way `StocTuningState.apply` does gives the current weight bit
         for bit."""
         tensors = {}
         for name, index in self.index.items():

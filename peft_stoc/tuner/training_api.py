@@ -21,8 +21,8 @@ class TrainingAPI:
         distinct entries changed so far, density (changed / candidate entries), and the adapter file's payload in
         bytes (indices and values of the changed entries plus the modules_to_save weights)."""
         name = adapter_name or self._training_adapter() or self.active_adapters[0]
-        if name not in self.stoc_layer.stoc_adapters:
-            raise ValueError(f"Adapter {name!r} does not exist; adapters: {list(self.stoc_layer.stoc_adapters)}.")
+        if name not in self.stoc_state.stoc_adapters:
+            raise ValueError(f"Adapter {name!r} does not exist; adapters: {list(self.stoc_state.stoc_adapters)}.")
         engine = self._engine_of(name)
         if engine is not None:
             # The record of originals is shared by the adapters: it counts this one's changes while it trains.

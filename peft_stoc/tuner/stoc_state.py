@@ -1,7 +1,8 @@
-"""`StocTuningLayer`: the adapters' state in the model tree (`model.stoc_tuning`): one `AdapterSlot` per adapter
-(its sparse delta and step count) and the `Patch` of original values, applied to and reverted from the base in place.
+"""`StocTuningState`: the adapters' state in the model tree (`model.stoc_tuning`): one `AdapterSlot` per adapter
+(its sparse delta and step count) and the `Originals` of changed entries, applied to and reverted from the base in
+place.
 
-The base trains in place, so there are no per-layer wrappers. The layer is a PEFT `BaseTunerLayer`, which
+The base trains in place, so there are no per-layer wrappers. This module is a PEFT `BaseTunerLayer`, which
 `get_model_status` and `disable_adapter` look for.
 """
 
@@ -14,7 +15,7 @@ from torch import nn
 from ..distributed import sharded_draw, shards
 from .base_view import BaseView
 from .delta import SparseDelta, add_delta
-from .originals import Params, Patch, StateHolder
+from .originals import Originals, Params, StateHolder
 
 
 class AdapterSlot(StateHolder):
@@ -56,7 +57,7 @@ class AdapterSlot(StateHolder):
             self.step = int(ours["step"])
 
 
-class StocTuningLayer(nn.Module, BaseTunerLayer):
+class StocTuningState(nn.Module, BaseTunerLayer):
     """Holds every adapter's delta and applies/reverts them on the base parameters in place.
 
     It lives in the model it adapts (as `model.stoc_tuning`), so its state travels with the model: `state_dict()`
@@ -72,7 +73,7 @@ class StocTuningLayer(nn.Module, BaseTunerLayer):
         nn.Module.__init__(self)
         self.stoc_adapters = nn.ModuleDict()
         self.overlays = nn.ModuleDict()  # per quantized candidate weight: its changed entries (`overlay.Overlay`)
-        self.patch = Patch()  # registered after `stoc_adapters`: loaded last, it announces the completed load
+        self.patch = Originals()  # registered after `stoc_adapters`: loaded last, it announces the completed load
         self._view: BaseView | None = None  # while adapters are disabled: the base shown to the forward
         self._active_adapter = "default"
         self.merged_adapters = []
@@ -236,7 +237,7 @@ def find_tuner(model, required: bool = False):
     the adapted model carries. None when it has none, or a TypeError if `required`."""
     if isinstance(model, nn.Module):
         for module in model.modules():
-            if isinstance(module, StocTuningLayer) and module.__dict__.get("tuner") is not None:
+            if isinstance(module, StocTuningState) and module.__dict__.get("tuner") is not None:
                 return module.tuner
     if required:
         raise TypeError(f"{type(model).__name__} carries no StocTuning adapter.")
