@@ -79,3 +79,14 @@ def test_the_step_object_names_what_is_missing_when_no_adapter_trains():
         StocTuningStep(model, optimizer).step()
     after = state_of(model)
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_a_warning_of_the_step_points_at_the_line_that_stepped(explicit):
+    model = _model("auto")
+    model.train()
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3)  # not reproduced by the lean strategy: dense
+    model(**batch()).loss.backward()
+    with pytest.warns(UserWarning, match="memory='dense' mode") as record:
+        StocTuningStep(model, optimizer).step() if explicit else optimizer.step()
+    assert [w.filename for w in record if "memory='dense'" in str(w.message)] == [__file__]

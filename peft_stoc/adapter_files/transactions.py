@@ -98,23 +98,22 @@ class ModelState:
             registered.update(
                 {name: child for name, child in alive.items() if child is not None or children[name] is None}
             )
-            tables = compat.module_hook_tables(module)
-            for table, saved in hooks.items():
-                current = tables[table]
-                if current is not None:
-                    current.clear()
-                    current.update(saved)
+            _put_back(compat.module_hook_tables(module), hooks)
         for param_ref, requires_grad, hooks in self.params:
             param = param_ref()
             if param is None:
                 continue
             param.requires_grad_(requires_grad)
-            tables = compat.tensor_hook_tables(param)
-            for table, saved in hooks.items():
-                current = tables[table]
-                if current is not None:
-                    current.clear()
-                    current.update(saved)
+            _put_back(compat.tensor_hook_tables(param), hooks)
+
+
+def _put_back(tables: dict, saved: dict) -> None:
+    """Each hook table as it was recorded (the tables are torch's own dicts: emptied and refilled in place)."""
+    for table, hooks in saved.items():
+        current = tables[table]
+        if current is not None:
+            current.clear()
+            current.update(hooks)
 
 
 class Transactions:

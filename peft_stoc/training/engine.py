@@ -9,7 +9,6 @@ three phases around an optimizer's step in a loop that shows them.
 
 from __future__ import annotations
 
-import warnings
 import weakref
 
 import torch
@@ -34,6 +33,7 @@ from .sparse_backward import SparseBackward
 from .step import StepStats, StocTuningStep
 from .step_progress import StepProgress
 from .tracking import ActivationTracker
+from .user_warnings import warn_at_user
 
 
 class StepEngine:
@@ -311,7 +311,7 @@ class StepEngine:
     def skip(self, optimizer, reason: str | None) -> None:
         """Nothing changes in this step: no draw, no update, no step counted; μ starts afresh."""
         if reason is not None:
-            warnings.warn(f"StocTuning: optimizer step {self.stats.step + 1} skipped: {reason}", stacklevel=6)
+            warn_at_user(f"StocTuning: optimizer step {self.stats.step + 1} skipped: {reason}")
             for group in optimizer.param_groups:
                 for param in group["params"]:
                     param.grad = None

@@ -5,8 +5,6 @@ the optimizer's own arithmetic to the drawn entries after its step (`sparse_opti
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from ..distributed.ranks import RankSync
@@ -14,6 +12,7 @@ from . import sparse_optim
 from .gradient_stream import GradientStream
 from .optimizer_checks import check_sparse_state
 from .optimizer_hooks import watch_checkpoints
+from .user_warnings import warn_at_user
 
 
 class LeanStrategy:
@@ -172,9 +171,8 @@ def _refuse_dense(engine, name: str) -> None:
             f"StocTuningConfig(memory='lean') reproduces the updates of torch.optim SGD, Adam and AdamW, not of "
             f"{name}. Use one of those, or memory='dense' (or the default 'auto', which falls back to dense)."
         )
-    warnings.warn(
+    warn_at_user(
         f"StocTuning trains in memory='dense' mode with {name}: the memory-lean mode reproduces the updates of "
         "torch.optim SGD, Adam and AdamW only, so this optimizer gets dense gradients and keeps its own state "
-        "for every candidate.",
-        stacklevel=7,
+        "for every candidate."
     )

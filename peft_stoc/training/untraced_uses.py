@@ -6,16 +6,13 @@ that points at the user's line.
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
 import weakref
 
 import torch
 from torch import nn
 
-from .. import compat
 from ..tuner.candidates import Candidate, UseKind
+from .user_warnings import warn_at_user
 
 
 class UntracedUses:
@@ -136,18 +133,4 @@ def warn_once(model: nn.Module, names: set[str], message: str) -> None:
     new = sorted(set(names) - warned)
     if new:
         warned.update(new)
-        warnings.warn(message.format(names=", ".join(new)), stacklevel=_caller_stacklevel())
-
-
-def _caller_stacklevel() -> int:
-    """The stacklevel of the first frame outside this package, PEFT, transformers, torch and accelerate."""
-    internal = tuple(
-        os.path.dirname(module.__file__) + os.sep
-        for name, module in list(sys.modules.items())
-        if name in ("peft_stoc", "peft", "transformers", "torch", "accelerate", "trl")
-        and getattr(module, "__file__", None)
-    )
-    frame, level = compat.caller_frame(2), 2  # level 1 is `warn_once`, the function calling warnings.warn
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
-        frame, level = frame.f_back, level + 1
-    return level
+        warn_at_user(message.format(names=", ".join(new)))
