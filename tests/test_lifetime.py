@@ -71,3 +71,23 @@ def test_a_model_trained_by_trainer_is_freed_with_the_trainer(tmp_path):
     refs = _weights(model)
     del model, trainer
     assert _alive(refs) == 0
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["hooks", "step-object"])
+@pytest.mark.parametrize("memory", ["lean", "dense"])
+def test_an_optimizer_dropped_while_its_model_lives_is_freed(memory, explicit):
+    """A sweep makes a new optimizer for the same model: the old one and its state go."""
+    import torch
+
+    from peft_stoc import StocTuningStep
+
+    model = get_peft_model(tiny_model(), StocTuningConfig(k=40, task_type="SEQ_CLS", memory=memory))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(**batch()).loss.backward()
+    StocTuningStep(model, optimizer).step() if explicit else optimizer.step()
+    optimizer.zero_grad()
+    ref = weakref.ref(optimizer)
+    del optimizer
+    assert _alive([ref]) == 0
+    assert model.stoc_stats()["step"] == 1

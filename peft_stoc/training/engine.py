@@ -77,7 +77,6 @@ class StepEngine:
         self.on_graph = None  # set by the tuner: a forward with gradients is building a graph on the weights shown
         self._ids = {id(c.param) for c in candidates}
         self._owned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its StocTuningStep
         self.explicit: weakref.WeakSet = weakref.WeakSet()  # optimizers a `StocTuningStep.step()` is stepping
         self._root_hooks = opaque_hooks.HookSet()
         self._setup_checked = False
@@ -169,11 +168,9 @@ class StepEngine:
         return cached[1]
 
     def step_for(self, optimizer: torch.optim.Optimizer) -> StocTuningStep:
-        """The step object of `optimizer` (the optimizer-step hooks run its two halves)."""
-        step = self._steps.get(optimizer)
-        if step is None:
-            step = self._steps[optimizer] = StocTuningStep(self.tracker.root, optimizer, engine=self)
-        return step
+        """The step object of `optimizer` (the optimizer-step hooks run its two halves). Made afresh for each step:
+        one kept here would keep every optimizer ever stepped alive with the model."""
+        return StocTuningStep(self.tracker.root, optimizer, engine=self)
 
     @property
     def lean(self):
