@@ -23,7 +23,7 @@ from peft import get_peft_model
 
 import peft_stoc
 from peft_stoc.sampling import streaming, thinning
-from peft_stoc.training import engine as engine_module
+from peft_stoc.training import dense as dense_module
 from peft_stoc.training import sparse_optim
 
 MODELS = ("full", "dense", "lean")
@@ -124,14 +124,14 @@ def main() -> None:
 
     timers = Timers()
     dense, lean = engines["dense"], engines["lean"]
-    timers.wrap(dense, "_draw", "draw", "dense")
+    timers.wrap(dense.strategy, "_fresh_draw", "draw", "dense")
     timers.wrap(thinning.Thinning, "_block_stats", "draw: first pass (block statistics)")
     timers.wrap(thinning.Thinning, "_first_threshold", "draw: threshold from the statistics")
     timers.wrap(thinning.Thinning, "_thin_first_round", "draw: second pass (thinning; keys included)")
     timers.wrap(thinning.Thinning, "_offer", "draw: keys of the entries that may win")
     timers.wrap(dense.patch, "record", "record original values", "dense")
-    timers.wrap(engine_module, "mask_gradient", "mask gradients")
-    timers.wrap(dense.decay, "apply", "redirect weight decay", "dense")
+    timers.wrap(dense_module, "mask_gradient", "mask gradients")
+    timers.wrap(dense.strategy.decay, "apply", "redirect weight decay", "dense")
     for name, engine in engines.items():
         timers.wrap(engine.audit, "verify", "audit (3 per step)", name)
     timers.wrap(lean.lean, "consume", "backward hooks (all)", "lean")
@@ -140,7 +140,7 @@ def main() -> None:
     timers.wrap(thinning.Thinning, "_offer", "backward hooks: keys of the entries that may win")
     timers.wrap(lean.lean, "consume_dense", "optimizer pre-step: dense gradients joining the draw", "lean")
     timers.wrap(lean.lean, "finish", "optimizer pre-step: finish the draw", "lean")
-    timers.wrap(lean.lean, "update", "after the step: sparse update (all)", "lean")
+    timers.wrap(lean.strategy, "update", "after the step: sparse update (all)", "lean")
     timers.wrap(sparse_optim, "sparse_step", "after the step: sparse AdamW arithmetic")
     timers.wrap(lean.patch, "record", "after the step: record original values", "lean")
 

@@ -90,3 +90,16 @@ def test_a_warning_of_the_step_points_at_the_line_that_stepped(explicit):
     with pytest.warns(UserWarning, match="memory='dense' mode") as record:
         StocTuningStep(model, optimizer).step() if explicit else optimizer.step()
     assert [w.filename for w in record if "memory='dense'" in str(w.message)] == [__file__]
+
+
+def test_the_step_object_of_an_optimizer_without_candidates_only_steps_it():
+    model = _model("lean")
+    model.train()
+    base = {id(p) for p in model.base_model.base_params().values()}
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in base]
+    optimizer = torch.optim.SGD(head, lr=0.1)
+    before = [p.detach().clone() for p in head]
+    model(**batch()).loss.backward()
+    StocTuningStep(model, optimizer).step()
+    assert model.stoc_stats()["step"] == 0  # no draw was made for it
+    assert any(not torch.equal(b, p) for b, p in zip(before, head))

@@ -1,8 +1,9 @@
 """The training step: statistics in the forward, gradients in the backward, and the optimizer step confined.
 
-tracking gathers μ during the forwards (token_scopes, row_gathers, opaque_hooks under torch.compile); optimizer_hooks
-hands every optimizer step to the step engine of the adapter being trained (engine), which draws the mask, confines
-the update (update in dense mode, sparse_optim in memory-lean mode, where gradients are consumed as the backward
-produces them: lean, consumed_grad) and lets the audit check that nothing else moved. With `mask_interval > 1`, steps
-that reuse their mask compute only the masked entries' gradients (sparse_backward).
+tracking gathers μ during the forwards (token_masks, token_scopes, row_gathers, untraced_uses; opaque_hooks under
+torch.compile); gradient_hooks follow the backward (step_progress), where the lean strategy consumes each gradient as
+it completes (gradient_stream, consumed_grad). optimizer_hooks runs the step (step: `StocTuningStep`) of the engine of
+the adapter being trained (engine): draw, confine, update, through the strategy of its memory mode (dense; lean, with
+sparse_optim), after the checks of the optimizer (optimizer_checks); the audit checks that nothing else moved. With
+`mask_interval > 1`, steps that reuse their mask compute only the masked entries' gradients (sparse_backward).
 """

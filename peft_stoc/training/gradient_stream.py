@@ -11,8 +11,8 @@ is needed.
   under data parallelism (DDP reduces gradients in its own buckets after these hooks run). A plain loop that
   accumulates without saying so is refused at its second micro-batch, before anything changed
   (`consumed_grad.accumulation_error`);
-* optimizer step — the draw is finished and the drawn gradients are scaled by what clipping and unscaling applied
-  (`finish`); the lean strategy then updates the candidates itself, so the user's optimizer keeps dense state only for
+* optimizer step — the draw is finished (`finish`: the drawn gradient values and the factors clipping and unscaling
+  applied); the lean strategy then updates the candidates itself, so the user's optimizer keeps dense state only for
   the other parameters (task heads).
 
 The sparse state lives in the optimizer's own `state` under a string key, so `optimizer.state_dict()` and

@@ -1,4 +1,5 @@
-"""The lean strategy of the training step (`memory="lean"`, the default): the draw is finished from the gradients
+"""The lean strategy of the training step (`memory="lean"`, and `"auto"` with SGD, Adam or AdamW): the draw is
+finished from the gradients
 consumed during the backward (`gradient_stream`), the optimizer is handed no candidate gradient, and StocTuning applies
 the optimizer's own arithmetic to the drawn entries after its step (`sparse_optim`).
 """
@@ -61,7 +62,8 @@ class LeanStrategy:
                 candidate.param.grad = None
 
     def join(self, optimizer) -> None:
-        """Another optimizer, holding other candidates, in a step already drawn: it leaves them to StocTuning too."""
+        """Another optimizer, holding other candidates, in a step already drawn: it leaves them to StocTuning too,
+        which updates them after its step (`update`; each candidate once in a step)."""
         if self.pending is not None:
             self.confine(self.pending[0], optimizer)
 
@@ -130,12 +132,13 @@ class LeanStrategy:
         return drawn
 
     def drop_pending(self) -> None:
-        """Forget a draw whose update never came (its optimizer raised); the gradients consumed since stay."""
+        """A new step begins (its first forward): forget the latest draw, which every optimizer of its step has
+        applied by now (or whose optimizer raised). The gradients consumed since stay."""
         self.pending = None
 
     def finish(self) -> None:
-        """Forget the step (after it ran)."""
-        self.pending = None
+        """The step ran: its gradient stream starts afresh. The draw stays pending until the next forward, for
+        another optimizer stepping in the same step (`join`)."""
         self.gradients.reset()
 
     def abandon(self) -> None:

@@ -1,7 +1,7 @@
 """`StocTuningStep`: one optimizer step of Stochastic Tuning — draw → confine → the optimizer's step → update.
 
-Nothing in a training loop has to change: torch's optimizer-step hooks (`optimizer_hooks`) find or build this object
-for every optimizer holding the candidates of the adapter being trained, and run its two halves around the
+Nothing in a training loop has to change: torch's optimizer-step hooks (`optimizer_hooks`) build this object for every
+step of an optimizer holding the candidates of the adapter being trained, and run its two halves around the
 optimizer's own step. A loop that prefers to show the step builds it itself, the way `peft.optimizers` builds LoRA+'s
 optimizer::
 
@@ -89,8 +89,11 @@ class StocTuningStep:
         self.engine.after_step(self.optimizer)
 
     def step(self, closure=None):
-        """draw → confine → `optimizer.step(closure)` → update; returns what the optimizer's step returns."""
+        """draw → confine → `optimizer.step(closure)` → update; returns what the optimizer's step returns. An optimizer
+        that holds no candidate (only a task head, say) just steps."""
         engine = self.engine
+        if not engine.owns(self.optimizer):
+            return self.optimizer.step(closure)
         engine.explicit.add(self.optimizer)  # the optimizer-step hooks leave this step to us
         try:
             engine.before_step(self.optimizer)  # draw, confine
