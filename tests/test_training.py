@@ -214,6 +214,7 @@ def test_unknown_optimizer_with_weight_decay_is_refused():
     model(**batch()).loss.backward()
     with pytest.raises(ValueError, match="cannot confine the weight decay"):
         optimizer.step()
+    assert model.stoc_stats()["step"] == 0  # the refused step is not counted
 
 
 def test_stats_report_drawn_changed_density():

@@ -84,6 +84,7 @@ class StepEngine:
         self._cycle_drawn = False  # this step has drawn (or was skipped)
         self._depth = 0  # optimizer steps under way: a wrapper such as ZeroRedundancyOptimizer steps an inner one
         self._drew_now = False  # this step drew a fresh mask
+        self._fresh = False  # the step being drawn gets a fresh mask (not one kept under mask_interval)
 
     @property
     def hold_gradients(self) -> bool:
@@ -342,18 +343,8 @@ class StepEngine:
         if skipped_by_scaler(optimizer):
             self.skip(optimizer, reason=None)
             return None
-        reuse = self.reuses_mask()
-        drawn = self.strategy.draw(optimizer)
-        if drawn is None:
-            return None
-        self.draws += not reuse
-        self._drew_now = not reuse
-        self.last_draw = drawn
-        if not self.sharded:
-            self.stats.drawn = int(sum(d.numel() for d in drawn))
-        self.stats.step += 1
-        self._cycle_drawn = True
-        return drawn
+        self._fresh = not self.reuses_mask()  # (before the strategy's draw: the step count decides)
+        return self.strategy.draw(optimizer)
 
     def _choose_strategy(self, optimizer) -> None:
         """The lean strategies reproduce torch.optim SGD, Adam and AdamW: another optimizer gets the dense one (or is
@@ -371,8 +362,16 @@ class StepEngine:
         self.strategy.check(optimizer)
 
     def confine(self, drawn: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
-        """Confine the optimizer's step to the drawn entries (how depends on the strategy)."""
+        """Confine the optimizer's step to the drawn entries (how depends on the strategy); the step counts from
+        here (a refusal while confining leaves the count as it was)."""
         self.strategy.confine(drawn, optimizer)
+        self.draws += self._fresh
+        self._drew_now = self._fresh
+        self.last_draw = drawn
+        if not self.sharded:
+            self.stats.drawn = int(sum(d.numel() for d in drawn))
+        self.stats.step += 1
+        self._cycle_drawn = True
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
