@@ -132,7 +132,7 @@ class ShardedStrategy(LeanStrategy):
         the bytes of gradients held."""
         engine = self.engine
         bad, held = [], 0
-        for position in engine.gradient_order(every=True):
+        for position in engine.progress.order():
             candidate = engine.candidates[position]
             grad = candidate.param.grad
             if grad is None:

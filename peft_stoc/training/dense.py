@@ -269,5 +269,9 @@ class DenseStrategy:
         self.decay.restore()
         self.strict.restore()
 
+    def changed_count(self) -> int:
+        """Entries changed so far."""
+        return self.engine.patch.count
+
     def masters(self) -> dict:
         return {}

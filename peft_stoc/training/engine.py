@@ -86,24 +86,6 @@ class StepEngine:
         self._drew_now = False  # this step drew a fresh mask
         self._fresh = False  # the step being drawn gets a fresh mask (not one kept under mask_interval)
 
-    @property
-    def hold_gradients(self) -> bool:
-        """Set by `stoc_accumulating()`: the running backward is not the last of the step."""
-        return self.progress.hold_gradients
-
-    @hold_gradients.setter
-    def hold_gradients(self, value: bool) -> None:
-        self.progress.hold_gradients = value
-
-    @property
-    def driven_by_trainer(self) -> bool:
-        """A Trainer runs the loop: accelerate's word on the last micro-batch of a step counts."""
-        return self.progress.driven_by_trainer
-
-    @driven_by_trainer.setter
-    def driven_by_trainer(self, value: bool) -> None:
-        self.progress.driven_by_trainer = value
-
     # -- life cycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
         distributed.check_supported(self.tracker.root, self.candidates)
@@ -277,9 +259,6 @@ class StepEngine:
         self.progress.reset()
 
     # -- backward ----------------------------------------------------------------------------------------------
-    def gradient_order(self, every: bool = False) -> list[int]:
-        return self.progress.order(every)
-
     # -- what the strategies draw with -------------------------------------------------------------------------
     def generator(self) -> torch.Generator:
         device = self.candidates[0].param.device
@@ -384,7 +363,7 @@ class StepEngine:
     def update(self, optimizer: torch.optim.Optimizer) -> None:
         """Complete the update (the lean strategies apply it here), check it, and close the step."""
         self.strategy.update(optimizer)
-        self.stats.changed = self.strategy.changed_count() if self.sharded else self.patch.count
+        self.stats.changed = self.strategy.changed_count()
         self.stats.optimizer_state_bytes = state_bytes(optimizer, self.candidates, self.state_key)
         if self.sparse is not None:
             self.sparse.reset()

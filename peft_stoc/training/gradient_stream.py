@@ -110,22 +110,22 @@ class GradientStream:
             self.stream.add_values(position, part)
 
     def consume_dense(self, order: list[int], means_of, make_stream) -> None:
-        """At the optimizer step: the candidates whose gradient is still dense join the draw, in `order` (the order
-        their gradients completed in; the others after them)."""
+        """At the optimizer step: the candidates whose gradient is still dense join the draw, in `order` (every
+        candidate: those whose gradients completed, in that order, then the others)."""
         held = sum(_bytes(c.param.grad) for c in self.candidates)
         self.peak_grad_bytes = max(self.peak_grad_bytes, held)
-        seen = set(order)
-        for position in order + [p for p in range(len(self.candidates)) if p not in seen]:
+        for position in order:
             candidate = self.candidates[position]
             grad = candidate.param.grad
             if grad is None or isinstance(grad, ConsumedGrad):
                 continue
             if self.stream is None:
                 self.stream = make_stream()
-            if not bool(torch.isfinite(torch.linalg.vector_norm(grad))) or not finite_means(means_of(candidate)):
+            means = means_of(candidate)
+            if not bool(torch.isfinite(torch.linalg.vector_norm(grad))) or not finite_means(means):
                 self.nonfinite.append(candidate.name)
                 continue
-            self._add(position, grad, means_of(candidate))
+            self._add(position, grad, means)
 
     def finish(self, make_stream):
         """Drawn indices, gradient values (None: no gradient this step) and clip/unscale factors, per candidate."""

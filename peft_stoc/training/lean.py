@@ -39,7 +39,7 @@ class LeanStrategy:
         engine, gradients = self.engine, self.gradients
         # Under data parallelism nothing was streamed: μ is reduced across ranks before the draw, as in dense mode.
         self.rank_sync = engine.sync_statistics() if gradients.stream is None else None
-        gradients.consume_dense(engine.gradient_order(), engine.tracker.means, engine.new_stream)
+        gradients.consume_dense(engine.progress.order(), engine.tracker.means, engine.new_stream)
         if engine.sparse is not None and engine.sparse.sums:
             gradients.take_values(engine.sparse.sums, engine.new_stream)
         if gradients.nonfinite:
@@ -56,7 +56,7 @@ class LeanStrategy:
     def confine(self, drawn: list[torch.Tensor], optimizer) -> None:
         """The candidates this optimizer holds leave its hands: StocTuning updates their drawn entries after its
         step, and the optimizer steps only the other parameters."""
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        held = self.engine.checks.held(optimizer)
         for candidate in self.engine.candidates:
             if id(candidate.param) in held:
                 candidate.param.grad = None
@@ -76,6 +76,10 @@ class LeanStrategy:
             self._apply(optimizer, kind, drawn, values, factors, done)
             self.sparse_states = self.states(optimizer)
         self.engine.audit.take_touched()
+
+    def changed_count(self) -> int:
+        """Entries changed so far."""
+        return self.engine.patch.count
 
     def record(self, position: int, index: torch.Tensor) -> None:
         """The originals of the drawn entries of a candidate, recorded before the update writes them."""

@@ -49,10 +49,9 @@ class StepProgress:
         self._order.setdefault(position, None)
         self._completed[position] = (weakref.ref(grad), compat.tensor_version(grad))
 
-    def order(self, every: bool = False) -> list[int]:
-        """The candidates whose gradient completed in this step, in that order (`every`: then all the others)."""
-        order = list(self._order)
-        return order + [p for p in range(self.candidates) if p not in self._order] if every else order
+    def order(self) -> list[int]:
+        """Every candidate: those whose gradient completed in this step, in that order, then the others."""
+        return list(self._order) + [p for p in range(self.candidates) if p not in self._order]
 
     def streams_now(self, sharded: bool) -> bool:
         """Whether the running backward ends the step, so its gradients can be consumed as they complete."""

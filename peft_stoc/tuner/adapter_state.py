@@ -170,7 +170,7 @@ class AdapterState:
         )
         record.engine = engine
         record.captured_at = engine.stats.step
-        engine.driven_by_trainer = getattr(self, "_driven_by_trainer", False)
+        engine.progress.driven_by_trainer = getattr(self, "_driven_by_trainer", False)
         engine.on_shard = self._follow_shards
         engine.on_graph = self._weight_guard.note
         if engine.sparse is not None:

@@ -79,17 +79,17 @@ class TrainingAPI:
         if engine is None:
             yield
             return
-        engine.hold_gradients = True
+        engine.progress.hold_gradients = True
         try:
             yield
         finally:
-            engine.hold_gradients = False
+            engine.progress.hold_gradients = False
 
     def set_driven_by_trainer(self, driven: bool) -> None:
         """Called by `StocTuningCallback` when a Trainer starts and ends training this model."""
         self._driven_by_trainer = driven
         for engine in self.step_engines():
-            engine.driven_by_trainer = driven
+            engine.progress.driven_by_trainer = driven
 
     def stoc_sync(self) -> None:
         """Accept changes made to the base weights outside an optimizer step as the new starting point (for every
