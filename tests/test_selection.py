@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from peft_stoc.sampling import thinning
+from peft_stoc.sampling.entry_keys import EntryKeys
 from peft_stoc.sampling.importance import Source, importance
 from peft_stoc.sampling.selection import draw
 
@@ -305,3 +306,32 @@ def test_later_rounds_draw_the_keys_between_two_thresholds(monkeypatch, one_thre
         ours[draw(_sources([values]), k, "stochastic", generator)[0].numpy()] += 1
     assert np.mean(rounds) > 2.5  # most draws needed two or more rounds after the first
     assert np.abs(ours - reference).max() / trials < 0.04, (ours / trials, reference / trials)
+
+
+def test_entry_keys_are_those_of_earlier_releases_for_the_same_seed():
+    """An entry's Exp(1) variable depends on (seed, tensor id, position) alone and on nothing in how it is computed:
+    these values were taken from the first release of the tree, so the same seed keeps drawing the same masks."""
+    keys = EntryKeys(20261207)
+    values = keys.exp(torch.tensor([0, 0, 3, 7]), torch.tensor([0, 12345, 5, 2**40]))
+    expected = ["0x1.5a442a5d6d3dcp+1", "0x1.0e2fb61eb3ef4p+2", "0x1.507e49f50237ep+0", "0x1.d06e8af6a503ap+0"]
+    assert [float(v).hex() for v in values] == expected
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3, 7])
+def test_node_minima_are_the_same_evaluated_from_the_roots_or_from_the_nodes(level):
+    """`minimum_range` (consecutive nodes of one tensor, from the roots down), `minimum` (any nodes, shared parents
+    found) and `children_at` (from the parents) give bit-identical minima and argmin children."""
+    keys = EntryKeys(987654321987)
+    first, count = 8**4 * 3 + 5, 3000
+    nodes = torch.arange(first, first + count)
+    by_range = keys.minimum_range(4, level, first, count, "cpu")
+    by_nodes = keys.minimum(torch.full_like(nodes, 4), level, nodes)
+    assert all(torch.equal(a, b) for a, b in zip(by_range, by_nodes))
+    if level < 7:
+        parent_min, parent_arg = keys.minimum(torch.full_like(nodes, 4), level + 1, nodes >> 3)
+        by_parents = keys.children_at(4, level, nodes, parent_min, parent_arg)
+        assert all(torch.equal(a, b) for a, b in zip(by_parents, by_nodes))
+    mixed = torch.tensor([4, 9] * (count // 2))  # nodes of two tensors: a stream key per element
+    by_mixed = keys.minimum(mixed, level, nodes)
+    alone = keys.minimum(torch.full_like(nodes, 9), level, nodes)
+    assert torch.equal(by_mixed[0][1::2], alone[0][1::2]) and torch.equal(by_mixed[0][::2], by_nodes[0][::2])

@@ -37,6 +37,7 @@ def _signed(value: int) -> int:
 _GOLDEN = _signed(0x9E3779B97F4A7C15)
 _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
+_NODE_STEP = _signed(8 * 0x9E3779B97F4A7C15)  # a node number's step in the hashed counter
 
 
 def _mix_int(value: int) -> int:
@@ -89,61 +90,113 @@ class EntryKeys:
         return index + table.index_select(0, tensor)
 
     # -- hashes ----------------------------------------------------------------------------------------------------
-    def _stream(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Per element: the 64-bit stream key of its tensor id."""
-        size = int(tensor.max()) + 1 if tensor.numel() else 1
+    def _stream_key(self, tensor_id: int) -> int:
+        """The 64-bit stream key of a tensor id (signed)."""
+        return _signed(_mix_int(self.seed ^ _mix_int(tensor_id * 0x2545F4914F6CDD1D + 1)))
+
+    def _stream(self, tensor: torch.Tensor | int) -> torch.Tensor | int:
+        """The stream keys of tensor ids: one int when every id is the same (the common chunk of one tensor, which
+        then costs no gather), else one per element."""
+        if isinstance(tensor, int):
+            return self._stream_key(tensor)
+        if tensor.numel() == 0:
+            return 0
+        low, high = (int(v) for v in torch.aminmax(tensor))
+        if low == high:
+            return self._stream_key(low)
         cached = self._streams.get(tensor.device)
-        if cached is None or cached.numel() < size:
-            size = max(size, len(self.offsets or ()))
-            cached = torch.tensor(
-                [_signed(_mix_int(self.seed ^ _mix_int(t * 0x2545F4914F6CDD1D + 1))) for t in range(size)],
-                dtype=torch.int64,
-                device=tensor.device,
-            )
-            self._streams[tensor.device] = cached
+        if cached is None or cached.numel() <= high:
+            size = max(high + 1, len(self.offsets or ()))
+            keys = [self._stream_key(t) for t in range(size)]
+            cached = self._streams[tensor.device] = torch.tensor(keys, dtype=torch.int64, device=tensor.device)
         return cached.index_select(0, tensor.reshape(-1)).view(tensor.shape)
 
-    def _hash(self, tensor: torch.Tensor, node: torch.Tensor, level: int) -> torch.Tensor:
-        """splitmix64 of (tensor's stream, node * 8 + level)."""
-        return _mix(node.mul(8).add_(level).mul_(_GOLDEN).add_(self._stream(tensor)))
+    def _hash(self, stream: torch.Tensor | int, node: torch.Tensor, level: int) -> torch.Tensor:
+        """splitmix64 of (stream + (node * 8 + level) · golden), wrapping: node · 8·golden plus the rest."""
+        z = node.mul(_NODE_STEP)
+        if isinstance(stream, int):
+            return _mix(z.add_(_signed(stream + level * _GOLDEN)))
+        return _mix(z.add_(stream).add_(_signed(level * _GOLDEN)))
 
     # -- the tree --------------------------------------------------------------------------------------------------
     def children(
-        self, tensor: torch.Tensor, level: int, node: torch.Tensor, minimum: torch.Tensor, argmin: torch.Tensor
+        self, tensor: torch.Tensor | int, level: int, node: torch.Tensor, minimum: torch.Tensor, argmin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The minima [n, 8] (float64) and their argmin children [n, 8] of the 8 children of the `node`s of `level`
-        (whose minima and argmin children are given). At level 1 the children are entries: their E."""
+        (tensor ids, or one id for all; their minima and argmin children are given). At level 1 the children are
+        entries: their E."""
+        stream = self._stream(tensor)
+        if not isinstance(stream, int):
+            stream = stream.unsqueeze(1)  # one per node, broadcast over its 8 children
         child = node.unsqueeze(1).mul(8) + torch.arange(8, device=node.device)
-        return self._child_minimum(tensor.unsqueeze(1).expand_as(child), level - 1, child, minimum, argmin)
+        return self._child_minimum(stream, level - 1, child, minimum.unsqueeze(1), argmin.unsqueeze(1))
 
-    def _child_minimum(self, tensor, level, child, parent_min, parent_arg):
-        z = self._hash(tensor, child, level)
-        own = child.bitwise_and(7) == (parent_arg if parent_arg.dim() == child.dim() else parent_arg.unsqueeze(1))
+    def children_at(
+        self, tensor: torch.Tensor | int, level: int, child: torch.Tensor, parent_min: torch.Tensor, parent_arg
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Minima (float64) and argmin children of the nodes `child` of `level` (tensor ids, or one id for all),
+        from their parents' minima and argmin children."""
+        return self._child_minimum(self._stream(tensor), level, child, parent_min, parent_arg)
+
+    def _child_minimum(self, stream, level, child, parent_min, parent_arg):
+        z = self._hash(stream, child, level)
+        own = child.bitwise_and(7) == parent_arg
         extra = _exp_of(z).div_(float(8**level)).masked_fill_(own, 0.0)
-        base = parent_min if parent_min.dim() == child.dim() else parent_min.unsqueeze(1)
-        return extra.add_(base), z.bitwise_and_(7)
+        return extra.add_(parent_min), z.bitwise_and_(7)
 
     def minimum(self, tensor: torch.Tensor, level: int, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Minima (float64) and argmin children of nodes (tensor ids, node numbers) of `level`; at level 0 the nodes
         are entries and the minimum is their E. Consecutive equal parents are evaluated once."""
+        stream = self._stream(tensor)
+        return self._minimum(None if isinstance(stream, int) else tensor, stream, level, node)
+
+    def _minimum(self, tensor, stream, level: int, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`minimum` with the stream keys found; `tensor` is None when all nodes are of one tensor."""
         if level == LEVELS:
-            z = self._hash(tensor, node, level)
+            z = self._hash(stream, node, level)
             return _exp_of(z).div_(float(8**level)), z.bitwise_and_(7)
         parent = node.bitwise_right_shift(3)
         n = node.numel()
         if n > 1:
             new = torch.ones(n, dtype=torch.bool, device=node.device)
-            new[1:] = (parent[1:] != parent[:-1]) | (tensor[1:] != tensor[:-1])
+            new[1:] = parent[1:] != parent[:-1]
+            if tensor is not None:
+                new[1:] |= tensor[1:] != tensor[:-1]
             first = new.nonzero().squeeze(1)
             if first.numel() < n:
                 inverse = new.cumsum(0).sub_(1)
-                parent_min, parent_arg = self.minimum(
-                    tensor.index_select(0, first), level + 1, parent.index_select(0, first)
-                )
+                if tensor is None:
+                    parent_min, parent_arg = self._minimum(None, stream, level + 1, parent.index_select(0, first))
+                else:
+                    parent_min, parent_arg = self._minimum(
+                        tensor.index_select(0, first),
+                        stream.index_select(0, first),
+                        level + 1,
+                        parent.index_select(0, first),
+                    )
                 parent_min, parent_arg = parent_min.index_select(0, inverse), parent_arg.index_select(0, inverse)
-                return self._child_minimum(tensor, level, node, parent_min, parent_arg)
-        parent_min, parent_arg = self.minimum(tensor, level + 1, parent)
-        return self._child_minimum(tensor, level, node, parent_min, parent_arg)
+                return self._child_minimum(stream, level, node, parent_min, parent_arg)
+        parent_min, parent_arg = self._minimum(tensor, stream, level + 1, parent)
+        return self._child_minimum(stream, level, node, parent_min, parent_arg)
+
+    def minimum_range(self, tensor_id: int, level: int, first: int, count: int, device):
+        """Minima (float64) and argmin children of the `count` consecutive nodes of `level` from node `first` of
+        one tensor, evaluated from the roots down (no search for shared parents)."""
+        stream = self._stream_key(tensor_id)
+        last = first + count - 1
+        low = first >> 3 * (LEVELS - level)
+        node = torch.arange(low, (last >> 3 * (LEVELS - level)) + 1, device=device)
+        z = self._hash(stream, node, LEVELS)
+        minimum, argmin = _exp_of(z).div_(float(8**LEVELS)), z.bitwise_and_(7)
+        for above in range(LEVELS, level, -1):
+            child = node.unsqueeze(1).mul(8) + torch.arange(8, device=device)
+            minimum, argmin = self._child_minimum(stream, above - 1, child, minimum.unsqueeze(1), argmin.unsqueeze(1))
+            shift = 3 * (above - 1 - level)
+            start, stop = (first >> shift) - 8 * low, (last >> shift) - 8 * low + 1
+            minimum, argmin = minimum.view(-1)[start:stop], argmin.view(-1)[start:stop]
+            low = first >> shift
+            node = torch.arange(low, low + (stop - start), device=device)
+        return minimum, argmin
 
     def exp(self, tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """E of entries (tensor ids, global flat indices), float64. Cheapest when sorted."""
@@ -153,16 +206,7 @@ class EntryKeys:
         """E of the `count` entries of tensor `tensor_id` from global flat index `start`, float64."""
         if count <= 0:
             return torch.empty(0, dtype=torch.float64, device=device)
-        first, last = start >> 6, (start + count - 1) >> 6
-        node = torch.arange(first, last + 1, device=device)
-        tensor = torch.full_like(node, tensor_id)
-        minimum, argmin = self.minimum(tensor, 2, node)
-        for level in (2, 1):
-            minimum, argmin = self.children(tensor, level, node, minimum, argmin)
-            node = (node.unsqueeze(1).mul(8) + torch.arange(8, device=device)).reshape(-1)
-            tensor = torch.full_like(node, tensor_id)
-            minimum, argmin = minimum.reshape(-1), argmin.reshape(-1)
-        return minimum[start - (first << 6) : start - (first << 6) + count]
+        return self.minimum_range(tensor_id, 0, start, count, device)[0]
 
     def smallest(self, sizes: Sequence[int], k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(tensor ids, flat indices) of the k entries of smallest E among tensors of `sizes` entries — k entries

@@ -278,35 +278,65 @@ class Thinning:
 
     def _passing_blocks(self, segments, blocks: torch.Tensor, largest: torch.Tensor, floor: float):
         """The `blocks` (with their largest I) whose minimum E is small enough for their largest I to reach `floor`:
-        (blocks, tensor ids, node numbers, minima, argmin children)."""
+        (blocks, tensor ids — one int for a chunk of one tensor —, node numbers, minima, argmin children)."""
+        if len(segments) == 1 and isinstance(segments[0].rows, slice) and blocks.numel():
+            return self._passing_consecutive(segments[0], blocks, largest, floor)
         tensor, node = block_nodes(segments, blocks, self.keys)
         minimum, argmin = self.keys.minimum(tensor, 2, node)
         keep = (minimum <= _bound(largest, floor)).nonzero().squeeze(1)
         return tuple(t.index_select(0, keep) for t in (blocks, tensor, node, minimum, argmin))
 
+    def _passing_consecutive(self, segment: Segment, blocks: torch.Tensor, largest: torch.Tensor, floor: float):
+        """`_passing_blocks` for rows of one tensor: its blocks are consecutive tree nodes, whose minima are
+        evaluated from the roots down (no search for shared parents)."""
+        first = int(block_nodes([segment], blocks[:1] * 0, self.keys)[1])  # the node of the chunk's first block
+        count = -(-(segment.start + segment.size) // BLOCK)
+        minimum, argmin = self.keys.minimum_range(segment.tensor_id, 2, first, count, blocks.device)
+        minimum, argmin = minimum.index_select(0, blocks), argmin.index_select(0, blocks)
+        keep = (minimum <= _bound(largest, floor)).nonzero().squeeze(1)
+        blocks = blocks.index_select(0, keep)
+        return blocks, segment.tensor_id, blocks + first, minimum.index_select(0, keep), argmin.index_select(0, keep)
+
     def _descend(self, segments, buffer: torch.Tensor, passing, floor: float) -> None:
-        """Test the groups of 8 of the passing blocks, then key the entries of the groups that pass."""
+        """Key the entries of the passing blocks that can reach `floor`, one level of the tree at a time: the groups
+        of 8 whose minimum E lets their largest I reach it, then their entries."""
         blocks, tensor, node, minimum, argmin = passing
         values = buffer.view(-1, BLOCK_ENTRIES).index_select(0, blocks).view(-1, 8)  # groups of 8, 8 per block
-        minimum, argmin = self.keys.children(tensor, 2, node, minimum, argmin)
-        keep = (minimum.view(-1) <= _bound(values.amax(1), floor)).nonzero().squeeze(1)
-        if keep.numel() == 0:
+        bounds = _bound(values.amax(1), floor).view(-1, 8)
+        group, group_min, group_arg = self._children_within(tensor, 1, node, minimum, argmin, bounds)
+        if group.numel() == 0:
             return
-        block, group = keep.div(8, rounding_mode="floor"), keep.remainder(8)
-        exp, _ = self.keys.children(
-            tensor.index_select(0, block),
-            1,
-            node.index_select(0, block) * 8 + group,
-            minimum.view(-1).index_select(0, keep),
-            argmin.view(-1).index_select(0, keep),
+        block = group.div(8, rounding_mode="floor")
+        group_tensor = tensor if isinstance(tensor, int) else tensor.index_select(0, block)
+        group_node = node.index_select(0, block) * 8 + group % 8
+        magnitude = values.index_select(0, group)
+        entry, exp, _ = self._children_within(
+            group_tensor, 0, group_node, group_min, group_arg, _bound(magnitude, floor)
         )
-        magnitude = values.index_select(0, keep)
+        magnitude = magnitude.view(-1).index_select(0, entry)
         keys = magnitude.double().log_().sub_(exp.log_().mul_(0.5))
         win = (keys >= floor) & (magnitude > 0)
-        local = (blocks.index_select(0, block) * BLOCK_ENTRIES + group * 8).unsqueeze(1) + torch.arange(
-            8, device=block.device
-        )
+        in_block = group.index_select(0, entry // 8)  # (block among the passing ones) · 8 + group
+        local = blocks.index_select(0, in_block // 8) * BLOCK_ENTRIES + in_block % 8 * 8 + entry % 8
         self._offer(segments, local[win], keys[win])
+
+    def _children_within(self, tensor, level: int, node, minimum, argmin, bound: torch.Tensor):
+        """The children (of `level`) of `node`s whose minimum E may lie within their `bound` [n, 8]: (their flat
+        positions among the n·8 children, their minima, their argmin children).
+
+        A child's minimum is at least its parent's, so a child whose bound is below its parent's minimum is left
+        out before its own minimum is hashed. The bounds get a relative slack of 1e-9: these tests only save work,
+        and the key of an entry that passes them decides whether it is drawn."""
+        bound = bound.mul(1.0 + 1e-9)
+        maybe = (bound >= minimum.unsqueeze(1)).view(-1).nonzero().squeeze(1)
+        parent = maybe.div(8, rounding_mode="floor")
+        child = node.index_select(0, parent) * 8 + maybe % 8
+        parent_tensor = tensor if isinstance(tensor, int) else tensor.index_select(0, parent)
+        child_min, child_arg = self.keys.children_at(
+            parent_tensor, level, child, minimum.index_select(0, parent), argmin.index_select(0, parent)
+        )
+        inside = (child_min <= bound.view(-1).index_select(0, maybe)).nonzero().squeeze(1)
+        return maybe.index_select(0, inside), child_min.index_select(0, inside), child_arg.index_select(0, inside)
 
     def _offer_entries(self, segments, local: torch.Tensor, buffer: torch.Tensor) -> None:
         """Key the entries at buffer positions `local`, whatever their key."""
