@@ -63,6 +63,31 @@ def test_a_single_entry_edit_is_caught_at_the_next_forward_and_before_a_save(mem
         model(**batch(seed=1))
 
 
+@pytest.mark.parametrize("memory", ["dense", "lean"])
+@pytest.mark.parametrize("mask_interval", [1, 2])
+def test_a_forward_after_a_step_checks_every_entry_in_one_pass(memory, mask_interval, monkeypatch):
+    """After a step the audit knows every tensor's whole checksum: the next forward compares it (one pass over the
+    weights) and needs no terms of the recorded entries, whose count grows as training goes. An edit still falls
+    through to the full check, which names the tensor (the tests above)."""
+    from peft_stoc.training import audit
+
+    model = _model(memory, mask_interval=mask_interval)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, optimizer)
+    full_checks = []
+    original = audit.Audit._sums
+    monkeypatch.setattr(audit.Audit, "_sums", lambda self: full_checks.append(1) or original(self))
+    for seed in range(1, 4):
+        _step(model, optimizer, seed=seed)
+    assert full_checks == []
+    name, entry = _untouched_entry(model)
+    with torch.no_grad():
+        model.base_model.base_params()[name].view(-1)[entry] += 1
+    with pytest.raises(RuntimeError, match="query.weight' changed outside"):
+        model(**batch())
+    assert full_checks == [1]
+
+
 def test_an_edit_of_an_entry_training_changed_is_caught():
     model = _model("dense")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -10,7 +10,9 @@ recorded entries, and switching adapters only writes recorded entries, so the ba
 both; any other change to any entry moves it (a change of a single entry always does: the checksum weights every
 64-bit word by an odd number). Computing it reads each weight once, as integers (a few ms per 20M entries), and the
 recorded entries are accounted for in time ∝ changed entries. Between steps not even recorded entries may change:
-their own checksum (`touched`) is kept too.
+their own checksum (`touched`) is kept too. After a step, base and recorded entries give each tensor's whole checksum
+as it must stay (`whole`): the check at the next forward is then one pass over the weights, and only a tensor whose
+whole checksum moved is looked at entry by entry.
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ class Audit:
         # One int64 sum per candidate tensor, on the first one's device; None: taken at the next check.
         self.base: torch.Tensor | None = None
         self.touched: torch.Tensor | None = None
+        # The checksum of every tensor as it is (recorded entries as they are): a check finds them unchanged in one
+        # pass over the weights, without the recorded entries' terms. None: unknown, the full check runs.
+        self.whole: torch.Tensor | None = None
 
     def _held(self, candidate: Candidate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The entries held here (under FSDP2: this process's rows), and the recorded positions among them with
@@ -112,22 +117,30 @@ class Audit:
             index, original = index[inside] - start, original[inside]
         return flat, index, original
 
-    def _sums(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(base checksums, checksums of the recorded entries' current values), one per tensor."""
-        bases, touched = [], []
+    def _sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(base checksums, checksums of the recorded entries' current values, whole checksums), one per tensor."""
+        bases, touched, wholes = [], [], []
         for candidate in self.candidates:
             flat, index, original = self._held(candidate)
+            whole = checksum(flat)
             current = entry_terms(flat.index_select(0, index), index)
-            bases.append(checksum(flat) - current + entry_terms(original, index))
+            bases.append(whole - current + entry_terms(original, index))
             touched.append(current)
-        return self._stack(bases), self._stack(touched)
+            wholes.append(whole)
+        return self._stack(bases), self._stack(touched), self._stack(wholes)
 
-    def _touched(self) -> torch.Tensor:
-        sums = []
+    def _wholes(self) -> torch.Tensor:
+        return self._stack([checksum(shards.local_entries(c.param)[0]) for c in self.candidates])
+
+    def _touched(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(checksums of the recorded entries' current values, of their originals), one per tensor (∝ changed
+        entries)."""
+        sums, originals = [], []
         for candidate in self.candidates:
-            flat, index, _ = self._held(candidate)
+            flat, index, original = self._held(candidate)
             sums.append(entry_terms(flat.index_select(0, index), index))
-        return self._stack(sums)
+            originals.append(entry_terms(original, index))
+        return self._stack(sums), self._stack(originals)
 
     def _stack(self, sums: list[torch.Tensor]) -> torch.Tensor:
         if not sums:
@@ -142,20 +155,22 @@ class Audit:
     def forget(self) -> None:
         """The weights were converted (`.to(dtype)`, `.half()`, a device move): the base is taken anew at the next
         check, from the converted values."""
-        self.base = self.touched = None
+        self.base = self.touched = self.whole = None
 
     def invalidate(self) -> None:
         """Our own writes (an adapter applied, reverted or loaded) changed recorded entries only: the base checksum
         stays, the recorded entries' checksum is taken anew at the next check."""
-        self.touched = None
+        self.touched = self.whole = None
 
     def take_touched(self) -> None:
-        """After a step that moved recorded entries only: their checksum as they are now (∝ changed entries)."""
+        """After a step that moved recorded entries only: their checksum as they are now, and so the whole
+        checksum every entry must keep until the next step (∝ changed entries)."""
         if self.base is not None:
-            self.touched = self._touched()
+            self.touched, originals = self._touched()
+            self.whole = self.base - originals + self.touched
 
     def refresh(self) -> None:
-        self.base, self.touched = self._sums()
+        self.base, self.touched, self.whole = self._sums()
 
     def verify(self, allowed: Originals | None = None, context: str = "") -> None:
         """Raise if any entry outside the recorded ones changed since the base was taken, or — without `allowed` —
@@ -163,14 +178,16 @@ class Audit:
         if self.base is None:
             self.refresh()
             return
-        base, touched = self._sums()
+        if allowed is None and self.whole is not None and bool((self._wholes() == self.whole).all()):
+            return  # nothing changed at all: one pass over the weights, the recorded entries need no terms
+        base, touched, whole = self._sums()
         differs = base != self.base
         if allowed is None and self.touched is not None:
             differs |= touched != self.touched
         self._raise_for_first(differs, context)
-        self.touched = touched
+        self.touched, self.whole = touched, whole
 
     def verify_touched(self, context: str = "") -> None:
         """The cheap check between steps (∝ changed entries): no recorded entry changed since the last check."""
         if self.touched is not None:
-            self._raise_for_first(self._touched() != self.touched, context)
+            self._raise_for_first(self._touched()[0] != self.touched, context)
