@@ -335,3 +335,38 @@ def test_node_minima_are_the_same_evaluated_from_the_roots_or_from_the_nodes(lev
     by_mixed = keys.minimum(mixed, level, nodes)
     alone = keys.minimum(torch.full_like(nodes, 9), level, nodes)
     assert torch.equal(by_mixed[0][1::2], alone[0][1::2]) and torch.equal(by_mixed[0][::2], by_nodes[0][::2])
+
+
+def test_the_walk_down_the_tree_runs_on_one_thread_and_gives_the_threads_back():
+    """The many small operations of the walk run on one intra-op thread (`one_thread`); the user's thread count is
+    restored after every chunk, also when the walk raises."""
+    from peft_stoc.sampling import one_thread
+
+    if not one_thread._OPENMP:
+        pytest.skip("the thread pool is not OpenMP's: the walk keeps the user's threads")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        test = thinning.Thinning._passing_blocks  # called inside the walk
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(
+                thinning.Thinning, "_passing_blocks", lambda *a: seen.append(torch.get_num_threads()) or test(*a)
+            )
+            draw(
+                _sources([torch.rand(300, 200), torch.rand(50, 64)]),
+                100,
+                "stochastic",
+                torch.Generator().manual_seed(0),
+            )
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+
+        @one_thread.on_one_thread
+        def failing():
+            raise ValueError("inside")
+
+        with pytest.raises(ValueError, match="inside"):
+            failing()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

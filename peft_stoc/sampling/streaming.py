@@ -177,10 +177,20 @@ class StreamingDraw:
                 weight = importance(source, slice(start, stop))
                 values = source.grad.reshape(-1)[local : local + weight.numel()].float()
             zero = weight == 0
-            self._nonzero += weight.numel() - int(zero.sum())
-            keys = self.keys.exp_range(tensor_id, self.keys.offset(tensor_id) + offset, weight.numel(), weight.device)
-            keys = keys.neg_()
-            keys.masked_fill_(~zero, -math.inf)
+            zeros = zero.nonzero().squeeze(1)
+            self._nonzero += weight.numel() - zeros.numel()
+            if zeros.numel() == 0:
+                continue  # no zero-importance entry here: nothing for the reservoirs
+            if zeros.numel() == weight.numel():
+                keys = self.keys.exp_range(
+                    tensor_id, self.keys.offset(tensor_id) + offset, zeros.numel(), weight.device
+                )
+                keys = keys.neg_()
+            else:  # the keys of those entries only
+                at = zeros + self.keys.offset(tensor_id) + offset
+                found = self.keys.exp(torch.full_like(zeros, tensor_id), at).neg_()
+                keys = torch.full((weight.numel(),), -math.inf, dtype=torch.float64, device=weight.device)
+                keys.index_copy_(0, zeros, found)
             is_old = membership(changed, offset, keys.numel(), keys.device)
             self._fill[0].offer_chunk(keys.masked_fill(~is_old, -math.inf), tensor_id, offset, values)
             self._fill[1].offer_chunk(keys.masked_fill_(is_old, -math.inf), tensor_id, offset, values)

@@ -26,6 +26,7 @@ from .chunks import Segment, block_nodes, chunks, gather_gradients, locate
 from .entry_keys import BLOCK, EntryKeys
 from .importance import NAN_MESSAGE, Source
 from .key_pool import KeyPool
+from .one_thread import on_one_thread
 
 BLOCK_ENTRIES = BLOCK  # entries per block: the first pass keeps each block's largest I and Σ I²
 SMALL_CHUNK_ENTRIES = 8192  # below this, a key per entry costs less than the thinning pass's fixed work
@@ -239,6 +240,7 @@ class Thinning:
         reach = largest.double().log_().sub_(floor).mul_(2.0).add_(math.log(BLOCK_ENTRIES)).exp_().clamp_(max=1.0)
         return float(reach.sum()) > self.k
 
+    @on_one_thread
     def _thin_first_round(self, segments, largest: torch.Tensor, mass: torch.Tensor, round_: Round) -> None:
         """First round: the blocks are tested with the largest I of the first pass; the chunk is only loaded again
         when one of them passes."""
@@ -253,8 +255,12 @@ class Thinning:
             self._descend(segments, self._load(segments), passing, floor)
 
     def _thin_chunk(self, segments, round_: Round) -> None:
-        """Load the chunk, leave out the entries keyed in earlier rounds, and key those that can reach the floor."""
-        buffer = self._load(segments)
+        """Load the chunk (on every thread), leave out the entries keyed in earlier rounds, and key those that can
+        reach the floor (on one thread: `one_thread`)."""
+        self._key_chunk(segments, self._load(segments), round_)
+
+    @on_one_thread
+    def _key_chunk(self, segments, buffer: torch.Tensor, round_: Round) -> None:
         self._exclude(segments, buffer, round_.keyed)
         last = segments[-1]
         if last.start + last.size <= SMALL_CHUNK_ENTRIES:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import shards
+from ..sampling.one_thread import on_one_thread
 from ..tuner.candidates import Candidate
 from ..tuner.originals import Originals
 
@@ -132,6 +133,7 @@ class Audit:
     def _wholes(self) -> torch.Tensor:
         return self._stack([checksum(shards.local_entries(c.param)[0]) for c in self.candidates])
 
+    @on_one_thread
     def _touched(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(checksums of the recorded entries' current values, of their originals), one per tensor (∝ changed
         entries)."""

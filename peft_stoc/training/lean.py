@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed.ranks import RankSync
+from ..sampling.one_thread import on_one_thread
 from . import sparse_optim
 from .gradient_stream import GradientStream
 from .optimizer_checks import check_sparse_state
@@ -95,6 +96,7 @@ class LeanStrategy:
         holder = optimizer.state[self.engine.state_key]
         return holder.setdefault("tensors", {})
 
+    @on_one_thread
     def _apply(self, optimizer, kind: str, drawn, values, factors, done: set[int]) -> None:
         """Apply the step to the candidates this optimizer holds (and that have not been updated in this step)."""
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import compat
+from ..sampling.one_thread import on_one_thread
 from ..tuner.candidates import Candidate, UseKind
 from .consumed_grad import ConsumedGrad
 
@@ -231,6 +232,7 @@ class SparseBackward:
         return None
 
 
+@on_one_thread
 def masked_values(plan: _Plan, kept: torch.Tensor, grad: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """The gradient of the masked entries (float32) of one use, from its kept input and its output gradient."""
     if plan.index.numel() == 0:
