@@ -129,6 +129,23 @@ def test_a_step_reusing_its_mask_forms_no_weight_gradient_of_full_size():
     assert max(saved[1:]) < saved[0]  # no input kept for a weight-gradient product
 
 
+def test_where_the_mask_sits_is_worked_out_once_per_draw(monkeypatch):
+    """The plan of each tapped use (the rows and CSR pattern of its sampled product) is made by the first step that
+    reuses a mask and kept while the mask is: 12 steps with mask_interval=4 make each plan 3 times, once per draw."""
+    from peft_stoc.training import sparse_backward
+
+    made = []
+    plan = sparse_backward._plan
+    monkeypatch.setattr(sparse_backward, "_plan", lambda *args: made.append(args[0]) or plan(*args))
+    model = _model("llama", "CAUSAL_LM", memory="lean")
+    _, reuse_steps = _train(model, "CAUSAL_LM")
+    uses = sum(
+        len(model.base_model.stoc_engine().candidates[p].uses) for p in model.base_model.stoc_engine().sparse.tapped
+    )
+    assert reuse_steps == 9 and uses >= 10
+    assert len(made) == 3 * uses
+
+
 def test_the_check_sees_full_size_gradients_on_a_drawing_step():
     """The detector above is not blind: on a step that draws, the weight gradients it looks for are formed."""
     model = _model("llama", "CAUSAL_LM", memory="lean", k=60)

@@ -156,8 +156,10 @@ class SparseBackward:
         self._tapped = set()
 
     def begin(self, mask: list[torch.Tensor]) -> None:
-        """The mask the coming steps reuse."""
-        if mask is not self._mask:
+        """The mask the coming steps reuse (each step's draw hands over the same index tensors in a new list: the
+        plans stay while those tensors do)."""
+        same = self._mask is not None and len(mask) == len(self._mask) and all(a is b for a, b in zip(mask, self._mask))
+        if not same:
             self._mask = mask
             self._plans.clear()
 
