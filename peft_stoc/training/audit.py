@@ -17,6 +17,8 @@ whole checksum moved is looked at entry by entry.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..distributed import shards
@@ -102,6 +104,8 @@ class Audit:
         # The checksum of every tensor as it is (recorded entries as they are): a check finds them unchanged in one
         # pass over the weights, without the recorded entries' terms. None: unknown, the full check runs.
         self.whole: torch.Tensor | None = None
+        # Per tensor: (its record's index and originals, held weakly; the checksum of those originals).
+        self._originals: dict[str, tuple] = {}
 
     def _held(self, candidate: Candidate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The entries held here (under FSDP2: this process's rows), and the recorded positions among them with
@@ -141,8 +145,20 @@ class Audit:
         for candidate in self.candidates:
             flat, index, original = self._held(candidate)
             sums.append(entry_terms(flat.index_select(0, index), index))
-            originals.append(entry_terms(original, index))
+            originals.append(self._original_terms(candidate.name, index, original))
         return self._stack(sums), self._stack(originals)
+
+    def _original_terms(self, name: str, index: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """The checksum of a tensor's originals, kept while its record is the same (steps that reuse a mask, or
+        that draw only entries changed before, record nothing new)."""
+        record = self.patch.index.get(name), self.patch.original.get(name)
+        kept = self._originals.get(name)
+        if kept is not None and record[0] is not None and kept[0]() is record[0] and kept[1]() is record[1]:
+            return kept[2]
+        terms = entry_terms(original, index)
+        if record[0] is not None and record[1] is not None:
+            self._originals[name] = (weakref.ref(record[0]), weakref.ref(record[1]), terms)
+        return terms
 
     def _stack(self, sums: list[torch.Tensor]) -> torch.Tensor:
         if not sums:
@@ -158,6 +174,7 @@ class Audit:
         """The weights were converted (`.to(dtype)`, `.half()`, a device move): the base is taken anew at the next
         check, from the converted values."""
         self.base = self.touched = self.whole = None
+        self._originals.clear()
 
     def invalidate(self) -> None:
         """Our own writes (an adapter applied, reverted or loaded) changed recorded entries only: the base checksum

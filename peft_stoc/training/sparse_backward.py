@@ -208,6 +208,7 @@ class SparseBackward:
         return self._plans[key]
 
     # -- the backward ------------------------------------------------------------------------------------------
+    @on_one_thread
     def deliver(self, position: int, values: torch.Tensor, param: nn.Parameter) -> torch.Tensor | None:
         """The masked gradient of one use: summed here (and a `ConsumedGrad` on the weight), or as a dense gradient."""
         if self.check is not None:
