@@ -93,7 +93,10 @@ def measure(
     }
     if baseline is not None:
         sys.path.insert(0, baseline)
-        before = importlib.import_module("peft_stoc_before.selection")
+        try:  # the package's layout: sampling/ since the subpackages, flat before
+            before = importlib.import_module("peft_stoc_before.sampling.selection")
+        except ModuleNotFoundError:
+            before = importlib.import_module("peft_stoc_before.selection")
         runs["draw (fast, stochastic), baseline"] = (
             lambda: before.draw(sources, count, "stochastic", generator),
             repeats,
