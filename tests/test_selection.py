@@ -308,9 +308,10 @@ def test_later_rounds_draw_the_keys_between_two_thresholds(monkeypatch, one_thre
     assert np.abs(ours - reference).max() / trials < 0.04, (ours / trials, reference / trials)
 
 
-def test_entry_keys_are_those_of_earlier_releases_for_the_same_seed():
+def test_entry_keys_are_those_of_the_earlier_code_for_the_same_seed():
     """An entry's Exp(1) variable depends on (seed, tensor id, position) alone and on nothing in how it is computed:
-    these values were taken from the first release of the tree, so the same seed keeps drawing the same masks."""
+    these values were computed by the code before its walk down the tree was made faster (commit d01b0bd), so the
+    same seed keeps drawing the same masks."""
     keys = EntryKeys(20261207)
     values = keys.exp(torch.tensor([0, 0, 3, 7]), torch.tensor([0, 12345, 5, 2**40]))
     expected = ["0x1.5a442a5d6d3dcp+1", "0x1.0e2fb61eb3ef4p+2", "0x1.507e49f50237ep+0", "0x1.d06e8af6a503ap+0"]
