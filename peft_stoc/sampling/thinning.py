@@ -295,7 +295,7 @@ class Thinning:
     def _passing_consecutive(self, segment: Segment, blocks: torch.Tensor, largest: torch.Tensor, floor: float):
         """`_passing_blocks` for rows of one tensor: its blocks are consecutive tree nodes, whose minima are
         evaluated from the roots down (no search for shared parents)."""
-        first = int(block_nodes([segment], blocks[:1] * 0, self.keys)[1])  # the node of the chunk's first block
+        first = int(block_nodes([segment], blocks.new_zeros(1), self.keys)[1])  # the node of the chunk's block 0
         count = -(-(segment.start + segment.size) // BLOCK)
         minimum, argmin = self.keys.minimum_range(segment.tensor_id, 2, first, count, blocks.device)
         minimum, argmin = minimum.index_select(0, blocks), argmin.index_select(0, blocks)

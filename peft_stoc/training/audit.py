@@ -138,15 +138,16 @@ class Audit:
         return self._stack([checksum(shards.local_entries(c.param)[0]) for c in self.candidates])
 
     @on_one_thread
-    def _touched(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(checksums of the recorded entries' current values, of their originals), one per tensor (∝ changed
-        entries)."""
+    def _touched(self, with_originals: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(checksums of the recorded entries' current values, and — `with_originals` — of their originals), one per
+        tensor (∝ changed entries)."""
         sums, originals = [], []
         for candidate in self.candidates:
             flat, index, original = self._held(candidate)
             sums.append(entry_terms(flat.index_select(0, index), index))
-            originals.append(self._original_terms(candidate.name, index, original))
-        return self._stack(sums), self._stack(originals)
+            if with_originals:
+                originals.append(self._original_terms(candidate.name, index, original))
+        return self._stack(sums), self._stack(originals) if with_originals else None
 
     def _original_terms(self, name: str, index: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
         """The checksum of a tensor's originals, kept while its record is the same (steps that reuse a mask, or
@@ -185,7 +186,7 @@ class Audit:
         """After a step that moved recorded entries only: their checksum as they are now, and so the whole
         checksum every entry must keep until the next step (∝ changed entries)."""
         if self.base is not None:
-            self.touched, originals = self._touched()
+            self.touched, originals = self._touched(with_originals=True)
             self.whole = self.base - originals + self.touched
 
     def refresh(self) -> None:
