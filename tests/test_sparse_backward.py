@@ -146,6 +146,35 @@ def test_where_the_mask_sits_is_worked_out_once_per_draw(monkeypatch):
     assert len(made) == 3 * uses
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, masked", [(3000, 900), (64, 40)])
+def test_the_masked_product_gathered_a_few_tokens_at_a_time_is_the_dense_gradient_at_the_mask(
+    monkeypatch, kind, dtype, rows, masked
+):
+    """A tall weight's masked gradient is summed over blocks of tokens (the output gradient gathered a block at a
+    time); each value is the dense weight gradient's at its entry, from kept input columns and from whole inputs."""
+    from peft_stoc.training import sparse_backward
+    from peft_stoc.tuner.candidates import UseKind
+
+    monkeypatch.setattr(sparse_backward, "_GATHERED", 4096)  # several blocks at this size
+    generator = torch.Generator().manual_seed(0)
+    tokens, width = 200, 48
+    shape = (rows, width) if kind == "linear" else (width, rows)
+    index = torch.randperm(rows * width, generator=generator)[:masked].sort().values
+    x = torch.randn(tokens, width, generator=generator).to(dtype)
+    delta = torch.randn(tokens, rows, generator=generator).to(dtype)
+    dense = (delta.float().t() @ x.float()) if kind == "linear" else (x.float().t() @ delta.float())
+    use = UseKind.LINEAR_INPUT if kind == "linear" else UseKind.CONV1D_INPUT
+    plan = sparse_backward._plan(use, index, torch.Size(shape))
+    kept = x.index_select(-1, plan.columns) if plan.keep_columns else x
+    assert plan.sampling()[0].numel() > 4096 // tokens  # more rows than one block holds a token of
+    values = sparse_backward.masked_values(plan, kept, delta, None)
+    torch.testing.assert_close(values, dense.reshape(-1)[index], rtol=1e-5, atol=1e-5)
+    whole = sparse_backward.masked_values(plan.on_whole_inputs(), x, delta, None)  # (a quantized weight's overlay)
+    torch.testing.assert_close(whole, dense.reshape(-1)[index], rtol=1e-5, atol=1e-5)
+
+
 def test_the_check_sees_full_size_gradients_on_a_drawing_step():
     """The detector above is not blind: on a step that draws, the weight gradients it looks for are formed."""
     model = _model("llama", "CAUSAL_LM", memory="lean", k=60)

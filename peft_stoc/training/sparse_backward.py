@@ -34,6 +34,7 @@ from ..tuner.candidates import Candidate, UseKind
 from .consumed_grad import ConsumedGrad
 
 _TAPPED_KINDS = (UseKind.LINEAR_INPUT, UseKind.CONV1D_INPUT, UseKind.EMBEDDING_ROW)
+_GATHERED = 1 << 19  # elements of the output gradient gathered at a time (2 MiB in float32)
 
 
 def tappable(candidate: Candidate) -> bool:
@@ -74,6 +75,7 @@ class _Plan:
     columns: torch.Tensor | None = None  # Linear / Conv1D: the input features the mask touches
     slot: torch.Tensor | None = None  # per entry: where its input feature sits among `columns`
     keep_columns: bool = False  # keep only those input columns for the backward (fewer than half)
+    shape: tuple[int, ...] = ()  # the weight's
     _derived: dict = dataclasses.field(default_factory=dict, repr=False)  # computed once per mask, see below
 
     def on_whole_inputs(self) -> _Plan:
@@ -82,17 +84,24 @@ class _Plan:
             self._derived["whole"] = dataclasses.replace(self, keep_columns=False, _derived={})
         return self._derived["whole"]
 
-    def sampling(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the rows of the sampled product the mask touches, CSR row pointers over them, column indices): the
-        product δᵀx (Linear) or xᵀδ (Conv1D) sampled at the masked entries, whose sorted flat indices are sorted
-        (row, column) pairs of it. The same for every step that reuses the mask."""
+    def sampling(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the rows of the sampled product the mask touches, and the product's CSR pattern over them): the product
+        δᵀx (Linear) or xᵀδ (Conv1D) sampled at the masked entries, whose sorted flat indices are sorted (row,
+        column) pairs of it. The same for every step that reuses the mask."""
         if "sampling" not in self._derived:
             inputs_at = self.slot if self.keep_columns else self.columns.index_select(0, self.slot)
             rows, cols = (self.first, inputs_at) if self.kind is UseKind.LINEAR_INPUT else (inputs_at, self.second)
             touched, rows = torch.unique_consecutive(rows, return_inverse=True)
             crow = torch.zeros(touched.numel() + 1, dtype=torch.int64, device=rows.device)
             crow[1:] = torch.bincount(rows, minlength=touched.numel()).cumsum(0)
-            self._derived["sampling"] = (touched, crow, cols)
+            # The product's columns: the kept input features or all of them (Linear), the output features (Conv1D).
+            keeps = self.kind is UseKind.LINEAR_INPUT and self.keep_columns
+            width = self.columns.numel() if keeps else self.shape[1]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (sparse CSR support's notice that it is in beta)
+                zeros = torch.zeros(cols.numel(), device=cols.device)
+                pattern = torch.sparse_csr_tensor(crow, cols, zeros, (touched.numel(), width))
+            self._derived["sampling"] = (touched, pattern)
         return self._derived["sampling"]
 
 
@@ -105,7 +114,8 @@ def _plan(kind: UseKind, index: torch.Tensor, shape: torch.Size) -> _Plan:
     columns = torch.unique(inputs)
     size = shape[1] if kind is UseKind.LINEAR_INPUT else shape[0]
     slot = torch.searchsorted(columns, inputs)
-    return _Plan(kind, index, first, second, columns, slot, keep_columns=columns.numel() * 2 < size)
+    keep = columns.numel() * 2 < size
+    return _Plan(kind, index, first, second, columns, slot, keep_columns=keep, shape=tuple(shape))
 
 
 class SparseBackward:
@@ -242,18 +252,23 @@ def masked_values(plan: _Plan, kept: torch.Tensor, grad: torch.Tensor, module: n
         return torch.zeros(0, device=grad.device)
     if plan.kind is UseKind.EMBEDDING_ROW:
         return _embedding_values(plan, kept, grad, module)
-    inputs = kept.reshape(-1, kept.shape[-1]).float()
-    deltas = grad.reshape(-1, grad.shape[-1]).float()
-    left, right = (deltas.t(), inputs) if plan.kind is UseKind.LINEAR_INPUT else (inputs.t(), deltas)
-    touched, crow, cols = plan.sampling()
-    # Only the rows the mask touches, gathered into a contiguous block (a tall head's rows are far apart): SDDMM.
-    left = left.index_select(0, touched)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (sparse CSR support's notice that it is in beta)
-        pattern = torch.sparse_csr_tensor(
-            crow, cols, torch.zeros(cols.numel(), device=left.device), (left.shape[0], right.shape[1])
-        )
-        return torch.sparse.sampled_addmm(pattern, left, right).values()
+    inputs, deltas = kept.reshape(-1, kept.shape[-1]), grad.reshape(-1, grad.shape[-1])
+    gathered, other = (deltas, inputs) if plan.kind is UseKind.LINEAR_INPUT else (inputs, deltas)
+    touched, pattern = plan.sampling()
+    # The sampled product (SDDMM) over the rows the mask touches, gathered into a contiguous block. A tall head's
+    # rows are far apart in the output gradient: they are gathered a few tokens at a time, which reads each token's
+    # row once and keeps the block in cache (a fresh block of the whole would cost more in page faults than in
+    # arithmetic).
+    tokens = max(1, _GATHERED // max(1, touched.numel()))
+    values = None
+    for start in range(0, max(1, gathered.shape[0]), tokens):
+        block = gathered[start : start + tokens]
+        if touched.numel() < block.shape[1]:
+            block = block.index_select(1, touched)
+        block, right = block.t().contiguous().float(), other[start : start + tokens].float()
+        part = torch.sparse.sampled_addmm(pattern, block, right).values()
+        values = part if values is None else values.add_(part)
+    return values
 
 
 def _embedding_values(plan: _Plan, ids: torch.Tensor, grad: torch.Tensor, module: nn.Module) -> torch.Tensor:
