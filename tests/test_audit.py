@@ -45,6 +45,8 @@ def test_checksum_of_entries_adds_up_to_the_checksum_of_the_tensor():
             bits = changed.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[changed.element_size()])
             bits[size // 2] ^= 1
             assert checksum(changed) != checksum(flat)  # one entry, one step of its last bit
+    several_chunks = torch.randn((2 << 20) + 3)  # more 64-bit words than one chunk of the sum, and a tail
+    assert checksum(several_chunks) == entry_terms(several_chunks, torch.arange(several_chunks.numel()))
 
 
 @pytest.mark.parametrize("memory", ["dense", "lean"])

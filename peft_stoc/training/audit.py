@@ -55,6 +55,15 @@ def _first_chunk_weights(device: torch.device) -> torch.Tensor:
     return _WEIGHTS[device]
 
 
+def _weighted_sum(words: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ words · weights, wrapping. On a CPU one pass of `torch.dot`: no temporary, and no thread pool to wake for
+    each of a model's hundreds of tensors (reading the weights is bound by memory, not by arithmetic); CUDA's dot
+    takes floating point only."""
+    if words.device.type == "cpu":
+        return torch.dot(words, weights)
+    return (words * weights).sum()
+
+
 def checksum(flat: torch.Tensor) -> torch.Tensor:
     """Σ word · weight(word position) mod 2⁶⁴ over the bytes of `flat` (contiguous), read as 64-bit words: an int64
     scalar on `flat`'s device (read nothing back: a check compares all tensors' sums at once). A quantized weight's
@@ -72,7 +81,7 @@ def checksum(flat: torch.Tensor) -> torch.Tensor:
     weights = _first_chunk_weights(flat.device)
     for chunk, start in enumerate(range(0, whole, _WORDS)):
         part = words[start : start + _WORDS]
-        total += (part * weights[: part.numel()]).sum() * (chunk * 2 + 1)
+        total += _weighted_sum(part, weights[: part.numel()]) * (chunk * 2 + 1)
     tail = raw[whole * 8 :]
     if tail.numel():  # the last, partial word, its bytes little-endian
         shifts = torch.arange(tail.numel(), dtype=torch.int64, device=flat.device) * 8
