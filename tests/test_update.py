@@ -23,6 +23,29 @@ def test_patch_record_merges_new_entries_in_order_and_keeps_first_values():
     assert patch.original["w"].tolist() == [expected[i] for i in keys]
 
 
+def test_recording_the_same_indices_again_is_known_only_while_neither_changed(monkeypatch):
+    """A step that reuses its mask records the same index tensor again: no search while that tensor and the record
+    are unchanged; a record cleared, replaced or written in place, or indices edited in place, are recorded anew."""
+    param = torch.arange(100.0)
+    patch = Originals()
+    index = torch.tensor([3, 10, 42])
+    patch.record("w", param, index)
+    searched = []
+    monkeypatch.setattr(patch, "_record", lambda *args: searched.append(args) or Originals._record(patch, *args))
+    patch.record("w", param, index)
+    assert searched == []
+    index[0] = 4  # the indices edited in place
+    patch.record("w", param, index)
+    assert len(searched) == 1 and patch.index["w"].tolist() == [3, 4, 10, 42]
+    patch.restore({"w": param})  # the record cleared: the same indices are recorded from the current values
+    param += 1000
+    patch.record("w", param, index)
+    assert len(searched) == 2 and patch.original["w"].tolist() == [1004.0, 1010.0, 1042.0]
+    patch.index["w"][0] = 5  # the record written in place
+    patch.record("w", param, index)
+    assert len(searched) == 3
+
+
 def test_mask_gradient_keeps_only_drawn_entries():
     param = torch.nn.Parameter(torch.randn(6, 5))
     param.grad = torch.randn(6, 5)

@@ -116,10 +116,7 @@ class Overlay(StateHolder):
     def checksum(self) -> torch.Tensor:
         """The audit's checksum of the weight as it is now: the quantized storage, with each changed entry's value in
         place of its base value (the audit swaps recorded entries' values for their originals the same way)."""
-        from ..training.audit import (  # the audit reads weights through `shards`, which reads overlays
-            checksum,
-            entry_terms,
-        )
+        from ..training.checksums import checksum, entry_terms  # (the training package reads overlays)
 
         total = sum(checksum(tensor.detach().reshape(-1).contiguous()) for tensor in quantized.storage(self.layer))
         changed = entry_terms(self.values, self.index) - entry_terms(self.base, self.index)

@@ -17,14 +17,14 @@ whole checksum moved is looked at entry by entry.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from ..distributed import shards
 from ..sampling.one_thread import on_one_thread
 from ..tuner.candidates import Candidate
 from ..tuner.originals import Originals
+from .checksums import checksum, entry_terms
+from .record_sums import RecordSums
 
 BYPASS_HINT = (
     "outside an optimizer step that StocTuning intercepted (a manual update, an assignment to `param.data`, or an "
@@ -32,74 +32,6 @@ BYPASS_HINT = (
     "optimizers, which is what transformers Trainer, accelerate and plain PyTorch loops call; update the base "
     "through such an optimizer, or call `model.base_model.stoc_sync()` after changing weights on purpose."
 )
-
-_WORDS = 1 << 19  # 64-bit words per chunk (4 MiB of temporaries)
-_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
-_SALT = 0x7F4A7C159E3779B9
-_UNSIGNED = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: -1}
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _word_weights(words: torch.Tensor) -> torch.Tensor:
-    """The odd weight of each 64-bit word (global word positions `words`), wrapping int64 arithmetic."""
-    position, chunk = words % _WORDS, words // _WORDS
-    return ((position * _MIX + _SALT) | 1) * (chunk * 2 + 1)
-
-
-_WEIGHTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _first_chunk_weights(device: torch.device) -> torch.Tensor:
-    if device not in _WEIGHTS:
-        _WEIGHTS[device] = _word_weights(torch.arange(_WORDS, dtype=torch.int64, device=device))
-    return _WEIGHTS[device]
-
-
-def _weighted_sum(words: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ words · weights, wrapping. On a CPU one pass of `torch.dot`: no temporary, and no thread pool to wake for
-    each of a model's hundreds of tensors (reading the weights is bound by memory, not by arithmetic); CUDA's dot
-    takes floating point only."""
-    if words.device.type == "cpu":
-        return torch.dot(words, weights)
-    return (words * weights).sum()
-
-
-def checksum(flat: torch.Tensor) -> torch.Tensor:
-    """Σ word · weight(word position) mod 2⁶⁴ over the bytes of `flat` (contiguous), read as 64-bit words: an int64
-    scalar on `flat`'s device (read nothing back: a check compares all tensors' sums at once). A quantized weight's
-    overlay has its own (`overlay.Overlay.checksum`)."""
-    if not isinstance(flat, torch.Tensor):
-        return flat.checksum()
-    try:
-        raw = flat.view(torch.uint8)
-        raw[: raw.numel() // 8 * 8].view(torch.int64)
-    except RuntimeError:  # entries not aligned to 8 bytes in their storage (a view into a larger buffer)
-        raw = flat.clone().view(torch.uint8)
-    whole = raw.numel() // 8
-    total = torch.zeros((), dtype=torch.int64, device=flat.device)
-    words = raw[: whole * 8].view(torch.int64)
-    weights = _first_chunk_weights(flat.device)
-    for chunk, start in enumerate(range(0, whole, _WORDS)):
-        part = words[start : start + _WORDS]
-        total += _weighted_sum(part, weights[: part.numel()]) * (chunk * 2 + 1)
-    tail = raw[whole * 8 :]
-    if tail.numel():  # the last, partial word, its bytes little-endian
-        shifts = torch.arange(tail.numel(), dtype=torch.int64, device=flat.device) * 8
-        word = (tail.to(torch.int64) << shifts).sum()
-        total += word * _word_weights(torch.tensor(whole, device=flat.device))
-    return total
-
-
-def entry_terms(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """What the entries at flat `positions`, holding `values`, contribute to `checksum` of their tensor (an int64
-    scalar on `values`' device)."""
-    if positions.numel() == 0:
-        return torch.zeros((), dtype=torch.int64, device=values.device)
-    size = values.element_size()
-    bits = values.contiguous().view(_INT_OF_SIZE[size]).to(torch.int64) & _UNSIGNED[size]
-    byte = positions.to(torch.int64) * size
-    shifted = bits << ((byte % 8) * 8)
-    return (shifted * _word_weights(byte // 8).to(shifted.device)).sum()
 
 
 class Audit:
@@ -113,8 +45,7 @@ class Audit:
         # The checksum of every tensor as it is (recorded entries as they are): a check finds them unchanged in one
         # pass over the weights, without the recorded entries' terms. None: unknown, the full check runs.
         self.whole: torch.Tensor | None = None
-        # Per tensor: (its record's index and originals, held weakly; the checksum of those originals).
-        self._originals: dict[str, tuple] = {}
+        self._record_sums = RecordSums()
 
     def _held(self, candidate: Candidate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The entries held here (under FSDP2: this process's rows), and the recorded positions among them with
@@ -150,25 +81,10 @@ class Audit:
     def _touched(self, with_originals: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(checksums of the recorded entries' current values, and — `with_originals` — of their originals), one per
         tensor (∝ changed entries)."""
-        sums, originals = [], []
-        for candidate in self.candidates:
-            flat, index, original = self._held(candidate)
-            sums.append(entry_terms(flat.index_select(0, index), index))
-            if with_originals:
-                originals.append(self._original_terms(candidate.name, index, original))
-        return self._stack(sums), self._stack(originals) if with_originals else None
-
-    def _original_terms(self, name: str, index: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-        """The checksum of a tensor's originals, kept while its record is the same (steps that reuse a mask, or
-        that draw only entries changed before, record nothing new)."""
-        record = self.patch.index.get(name), self.patch.original.get(name)
-        kept = self._originals.get(name)
-        if kept is not None and record[0] is not None and kept[0]() is record[0] and kept[1]() is record[1]:
-            return kept[2]
-        terms = entry_terms(original, index)
-        if record[0] is not None and record[1] is not None:
-            self._originals[name] = (weakref.ref(record[0]), weakref.ref(record[1]), terms)
-        return terms
+        held = [self._held(candidate) for candidate in self.candidates]
+        device = self.candidates[0].param.device if self.candidates else torch.device("cpu")
+        current = self._record_sums.current(held, device)
+        return current, self._record_sums.originals(held, device) if with_originals else None
 
     def _stack(self, sums: list[torch.Tensor]) -> torch.Tensor:
         if not sums:
@@ -184,7 +100,7 @@ class Audit:
         """The weights were converted (`.to(dtype)`, `.half()`, a device move): the base is taken anew at the next
         check, from the converted values."""
         self.base = self.touched = self.whole = None
-        self._originals.clear()
+        self._record_sums = RecordSums()
 
     def invalidate(self) -> None:
         """Our own writes (an adapter applied, reverted or loaded) changed recorded entries only: the base checksum

@@ -1,0 +1,92 @@
+"""The audit's checksum terms of every tensor's recorded entries, summed for all tensors in a few operations.
+
+A check between steps, and the checksum taken after a step, sum the terms of each tensor's recorded entries
+(`checksums.entry_terms`). Tensor by tensor that is a dozen small operations each, for every candidate tensor of the
+model, at every step. The record of originals stays the same between draws, so the shift and word weight of each
+recorded position (and the originals' own checksums) are worked out once per record; a sum then gathers each
+tensor's recorded values and adds their terms up per tensor with one `index_add_` per device and entry size. The
+sums are the same, bit for bit: int64 addition wraps, in any order.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .. import compat
+from .checksums import bits_of, word_weights
+
+Held = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (a tensor's entries, recorded positions, their originals)
+
+
+class _Group:
+    """The recorded positions of the tensors whose entries share a device and a size: one vector for all."""
+
+    def __init__(self, tensors: list[int], held: list[Held], slots: int):
+        self.tensors = tensors
+        index = torch.cat([held[t][1] for t in tensors])
+        counts = torch.tensor([held[t][1].numel() for t in tensors], device=index.device)
+        byte = index * held[tensors[0]][2].element_size()
+        self.shift = (byte % 8) * 8
+        self.weight = word_weights(byte // 8).to(index.device)
+        self.segment = torch.tensor(tensors, device=index.device).repeat_interleave(counts)
+        self.slots = slots
+
+    def sums(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """Per tensor (all `slots`), the checksum terms of its recorded entries holding `values` (in `tensors`'
+        order)."""
+        terms = (bits_of(torch.cat(values)) << self.shift) * self.weight
+        return torch.zeros(self.slots, dtype=torch.int64, device=terms.device).index_add_(0, self.segment, terms)
+
+
+class RecordSums:
+    """The checksum terms of the recorded entries of a fixed list of tensors, per tensor."""
+
+    def __init__(self):
+        self._made_for: list | None = None  # the record the groups were made for: its tensors, held weakly
+        self._groups: list[_Group] = []
+        self._originals: torch.Tensor | None = None
+
+    def current(self, held: list[Held], device: torch.device) -> torch.Tensor:
+        """Per tensor, the checksum terms of its recorded entries' current values (int64, on `device`)."""
+        self._follow(held, device)
+        total = torch.zeros(len(held), dtype=torch.int64, device=device)
+        for group in self._groups:
+            values = [held[t][0].index_select(0, held[t][1]) for t in group.tensors]
+            total += group.sums(values).to(device)
+        return total
+
+    def originals(self, held: list[Held], device: torch.device) -> torch.Tensor:
+        """Per tensor, the checksum terms of its recorded entries' originals (kept while the record is the same)."""
+        self._follow(held, device)
+        return self._originals
+
+    def _follow(self, held: list[Held], device: torch.device) -> None:
+        """Make the groups anew when the record changed (other tensors, or tensors written in place)."""
+        if self._made_for is not None and len(self._made_for) == len(held):
+            if all(_same(kept, now) for kept, now in zip(self._made_for, held)):
+                return
+        by_kind: dict[tuple, list[int]] = {}
+        for position, (_, index, original) in enumerate(held):
+            if index.numel():  # (values read back as the originals were: a quantized weight's overlay reads floats)
+                by_kind.setdefault((original.device, original.element_size()), []).append(position)
+        self._groups = [_Group(tensors, held, len(held)) for tensors in by_kind.values()]
+        self._originals = torch.zeros(len(held), dtype=torch.int64, device=device)
+        for group in self._groups:
+            self._originals += group.sums([held[t][2] for t in group.tensors]).to(device)
+        self._made_for = [_hold(entry) for entry in held]
+
+
+def _hold(entry: Held) -> tuple | None:
+    """A tensor's record, held weakly with its versions (None: nothing recorded)."""
+    _, index, original = entry
+    if index.numel() == 0:
+        return None
+    return tuple((weakref.ref(t), compat.tensor_version(t)) for t in (index, original))
+
+
+def _same(kept: tuple | None, entry: Held) -> bool:
+    if kept is None:
+        return entry[1].numel() == 0
+    return all(ref() is t and version == compat.tensor_version(t) for (ref, version), t in zip(kept, entry[1:]))
