@@ -385,3 +385,29 @@ def test_grad_bytes_are_those_of_the_latest_step():
     assert figures[1] == sum(nbytes)
     assert figures[0] <= max(nbytes) + small < figures[1]
     assert figures[2] <= max(nbytes) + small < figures[1]
+
+
+@pytest.mark.parametrize("rule", ["masked_grad", "strict", "lazy"])
+@pytest.mark.parametrize("kind, group", [("adam", {"betas": (0.9, 0.999), "eps": 1e-8}), ("sgd", {"momentum": 0.9})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mask_drawn_again_updates_as_a_mask_drawn_anew(rule, kind, group, dtype):
+    """Indices drawn again (the very tensor, as a reused mask hands over) skip the search for their place in the
+    support: the weights and the state are those of the same indices handed over as new tensors, bit for bit."""
+    from peft_stoc.training.sparse_optim import sparse_step
+
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(40, 30, generator=generator).to(dtype)
+    masks = [torch.randperm(1200, generator=generator)[:90].sort().values for _ in range(3)]
+    grads = [torch.randn(90, generator=generator) for _ in range(12)]
+    group = {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, **group}
+    results = []
+    for fresh in (False, True):
+        param, state = start.clone(), {}
+        for step in range(12):
+            drawn = masks[step // 4]  # a draw every 4 steps, its mask reused in between
+            sparse_step(param, state, drawn.clone() if fresh else drawn, grads[step], group, kind, rule)
+        results.append((param, state))
+    (param, state), (fresh_param, fresh_state) = results
+    assert torch.equal(param, fresh_param)
+    assert state.keys() == fresh_state.keys()
+    assert all(torch.equal(state[key], fresh_state[key]) for key in state)

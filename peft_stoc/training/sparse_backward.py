@@ -22,6 +22,7 @@ outside its module, or an FSDP2 shard keeps the dense backward), as the step tha
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -236,7 +237,7 @@ class SparseBackward:
             del self.sums[position]  # the weight has a dense gradient from another path: the values went into it
             return None
         norm = torch.linalg.vector_norm(total)
-        consumed = ConsumedGrad(param, norm, bool(torch.isfinite(norm)))
+        consumed = ConsumedGrad(param, norm, math.isfinite(norm.item()))
         consumed.sparse = True
         if isinstance(existing, ConsumedGrad):
             consumed.factor = existing.factor

@@ -19,6 +19,8 @@ The functions are pure arithmetic on a state dict of tensors, which the lean str
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .. import compat
@@ -59,8 +61,31 @@ def _union(support: torch.Tensor, drawn: torch.Tensor):
     return union, (~taken).nonzero().squeeze(1), torch.searchsorted(union, drawn)
 
 
-def _grown(values: torch.Tensor | None, size: int, old_positions: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`values` (aligned with the old support) placed in a zero vector aligned with the grown support."""
+# Indices drawn again into the support they were merged into last time (a mask reused between draws): the support
+# stays as it is, and where they sit in it is known. Per drawn tensor, held weakly: (the support, held weakly; the
+# versions of both; the positions of the drawn indices in the support), by the drawn tensor's id while it lives.
+_KNOWN_UNIONS: dict[int, tuple] = {}
+SAME = slice(None)  # `old_at` of a support that did not grow: every entry keeps its place
+
+
+def _union_of(support: torch.Tensor, drawn: torch.Tensor):
+    """`_union`, answered without a search for indices merged into this very support before."""
+    known = _KNOWN_UNIONS.get(id(drawn))
+    versions = compat.tensor_version(support), compat.tensor_version(drawn)
+    if known is not None and known[0]() is drawn and known[1]() is support and known[2] == versions:
+        return support, SAME, known[3]
+    union, old_at, drawn_at = _union(support, drawn)
+    key = id(drawn)
+    forget = weakref.ref(drawn, lambda _, key=key: _KNOWN_UNIONS.pop(key, None))
+    _KNOWN_UNIONS[key] = (forget, weakref.ref(union), (compat.tensor_version(union), versions[1]), drawn_at)
+    return union, old_at, drawn_at
+
+
+def _grown(values: torch.Tensor | None, size: int, old_positions, like: torch.Tensor) -> torch.Tensor:
+    """`values` (aligned with the old support) placed in a zero vector aligned with the grown support (`values`
+    themselves where the support stayed the same)."""
+    if old_positions is SAME and values is not None:
+        return values
     out = torch.zeros(size, dtype=torch.float32, device=like.device)
     if values is not None and values.numel():
         out.index_copy_(0, old_positions, values)
@@ -90,7 +115,7 @@ def sparse_step(
     keep_support = needs_support(kind, group, param)
     old = state.get("index")
     if keep_support and old is not None:
-        support, old_at, drawn_at = _union(old, drawn)
+        support, old_at, drawn_at = _union_of(old, drawn)
     else:
         support, old_at, drawn_at = drawn, None, torch.arange(drawn.numel(), device=drawn.device)
     size = support.numel()
@@ -123,8 +148,10 @@ def _master(state: dict, flat: torch.Tensor, support: torch.Tensor, old_at: torc
     parameter's value where entries enter it."""
     size = support.numel()
     master = _grown(state.get("master"), size, old_at, flat)
+    if old_at is SAME and "master" in state:
+        return master
     new = torch.ones(size, dtype=torch.bool, device=flat.device)
-    if old_at is not None:
+    if old_at is not None and old_at is not SAME:
         new.index_fill_(0, old_at, False)
     master.masked_scatter_(new, flat.index_select(0, support.masked_select(new)).float())
     return master
