@@ -51,14 +51,15 @@ def test_checksum_of_entries_adds_up_to_the_checksum_of_the_tensor():
 
 def test_recorded_sums_for_all_tensors_at_once_are_those_of_each_tensor(monkeypatch):
     """The recorded entries' checksums summed for every tensor in a few operations are, bit for bit, each tensor's
-    own `entry_terms` (tensors of several entry sizes, one without a record); the per-position terms are worked out
-    again only when a record changed."""
+    own `entry_terms` (tensors of several dtypes, two of one entry size, one without a record); the per-position
+    terms are worked out again only when a record changed."""
     from peft_stoc.training import record_sums
 
     generator = torch.Generator().manual_seed(0)
     flats = [torch.randn(n, generator=generator).to(d) for n, d in ((5000, torch.float32), (777, torch.bfloat16))]
-    flats += [torch.randn(300, generator=generator).double(), torch.randn(64, generator=generator)]
-    records = [torch.randperm(f.numel(), generator=generator)[: f.numel() // 3].sort().values for f in flats[:3]]
+    flats += [torch.randn(300, generator=generator).double(), torch.randn(500, generator=generator).half()]
+    flats.append(torch.randn(64, generator=generator))
+    records = [torch.randperm(f.numel(), generator=generator)[: f.numel() // 3].sort().values for f in flats[:4]]
     records.append(torch.empty(0, dtype=torch.int64))
     held = [(f, i, f.index_select(0, i) * 2) for f, i in zip(flats, records)]
     made, group = [], record_sums._Group
@@ -67,13 +68,13 @@ def test_recorded_sums_for_all_tensors_at_once_are_those_of_each_tensor(monkeypa
     expected = [int(entry_terms(f.index_select(0, i), i)) for f, i, _ in held]
     assert sums.current(held, torch.device("cpu")).tolist() == expected
     assert sums.originals(held, torch.device("cpu")).tolist() == [int(entry_terms(o, i)) for _, i, o in held]
-    assert len(made) == 3  # one group per entry size
+    assert len(made) == 4  # one group per dtype
     flats[0][records[0][0]] += 1  # a recorded entry moves: the same record, its current sum follows
     expected[0] = int(entry_terms(flats[0].index_select(0, records[0]), records[0]))
-    assert sums.current(held, torch.device("cpu")).tolist() == expected and len(made) == 3
+    assert sums.current(held, torch.device("cpu")).tolist() == expected and len(made) == 4
     held[1][2][0] += 1  # an original written in place: the record changed
     assert sums.originals(held, torch.device("cpu"))[1] == entry_terms(held[1][2], records[1])
-    assert len(made) == 6
+    assert len(made) == 8
 
 
 @pytest.mark.parametrize("memory", ["dense", "lean"])

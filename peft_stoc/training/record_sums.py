@@ -2,10 +2,10 @@
 
 A check between steps, and the checksum taken after a step, sum the terms of each tensor's recorded entries
 (`checksums.entry_terms`). Tensor by tensor that is a dozen small operations each, for every candidate tensor of the
-model, at every step. The record of originals stays the same between draws, so the shift and word weight of each
-recorded position (and the originals' own checksums) are worked out once per record; a sum then gathers each
-tensor's recorded values and adds their terms up per tensor with one `index_add_` per device and entry size. The
-sums are the same, bit for bit: int64 addition wraps, in any order.
+model, at every step. Here each tensor's recorded values are gathered, and the terms of all of them are taken
+together, one vector per device and dtype, and summed per tensor from one running sum; the originals' checksums are
+kept while the record is the same (it changes only at draws). The sums are the same, bit for bit: int64 arithmetic
+wraps, in any order.
 """
 
 from __future__ import annotations
@@ -21,23 +21,27 @@ Held = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (a tensor's entries, r
 
 
 class _Group:
-    """The recorded positions of the tensors whose entries share a device and a size: one vector for all."""
+    """The tensors whose recorded entries share a device and a dtype: their terms are summed as one vector. Nothing
+    ∝ the recorded entries is kept: the word weights are worked out at each sum, in a few operations for all."""
 
     def __init__(self, tensors: list[int], held: list[Held], slots: int):
         self.tensors = tensors
-        index = torch.cat([held[t][1] for t in tensors])
-        counts = torch.tensor([held[t][1].numel() for t in tensors], device=index.device)
-        byte = index * held[tensors[0]][2].element_size()
-        self.shift = (byte % 8) * 8
-        self.weight = word_weights(byte // 8).to(index.device)
-        self.segment = torch.tensor(tensors, device=index.device).repeat_interleave(counts)
-        self.slots = slots
+        device = held[tensors[0]][1].device
+        counts = torch.tensor([held[t][1].numel() for t in tensors], device=device)
+        self.last = counts.cumsum(0) - 1  # where each tensor's entries end in the joined vectors
+        self.slots = torch.tensor(tensors, device=device)
+        self.size = len(held)
 
-    def sums(self, values: list[torch.Tensor]) -> torch.Tensor:
-        """Per tensor (all `slots`), the checksum terms of its recorded entries holding `values` (in `tensors`'
-        order)."""
-        terms = (bits_of(torch.cat(values)) << self.shift) * self.weight
-        return torch.zeros(self.slots, dtype=torch.int64, device=terms.device).index_add_(0, self.segment, terms)
+    def sums(self, values: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
+        """Per tensor (of all `size`), the checksum terms of its recorded entries at `indices` holding `values` (in
+        `tensors`' order)."""
+        values = torch.cat(values)
+        byte = torch.cat(indices) * values.element_size()
+        # (bits << shift) · weight, as bits · (weight << shift): the same product mod 2⁶⁴
+        running = (bits_of(values) * (word_weights(byte // 8) << ((byte % 8) * 8))).cumsum(0)
+        ends = running.index_select(0, self.last)
+        per_tensor = ends - torch.cat([ends.new_zeros(1), ends[:-1]])
+        return torch.zeros(self.size, dtype=torch.int64, device=ends.device).index_copy_(0, self.slots, per_tensor)
 
 
 class RecordSums:
@@ -54,7 +58,7 @@ class RecordSums:
         total = torch.zeros(len(held), dtype=torch.int64, device=device)
         for group in self._groups:
             values = [held[t][0].index_select(0, held[t][1]) for t in group.tensors]
-            total += group.sums(values).to(device)
+            total += group.sums(values, [held[t][1] for t in group.tensors]).to(device)
         return total
 
     def originals(self, held: list[Held], device: torch.device) -> torch.Tensor:
@@ -70,11 +74,12 @@ class RecordSums:
         by_kind: dict[tuple, list[int]] = {}
         for position, (_, index, original) in enumerate(held):
             if index.numel():  # (values read back as the originals were: a quantized weight's overlay reads floats)
-                by_kind.setdefault((original.device, original.element_size()), []).append(position)
+                by_kind.setdefault((original.device, original.dtype), []).append(position)
         self._groups = [_Group(tensors, held, len(held)) for tensors in by_kind.values()]
         self._originals = torch.zeros(len(held), dtype=torch.int64, device=device)
         for group in self._groups:
-            self._originals += group.sums([held[t][2] for t in group.tensors]).to(device)
+            indices = [held[t][1] for t in group.tensors]
+            self._originals += group.sums([held[t][2] for t in group.tensors], indices).to(device)
         self._made_for = [_hold(entry) for entry in held]
 
 
