@@ -10,12 +10,10 @@ wraps, in any order.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-from .. import compat
 from .checksums import bits_of, word_weights
+from .unchanged import Unchanged
 
 Held = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (a tensor's entries, recorded positions, their originals)
 
@@ -48,7 +46,7 @@ class RecordSums:
     """The checksum terms of the recorded entries of a fixed list of tensors, per tensor."""
 
     def __init__(self):
-        self._made_for: list | None = None  # the record the groups were made for: its tensors, held weakly
+        self._made_for: list | None = None  # the record the groups were made for (`_hold`)
         self._groups: list[_Group] = []
         self._originals: torch.Tensor | None = None
 
@@ -83,15 +81,13 @@ class RecordSums:
         self._made_for = [_hold(entry) for entry in held]
 
 
-def _hold(entry: Held) -> tuple | None:
-    """A tensor's record, held weakly with its versions (None: nothing recorded)."""
+def _hold(entry: Held) -> tuple[Unchanged, Unchanged] | None:
+    """A tensor's record: its positions and originals (None: nothing recorded)."""
     _, index, original = entry
-    if index.numel() == 0:
-        return None
-    return tuple((weakref.ref(t), compat.tensor_version(t)) for t in (index, original))
+    return (Unchanged(index), Unchanged(original)) if index.numel() else None
 
 
-def _same(kept: tuple | None, entry: Held) -> bool:
+def _same(kept: tuple[Unchanged, Unchanged] | None, entry: Held) -> bool:
     if kept is None:
         return entry[1].numel() == 0
-    return all(ref() is t and version == compat.tensor_version(t) for (ref, version), t in zip(kept, entry[1:]))
+    return kept[0].holds(entry[1]) and kept[1].holds(entry[2])

@@ -19,12 +19,11 @@ The functions are pure arithmetic on a state dict of tensors, which the lean str
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from .. import compat
 from ..distributed import shards
+from .unchanged import Unchanged
 
 SUPPORTED = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -62,8 +61,8 @@ def _union(support: torch.Tensor, drawn: torch.Tensor):
 
 
 # Indices drawn again into the support they were merged into last time (a mask reused between draws): the support
-# stays as it is, and where they sit in it is known. Per drawn tensor, held weakly: (the support, held weakly; the
-# versions of both; the positions of the drawn indices in the support), by the drawn tensor's id while it lives.
+# stays as it is, and where they sit in it is known. By the drawn tensor's id while it lives: (the drawn tensor, the
+# support, both `Unchanged`; the positions of the drawn indices in the support).
 _KNOWN_UNIONS: dict[int, tuple] = {}
 SAME = slice(None)  # `old_at` of a support that did not grow: every entry keeps its place
 
@@ -71,13 +70,12 @@ SAME = slice(None)  # `old_at` of a support that did not grow: every entry keeps
 def _union_of(support: torch.Tensor, drawn: torch.Tensor):
     """`_union`, answered without a search for indices merged into this very support before."""
     known = _KNOWN_UNIONS.get(id(drawn))
-    versions = compat.tensor_version(support), compat.tensor_version(drawn)
-    if known is not None and known[0]() is drawn and known[1]() is support and known[2] == versions:
-        return support, SAME, known[3]
+    if known is not None and known[0].holds(drawn) and known[1].holds(support):
+        return support, SAME, known[2]
     union, old_at, drawn_at = _union(support, drawn)
     key = id(drawn)
-    forget = weakref.ref(drawn, lambda _, key=key: _KNOWN_UNIONS.pop(key, None))
-    _KNOWN_UNIONS[key] = (forget, weakref.ref(union), (compat.tensor_version(union), versions[1]), drawn_at)
+    forget = Unchanged(drawn, on_free=lambda _, key=key: _KNOWN_UNIONS.pop(key, None))
+    _KNOWN_UNIONS[key] = (forget, Unchanged(union), drawn_at)
     return union, old_at, drawn_at
 
 

@@ -8,13 +8,12 @@ Its state (and each adapter's, `layer.AdapterSlot`) is saved under keys that nam
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
 
-from .. import compat
 from ..distributed import sharded_draw, shards
+from ..training.unchanged import Unchanged
 from .delta import SparseDelta, add_delta
 
 Params = dict[str, nn.Parameter]
@@ -22,15 +21,6 @@ Params = dict[str, nn.Parameter]
 
 def flat(param: torch.Tensor) -> torch.Tensor:
     return shards.local_entries(param)[0]
-
-
-def _held(tensor: torch.Tensor) -> tuple[weakref.ref, int]:
-    return weakref.ref(tensor), compat.tensor_version(tensor)
-
-
-def _same(held: tuple[weakref.ref, int], tensor: torch.Tensor) -> bool:
-    """Whether `tensor` is the one `held` and has not been written in place since."""
-    return held[0]() is tensor and held[1] == compat.tensor_version(tensor)
 
 
 def _interleave_sorted(old: torch.Tensor, new: torch.Tensor, at: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
@@ -83,8 +73,8 @@ class Originals(StateHolder):
         self.applied: tuple[str, ...] = ()  # adapters whose deltas are in the weights (kept by the layer)
         self.after_load = None  # called once `load_state_dict` replaced this record
         self.whole = None  # the tuner's: the record of every process (FSDP2 shards hold parts; a collective)
-        # Per tensor: the indices last recorded and the record they left, each held weakly with its version. A step
-        # that reuses its mask records the same indices again: known without a search.
+        # Per tensor: the indices last recorded and the record they left (`Unchanged`). A step that reuses its mask
+        # records the same indices again: known without a search.
         self._covered: dict[str, tuple] = {}
 
     def __getstate__(self):
@@ -132,12 +122,12 @@ class Originals(StateHolder):
         if self._covers(name, index):
             return
         self._record(name, param, index)
-        self._covered[name] = (_held(index), _held(self.index[name])) if name in self.index else None
+        self._covered[name] = (Unchanged(index), Unchanged(self.index[name])) if name in self.index else None
 
     def _covers(self, name: str, index: torch.Tensor) -> bool:
         """Whether `index` was recorded into this very record (neither changed since)."""
         covered, current = self._covered.get(name), self.index.get(name)
-        return covered is not None and current is not None and _same(covered[0], index) and _same(covered[1], current)
+        return covered is not None and current is not None and covered[0].holds(index) and covered[1].holds(current)
 
     def _record(self, name: str, param: torch.Tensor, index: torch.Tensor) -> None:
         old = self.index.get(name)
