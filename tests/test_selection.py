@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from peft_stoc.sampling import thinning
+from peft_stoc.sampling import entry_keys, thinning
 from peft_stoc.sampling.entry_keys import EntryKeys
 from peft_stoc.sampling.importance import Source, importance
 from peft_stoc.sampling.selection import draw
@@ -336,6 +336,32 @@ def test_node_minima_are_the_same_evaluated_from_the_roots_or_from_the_nodes(lev
     by_mixed = keys.minimum(mixed, level, nodes)
     alone = keys.minimum(torch.full_like(nodes, 9), level, nodes)
     assert torch.equal(by_mixed[0][1::2], alone[0][1::2]) and torch.equal(by_mixed[0][::2], by_nodes[0][::2])
+
+
+@pytest.mark.parametrize("upper_nodes", [1 << 20, 80, 14])
+def test_node_minima_descended_from_the_cached_upper_levels_are_those_from_the_roots(upper_nodes, monkeypatch):
+    """`cache_upper` evaluates the upper levels of many tensors at once (tensors of one node, tensors crossing
+    roots, global offsets as FSDP2 shards have them); `minimum_range` descending from there gives bit-identical
+    minima to the walk from the roots, and ranges the cache does not hold still get the walk from the roots.
+    With room for few nodes, the cache keeps a higher level."""
+    monkeypatch.setattr(entry_keys, "UPPER_NODES", upper_nodes)
+    extents = {0: (0, 5), 1: (8**7 - 700, 8**7 + 300_000), 3: (123_456, 123_456 + 2_000_000), 4: (4096, 8192)}
+    cached, plain = EntryKeys(4242), EntryKeys(4242)
+    cached.cache_upper(extents, "cpu")
+    assert cached._upper.level == {1 << 20: entry_keys.UPPER_LEVEL, 80: 5, 14: 6}[upper_nodes]
+    requests = [(0, 0, 0, 5), (1, 0, 8**7 - 700, 1000), (1, 2, (8**7 - 700) // 64, 4000), (3, 1, 123_456 // 8, 9000)]
+    requests += [(3, 2, 123_456 // 64, 2_000_000 // 64), (4, 0, 4096, 4096), (4, 2, 60, 10), (2, 0, 77, 100)]
+    used = []
+    for tensor_id, level, first, count in requests:
+        used.append(cached._upper.find(tensor_id, level, first, first + count - 1, "cpu") is not None)
+        got, want = (
+            cached.minimum_range(tensor_id, level, first, count, "cpu"),
+            plain.minimum_range(tensor_id, level, first, count, "cpu"),
+        )
+        assert got[0].numel() == count
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (tensor_id, level, first)
+    # Entries 3840.. (before tensor 4's) are under its cached node at levels 5 and 6 only; tensor 2 has none.
+    assert used == [True] * 6 + [upper_nodes != 1 << 20, False]
 
 
 def test_the_walk_down_the_tree_runs_on_one_thread_and_gives_the_threads_back():

@@ -16,16 +16,24 @@ parent's if the parent's minimum lies in it (a uniform child), else the parent's
 its level-1 node's minimum or that plus Exp(1). Each of these Exp(1) and uniform choices is the hash of its node.
 Every entry's E is then exactly Exp(1), independent of all others, yet a sampler can evaluate a node's minimum
 first and skip its 8**l entries when even the minimum cannot win.
+
+A walk from the roots costs a few dozen tensor operations per level, as many for a chunk of a thousand blocks as for
+one of a million: a draw over hundreds of tensors first evaluates the upper levels of all of them at once
+(`cache_upper`), and each chunk then descends from there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
 LEVELS = 7  # a root covers 8**7 entries
 BLOCK = 64  # entries of a node of level 2: the block a sampler tests first
+UPPER_LEVEL = 3  # the lowest level `cache_upper` keeps (8**3 entries per node) ...
+UPPER_NODES = 1 << 20  # ... unless that would be more nodes than this (16 MiB): then a higher level
 _MASK64 = (1 << 64) - 1
 
 
@@ -69,6 +77,7 @@ class EntryKeys:
         self.seed = seed & _MASK64
         self.offsets = None if offsets is None else [int(o) for o in offsets]
         self._streams: dict[torch.device, torch.Tensor] = {}
+        self._upper: _UpperLevel | None = None
 
     @classmethod
     def of(cls, source: EntryKeys | torch.Generator, offsets: Sequence[int] | None = None) -> EntryKeys:
@@ -181,22 +190,52 @@ class EntryKeys:
 
     def minimum_range(self, tensor_id: int, level: int, first: int, count: int, device):
         """Minima (float64) and argmin children of the `count` consecutive nodes of `level` from node `first` of
-        one tensor, evaluated from the roots down (no search for shared parents)."""
+        one tensor, evaluated from the roots down (no search for shared parents), or from `cache_upper`'s level."""
         stream = self._stream_key(tensor_id)
         last = first + count - 1
-        low = first >> 3 * (LEVELS - level)
-        node = torch.arange(low, (last >> 3 * (LEVELS - level)) + 1, device=device)
-        z = self._hash(stream, node, LEVELS)
-        minimum, argmin = _exp_of(z).div_(float(8**LEVELS)), z.bitwise_and_(7)
-        for above in range(LEVELS, level, -1):
-            child = node.unsqueeze(1).mul(8) + torch.arange(8, device=device)
+        start = self._upper.find(tensor_id, level, first, last, device) if self._upper is not None else None
+        if start is None:
+            top, low = LEVELS, first >> 3 * (LEVELS - level)
+            node = torch.arange(low, (last >> 3 * (LEVELS - level)) + 1, device=device)
+            z = self._hash(stream, node, LEVELS)
+            minimum, argmin = _exp_of(z).div_(float(8**LEVELS)), z.bitwise_and_(7)
+        else:
+            top, low, minimum, argmin = start
+        for above in range(top, level, -1):
+            child = torch.arange(8 * low, 8 * (low + minimum.numel()), device=device).view(-1, 8)
             minimum, argmin = self._child_minimum(stream, above - 1, child, minimum.unsqueeze(1), argmin.unsqueeze(1))
             shift = 3 * (above - 1 - level)
             start, stop = (first >> shift) - 8 * low, (last >> shift) - 8 * low + 1
             minimum, argmin = minimum.view(-1)[start:stop], argmin.view(-1)[start:stop]
             low = first >> shift
-            node = torch.arange(low, low + (stop - start), device=device)
         return minimum, argmin
+
+    def cache_upper(self, extents: dict[int, tuple[int, int]], device) -> None:
+        """Evaluate, for all tensors at once, the nodes of one upper level over the global entries [start, stop) of
+        each tensor id in `extents`; later `minimum_range` calls inside them descend from there (bit-identical)."""
+        spans = {t: span for t, span in extents.items() if span[1] > span[0]}
+        if not spans:
+            return
+        level = next((lv for lv in range(UPPER_LEVEL, LEVELS + 1) if _nodes(spans, lv) <= UPPER_NODES), None)
+        if level is None:
+            return
+        ids = list(spans)
+        bounds = {lv: _bounds(spans, lv, device) for lv in range(level, LEVELS + 1)}
+        owner, node = _spans_nodes(bounds[LEVELS][0], bounds[LEVELS][2])
+        streams = torch.tensor([self._stream_key(t) for t in ids], dtype=torch.int64, device=device)
+        z = self._hash(streams.index_select(0, owner), node, LEVELS)
+        minimum, argmin = _exp_of(z).div_(float(8**LEVELS)), z.bitwise_and_(7)
+        for above in range(LEVELS, level, -1):
+            child = node.unsqueeze(1).mul(8) + torch.arange(8, device=device)
+            stream = streams.index_select(0, owner).unsqueeze(1)
+            minimum, argmin = self._child_minimum(stream, above - 1, child, minimum.unsqueeze(1), argmin.unsqueeze(1))
+            low, high = (b.index_select(0, owner).unsqueeze(1) for b in bounds[above - 1][:2])
+            inside = ((child >= low) & (child <= high)).view(-1)  # children of the tensor's own entries, in order
+            owner = owner.unsqueeze(1).expand_as(child).reshape(-1)[inside]
+            node, minimum, argmin = (t.reshape(-1)[inside] for t in (child, minimum, argmin))
+        counts = bounds[level][2].tolist()
+        where = dict(zip(ids, zip(bounds[level][0].tolist(), accumulate(counts, initial=0), counts)))
+        self._upper = _UpperLevel(level, torch.device(device), where, minimum, argmin)
 
     def exp(self, tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """E of entries (tensor ids, global flat indices), float64. Cheapest when sorted."""
@@ -238,3 +277,50 @@ class EntryKeys:
                 best = torch.topk(minimum.masked_fill(~found, float("inf")), k, largest=False, sorted=False).indices
                 return tensor.index_select(0, best), node.index_select(0, best)
             share = min(1.0, share * 2.0)
+
+
+def _nodes(spans: dict[int, tuple[int, int]], level: int) -> int:
+    """Nodes of `level` over the entries [start, stop) of every span."""
+    return sum(((stop - 1) >> 3 * level) - (start >> 3 * level) + 1 for start, stop in spans.values())
+
+
+def _bounds(spans: dict[int, tuple[int, int]], level: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per span: its first and last node of `level`, and their count."""
+    shift = 3 * level
+    low = torch.tensor([start >> shift for start, _ in spans.values()], dtype=torch.int64, device=device)
+    high = torch.tensor([(stop - 1) >> shift for _, stop in spans.values()], dtype=torch.int64, device=device)
+    return low, high, high - low + 1
+
+
+def _spans_nodes(low: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(span of each node, node number) of the `count` nodes from `low` of every span, span after span."""
+    owner = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count)
+    starts = count.cumsum(0).sub_(count)
+    node = torch.arange(owner.numel(), device=count.device) - starts.index_select(0, owner) + low.index_select(0, owner)
+    return owner, node
+
+
+@dataclass
+class _UpperLevel:
+    """`EntryKeys.cache_upper`'s nodes of one level: per tensor id (its first node, its first position in the
+    arrays, its number of nodes), and the minima and argmin children of all of them."""
+
+    level: int
+    device: torch.device
+    where: dict[int, tuple[int, int, int]]
+    minimum: torch.Tensor
+    argmin: torch.Tensor
+
+    def find(self, tensor_id: int, level: int, first: int, last: int, device):
+        """(level, first node, minima, argmin children) of the cached nodes above the nodes first..last of `level`
+        (of one tensor), or None when they are not all cached."""
+        held = self.where.get(tensor_id)
+        if held is None or level >= self.level or torch.device(device) != self.device:
+            return None
+        node, position, count = held
+        shift = 3 * (self.level - level)
+        low, high = first >> shift, last >> shift
+        if low < node or high >= node + count:
+            return None
+        at = position + low - node
+        return self.level, low, self.minimum[at : at + high - low + 1], self.argmin[at : at + high - low + 1]

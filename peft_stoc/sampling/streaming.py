@@ -35,7 +35,7 @@ from .entry_keys import EntryKeys
 from .importance import Source, chunk_entries_for, entries_per_row, importance, row_chunks
 from .key_pool import KeyPool
 from .selection import chunk_keys, draw_uniform, membership
-from .thinning import Thinning
+from .thinning import Thinning, extents
 
 PACK_BELOW = 1 << 16
 
@@ -77,6 +77,7 @@ class StreamingDraw:
         self._fill = [KeyPool(k, self.device, carry=True), KeyPool(k, self.device, carry=True)] if needs_fill else None
         self._nonzero = 0
         self._all_keyed = False
+        self._upper_cached = False
 
     # -- feeding ---------------------------------------------------------------------------------------------------
     def add(
@@ -131,6 +132,9 @@ class StreamingDraw:
             self._visit(list(sources), list(ids))
 
     def _visit(self, sources: list[Source], ids: list[int]) -> None:
+        if not self._upper_cached:  # the upper levels of every tensor's tree at once, before the first chunk
+            self._upper_cached = True
+            self.keys.cache_upper(extents(self.sources, self.keys), self.device)
         for segments in chunks(sources, self.chunk_entries, ids, self.keys.offsets):
             self._thinning.stream(segments)
 

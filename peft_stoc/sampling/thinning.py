@@ -50,6 +50,11 @@ def _bound(largest: torch.Tensor, floor: float) -> torch.Tensor:
     return largest.double().log_().sub_(floor).mul_(2.0).exp_()  # beyond float64's range of e^(2·floor)
 
 
+def extents(sources: list[Source], keys: EntryKeys) -> dict[int, tuple[int, int]]:
+    """Per tensor id (a position in `sources`): the global flat indices [start, stop) of its local entries."""
+    return {t: (keys.offset(t), keys.offset(t) + s.param.numel()) for t, s in enumerate(sources)}
+
+
 class Thinning:
     """The fast exact draw of k entries (``stochastic`` or ``top``) over chunks of tensors. `generator`: the
     `EntryKeys` of the step (or a generator to take them from)."""
@@ -76,6 +81,7 @@ class Thinning:
         """The draw over all `sources` at once; per source, the sorted flat indices drawn."""
         chunked = list(chunks(sources, self.chunk_entries, offsets=self.keys.offsets))
         if chunked:
+            self.keys.cache_upper(extents(sources, self.keys), chunked[0][0].source.param.device)
             stats = [self._block_stats(segments) for segments in chunked]
             # Hottest chunks first: the pool's k-th key, a threshold for every later chunk, then rises early.
             order = sorted(range(len(chunked)), key=lambda c: -float(stats[c][0].max()))
@@ -295,7 +301,8 @@ class Thinning:
     def _passing_consecutive(self, segment: Segment, blocks: torch.Tensor, largest: torch.Tensor, floor: float):
         """`_passing_blocks` for rows of one tensor: its blocks are consecutive tree nodes, whose minima are
         evaluated from the roots down (no search for shared parents)."""
-        first = int(block_nodes([segment], blocks.new_zeros(1), self.keys)[1])  # the node of the chunk's block 0
+        # the node of the chunk's block 0, whose first entry is the segment's (`chunks.block_nodes`)
+        first = (self.keys.offset(segment.tensor_id) + int(segment.flat_index(segment.start))) // BLOCK
         count = -(-(segment.start + segment.size) // BLOCK)
         minimum, argmin = self.keys.minimum_range(segment.tensor_id, 2, first, count, blocks.device)
         minimum, argmin = minimum.index_select(0, blocks), argmin.index_select(0, blocks)
@@ -312,9 +319,9 @@ class Thinning:
         group, group_min, group_arg = self._children_within(tensor, 1, node, minimum, argmin, bounds)
         if group.numel() == 0:
             return
-        block = group.div(8, rounding_mode="floor")
+        block = group.bitwise_right_shift(3)  # (positions are non-negative: shifts and masks divide by 8)
         group_tensor = tensor if isinstance(tensor, int) else tensor.index_select(0, block)
-        group_node = node.index_select(0, block) * 8 + group % 8
+        group_node = node.index_select(0, block).mul_(8).add_(group.bitwise_and(7))
         magnitude = values.index_select(0, group)
         entry, exp, _ = self._children_within(
             group_tensor, 0, group_node, group_min, group_arg, _bound(magnitude, floor)
@@ -322,8 +329,9 @@ class Thinning:
         magnitude = magnitude.view(-1).index_select(0, entry)
         keys = magnitude.double().log_().sub_(exp.log_().mul_(0.5))
         win = (keys >= floor) & (magnitude > 0)
-        in_block = group.index_select(0, entry // 8)  # (block among the passing ones) · 8 + group
-        local = blocks.index_select(0, in_block // 8) * BLOCK_ENTRIES + in_block % 8 * 8 + entry % 8
+        in_block = group.index_select(0, entry.bitwise_right_shift(3))  # (block among the passing ones) · 8 + group
+        local = blocks.index_select(0, in_block.bitwise_right_shift(3)).mul_(BLOCK_ENTRIES)
+        local.add_(in_block.bitwise_and_(7).mul_(8)).add_(entry.bitwise_and(7))
         self._offer(segments, local[win], keys[win])
 
     def _children_within(self, tensor, level: int, node, minimum, argmin, bound: torch.Tensor):
@@ -335,8 +343,8 @@ class Thinning:
         and the key of an entry that passes them decides whether it is drawn."""
         bound = bound.mul(1.0 + 1e-9)
         maybe = (bound >= minimum.unsqueeze(1)).view(-1).nonzero().squeeze(1)
-        parent = maybe.div(8, rounding_mode="floor")
-        child = node.index_select(0, parent) * 8 + maybe % 8
+        parent = maybe.bitwise_right_shift(3)
+        child = node.index_select(0, parent).mul_(8).add_(maybe.bitwise_and(7))
         parent_tensor = tensor if isinstance(tensor, int) else tensor.index_select(0, parent)
         child_min, child_arg = self.keys.children_at(
             parent_tensor, level, child, minimum.index_select(0, parent), argmin.index_select(0, parent)
