@@ -147,6 +147,11 @@ class EntryKeys:
         from their parents' minima and argmin children."""
         return self._child_minimum(self._stream(tensor), level, child, parent_min, parent_arg)
 
+    def _root_minimum(self, stream, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Minima (float64) and argmin children of root nodes: Exp(1)/8**LEVELS and a uniform child."""
+        z = self._hash(stream, node, LEVELS)
+        return _exp_of(z).div_(float(8**LEVELS)), z.bitwise_and_(7)
+
     def _child_minimum(self, stream, level, child, parent_min, parent_arg):
         z = self._hash(stream, child, level)
         own = child.bitwise_and(7) == parent_arg
@@ -162,8 +167,7 @@ class EntryKeys:
     def _minimum(self, tensor, stream, level: int, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`minimum` with the stream keys found; `tensor` is None when all nodes are of one tensor."""
         if level == LEVELS:
-            z = self._hash(stream, node, level)
-            return _exp_of(z).div_(float(8**level)), z.bitwise_and_(7)
+            return self._root_minimum(stream, node)
         parent = node.bitwise_right_shift(3)
         n = node.numel()
         if n > 1:
@@ -197,8 +201,7 @@ class EntryKeys:
         if start is None:
             top, low = LEVELS, first >> 3 * (LEVELS - level)
             node = torch.arange(low, (last >> 3 * (LEVELS - level)) + 1, device=device)
-            z = self._hash(stream, node, LEVELS)
-            minimum, argmin = _exp_of(z).div_(float(8**LEVELS)), z.bitwise_and_(7)
+            minimum, argmin = self._root_minimum(stream, node)
         else:
             top, low, minimum, argmin = start
         for above in range(top, level, -1):
@@ -223,8 +226,7 @@ class EntryKeys:
         bounds = {lv: _bounds(spans, lv, device) for lv in range(level, LEVELS + 1)}
         owner, node = _spans_nodes(bounds[LEVELS][0], bounds[LEVELS][2])
         streams = torch.tensor([self._stream_key(t) for t in ids], dtype=torch.int64, device=device)
-        z = self._hash(streams.index_select(0, owner), node, LEVELS)
-        minimum, argmin = _exp_of(z).div_(float(8**LEVELS)), z.bitwise_and_(7)
+        minimum, argmin = self._root_minimum(streams.index_select(0, owner), node)
         for above in range(LEVELS, level, -1):
             child = node.unsqueeze(1).mul(8) + torch.arange(8, device=device)
             stream = streams.index_select(0, owner).unsqueeze(1)

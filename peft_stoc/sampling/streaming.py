@@ -134,7 +134,7 @@ class StreamingDraw:
     def _visit(self, sources: list[Source], ids: list[int]) -> None:
         if not self._upper_cached:  # the upper levels of every tensor's tree at once, before the first chunk
             self._upper_cached = True
-            self.keys.cache_upper(extents(self.sources, self.keys), self.device)
+            self._thinning.prepare(extents(self.sources, self.keys), self.device)
         for segments in chunks(sources, self.chunk_entries, ids, self.keys.offsets):
             self._thinning.stream(segments)
 

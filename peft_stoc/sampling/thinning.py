@@ -81,7 +81,7 @@ class Thinning:
         """The draw over all `sources` at once; per source, the sorted flat indices drawn."""
         chunked = list(chunks(sources, self.chunk_entries, offsets=self.keys.offsets))
         if chunked:
-            self.keys.cache_upper(extents(sources, self.keys), chunked[0][0].source.param.device)
+            self.prepare(extents(sources, self.keys), chunked[0][0].source.param.device)
             stats = [self._block_stats(segments) for segments in chunked]
             # Hottest chunks first: the pool's k-th key, a threshold for every later chunk, then rises early.
             order = sorted(range(len(chunked)), key=lambda c: -float(stats[c][0].max()))
@@ -91,6 +91,12 @@ class Thinning:
             else:
                 self._run_stochastic(chunked, stats)
         return self.pool.split(sources)
+
+    def prepare(self, spans: dict[int, tuple[int, int]], device) -> None:
+        """Before the first chunk: the upper levels of the trees of keys over `spans` (`extents`) at once, for the
+        stochastic walk (``top`` keys no entries)."""
+        if not self.top:
+            self.keys.cache_upper(spans, device)
 
     def stream(self, segments: list[Segment]) -> None:
         """One chunk of gradients arriving during the backward, against the pool's running k-th key only."""
