@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 
 from peft_stoc import StocTuningConfig
-from peft_stoc.training.audit import checksum, entry_terms
+from peft_stoc.training.checksums import checksum, entry_terms
 
 from .helpers import base_snapshot, batch, tiny_model
 
@@ -47,6 +47,40 @@ def test_checksum_of_entries_adds_up_to_the_checksum_of_the_tensor():
             assert checksum(changed) != checksum(flat)  # one entry, one step of its last bit
     several_chunks = torch.randn((2 << 20) + 3)  # more 64-bit words than one chunk of the sum, and a tail
     assert checksum(several_chunks) == entry_terms(several_chunks, torch.arange(several_chunks.numel()))
+
+
+def test_checksums_read_on_several_threads_are_those_of_one(monkeypatch):
+    """The audit's pass over the weights, shared among Python threads, gives every tensor's checksum bit for bit:
+    tensors of several dtypes and sizes (chunks cut between threads, a view not aligned to 8 bytes, an empty one),
+    and the chunks were read on other threads too."""
+    import threading
+
+    from peft_stoc.training import checksums as sums
+
+    generator = torch.Generator().manual_seed(0)
+    flats = [torch.randn((1 << 20) + 5, generator=generator), torch.randn(3000, generator=generator).half()]
+    flats += [torch.randn(777, generator=generator)[1:], torch.empty(0), torch.randn(1 << 19, generator=generator)]
+    flats.append(torch.randn(5, generator=generator).double())
+    expected = [int(checksum(flat)) for flat in flats]
+    readers, terms = [], sums._chunk_terms
+    monkeypatch.setattr(sums, "_chunk_terms", lambda jobs: readers.append(threading.current_thread()) or terms(jobs))
+    monkeypatch.setattr(sums, "PARALLEL_WORDS", 0)
+    threads = torch.get_num_threads()
+    try:
+        for count in (2, 3):
+            torch.set_num_threads(count)
+            readers.clear()
+            assert [int(value) for value in sums.checksums(flats)] == expected
+            # count shares: one read by the calling thread, the others by workers
+            assert len(readers) == count and readers.count(threading.current_thread()) == 1
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(1)
+    try:
+        readers.clear()
+        assert [int(value) for value in sums.checksums(flats)] == expected and not readers  # one thread: `checksum`
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_recorded_sums_for_all_tensors_at_once_are_those_of_each_tensor(monkeypatch):

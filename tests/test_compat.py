@@ -108,6 +108,14 @@ def _real_foreach_norm(monkeypatch):
     assert [float(n) for n in compat.foreach_norm(tensors)] == [5.0, 1.0]
 
 
+def _real_function_mode_enabled(monkeypatch):
+    from torch.overrides import TorchFunctionMode
+
+    assert compat.function_mode_enabled() is False
+    with TorchFunctionMode():
+        assert compat.function_mode_enabled() is True
+
+
 def _real_foreach_grad_ops(monkeypatch):
     aten = torch.ops.aten
     assert tuple(compat.foreach_grad_ops()) == (
@@ -306,6 +314,11 @@ def _zero_optimizer():
 CASES = {
     "tensor_version": Case(
         _real_tensor_version, lambda: compat.tensor_version(torch.zeros(1)), (_compat_sees("torch", "Tensor._version"),)
+    ),
+    "function_mode_enabled": Case(
+        _real_function_mode_enabled,
+        compat.function_mode_enabled,
+        (_compat_sees("torch", "_C._is_torch_function_mode_enabled"),),
     ),
     "foreach_norm": Case(
         _real_foreach_norm,

@@ -45,6 +45,23 @@ def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return torch._foreach_norm(tensors)
 
 
+_FUNCTION_MODE = declare(
+    "function_mode_enabled",
+    "torch",
+    "`torch._C._is_torch_function_mode_enabled`",
+    "read the weights on other threads only while no torch function mode (which holds for one thread) is active",
+    lambda: callable(torch._C._is_torch_function_mode_enabled),
+)
+
+
+def function_mode_enabled() -> bool:
+    """Whether a torch function mode is active on this thread (modes are per thread: work handed to another thread
+    would run outside it)."""
+    if not _FUNCTION_MODE.passed:
+        _FUNCTION_MODE.ensure()
+    return torch._C._is_torch_function_mode_enabled()
+
+
 class ForeachGradOps(NamedTuple):
     """The aten ops `clip_grad_norm_`, `zero_grad` and `GradScaler.unscale_` apply to a list of gradients."""
 

@@ -23,7 +23,7 @@ from ..distributed import shards
 from ..sampling.one_thread import on_one_thread
 from ..tuner.candidates import Candidate
 from ..tuner.originals import Originals
-from .checksums import checksum, entry_terms
+from .checksums import checksums, entry_terms
 from .record_sums import RecordSums
 
 BYPASS_HINT = (
@@ -64,18 +64,17 @@ class Audit:
 
     def _sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(base checksums, checksums of the recorded entries' current values, whole checksums), one per tensor."""
-        bases, touched, wholes = [], [], []
-        for candidate in self.candidates:
-            flat, index, original = self._held(candidate)
-            whole = checksum(flat)
+        bases, touched = [], []
+        held = [self._held(candidate) for candidate in self.candidates]
+        wholes = checksums([flat for flat, _, _ in held])
+        for (flat, index, original), whole in zip(held, wholes):
             current = entry_terms(flat.index_select(0, index), index)
             bases.append(whole - current + entry_terms(original, index))
             touched.append(current)
-            wholes.append(whole)
         return self._stack(bases), self._stack(touched), self._stack(wholes)
 
     def _wholes(self) -> torch.Tensor:
-        return self._stack([checksum(shards.local_entries(c.param)[0]) for c in self.candidates])
+        return self._stack(checksums([shards.local_entries(c.param)[0] for c in self.candidates]))
 
     @on_one_thread
     def _touched(self, with_originals: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

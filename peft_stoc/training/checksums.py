@@ -6,7 +6,12 @@ sum of their tensor, so recorded entries can be swapped in and out of it in time
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
+
+from .. import compat
 
 _WORDS = 1 << 19  # 64-bit words per chunk (4 MiB of temporaries)
 _MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
@@ -39,30 +44,109 @@ def _weighted_sum(words: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (words * weights).sum()
 
 
-def checksum(flat: torch.Tensor) -> torch.Tensor:
-    """Σ word · weight(word position) mod 2⁶⁴ over the bytes of `flat` (contiguous), read as 64-bit words: an int64
-    scalar on `flat`'s device (read nothing back: a check compares all tensors' sums at once). A quantized weight's
-    overlay has its own (`overlay.Overlay.checksum`)."""
-    if not isinstance(flat, torch.Tensor):
-        return flat.checksum()
+def _words(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the whole 64-bit words of `flat`'s bytes, the bytes of a last partial word)."""
     try:
         raw = flat.view(torch.uint8)
         raw[: raw.numel() // 8 * 8].view(torch.int64)
     except RuntimeError:  # entries not aligned to 8 bytes in their storage (a view into a larger buffer)
         raw = flat.clone().view(torch.uint8)
     whole = raw.numel() // 8
-    total = torch.zeros((), dtype=torch.int64, device=flat.device)
-    words = raw[: whole * 8].view(torch.int64)
-    weights = _first_chunk_weights(flat.device)
-    for chunk, start in enumerate(range(0, whole, _WORDS)):
-        part = words[start : start + _WORDS]
-        total += _weighted_sum(part, weights[: part.numel()]) * (chunk * 2 + 1)
-    tail = raw[whole * 8 :]
-    if tail.numel():  # the last, partial word, its bytes little-endian
-        shifts = torch.arange(tail.numel(), dtype=torch.int64, device=flat.device) * 8
-        word = (tail.to(torch.int64) << shifts).sum()
-        total += word * word_weights(torch.tensor(whole, device=flat.device))
+    return raw[: whole * 8].view(torch.int64), raw[whole * 8 :]
+
+
+def _chunk_term(words: torch.Tensor, start: int) -> torch.Tensor:
+    """The checksum's terms of the words of chunk `start // _WORDS`."""
+    part = words[start : start + _WORDS]
+    return _weighted_sum(part, _first_chunk_weights(words.device)[: part.numel()]) * (start // _WORDS * 2 + 1)
+
+
+def _tail_term(tail: torch.Tensor, words: int) -> torch.Tensor:
+    """The term of the last, partial word (its bytes little-endian), which follows `words` whole ones."""
+    if not tail.numel():
+        return torch.zeros((), dtype=torch.int64, device=tail.device)
+    shifts = torch.arange(tail.numel(), dtype=torch.int64, device=tail.device) * 8
+    word = (tail.to(torch.int64) << shifts).sum()
+    return word * word_weights(torch.tensor(words, device=tail.device))
+
+
+def checksum(flat: torch.Tensor) -> torch.Tensor:
+    """Σ word · weight(word position) mod 2⁶⁴ over the bytes of `flat` (contiguous), read as 64-bit words: an int64
+    scalar on `flat`'s device (read nothing back: a check compares all tensors' sums at once). A quantized weight's
+    overlay has its own (`overlay.Overlay.checksum`)."""
+    if not isinstance(flat, torch.Tensor):
+        return flat.checksum()
+    words, tail = _words(flat)
+    total = _tail_term(tail, words.numel())
+    for start in range(0, words.numel(), _WORDS):
+        total += _chunk_term(words, start)
     return total
+
+
+# Below this many words in all, `checksums` reads on one thread: handing chunks to another costs more.
+PARALLEL_WORDS = 1 << 22
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, the pool)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """Worker threads for `checksums`; made anew in a forked process (a fork copies no threads) or for more of them."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
+        if _POOL is not None and _POOL[0] == os.getpid():
+            _POOL[2].shutdown(wait=False)
+        _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="stoc-checksum"))
+    return _POOL[2]
+
+
+def _spread() -> int:
+    """How many threads `checksums` reads with: torch's, unless a trace or a function mode is running (they hold for
+    the calling thread only)."""
+    if torch.compiler.is_compiling() or compat.function_mode_enabled():
+        return 1
+    return torch.get_num_threads()
+
+
+def _chunk_terms(jobs: list[tuple[int, torch.Tensor, int]]) -> list[tuple[int, torch.Tensor]]:
+    return [(tensor, _chunk_term(words, start)) for tensor, words, start in jobs]
+
+
+def _shares(jobs: list[tuple[int, torch.Tensor, int]], count: int, threads: int) -> list[list]:
+    """`jobs` cut into `threads` consecutive runs of about as many words each."""
+    _first_chunk_weights(jobs[0][1].device)  # made here, not by two workers at once
+    shares, share, held = [], [], 0
+    for job in jobs:
+        share.append(job)
+        held += min(_WORDS, job[1].numel() - job[2])
+        if held * threads >= count * (len(shares) + 1) and len(shares) < threads - 1:
+            shares.append(share)
+            share = []
+    shares.append(share)
+    return shares
+
+
+def checksums(flats: list) -> list[torch.Tensor]:
+    """`checksum` of each of `flats`. On a CPU with several torch threads the chunks of all tensors are shared among as
+    many Python threads: `torch.dot` of int64 runs on one thread (and releases the GIL), so one thread reads the
+    weights at half the memory's speed. Wrapping addition does not depend on the order: the sums are the same."""
+    threads = _spread()
+    if threads < 2:
+        return [checksum(flat) for flat in flats]
+    totals: list[torch.Tensor] = []
+    jobs: list[tuple[int, torch.Tensor, int]] = []
+    for position, flat in enumerate(flats):
+        if not isinstance(flat, torch.Tensor) or flat.device.type != "cpu":
+            totals.append(checksum(flat))
+            continue
+        words, tail = _words(flat)
+        totals.append(_tail_term(tail, words.numel()))
+        jobs += [(position, words, start) for start in range(0, words.numel(), _WORDS)]
+    count = sum(min(_WORDS, words.numel() - start) for _, words, start in jobs)
+    shares = [jobs] if count < max(1, PARALLEL_WORDS) else _shares(jobs, count, threads)
+    futures = [_pool(threads - 1).submit(_chunk_terms, share) for share in shares[1:]]
+    parts = _chunk_terms(shares[0]) + [part for future in futures for part in future.result()]
+    for position, term in parts:
+        totals[position] = totals[position] + term
+    return totals
 
 
 def entry_terms(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

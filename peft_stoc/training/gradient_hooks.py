@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..tuner.candidates import UseKind
+from .consumed_grad import ConsumedGrad
 from .sparse_backward import masked_values
 from .weak_hooks import weak_call
 
@@ -43,7 +44,10 @@ class GradientHooks:
         engine = self.engine
         if not engine.tracker.armed:
             return
-        if engine.lean is not None and engine.progress.streams_now(engine.sharded):
+        grad = param.grad
+        # A consumed gradient (a tapped weight's masked values, delivered by its tap) has nothing left to consume.
+        consumable = grad is not None and not isinstance(grad, ConsumedGrad)
+        if consumable and engine.lean is not None and engine.progress.streams_now(engine.sharded):
             engine.lean.consume(position, param, engine.tracker.means(engine.candidates[position]), engine.new_stream)
         engine.progress.completes(position, param.grad)
 
