@@ -55,10 +55,14 @@ def _words(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return raw[: whole * 8].view(torch.int64), raw[whole * 8 :]
 
 
-def _chunk_term(words: torch.Tensor, start: int) -> torch.Tensor:
-    """The checksum's terms of the words of chunk `start // _WORDS`."""
-    part = words[start : start + _WORDS]
-    return _weighted_sum(part, _first_chunk_weights(words.device)[: part.numel()]) * (start // _WORDS * 2 + 1)
+def _chunks(words: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(chunk number, its words) of every chunk of `words`."""
+    return [(chunk, words[start : start + _WORDS]) for chunk, start in enumerate(range(0, words.numel(), _WORDS))]
+
+
+def _chunk_term(chunk: int, part: torch.Tensor) -> torch.Tensor:
+    """The checksum's terms of the words `part` of chunk number `chunk`."""
+    return _weighted_sum(part, _first_chunk_weights(part.device)[: part.numel()]) * (chunk * 2 + 1)
 
 
 def _tail_term(tail: torch.Tensor, words: int) -> torch.Tensor:
@@ -78,8 +82,8 @@ def checksum(flat: torch.Tensor) -> torch.Tensor:
         return flat.checksum()
     words, tail = _words(flat)
     total = _tail_term(tail, words.numel())
-    for start in range(0, words.numel(), _WORDS):
-        total += _chunk_term(words, start)
+    for chunk, part in _chunks(words):
+        total += _chunk_term(chunk, part)
     return total
 
 
@@ -106,17 +110,18 @@ def _spread() -> int:
     return torch.get_num_threads()
 
 
-def _chunk_terms(jobs: list[tuple[int, torch.Tensor, int]]) -> list[tuple[int, torch.Tensor]]:
-    return [(tensor, _chunk_term(words, start)) for tensor, words, start in jobs]
+def _chunk_terms(jobs: list[tuple[int, int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+    """(tensor position, term) of each job (tensor position, chunk number, its words)."""
+    return [(position, _chunk_term(chunk, part)) for position, chunk, part in jobs]
 
 
-def _shares(jobs: list[tuple[int, torch.Tensor, int]], count: int, threads: int) -> list[list]:
+def _shares(jobs: list[tuple[int, int, torch.Tensor]], count: int, threads: int) -> list[list]:
     """`jobs` cut into `threads` consecutive runs of about as many words each."""
-    _first_chunk_weights(jobs[0][1].device)  # made here, not by two workers at once
+    _first_chunk_weights(jobs[0][2].device)  # made here, not by two workers at once
     shares, share, held = [], [], 0
     for job in jobs:
         share.append(job)
-        held += min(_WORDS, job[1].numel() - job[2])
+        held += job[2].numel()
         if held * threads >= count * (len(shares) + 1) and len(shares) < threads - 1:
             shares.append(share)
             share = []
@@ -132,16 +137,16 @@ def checksums(flats: list) -> list[torch.Tensor]:
     if threads < 2:
         return [checksum(flat) for flat in flats]
     totals: list[torch.Tensor] = []
-    jobs: list[tuple[int, torch.Tensor, int]] = []
+    jobs: list[tuple[int, int, torch.Tensor]] = []
     for position, flat in enumerate(flats):
         if not isinstance(flat, torch.Tensor) or flat.device.type != "cpu":
             totals.append(checksum(flat))
             continue
         words, tail = _words(flat)
         totals.append(_tail_term(tail, words.numel()))
-        jobs += [(position, words, start) for start in range(0, words.numel(), _WORDS)]
-    count = sum(min(_WORDS, words.numel() - start) for _, words, start in jobs)
-    shares = [jobs] if count < max(1, PARALLEL_WORDS) else _shares(jobs, count, threads)
+        jobs += [(position, chunk, part) for chunk, part in _chunks(words)]
+    count = sum(part.numel() for _, _, part in jobs)
+    shares = [jobs] if not jobs or count < PARALLEL_WORDS else _shares(jobs, count, threads)
     futures = [_pool(threads - 1).submit(_chunk_terms, share) for share in shares[1:]]
     parts = _chunk_terms(shares[0]) + [part for future in futures for part in future.result()]
     for position, term in parts:

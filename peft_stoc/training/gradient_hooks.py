@@ -49,7 +49,7 @@ class GradientHooks:
         consumable = grad is not None and not isinstance(grad, ConsumedGrad)
         if consumable and engine.lean is not None and engine.progress.streams_now(engine.sharded):
             engine.lean.consume(position, param, engine.tracker.means(engine.candidates[position]), engine.new_stream)
-        engine.progress.completes(position, param.grad)
+        engine.progress.completes(position, param.grad)  # (a consumed one now, if it was consumed)
 
     def on_sparse_gradient(self, position: int) -> None:
         """A tapped weight's masked gradient arrived (the weight's own gradient hook does not run for it)."""
